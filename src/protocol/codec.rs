@@ -1,0 +1,141 @@
+//! Framing: a 4-byte big-endian length, then a MessagePack body with named
+//! fields. Blocking (`std::io`) and async (`tokio`) readers share one limit
+//! check, done before any allocation, so an oversized length costs nothing.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::{Read, Write};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::protocol::error::ProtocolError;
+
+/// Default limit on a frame's body (16 MiB).
+pub const DEFAULT_MAX_FRAME: u64 = 16 * 1024 * 1024;
+
+/// Encode `msg` as a complete frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    rmp_serde::encode::write_named(&mut out, msg).expect("encoding into a Vec cannot fail");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Decode a frame body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
+    rmp_serde::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+fn check_len(prefix: [u8; 4], limit: u64) -> Result<usize, ProtocolError> {
+    let size = u32::from_be_bytes(prefix) as u64;
+    if size > limit {
+        return Err(ProtocolError::FrameTooLarge { size, limit });
+    }
+    Ok(size as usize)
+}
+
+/// Read one frame body. A clean end of stream before the prefix is `Closed`.
+pub fn read_frame<R: Read>(r: &mut R, limit: u64) -> Result<Vec<u8>, ProtocolError> {
+    let mut prefix = [0u8; 4];
+    match r.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let len = check_len(prefix, limit)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// Async twin of [`read_frame`].
+pub async fn read_frame_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: u64,
+) -> Result<Vec<u8>, ProtocolError> {
+    let mut prefix = [0u8; 4];
+    match r.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let len = check_len(prefix, limit)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// Encode and write one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    w.write_all(&encode(msg))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::messages::{Request, RequestBody, SessionRole, PROTOCOL_VERSION};
+
+    #[test]
+    fn frame_round_trips() {
+        let req = Request {
+            id: 9,
+            body: RequestBody::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                role: SessionRole::Admin,
+                client_name: "t".into(),
+            },
+        };
+        let frame = encode(&req);
+        let body = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(decode::<Request>(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let frame = [0xff, 0xff, 0xff, 0xff, 1, 2];
+        match read_frame(&mut &frame[..], 1024) {
+            Err(ProtocolError::FrameTooLarge { size, limit }) => {
+                assert_eq!(size, u32::MAX as u64);
+                assert_eq!(limit, 1024);
+            }
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncated_frame_is_an_io_error_and_empty_stream_is_closed() {
+        let frame = [0, 0, 0, 10, 1, 2];
+        assert!(matches!(
+            read_frame(&mut &frame[..], 1024),
+            Err(ProtocolError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[][..], 1024),
+            Err(ProtocolError::Closed)
+        ));
+    }
+
+    #[test]
+    fn garbage_body_is_malformed() {
+        assert!(matches!(
+            decode::<Request>(&[0xc1, 0x00]),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn messages_use_named_fields() {
+        let frame = encode(&Request {
+            id: 1,
+            body: RequestBody::Ping,
+        });
+        let v = rmpv::decode::read_value(&mut &frame[4..]).unwrap();
+        let map = v.as_map().expect("a request is a map");
+        assert!(map.iter().any(|(k, _)| k.as_str() == Some("id")));
+    }
+}

@@ -1,0 +1,87 @@
+//! `StorageError`: every way the storage layer can fail.
+//!
+//! Expected, per-request errors (conflict, restore mode, sequencing) are kept
+//! apart from fatal ones (I/O, corruption) by `is_fatal`, so the server can
+//! answer the first kind and stop serving on the second.
+
+use std::path::PathBuf;
+
+use crate::types::{CommitNumber, Epoch, Oid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("I/O error while {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A corrupt structure that is not a torn tail: never silently repaired.
+    #[error("corrupted repository: {0}")]
+    Corrupted(String),
+    #[error("corrupt commit record in {file} at offset {offset}: {reason}")]
+    CorruptRecord {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("repository {0} is locked by another process")]
+    Locked(PathBuf),
+    #[error("{0} is not a Magma repository (no header)")]
+    NotARepository(PathBuf),
+    #[error("repository format version {found} is not supported (this build reads {supported})")]
+    UnsupportedFormat { found: u32, supported: u32 },
+    #[error("the repository is in restore mode: it accepts only the primary's commit records")]
+    RestoreMode,
+    #[error("commit conflict: objects {oids:?} changed since they were read")]
+    Conflict { oids: Vec<Oid> },
+    #[error("object {0} does not exist")]
+    UnknownObject(Oid),
+    #[error("object {0} is not a large collection")]
+    NotACollection(Oid),
+    #[error("commit record {got} is out of sequence: resend from {expected}")]
+    OutOfSequence {
+        expected: CommitNumber,
+        got: CommitNumber,
+    },
+    #[error("commit record {number} does not continue this repository's hash chain")]
+    ChainMismatch { number: CommitNumber },
+    #[error("commit record {number} is from epoch {got}, older than this repository's {current}")]
+    StaleEpoch {
+        number: CommitNumber,
+        got: Epoch,
+        current: Epoch,
+    },
+    #[error("commit {requested} is no longer in the log (oldest retained: {oldest}); start from a new backup")]
+    LogTruncated {
+        requested: CommitNumber,
+        oldest: CommitNumber,
+    },
+    #[error("commit {requested} is beyond this repository's last commit {last}")]
+    BeyondEnd {
+        requested: CommitNumber,
+        last: CommitNumber,
+    },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl StorageError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StorageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Errors after which the repository must stop serving: its files may
+    /// no longer match what was acknowledged.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Io { .. } | StorageError::Corrupted(_) | StorageError::CorruptRecord { .. }
+        )
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -1,0 +1,36 @@
+//! The repository storage engine: one directory per repository.
+//!
+//! Blocking and synchronous; it never imports actix. The server gives one
+//! [`Repository`] to exactly one thread (the `StorageActor`); the only thing
+//! that leaves that thread is a [`LogSync`] handle used to fsync the commit
+//! log from the flushing thread.
+//!
+//! Files (byte layouts in `docs/STORAGE.md`):
+//!
+//! ```text
+//! DIR/LOCK          exclusive flock: one process per repository
+//! DIR/header        primitive attributes, replaced atomically (tmp + rename)
+//! DIR/index.map     oid -> (location, version, collection length), mmap
+//! DIR/objects.dat   append-only object versions
+//! DIR/coll/<oid>.idx, <oid>.dat   large-collection element offsets and data
+//! DIR/log/<first>.log             commit-log segments
+//! ```
+
+mod commit_log;
+pub mod error;
+mod header;
+mod index_map;
+pub mod object;
+mod object_store;
+pub mod record;
+mod repository;
+
+pub use commit_log::LogSync;
+pub use error::StorageError;
+pub use header::Header;
+pub use object::StoredObject;
+pub use record::{CommitRecord, Op, Payload};
+pub use repository::{
+    Anchor, AppendRequest, CommitRequest, Committed, NewRequest, ObjRef, PutRequest, RepoInfo,
+    Repository, Snapshot, SnapshotFile,
+};

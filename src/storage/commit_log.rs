@@ -1,9 +1,32 @@
 //! The commit log: segment files of checksummed commit records.
+//!
+//! Owns `DIR/log/`. Each segment is named by the number of its first record
+//! (`00000000000000000001.log`), starts with a 16-byte head (magic +
+//! first number) and holds records `u32 len | u32 crc32(body) | body`.
+//! Appends go to the last segment only; earlier segments are immutable and
+//! synced before a new one starts. On open, a torn tail of the last segment
+//! is cut; any other bad record is an error naming the file and offset.
+//! This module never interprets payloads: it checks numbers and the hash
+//! chain only.
 
-use std::fs::File;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::types::CommitNumber;
+use crate::storage::error::{Result, StorageError};
+use crate::storage::record::{record_hash, RecordHead};
+use crate::types::{CommitNumber, Hash};
+
+pub const LOG_DIR: &str = "log";
+const SEGMENT_MAGIC: &[u8; 8] = b"MAGLOG01";
+const SEGMENT_HEAD_LEN: u64 = 16;
+const RECORD_PREFIX: u64 = 8;
+/// A record larger than this is not a record but garbage (a torn length).
+const MAX_RECORD: u64 = 1 << 30;
+/// Default size at which a new segment is started.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A handle that makes every record written so far to one segment durable.
 /// It is the only piece of the storage engine that leaves the storage
@@ -29,5 +52,630 @@ impl LogSync {
     /// fdatasync the segment: on success every record up to `upto` is durable.
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+struct Segment {
+    first: CommitNumber,
+    path: PathBuf,
+    /// Byte offset of each record, indexed by `number - first`; built
+    /// lazily for old segments (catch-up reads), eagerly for the tail.
+    offsets: Option<Vec<u64>>,
+    len: u64,
+}
+
+pub struct CommitLog {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    current: Option<Arc<File>>,
+    readers: HashMap<CommitNumber, File>,
+    last: CommitNumber,
+    last_hash: Hash,
+    segment_bytes: u64,
+}
+
+fn segment_name(first: CommitNumber) -> String {
+    format!("{first:020}.log")
+}
+
+fn io_at(path: &Path, what: &str, e: std::io::Error) -> StorageError {
+    StorageError::io(format!("{what} {}", path.display()), e)
+}
+
+/// Outcome of reading one record at an offset.
+enum Read {
+    Record(Vec<u8>),
+    /// Nothing more (clean end of file).
+    End,
+    /// Not a valid record: `reason`.
+    Bad(String),
+}
+
+fn read_record_at(file: &File, offset: u64, file_len: u64) -> std::io::Result<Read> {
+    if offset == file_len {
+        return Ok(Read::End);
+    }
+    if file_len - offset < RECORD_PREFIX {
+        return Ok(Read::Bad("record prefix cut short".into()));
+    }
+    let mut prefix = [0u8; 8];
+    file.read_exact_at(&mut prefix, offset)?;
+    let len = u32::from_le_bytes(prefix[0..4].try_into().unwrap()) as u64;
+    let crc = u32::from_le_bytes(prefix[4..8].try_into().unwrap());
+    if len == 0 || len > MAX_RECORD {
+        return Ok(Read::Bad(format!("impossible record length {len}")));
+    }
+    if file_len - offset - RECORD_PREFIX < len {
+        return Ok(Read::Bad(format!("record of {len} bytes cut short")));
+    }
+    let mut body = vec![0u8; len as usize];
+    file.read_exact_at(&mut body, offset + RECORD_PREFIX)?;
+    if crc32fast::hash(&body) != crc {
+        return Ok(Read::Bad("checksum mismatch".into()));
+    }
+    Ok(Read::Record(body))
+}
+
+impl CommitLog {
+    /// Open (creating `log/` if needed) and scan from `checkpoint`: every
+    /// record after it is checked against the chain and handed to `replay`.
+    /// A torn tail of the last segment is cut and synced.
+    pub fn open(
+        repo_dir: &Path,
+        checkpoint: CommitNumber,
+        checkpoint_hash: Hash,
+        segment_bytes: u64,
+        mut replay: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<CommitLog> {
+        let dir = repo_dir.join(LOG_DIR);
+        fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
+        let mut segments = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io_at(&dir, "listing", e))? {
+            let entry = entry.map_err(|e| io_at(&dir, "listing", e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".log") else {
+                continue;
+            };
+            let Ok(first) = stem.parse::<u64>() else {
+                continue;
+            };
+            segments.push(Segment {
+                first,
+                path: entry.path(),
+                offsets: None,
+                len: 0,
+            });
+        }
+        segments.sort_by_key(|s| s.first);
+        let mut log = CommitLog {
+            dir,
+            segments,
+            current: None,
+            readers: HashMap::new(),
+            last: checkpoint,
+            last_hash: checkpoint_hash,
+            segment_bytes,
+        };
+        log.scan_from_checkpoint(checkpoint, &mut replay)?;
+        Ok(log)
+    }
+
+    fn scan_from_checkpoint(
+        &mut self,
+        checkpoint: CommitNumber,
+        replay: &mut impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        // Segments wholly before the checkpoint are not read at open.
+        let start = self
+            .segments
+            .iter()
+            .rposition(|s| s.first <= checkpoint + 1)
+            .unwrap_or(0);
+        if let Some(first_seg) = self.segments.get(start) {
+            if first_seg.first > checkpoint + 1 {
+                return Err(StorageError::Corrupted(format!(
+                    "commit log starts at {} but the checkpoint is {checkpoint}: records {}..{} are missing",
+                    first_seg.first,
+                    checkpoint + 1,
+                    first_seg.first - 1
+                )));
+            }
+        }
+        let count = self.segments.len();
+        for i in start..count {
+            let is_last = i + 1 == count;
+            let path = self.segments[i].path.clone();
+            let first = self.segments[i].first;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_at(&path, "opening", e))?;
+            let file_len = file
+                .metadata()
+                .map_err(|e| io_at(&path, "inspecting", e))?
+                .len();
+            self.check_segment_head(&file, &path, first, file_len, is_last)?;
+            let mut offsets = Vec::new();
+            let mut offset = SEGMENT_HEAD_LEN.min(file_len);
+            if file_len < SEGMENT_HEAD_LEN {
+                // A segment whose head was torn: it held no complete record.
+                file.set_len(0).map_err(|e| io_at(&path, "cutting", e))?;
+                self.write_segment_head(&file, &path, first)?;
+                offset = SEGMENT_HEAD_LEN;
+            }
+            let mut number = first;
+            loop {
+                match read_record_at(&file, offset, file_len.max(offset))
+                    .map_err(|e| io_at(&path, "reading", e))?
+                {
+                    Read::End => break,
+                    Read::Record(body) => {
+                        let head = RecordHead::parse(&body)?;
+                        if head.number != number {
+                            return Err(StorageError::CorruptRecord {
+                                file: path.clone(),
+                                offset,
+                                reason: format!(
+                                    "holds record {} where {number} belongs",
+                                    head.number
+                                ),
+                            });
+                        }
+                        if number > checkpoint {
+                            if number != self.last + 1 || head.prev_hash != self.last_hash {
+                                return Err(StorageError::CorruptRecord {
+                                    file: path.clone(),
+                                    offset,
+                                    reason: format!(
+                                        "record {number} does not continue the hash chain"
+                                    ),
+                                });
+                            }
+                            replay(&body)?;
+                            self.last = number;
+                            self.last_hash = record_hash(&body);
+                        } else if number == checkpoint {
+                            let h = record_hash(&body);
+                            if h != self.last_hash {
+                                return Err(StorageError::CorruptRecord {
+                                    file: path.clone(),
+                                    offset,
+                                    reason: format!(
+                                        "record {number} does not match the checkpoint's hash"
+                                    ),
+                                });
+                            }
+                        }
+                        offsets.push(offset);
+                        offset += RECORD_PREFIX + body.len() as u64;
+                        number += 1;
+                    }
+                    Read::Bad(reason) => {
+                        let torn = is_last && !valid_record_follows(&file, offset, file_len);
+                        if !torn {
+                            return Err(StorageError::CorruptRecord {
+                                file: path.clone(),
+                                offset,
+                                reason,
+                            });
+                        }
+                        log::warn!(
+                            "cutting torn tail of {} at offset {offset} ({} bytes): {reason}",
+                            path.display(),
+                            file_len - offset
+                        );
+                        file.set_len(offset)
+                            .and_then(|_| file.sync_all())
+                            .map_err(|e| io_at(&path, "cutting torn tail of", e))?;
+                        break;
+                    }
+                }
+            }
+            let seg = &mut self.segments[i];
+            seg.len = offset;
+            seg.offsets = Some(offsets);
+            if is_last {
+                self.current = Some(Arc::new(file));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_segment_head(
+        &self,
+        file: &File,
+        path: &Path,
+        first: CommitNumber,
+        file_len: u64,
+        is_last: bool,
+    ) -> Result<()> {
+        if file_len < SEGMENT_HEAD_LEN {
+            if is_last {
+                return Ok(());
+            }
+            return Err(StorageError::CorruptRecord {
+                file: path.to_path_buf(),
+                offset: 0,
+                reason: "segment head cut short".into(),
+            });
+        }
+        let mut head = [0u8; 16];
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| io_at(path, "reading", e))?;
+        let stored_first = u64::from_le_bytes(head[8..16].try_into().unwrap());
+        if &head[0..8] != SEGMENT_MAGIC || stored_first != first {
+            return Err(StorageError::CorruptRecord {
+                file: path.to_path_buf(),
+                offset: 0,
+                reason: "bad segment head".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_segment_head(&self, file: &File, path: &Path, first: CommitNumber) -> Result<()> {
+        let mut head = [0u8; 16];
+        head[0..8].copy_from_slice(SEGMENT_MAGIC);
+        head[8..16].copy_from_slice(&first.to_le_bytes());
+        file.write_all_at(&head, 0)
+            .map_err(|e| io_at(path, "writing head of", e))
+    }
+
+    pub fn last(&self) -> CommitNumber {
+        self.last
+    }
+
+    pub fn last_hash(&self) -> Hash {
+        self.last_hash
+    }
+
+    /// Oldest record number still in the log (`last + 1` when empty).
+    pub fn first_retained(&self) -> CommitNumber {
+        self.segments
+            .first()
+            .map(|s| s.first)
+            .unwrap_or(self.last + 1)
+    }
+
+    /// Append one record body (already checked by the caller to be
+    /// `last + 1` on the chain). Written, not synced.
+    pub fn append(&mut self, number: CommitNumber, body: &[u8]) -> Result<LogSync> {
+        debug_assert_eq!(number, self.last + 1);
+        let need_new = match self.segments.last() {
+            None => true,
+            Some(s) => {
+                let has_records = s.offsets.as_ref().is_some_and(|o| !o.is_empty());
+                has_records && s.len + RECORD_PREFIX + body.len() as u64 > self.segment_bytes
+            }
+        };
+        if need_new {
+            self.start_segment(number)?;
+        }
+        let seg = self.segments.last_mut().expect("a segment exists");
+        let file = self.current.as_ref().expect("current segment is open");
+        let mut buf = Vec::with_capacity(body.len() + 8);
+        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        buf.extend_from_slice(body);
+        file.write_all_at(&buf, seg.len)
+            .map_err(|e| io_at(&seg.path, "appending to", e))?;
+        seg.offsets.get_or_insert_with(Vec::new).push(seg.len);
+        seg.len += buf.len() as u64;
+        self.last = number;
+        self.last_hash = record_hash(body);
+        Ok(LogSync::new(file.clone(), number))
+    }
+
+    fn start_segment(&mut self, first: CommitNumber) -> Result<()> {
+        if let Some(cur) = &self.current {
+            let path = &self.segments.last().expect("segment").path;
+            cur.sync_data()
+                .map_err(|e| io_at(path, "syncing finished segment", e))?;
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_at(&path, "creating", e))?;
+        self.write_segment_head(&file, &path, first)?;
+        crate::storage::header::sync_dir(&self.dir)?;
+        self.segments.push(Segment {
+            first,
+            path,
+            offsets: Some(Vec::new()),
+            len: SEGMENT_HEAD_LEN,
+        });
+        self.current = Some(Arc::new(file));
+        Ok(())
+    }
+
+    /// fsync the current segment (the storage thread's own flush).
+    pub fn sync(&self) -> Result<()> {
+        if let (Some(f), Some(s)) = (&self.current, self.segments.last()) {
+            f.sync_data().map_err(|e| io_at(&s.path, "syncing", e))?;
+        }
+        Ok(())
+    }
+
+    /// A handle covering everything appended so far.
+    pub fn sync_handle(&self) -> Option<LogSync> {
+        self.current
+            .as_ref()
+            .map(|f| LogSync::new(f.clone(), self.last))
+    }
+
+    /// Record bodies from `from` on: at most `max_count`, and stopping once
+    /// `max_bytes` is reached (at least one record if any exists).
+    pub fn read_from(
+        &mut self,
+        from: CommitNumber,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        if from > self.last {
+            if from == self.last + 1 {
+                return Ok(Vec::new());
+            }
+            return Err(StorageError::BeyondEnd {
+                requested: from,
+                last: self.last,
+            });
+        }
+        let oldest = self.first_retained();
+        if from < oldest {
+            return Err(StorageError::LogTruncated {
+                requested: from,
+                oldest,
+            });
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut number = from;
+        while number <= self.last && out.len() < max_count.max(1) && bytes < max_bytes.max(1) {
+            let i = self
+                .segments
+                .iter()
+                .rposition(|s| s.first <= number)
+                .expect("from >= first_retained");
+            self.ensure_offsets(i)?;
+            let (first, path) = (self.segments[i].first, self.segments[i].path.clone());
+            self.open_reader(first, &path)?;
+            let seg = &self.segments[i];
+            let offsets = seg.offsets.as_ref().expect("offsets built");
+            let len = seg.len;
+            let file = &self.readers[&first];
+            let mut k = (number - first) as usize;
+            while k < offsets.len() && out.len() < max_count.max(1) && bytes < max_bytes.max(1) {
+                match read_record_at(file, offsets[k], len)
+                    .map_err(|e| io_at(&path, "reading", e))?
+                {
+                    Read::Record(body) => {
+                        bytes += body.len();
+                        out.push(body);
+                    }
+                    Read::End | Read::Bad(_) => {
+                        return Err(StorageError::CorruptRecord {
+                            file: path,
+                            offset: offsets[k],
+                            reason: format!("record {} unreadable", first + k as u64),
+                        })
+                    }
+                }
+                k += 1;
+                number += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn open_reader(&mut self, first: CommitNumber, path: &Path) -> Result<()> {
+        if !self.readers.contains_key(&first) {
+            if self.readers.len() > 8 {
+                self.readers.clear();
+            }
+            let f = File::open(path).map_err(|e| io_at(path, "opening", e))?;
+            self.readers.insert(first, f);
+        }
+        Ok(())
+    }
+
+    /// Build the offset table of an old segment by scanning it once.
+    fn ensure_offsets(&mut self, i: usize) -> Result<()> {
+        if self.segments[i].offsets.is_some() {
+            return Ok(());
+        }
+        let path = self.segments[i].path.clone();
+        let file = File::open(&path).map_err(|e| io_at(&path, "opening", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| io_at(&path, "inspecting", e))?
+            .len();
+        let mut offsets = Vec::new();
+        let mut offset = SEGMENT_HEAD_LEN;
+        loop {
+            match read_record_at(&file, offset, file_len).map_err(|e| io_at(&path, "reading", e))? {
+                Read::End => break,
+                Read::Record(body) => {
+                    offsets.push(offset);
+                    offset += RECORD_PREFIX + body.len() as u64;
+                }
+                Read::Bad(reason) => {
+                    return Err(StorageError::CorruptRecord {
+                        file: path,
+                        offset,
+                        reason,
+                    })
+                }
+            }
+        }
+        let seg = &mut self.segments[i];
+        seg.len = offset;
+        seg.offsets = Some(offsets);
+        Ok(())
+    }
+
+    /// Delete segments all of whose records are below `keep_from`. The
+    /// current segment is never deleted.
+    pub fn remove_before(&mut self, keep_from: CommitNumber) -> Result<usize> {
+        let mut removed = 0;
+        while self.segments.len() > 1 && self.segments[1].first <= keep_from {
+            let seg = self.segments.remove(0);
+            self.readers.remove(&seg.first);
+            fs::remove_file(&seg.path).map_err(|e| io_at(&seg.path, "removing", e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// First number of the second-oldest segment: removing the oldest
+    /// segment keeps every record from there on.
+    pub fn second_segment_first(&self) -> Option<CommitNumber> {
+        self.segments.get(1).map(|s| s.first)
+    }
+
+    /// Bytes of log currently on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
+/// After a bad record at `offset`, is there a complete valid record further
+/// on? If so the damage is in the middle of the log, not a torn tail.
+fn valid_record_follows(file: &File, offset: u64, file_len: u64) -> bool {
+    let mut prefix = [0u8; 8];
+    if file_len - offset < RECORD_PREFIX || file.read_exact_at(&mut prefix, offset).is_err() {
+        return false;
+    }
+    let len = u32::from_le_bytes(prefix[0..4].try_into().unwrap()) as u64;
+    let next = offset + RECORD_PREFIX + len;
+    if len == 0 || len > MAX_RECORD || next >= file_len {
+        return false;
+    }
+    matches!(read_record_at(file, next, file_len), Ok(Read::Record(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::record::{CommitRecord, Payload, GENESIS_HASH};
+    use crate::types::Epoch;
+
+    fn body(number: u64, prev: Hash) -> Vec<u8> {
+        CommitRecord {
+            number,
+            epoch: Epoch::initial(1),
+            prev_hash: prev,
+            payload: Payload {
+                token: None,
+                ops: vec![],
+            },
+        }
+        .encode()
+    }
+
+    fn write_n(dir: &Path, n: u64, segment_bytes: u64) -> Vec<Vec<u8>> {
+        let mut log = CommitLog::open(dir, 0, GENESIS_HASH, segment_bytes, |_| Ok(())).unwrap();
+        let mut bodies = Vec::new();
+        for i in 1..=n {
+            let b = body(i, log.last_hash());
+            log.append(i, &b).unwrap();
+            bodies.push(b);
+        }
+        log.sync().unwrap();
+        bodies
+    }
+
+    #[test]
+    fn appends_roll_segments_and_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let bodies = write_n(dir.path(), 50, 400);
+        let segs = fs::read_dir(dir.path().join(LOG_DIR)).unwrap().count();
+        assert!(segs > 3, "expected several segments, got {segs}");
+        let mut seen = Vec::new();
+        let mut log = CommitLog::open(dir.path(), 0, GENESIS_HASH, 400, |b| {
+            seen.push(b.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, bodies);
+        assert_eq!(log.last(), 50);
+        let got = log.read_from(20, 5, usize::MAX).unwrap();
+        assert_eq!(got, bodies[19..24].to_vec());
+        let got = log.read_from(1, 1000, 1).unwrap();
+        assert_eq!(got.len(), 1, "a byte limit still returns one record");
+        assert!(log.read_from(51, 10, 100).unwrap().is_empty());
+        assert!(matches!(
+            log.read_from(60, 10, 100),
+            Err(StorageError::BeyondEnd { .. })
+        ));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_middle_corruption_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write_n(dir.path(), 10, DEFAULT_SEGMENT_BYTES);
+        let seg = dir.path().join(LOG_DIR).join(segment_name(1));
+        let full = fs::read(&seg).unwrap();
+        // Torn: cut in the middle of the last record.
+        fs::write(&seg, &full[..full.len() - 5]).unwrap();
+        let log = CommitLog::open(dir.path(), 0, GENESIS_HASH, DEFAULT_SEGMENT_BYTES, |_| {
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(log.last(), 9);
+        drop(log);
+        // Middle: flip a byte inside record 3's body.
+        let mut bytes = fs::read(&seg).unwrap();
+        let rec_len = (bytes.len() as u64 - SEGMENT_HEAD_LEN) / 9;
+        let pos = (SEGMENT_HEAD_LEN + 2 * rec_len + 20) as usize;
+        bytes[pos] ^= 0x55;
+        fs::write(&seg, &bytes).unwrap();
+        let err = CommitLog::open(dir.path(), 0, GENESIS_HASH, DEFAULT_SEGMENT_BYTES, |_| {
+            Ok(())
+        })
+        .err()
+        .expect("middle corruption must fail");
+        match err {
+            StorageError::CorruptRecord { file, offset, .. } => {
+                assert_eq!(file, seg);
+                assert_eq!(offset, SEGMENT_HEAD_LEN + 2 * rec_len);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn zero_filled_tail_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        write_n(dir.path(), 3, DEFAULT_SEGMENT_BYTES);
+        let seg = dir.path().join(LOG_DIR).join(segment_name(1));
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&[0u8; 100]);
+        fs::write(&seg, &bytes).unwrap();
+        let log = CommitLog::open(dir.path(), 0, GENESIS_HASH, DEFAULT_SEGMENT_BYTES, |_| {
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(log.last(), 3);
+    }
+
+    #[test]
+    fn retention_removes_old_segments_and_reports_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        write_n(dir.path(), 50, 400);
+        let mut log = CommitLog::open(dir.path(), 0, GENESIS_HASH, 400, |_| Ok(())).unwrap();
+        let removed = log.remove_before(30).unwrap();
+        assert!(removed > 0);
+        let oldest = log.first_retained();
+        assert!(oldest <= 30 && oldest > 1);
+        assert!(matches!(
+            log.read_from(1, 10, 1000),
+            Err(StorageError::LogTruncated { requested: 1, .. })
+        ));
+        assert_eq!(log.read_from(30, 1, 1000).unwrap().len(), 1);
     }
 }

@@ -79,7 +79,9 @@ impl StorageError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            StorageError::Io { .. } | StorageError::Corrupted(_) | StorageError::CorruptRecord { .. }
+            StorageError::Io { .. }
+                | StorageError::Corrupted(_)
+                | StorageError::CorruptRecord { .. }
         )
     }
 }

@@ -1,0 +1,276 @@
+//! The oid → location index, a memory-mapped array (`DIR/index.map`).
+//!
+//! Owns the only `unsafe` code of the crate. Layout: a 64-byte head (magic,
+//! entry capacity, CRC) then one 32-byte entry per oid at `64 + oid * 32`:
+//! `loc u64 | version u64 | coll_len u64 | flags u32 | crc32 u32`, where
+//! `loc` is 1 + the record's offset in `objects.dat` (0: no object) and the
+//! CRC covers the first 28 bytes. An all-zero entry is an absent oid.
+//!
+//! The file holds only checkpointed state: the repository writes entries
+//! here at checkpoints and keeps newer ones in memory, so what the OS
+//! writes back early can never describe a commit the log may lose.
+//!
+//! Soundness invariants of the mapping (checked by construction):
+//! - the repository directory is held under an exclusive `flock`, so no
+//!   other process maps or truncates this file;
+//! - the file is only ever grown, never truncated, while mapped;
+//! - remapping happens only in `grow`, which takes `&mut self`, so no
+//!   reference into the old mapping can outlive it.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use crate::storage::error::{Result, StorageError};
+use crate::types::Oid;
+
+pub const INDEX_FILE: &str = "index.map";
+const MAGIC: &[u8; 8] = b"MAGIDX01";
+const HEAD_LEN: u64 = 64;
+const ENTRY_LEN: u64 = 32;
+const INITIAL_CAPACITY: u64 = 4096;
+pub const FLAG_COLLECTION: u32 = 1;
+
+/// One oid's location and version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// 1 + offset of the object's latest record in `objects.dat`.
+    pub loc: u64,
+    pub version: u64,
+    /// Length of a large collection (0 otherwise).
+    pub coll_len: u64,
+    pub flags: u32,
+}
+
+impl IndexEntry {
+    pub fn is_collection(&self) -> bool {
+        self.flags & FLAG_COLLECTION != 0
+    }
+
+    fn encode(&self) -> [u8; ENTRY_LEN as usize] {
+        let mut b = [0u8; ENTRY_LEN as usize];
+        b[0..8].copy_from_slice(&self.loc.to_le_bytes());
+        b[8..16].copy_from_slice(&self.version.to_le_bytes());
+        b[16..24].copy_from_slice(&self.coll_len.to_le_bytes());
+        b[24..28].copy_from_slice(&self.flags.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+}
+
+pub struct IndexMap {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+    capacity: u64,
+}
+
+fn head_bytes(capacity: u64) -> [u8; HEAD_LEN as usize] {
+    let mut h = [0u8; HEAD_LEN as usize];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&capacity.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl IndexMap {
+    /// Open `DIR/index.map`, creating an empty index if absent.
+    pub fn open(dir: &Path) -> Result<IndexMap> {
+        let path = dir.join(INDEX_FILE);
+        let ctx = |what: &str| format!("{what} {}", path.display());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StorageError::io(ctx("opening"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StorageError::io(ctx("inspecting"), e))?
+            .len();
+        let capacity = if len == 0 {
+            let size = HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN;
+            file.set_len(size)
+                .map_err(|e| StorageError::io(ctx("sizing"), e))?;
+            INITIAL_CAPACITY
+        } else {
+            if len < HEAD_LEN || !(len - HEAD_LEN).is_multiple_of(ENTRY_LEN) {
+                return Err(StorageError::Corrupted(format!(
+                    "{} has impossible length {len}",
+                    path.display()
+                )));
+            }
+            (len - HEAD_LEN) / ENTRY_LEN
+        };
+        // SAFETY: the file is exclusively ours (repository flock), it is
+        // never truncated while mapped, and the mapping lives in `self`,
+        // which hands out no references that outlive a `&self` borrow.
+        let mut map =
+            unsafe { MmapMut::map_mut(&file) }.map_err(|e| StorageError::io(ctx("mapping"), e))?;
+        if len == 0 {
+            map[0..HEAD_LEN as usize].copy_from_slice(&head_bytes(capacity));
+        } else if map[0..HEAD_LEN as usize] != head_bytes(capacity) {
+            return Err(StorageError::Corrupted(format!(
+                "{} has a bad head (magic, capacity or checksum)",
+                path.display()
+            )));
+        }
+        Ok(IndexMap {
+            path,
+            file,
+            map,
+            capacity,
+        })
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn get(&self, oid: Oid) -> Result<Option<IndexEntry>> {
+        if oid >= self.capacity {
+            return Ok(None);
+        }
+        let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+        let b = &self.map[at..at + ENTRY_LEN as usize];
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let flags = u32::from_le_bytes(b[24..28].try_into().unwrap());
+        let crc = u32::from_le_bytes(b[28..32].try_into().unwrap());
+        if crc != crc32fast::hash(&b[0..28]) {
+            return Err(StorageError::Corrupted(format!(
+                "{}: entry of oid {oid} fails its checksum",
+                self.path.display()
+            )));
+        }
+        Ok(Some(IndexEntry {
+            loc: u(0),
+            version: u(8),
+            coll_len: u(16),
+            flags,
+        }))
+    }
+
+    pub fn set(&mut self, oid: Oid, entry: &IndexEntry) -> Result<()> {
+        if oid >= self.capacity {
+            self.grow(oid + 1)?;
+        }
+        let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+        self.map[at..at + ENTRY_LEN as usize].copy_from_slice(&entry.encode());
+        Ok(())
+    }
+
+    fn grow(&mut self, min_capacity: u64) -> Result<()> {
+        let mut capacity = self.capacity.max(INITIAL_CAPACITY);
+        while capacity < min_capacity {
+            capacity *= 2;
+        }
+        let ctx = |what: &str| format!("{what} {}", self.path.display());
+        self.map
+            .flush()
+            .map_err(|e| StorageError::io(ctx("flushing"), e))?;
+        self.file
+            .set_len(HEAD_LEN + capacity * ENTRY_LEN)
+            .map_err(|e| StorageError::io(ctx("growing"), e))?;
+        // SAFETY: as in `open`; `&mut self` guarantees no borrow of the old
+        // mapping is alive, and the file only grew.
+        let mut map = unsafe { MmapMut::map_mut(&self.file) }
+            .map_err(|e| StorageError::io(ctx("remapping"), e))?;
+        map[0..HEAD_LEN as usize].copy_from_slice(&head_bytes(capacity));
+        self.map = map;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// msync: make every `set` so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.map
+            .flush()
+            .map_err(|e| StorageError::io(format!("flushing {}", self.path.display()), e))
+    }
+
+    /// Write the whole index, as it is now, to `path` (for snapshots).
+    pub fn copy_to(&self, path: &Path) -> Result<u64> {
+        std::fs::write(path, &self.map[..])
+            .map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
+        Ok(self.map.len() as u64)
+    }
+
+    /// Every oid below `limit` that has an entry, in order.
+    #[cfg(test)]
+    pub fn oids(&self, limit: Oid) -> impl Iterator<Item = Oid> + '_ {
+        (0..limit.min(self.capacity)).filter(move |&oid| {
+            let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+            self.map[at..at + ENTRY_LEN as usize]
+                .iter()
+                .any(|&x| x != 0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_and_persists_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut idx = IndexMap::open(dir.path()).unwrap();
+            for oid in [0u64, 5, 10_000, 100_000] {
+                idx.set(
+                    oid,
+                    &IndexEntry {
+                        loc: oid + 1,
+                        version: 7,
+                        coll_len: oid * 2,
+                        flags: 0,
+                    },
+                )
+                .unwrap();
+            }
+            assert!(idx.capacity() > 100_000);
+            idx.flush().unwrap();
+        }
+        let idx = IndexMap::open(dir.path()).unwrap();
+        assert_eq!(idx.get(10_000).unwrap().unwrap().coll_len, 20_000);
+        assert_eq!(idx.get(1).unwrap(), None);
+        assert_eq!(idx.get(u64::MAX / 64).unwrap(), None);
+        assert_eq!(
+            idx.oids(200_000).collect::<Vec<_>>(),
+            vec![0, 5, 10_000, 100_000]
+        );
+    }
+
+    #[test]
+    fn corrupt_entry_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut idx = IndexMap::open(dir.path()).unwrap();
+            idx.set(
+                3,
+                &IndexEntry {
+                    loc: 1,
+                    version: 1,
+                    coll_len: 0,
+                    flags: 0,
+                },
+            )
+            .unwrap();
+            idx.flush().unwrap();
+        }
+        let path = dir.path().join(INDEX_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(HEAD_LEN + 3 * ENTRY_LEN + 9) as usize] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let idx = IndexMap::open(dir.path()).unwrap();
+        assert!(matches!(idx.get(3), Err(StorageError::Corrupted(_))));
+    }
+}

@@ -32,5 +32,8 @@ pub use object::StoredObject;
 pub use record::{CommitRecord, Op, Payload};
 pub use repository::{
     Anchor, AppendRequest, CommitRequest, Committed, NewRequest, ObjRef, PutRequest, RepoInfo,
-    Repository, Snapshot, SnapshotFile,
+    RepoOptions, Repository, Snapshot, SnapshotFile,
 };
+
+#[cfg(test)]
+mod tests;

@@ -96,7 +96,7 @@ pub fn references(value: &Value, out: &mut Vec<Oid>) -> Result<()> {
 pub fn references_in(bytes: &[u8]) -> Result<Vec<Oid>> {
     let mut out = Vec::new();
     // Cheap pre-check: a value with no ext marker bytes cannot hold refs.
-    if !bytes.iter().any(|b| matches!(b, 0xd7 | 0xc7 | 0xc8 | 0xc9)) {
+    if !bytes.iter().any(|b| matches!(b, 0xd4..=0xd8 | 0xc7..=0xc9)) {
         return Ok(out);
     }
     references(&decode_value(bytes)?, &mut out)?;

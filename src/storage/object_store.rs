@@ -1,0 +1,427 @@
+//! Object data: `objects.dat` (append-only object versions) and the
+//! large-collection files `coll/<oid>.idx` + `coll/<oid>.dat`.
+//!
+//! `objects.dat` records are `u32 len | u32 crc32(body) | body` with body
+//! `oid u64 | version u64 | class_len u16 | class | value` (MessagePack).
+//! A collection's `.idx` holds one u64 per element: the end offset of that
+//! element in `.dat`; `.dat` holds per element `crc32(value) u32 | value`.
+//! Elements are written at explicit positions, so replaying an append is
+//! idempotent. Nothing here is synced except by `sync`, called at
+//! checkpoints; the commit log is what makes a commit durable.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::storage::error::{Result, StorageError};
+use crate::types::Oid;
+
+pub const OBJECTS_FILE: &str = "objects.dat";
+pub const COLL_DIR: &str = "coll";
+const MAX_OPEN_COLLECTIONS: usize = 256;
+
+fn io_at(path: &Path, what: &str, e: std::io::Error) -> StorageError {
+    StorageError::io(format!("{what} {}", path.display()), e)
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_at(path, "opening", e))
+}
+
+/// One decoded object record.
+pub struct ObjectRecord {
+    pub oid: Oid,
+    pub version: u64,
+    pub class: String,
+    pub value: Vec<u8>,
+}
+
+pub struct ObjectFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl ObjectFile {
+    /// Open `objects.dat` and cut it to `valid_len` (the checkpoint's
+    /// length: anything after it is replayed from the log).
+    pub fn open(dir: &Path, valid_len: u64) -> Result<ObjectFile> {
+        let path = dir.join(OBJECTS_FILE);
+        let file = open_rw(&path)?;
+        let len = file
+            .metadata()
+            .map_err(|e| io_at(&path, "inspecting", e))?
+            .len();
+        if len < valid_len {
+            return Err(StorageError::Corrupted(format!(
+                "{} is {len} bytes but the header's checkpoint says {valid_len}",
+                path.display()
+            )));
+        }
+        if len > valid_len {
+            file.set_len(valid_len)
+                .map_err(|e| io_at(&path, "cutting", e))?;
+        }
+        Ok(ObjectFile {
+            path,
+            file,
+            len: valid_len,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Append a record; returns its offset.
+    pub fn append(&mut self, oid: Oid, version: u64, class: &str, value: &[u8]) -> Result<u64> {
+        if class.len() > u16::MAX as usize {
+            return Err(StorageError::Invalid(format!(
+                "class name of {} bytes is too long",
+                class.len()
+            )));
+        }
+        let body_len = 8 + 8 + 2 + class.len() + value.len();
+        let mut buf = Vec::with_capacity(8 + body_len);
+        buf.extend_from_slice(&(body_len as u32).to_le_bytes());
+        buf.extend_from_slice(&[0u8; 4]);
+        buf.extend_from_slice(&oid.to_le_bytes());
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&(class.len() as u16).to_le_bytes());
+        buf.extend_from_slice(class.as_bytes());
+        buf.extend_from_slice(value);
+        let crc = crc32fast::hash(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let at = self.len;
+        self.file
+            .write_all_at(&buf, at)
+            .map_err(|e| io_at(&self.path, "appending to", e))?;
+        self.len += buf.len() as u64;
+        Ok(at)
+    }
+
+    pub fn read(&self, offset: u64) -> Result<ObjectRecord> {
+        let bad = |reason: String| {
+            StorageError::Corrupted(format!(
+                "{} at offset {offset}: {reason}",
+                self.path.display()
+            ))
+        };
+        if offset + 8 > self.len {
+            return Err(bad("record beyond the end of the file".into()));
+        }
+        let mut prefix = [0u8; 8];
+        self.file
+            .read_exact_at(&mut prefix, offset)
+            .map_err(|e| io_at(&self.path, "reading", e))?;
+        let len = u32::from_le_bytes(prefix[0..4].try_into().unwrap()) as u64;
+        let crc = u32::from_le_bytes(prefix[4..8].try_into().unwrap());
+        if len < 18 || offset + 8 + len > self.len {
+            return Err(bad(format!("impossible record length {len}")));
+        }
+        let mut body = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut body, offset + 8)
+            .map_err(|e| io_at(&self.path, "reading", e))?;
+        if crc32fast::hash(&body) != crc {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let oid = u64::from_le_bytes(body[0..8].try_into().unwrap());
+        let version = u64::from_le_bytes(body[8..16].try_into().unwrap());
+        let class_len = u16::from_le_bytes(body[16..18].try_into().unwrap()) as usize;
+        if 18 + class_len > body.len() {
+            return Err(bad("class name overruns the record".into()));
+        }
+        let class = String::from_utf8(body[18..18 + class_len].to_vec())
+            .map_err(|_| bad("class name is not UTF-8".into()))?;
+        let value = body[18 + class_len..].to_vec();
+        Ok(ObjectRecord {
+            oid,
+            version,
+            class,
+            value,
+        })
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| io_at(&self.path, "syncing", e))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+struct CollFiles {
+    idx: File,
+    dat: File,
+}
+
+/// The large-collection files, opened on demand.
+pub struct Collections {
+    dir: PathBuf,
+    open: HashMap<Oid, CollFiles>,
+    dirty: HashSet<Oid>,
+}
+
+pub fn idx_path(dir: &Path, coll: Oid) -> PathBuf {
+    dir.join(format!("{coll}.idx"))
+}
+
+pub fn dat_path(dir: &Path, coll: Oid) -> PathBuf {
+    dir.join(format!("{coll}.dat"))
+}
+
+impl Collections {
+    pub fn open(repo_dir: &Path) -> Result<Collections> {
+        let dir = repo_dir.join(COLL_DIR);
+        fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
+        Ok(Collections {
+            dir,
+            open: HashMap::new(),
+            dirty: HashSet::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every collection that has files, in oid order.
+    pub fn existing(&self) -> Result<Vec<Oid>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| io_at(&self.dir, "listing", e))? {
+            let entry = entry.map_err(|e| io_at(&self.dir, "listing", e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".idx") {
+                if let Ok(oid) = stem.parse::<u64>() {
+                    out.push(oid);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn files(&mut self, coll: Oid) -> Result<&CollFiles> {
+        if !self.open.contains_key(&coll) {
+            if self.open.len() >= MAX_OPEN_COLLECTIONS {
+                self.sync_dirty()?;
+                self.open.clear();
+            }
+            let idx = open_rw(&idx_path(&self.dir, coll))?;
+            let dat = open_rw(&dat_path(&self.dir, coll))?;
+            self.open.insert(coll, CollFiles { idx, dat });
+        }
+        Ok(&self.open[&coll])
+    }
+
+    fn end_of(&self, files: &CollFiles, coll: Oid, index: u64) -> Result<u64> {
+        // End offset of element `index` in `.dat`.
+        let mut b = [0u8; 8];
+        files.idx.read_exact_at(&mut b, index * 8).map_err(|e| {
+            io_at(
+                &idx_path(&self.dir, coll),
+                &format!("reading element {index} of"),
+                e,
+            )
+        })?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Write element `index` (the caller guarantees `index` ≤ current
+    /// length, so elements are dense).
+    pub fn write(&mut self, coll: Oid, index: u64, value: &[u8]) -> Result<()> {
+        let dir = self.dir.clone();
+        self.files(coll)?;
+        let files = &self.open[&coll];
+        let start = if index == 0 {
+            0
+        } else {
+            self.end_of(files, coll, index - 1)?
+        };
+        let mut buf = Vec::with_capacity(4 + value.len());
+        buf.extend_from_slice(&crc32fast::hash(value).to_le_bytes());
+        buf.extend_from_slice(value);
+        files
+            .dat
+            .write_all_at(&buf, start)
+            .map_err(|e| io_at(&dat_path(&dir, coll), "writing", e))?;
+        let end = start + buf.len() as u64;
+        files
+            .idx
+            .write_all_at(&end.to_le_bytes(), index * 8)
+            .map_err(|e| io_at(&idx_path(&dir, coll), "writing", e))?;
+        self.dirty.insert(coll);
+        Ok(())
+    }
+
+    /// Elements `[start, start + count)` of a collection of length `len`.
+    pub fn range(&mut self, coll: Oid, len: u64, start: u64, count: u64) -> Result<Vec<Vec<u8>>> {
+        if start >= len || count == 0 {
+            return Ok(Vec::new());
+        }
+        let end = len.min(start.saturating_add(count));
+        let dir = self.dir.clone();
+        self.files(coll)?;
+        let files = &self.open[&coll];
+        let first_idx = start.saturating_sub(1);
+        let n = (end - first_idx) as usize;
+        let mut raw = vec![0u8; n * 8];
+        files
+            .idx
+            .read_exact_at(&mut raw, first_idx * 8)
+            .map_err(|e| io_at(&idx_path(&dir, coll), "reading", e))?;
+        let ends: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let (mut pos, ends) = if start == 0 {
+            (0, &ends[..])
+        } else {
+            (ends[0], &ends[1..])
+        };
+        let span_start = pos;
+        let span_end = *ends.last().expect("at least one element");
+        if span_end < span_start {
+            return Err(StorageError::Corrupted(format!(
+                "{}: element offsets go backwards",
+                idx_path(&dir, coll).display()
+            )));
+        }
+        let mut data = vec![0u8; (span_end - span_start) as usize];
+        files
+            .dat
+            .read_exact_at(&mut data, span_start)
+            .map_err(|e| io_at(&dat_path(&dir, coll), "reading", e))?;
+        let mut out = Vec::with_capacity(ends.len());
+        for (i, &e) in ends.iter().enumerate() {
+            let bad = || {
+                StorageError::Corrupted(format!(
+                    "{}: element {} is damaged",
+                    dat_path(&dir, coll).display(),
+                    start + i as u64
+                ))
+            };
+            if e < pos + 4 || e > span_end {
+                return Err(bad());
+            }
+            let rec = &data[(pos - span_start) as usize..(e - span_start) as usize];
+            let crc = u32::from_le_bytes(rec[0..4].try_into().unwrap());
+            if crc32fast::hash(&rec[4..]) != crc {
+                return Err(bad());
+            }
+            out.push(rec[4..].to_vec());
+            pos = e;
+        }
+        Ok(out)
+    }
+
+    /// Cut a collection's files to `len` elements (recovery).
+    pub fn truncate(&mut self, coll: Oid, len: u64) -> Result<()> {
+        let dir = self.dir.clone();
+        self.files(coll)?;
+        let files = &self.open[&coll];
+        let dat_len = if len == 0 {
+            0
+        } else {
+            self.end_of(files, coll, len - 1)?
+        };
+        files
+            .idx
+            .set_len(len * 8)
+            .map_err(|e| io_at(&idx_path(&dir, coll), "cutting", e))?;
+        files
+            .dat
+            .set_len(dat_len)
+            .map_err(|e| io_at(&dat_path(&dir, coll), "cutting", e))?;
+        Ok(())
+    }
+
+    /// Byte lengths of `(.idx, .dat)` holding `len` elements.
+    pub fn lengths(&mut self, coll: Oid, len: u64) -> Result<(u64, u64)> {
+        if len == 0 {
+            return Ok((0, 0));
+        }
+        self.files(coll)?;
+        let files = &self.open[&coll];
+        Ok((len * 8, self.end_of(files, coll, len - 1)?))
+    }
+
+    pub fn sync_dirty(&mut self) -> Result<()> {
+        for coll in self.dirty.drain() {
+            if let Some(f) = self.open.get(&coll) {
+                f.idx
+                    .sync_data()
+                    .map_err(|e| io_at(&idx_path(&self.dir, coll), "syncing", e))?;
+                f.dat
+                    .sync_data()
+                    .map_err(|e| io_at(&dat_path(&self.dir, coll), "syncing", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_records_round_trip_and_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = ObjectFile::open(dir.path(), 0).unwrap();
+        let a = f.append(3, 9, "Person", &[0x91, 0x01]).unwrap();
+        let b = f.append(4, 9, "", &[0xc0]).unwrap();
+        let r = f.read(a).unwrap();
+        assert_eq!((r.oid, r.version, r.class.as_str()), (3, 9, "Person"));
+        assert_eq!(r.value, vec![0x91, 0x01]);
+        assert_eq!(f.read(b).unwrap().oid, 4);
+        let len = f.len();
+        drop(f);
+        let path = dir.path().join(OBJECTS_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(a + 12) as usize] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let f = ObjectFile::open(dir.path(), len).unwrap();
+        assert!(matches!(f.read(a), Err(StorageError::Corrupted(_))));
+    }
+
+    #[test]
+    fn collections_write_range_and_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Collections::open(dir.path()).unwrap();
+        for i in 0..100u64 {
+            c.write(7, i, format!("v{i}").as_bytes()).unwrap();
+        }
+        let got = c.range(7, 100, 10, 5).unwrap();
+        assert_eq!(
+            got,
+            (10..15)
+                .map(|i| format!("v{i}").into_bytes())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(c.range(7, 100, 0, 1).unwrap(), vec![b"v0".to_vec()]);
+        assert_eq!(c.range(7, 100, 98, 50).unwrap().len(), 2);
+        assert!(c.range(7, 100, 100, 5).unwrap().is_empty());
+        // Idempotent rewrite of an element at its position.
+        c.write(7, 99, b"v99").unwrap();
+        c.truncate(7, 50).unwrap();
+        assert_eq!(c.lengths(7, 50).unwrap().0, 400);
+        c.write(7, 50, b"new").unwrap();
+        assert_eq!(
+            c.range(7, 51, 49, 2).unwrap(),
+            vec![b"v49".to_vec(), b"new".to_vec()]
+        );
+        assert_eq!(c.existing().unwrap(), vec![7]);
+    }
+}

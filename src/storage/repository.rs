@@ -1,12 +1,37 @@
 //! `Repository`: the storage engine's one entry point.
-//! (API section; implementation follows in the same file.)
+//!
+//! Owns every file of one repository directory and the in-memory state
+//! derived from them: the overlay of index entries written since the last
+//! checkpoint, the anchor cache and the recent idempotency tokens. A commit
+//! is validated here, numbered, appended to the log (written, not synced:
+//! the caller makes it durable through `LogSync`) and applied. This file
+//! must never sync on the commit path and never expose file handles other
+//! than `LogSync`.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::storage::commit_log::LogSync;
-use crate::storage::error::Result;
-use crate::storage::object::StoredObject;
-use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
+use rmpv::Value;
+
+use crate::storage::commit_log::{CommitLog, LogSync, DEFAULT_SEGMENT_BYTES, LOG_DIR};
+use crate::storage::error::{Result, StorageError};
+use crate::storage::header::{Header, HEADER_FILE};
+use crate::storage::index_map::{IndexEntry, IndexMap, FLAG_COLLECTION, INDEX_FILE};
+use crate::storage::object::{
+    decode_value, encode_value, ref_value, references_in, resolve_temp_refs, StoredObject,
+    ANCHOR_CLASS, COLLECTION_CLASS, REF_EXT,
+};
+use crate::storage::object_store::{
+    dat_path, idx_path, Collections, ObjectFile, COLL_DIR, OBJECTS_FILE,
+};
+use crate::storage::record::{CommitRecord, Op, Payload, RecordHead, GENESIS_HASH};
+use crate::types::{
+    CommitNumber, Epoch, Hash, Member, MemberRole, Node, Oid, RepositoryId, ROOT_ANCHOR,
+};
 
 /// A reference inside a commit request: an existing object or one created by
 /// the same commit (by its temporary id).
@@ -117,88 +142,949 @@ pub struct Snapshot {
     pub files: Vec<SnapshotFile>,
 }
 
+/// Tunables of an open repository.
+#[derive(Clone, Debug)]
+pub struct RepoOptions {
+    /// Size at which a new log segment starts.
+    pub segment_bytes: u64,
+    /// Checkpoint once this much log was written since the last one.
+    pub checkpoint_bytes: u64,
+    /// ... or once this much time passed with changes pending.
+    pub checkpoint_interval: Duration,
+    /// Upper bound on retained, already checkpointed log (so a dead
+    /// secondary can never fill the disk).
+    pub max_log_bytes: u64,
+    /// How many recent idempotency tokens are remembered.
+    pub max_tokens: usize,
+}
+
+impl Default for RepoOptions {
+    fn default() -> Self {
+        RepoOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            checkpoint_bytes: 64 * 1024 * 1024,
+            checkpoint_interval: Duration::from_secs(5),
+            max_log_bytes: 1024 * 1024 * 1024,
+            max_tokens: 100_000,
+        }
+    }
+}
+
+const LOCK_FILE: &str = "LOCK";
+
 /// An open repository. Owned by one thread; see the module doc of `storage`.
 pub struct Repository {
     dir: PathBuf,
+    _lock: File,
+    opts: RepoOptions,
+    header: Header,
+    log: CommitLog,
+    index: IndexMap,
+    /// Index entries changed since the last checkpoint (see `index_map`).
+    overlay: HashMap<Oid, IndexEntry>,
+    objects: ObjectFile,
+    colls: Collections,
+    epoch: Epoch,
+    next_oid: Oid,
+    tokens: HashMap<Vec<u8>, CommitNumber>,
+    token_order: VecDeque<Vec<u8>>,
+    anchor: Option<Anchor>,
+    log_bytes_since_checkpoint: u64,
+    last_checkpoint: Instant,
+    retain_from: CommitNumber,
 }
 
-#[allow(unused_variables)]
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock on a valid, owned descriptor; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(StorageError::Locked(dir.to_path_buf()));
+        }
+        return Err(StorageError::io(format!("locking {}", path.display()), e));
+    }
+    Ok(f)
+}
+
+/// Decide how one commit's new objects, puts and appends become ops.
+struct Plan {
+    ops: Vec<Op>,
+    new_oids: Vec<(u64, Oid)>,
+    positions: Vec<u64>,
+}
+
 impl Repository {
     /// Create a new repository in `dir` (must be absent or empty) with an
     /// anchor whose node has this server as its only (primary) member at `addr`.
     pub fn create(dir: &Path, server_id: u64, addr: &str) -> Result<Repository> {
-        unimplemented!()
+        Self::create_with(dir, server_id, addr, RepoOptions::default())
     }
+
+    pub fn create_with(
+        dir: &Path,
+        server_id: u64,
+        addr: &str,
+        opts: RepoOptions,
+    ) -> Result<Repository> {
+        if dir.exists() {
+            let mut entries = fs::read_dir(dir)
+                .map_err(|e| StorageError::io(format!("listing {}", dir.display()), e))?;
+            if entries.next().is_some() {
+                return Err(StorageError::Invalid(format!(
+                    "cannot create a repository in {}: the directory is not empty",
+                    dir.display()
+                )));
+            }
+        }
+        fs::create_dir_all(dir)
+            .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        let lock = lock_dir(dir)?;
+        let server_id = if server_id == 0 {
+            rand::random::<u64>() | 1
+        } else {
+            server_id
+        };
+        let repository_id = RepositoryId::random();
+        Header {
+            repository_id,
+            server_id,
+            restore_mode: false,
+            epoch: Epoch::initial(server_id),
+            checkpoint: 0,
+            checkpoint_hash: GENESIS_HASH,
+            objects_len: 0,
+            next_oid: 1,
+        }
+        .write(dir)?;
+        let mut repo = Self::open_locked(dir, lock, opts)?;
+        let anchor = Anchor {
+            root: None,
+            repository_id,
+            node: Node {
+                members: vec![Member {
+                    server_id,
+                    addr: addr.to_string(),
+                    role: MemberRole::Primary,
+                }],
+            },
+            meta: Vec::new(),
+        };
+        let ops = vec![Op::Put {
+            oid: ROOT_ANCHOR,
+            class: ANCHOR_CLASS.to_string(),
+            value: anchor.encode(),
+        }];
+        repo.append_and_apply(ops, None, None)?;
+        repo.checkpoint()?;
+        Ok(repo)
+    }
+
     /// Open an existing repository: lock, read the header, cut a torn log
     /// tail, replay past the checkpoint.
     pub fn open(dir: &Path) -> Result<Repository> {
-        unimplemented!()
+        Self::open_with(dir, RepoOptions::default())
     }
+
+    pub fn open_with(dir: &Path, opts: RepoOptions) -> Result<Repository> {
+        if !dir.join(HEADER_FILE).exists() {
+            return Err(StorageError::NotARepository(dir.to_path_buf()));
+        }
+        let lock = lock_dir(dir)?;
+        Self::open_locked(dir, lock, opts)
+    }
+
+    fn open_locked(dir: &Path, lock: File, opts: RepoOptions) -> Result<Repository> {
+        let mut header = Header::read(dir)?;
+        if header.server_id == 0 {
+            // A backup opened as a server for the first time: its own identity.
+            header.server_id = rand::random::<u64>() | 1;
+            header.write(dir)?;
+        }
+        let index = IndexMap::open(dir)?;
+        let objects = ObjectFile::open(dir, header.objects_len)?;
+        let mut colls = Collections::open(dir)?;
+        // Cut collection files to their checkpointed lengths; later
+        // elements are replayed at their explicit positions.
+        for coll in colls.existing()? {
+            let len = index.get(coll)?.map(|e| e.coll_len).unwrap_or(0);
+            colls.truncate(coll, len)?;
+        }
+        let mut pending = Vec::new();
+        let log = CommitLog::open(
+            dir,
+            header.checkpoint,
+            header.checkpoint_hash,
+            opts.segment_bytes,
+            |body| {
+                pending.push(body.to_vec());
+                Ok(())
+            },
+        )?;
+        let mut repo = Repository {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            epoch: header.epoch,
+            next_oid: header.next_oid,
+            header,
+            log,
+            index,
+            overlay: HashMap::new(),
+            objects,
+            colls,
+            tokens: HashMap::new(),
+            token_order: VecDeque::new(),
+            anchor: None,
+            log_bytes_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            retain_from: 1,
+            opts,
+        };
+        let replayed = pending.len();
+        for body in pending {
+            let record = CommitRecord::decode(&body)?;
+            repo.log_bytes_since_checkpoint += body.len() as u64;
+            repo.apply_decoded(&record)?;
+        }
+        if replayed > 0 {
+            log::info!(
+                "{}: replayed {replayed} commit records past checkpoint {}",
+                dir.display(),
+                repo.header.checkpoint
+            );
+        }
+        Ok(repo)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
     pub fn info(&self) -> RepoInfo {
-        unimplemented!()
+        RepoInfo {
+            repository_id: self.header.repository_id,
+            server_id: self.header.server_id,
+            restore_mode: self.header.restore_mode,
+            epoch: self.epoch,
+            last_commit: self.log.last(),
+            last_hash: self.log.last_hash(),
+            checkpoint: self.header.checkpoint,
+            log_start: self.log.first_retained(),
+            next_oid: self.next_oid,
+        }
     }
+
+    fn entry(&self, oid: Oid) -> Result<Option<IndexEntry>> {
+        match self.overlay.get(&oid) {
+            Some(e) => Ok(Some(*e)),
+            None => self.index.get(oid),
+        }
+    }
+
     /// Validate, assign oids/positions, write the record to the log (not
     /// synced) and apply it. Refused in restore mode.
     pub fn commit(&mut self, req: CommitRequest) -> Result<Committed> {
-        unimplemented!()
+        if self.header.restore_mode {
+            return Err(StorageError::RestoreMode);
+        }
+        if let Some(e) = req.new_epoch {
+            if e <= self.epoch {
+                return Err(StorageError::Invalid(format!(
+                    "new epoch {e} is not newer than the current {}",
+                    self.epoch
+                )));
+            }
+        }
+        if let Some(token) = &req.token {
+            if token.len() > 64 {
+                return Err(StorageError::Invalid(
+                    "idempotency token over 64 bytes".into(),
+                ));
+            }
+        }
+        let plan = self.plan(&req)?;
+        let (number, body, sync) = self.append_and_apply(plan.ops, req.token, req.new_epoch)?;
+        Ok(Committed {
+            number,
+            body,
+            new_oids: plan.new_oids,
+            positions: plan.positions,
+            sync,
+        })
     }
+
+    fn plan(&self, req: &CommitRequest) -> Result<Plan> {
+        // New objects first: their oids are needed to resolve references.
+        let mut temp_to_oid = HashMap::new();
+        let mut new_classes = HashMap::new();
+        for (next, n) in (self.next_oid..).zip(req.news.iter()) {
+            if n.class == ANCHOR_CLASS {
+                return Err(StorageError::Invalid(format!(
+                    "class {ANCHOR_CLASS} is reserved for the root anchor"
+                )));
+            }
+            if temp_to_oid.insert(n.temp_id, next).is_some() {
+                return Err(StorageError::Invalid(format!(
+                    "temporary id {} is used by two new objects",
+                    n.temp_id
+                )));
+            }
+            new_classes.insert(n.temp_id, n.class.as_str());
+        }
+        let mut conflicts = Vec::new();
+        let mut seen = HashSet::new();
+        for p in &req.puts {
+            if p.oid == ROOT_ANCHOR {
+                return Err(StorageError::Invalid(
+                    "the root anchor changes only through set_root and meta attributes".into(),
+                ));
+            }
+            if !seen.insert(p.oid) {
+                return Err(StorageError::Invalid(format!(
+                    "object {} is written twice",
+                    p.oid
+                )));
+            }
+            if p.class == COLLECTION_CLASS || p.class == ANCHOR_CLASS {
+                return Err(StorageError::Invalid(format!(
+                    "class {} is reserved",
+                    p.class
+                )));
+            }
+            let e = self
+                .entry(p.oid)?
+                .ok_or(StorageError::UnknownObject(p.oid))?;
+            if e.is_collection() {
+                return Err(StorageError::Invalid(format!(
+                    "object {} is a large collection: it changes only by appends",
+                    p.oid
+                )));
+            }
+            if e.version != p.expected_version {
+                conflicts.push(p.oid);
+            }
+        }
+        if !conflicts.is_empty() {
+            return Err(StorageError::Conflict { oids: conflicts });
+        }
+        let resolve = |r: ObjRef| -> Result<Oid> {
+            match r {
+                ObjRef::Oid(oid) => Ok(oid),
+                ObjRef::New(t) => temp_to_oid.get(&t).copied().ok_or_else(|| {
+                    StorageError::Invalid(format!("temporary id {t} names no new object"))
+                }),
+            }
+        };
+        let checked = |value: &[u8]| -> Result<Vec<u8>> {
+            decode_value(value)?;
+            resolve_temp_refs(value.to_vec(), &temp_to_oid)
+        };
+        let mut ops = Vec::with_capacity(req.news.len() + req.puts.len() + req.appends.len() + 1);
+        let mut new_oids = Vec::with_capacity(req.news.len());
+        for n in &req.news {
+            let oid = temp_to_oid[&n.temp_id];
+            new_oids.push((n.temp_id, oid));
+            let value = if n.class == COLLECTION_CLASS {
+                encode_value(&Value::Nil)
+            } else {
+                checked(&n.value)?
+            };
+            ops.push(Op::Put {
+                oid,
+                class: n.class.clone(),
+                value,
+            });
+        }
+        for p in &req.puts {
+            ops.push(Op::Put {
+                oid: p.oid,
+                class: p.class.clone(),
+                value: checked(&p.value)?,
+            });
+        }
+        let mut lens: HashMap<Oid, u64> = HashMap::new();
+        let mut positions = Vec::with_capacity(req.appends.len());
+        for a in &req.appends {
+            let coll = resolve(a.coll)?;
+            let len = match lens.get_mut(&coll) {
+                Some(l) => l,
+                None => {
+                    let start = match a.coll {
+                        ObjRef::New(t) if new_classes.get(&t) == Some(&COLLECTION_CLASS) => 0,
+                        ObjRef::New(_) => return Err(StorageError::NotACollection(coll)),
+                        ObjRef::Oid(oid) => {
+                            let e = self.entry(oid)?.ok_or(StorageError::UnknownObject(oid))?;
+                            if !e.is_collection() {
+                                return Err(StorageError::NotACollection(oid));
+                            }
+                            e.coll_len
+                        }
+                    };
+                    lens.entry(coll).or_insert(start)
+                }
+            };
+            positions.push(*len);
+            ops.push(Op::Append {
+                coll,
+                index: *len,
+                value: checked(&a.value)?,
+            });
+            *len += 1;
+        }
+        if let Some(r) = req.set_root {
+            let oid = resolve(r)?;
+            if matches!(r, ObjRef::Oid(_)) && self.entry(oid)?.is_none() {
+                return Err(StorageError::UnknownObject(oid));
+            }
+            ops.push(Op::SetRoot { oid: Some(oid) });
+        }
+        for (key, value) in &req.meta {
+            let value = match value {
+                Some(v) => Some(checked(v)?),
+                None => None,
+            };
+            ops.push(Op::SetMeta {
+                key: key.clone(),
+                value,
+            });
+        }
+        if let Some(node) = &req.set_node {
+            ops.push(Op::SetNode { node: node.clone() });
+        }
+        if ops.is_empty() && req.new_epoch.is_none() {
+            return Err(StorageError::Invalid(
+                "a commit must change something".into(),
+            ));
+        }
+        Ok(Plan {
+            ops,
+            new_oids,
+            positions,
+        })
+    }
+
+    fn append_and_apply(
+        &mut self,
+        ops: Vec<Op>,
+        token: Option<Vec<u8>>,
+        new_epoch: Option<Epoch>,
+    ) -> Result<(CommitNumber, Arc<Vec<u8>>, LogSync)> {
+        let record = CommitRecord {
+            number: self.log.last() + 1,
+            epoch: new_epoch.unwrap_or(self.epoch),
+            prev_hash: self.log.last_hash(),
+            payload: Payload { token, ops },
+        };
+        let body = record.encode();
+        let sync = self.log.append(record.number, &body)?;
+        self.log_bytes_since_checkpoint += body.len() as u64;
+        self.apply_decoded(&record)?;
+        Ok((record.number, Arc::new(body), sync))
+    }
+
     /// Apply a record received from the primary (body bytes as logged there):
     /// must be number = last + 1, continue the hash chain, epoch not older.
     /// Written to the log (not synced) and applied. Allowed in restore mode.
     pub fn apply_record(&mut self, body: &[u8]) -> Result<CommitNumber> {
-        unimplemented!()
+        let head = RecordHead::parse(body)?;
+        let expected = self.log.last() + 1;
+        if head.number != expected {
+            return Err(StorageError::OutOfSequence {
+                expected,
+                got: head.number,
+            });
+        }
+        if head.prev_hash != self.log.last_hash() {
+            return Err(StorageError::ChainMismatch {
+                number: head.number,
+            });
+        }
+        if head.epoch < self.epoch {
+            return Err(StorageError::StaleEpoch {
+                number: head.number,
+                got: head.epoch,
+                current: self.epoch,
+            });
+        }
+        let record = CommitRecord::decode(body)?;
+        self.log.append(record.number, body)?;
+        self.log_bytes_since_checkpoint += body.len() as u64;
+        self.apply_decoded(&record)?;
+        Ok(record.number)
     }
+
+    /// Apply a record's operations. Deterministic and, because every
+    /// position is explicit, idempotent over a partially checkpointed state.
+    fn apply_decoded(&mut self, record: &CommitRecord) -> Result<()> {
+        let number = record.number;
+        let mut anchor: Option<Anchor> = None;
+        for op in &record.payload.ops {
+            match op {
+                Op::Put { oid, class, value } => {
+                    self.put_object(*oid, number, class, value)?;
+                    if *oid == ROOT_ANCHOR {
+                        self.anchor = None;
+                    }
+                }
+                Op::Append { coll, index, value } => {
+                    let mut e = self.entry(*coll)?.ok_or_else(|| {
+                        StorageError::Corrupted(format!(
+                            "record {number} appends to missing collection {coll}"
+                        ))
+                    })?;
+                    if !e.is_collection() || *index > e.coll_len {
+                        return Err(StorageError::Corrupted(format!(
+                            "record {number} appends element {index} to object {coll} of length {}",
+                            e.coll_len
+                        )));
+                    }
+                    self.colls.write(*coll, *index, value)?;
+                    e.coll_len = index + 1;
+                    self.overlay.insert(*coll, e);
+                }
+                Op::SetRoot { oid } => {
+                    self.anchor_for_update(&mut anchor)?.root = *oid;
+                }
+                Op::SetMeta { key, value } => {
+                    let a = self.anchor_for_update(&mut anchor)?;
+                    a.meta.retain(|(k, _)| k != key);
+                    if let Some(v) = value {
+                        a.meta.push((key.clone(), v.clone()));
+                        a.meta.sort();
+                    }
+                }
+                Op::SetNode { node } => {
+                    self.anchor_for_update(&mut anchor)?.node = node.clone();
+                }
+            }
+        }
+        if let Some(a) = anchor {
+            self.put_object(ROOT_ANCHOR, number, ANCHOR_CLASS, &a.encode())?;
+            self.anchor = Some(a);
+        }
+        if record.epoch > self.epoch {
+            self.epoch = record.epoch;
+        }
+        if let Some(t) = &record.payload.token {
+            self.remember_token(t.clone(), number);
+        }
+        Ok(())
+    }
+
+    fn anchor_for_update<'a>(&mut self, slot: &'a mut Option<Anchor>) -> Result<&'a mut Anchor> {
+        if slot.is_none() {
+            *slot = Some(self.anchor()?);
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
+    fn put_object(&mut self, oid: Oid, version: u64, class: &str, value: &[u8]) -> Result<()> {
+        let at = self.objects.append(oid, version, class, value)?;
+        let flags = if class == COLLECTION_CLASS {
+            FLAG_COLLECTION
+        } else {
+            0
+        };
+        self.overlay.insert(
+            oid,
+            IndexEntry {
+                loc: at + 1,
+                version,
+                coll_len: 0,
+                flags,
+            },
+        );
+        if oid >= self.next_oid {
+            self.next_oid = oid + 1;
+        }
+        Ok(())
+    }
+
+    fn remember_token(&mut self, token: Vec<u8>, number: CommitNumber) {
+        if self.tokens.insert(token.clone(), number).is_none() {
+            self.token_order.push_back(token);
+            while self.token_order.len() > self.opts.max_tokens {
+                if let Some(old) = self.token_order.pop_front() {
+                    self.tokens.remove(&old);
+                }
+            }
+        }
+    }
+
     /// A handle to fsync the log up to everything written so far.
-    pub fn log_sync(&self) -> LogSync {
-        unimplemented!()
+    pub fn log_sync(&self) -> Option<LogSync> {
+        self.log.sync_handle()
     }
+
+    /// fsync the log on this thread.
+    pub fn sync(&self) -> Result<()> {
+        self.log.sync()
+    }
+
     pub fn get(&self, oid: Oid) -> Result<Option<StoredObject>> {
-        unimplemented!()
+        let Some(e) = self.entry(oid)? else {
+            return Ok(None);
+        };
+        let rec = self.objects.read(e.loc - 1)?;
+        if rec.oid != oid || rec.version != e.version {
+            return Err(StorageError::Corrupted(format!(
+                "index entry of oid {oid} (version {}) points at a record of oid {} version {}",
+                e.version, rec.oid, rec.version
+            )));
+        }
+        Ok(Some(StoredObject {
+            oid,
+            version: rec.version,
+            class: rec.class,
+            value: rec.value,
+            collection_len: e.is_collection().then_some(e.coll_len),
+        }))
     }
-    pub fn collection_range(&self, coll: Oid, start: u64, count: u64) -> Result<Vec<Vec<u8>>> {
-        unimplemented!()
+
+    /// Number of elements of a large collection.
+    pub fn collection_len(&self, coll: Oid) -> Result<u64> {
+        let e = self.entry(coll)?.ok_or(StorageError::UnknownObject(coll))?;
+        if !e.is_collection() {
+            return Err(StorageError::NotACollection(coll));
+        }
+        Ok(e.coll_len)
     }
-    pub fn anchor(&self) -> Result<Anchor> {
-        unimplemented!()
+
+    pub fn collection_range(&mut self, coll: Oid, start: u64, count: u64) -> Result<Vec<Vec<u8>>> {
+        let len = self.collection_len(coll)?;
+        self.colls.range(coll, len, start, count)
     }
+
+    pub fn anchor(&mut self) -> Result<Anchor> {
+        if let Some(a) = &self.anchor {
+            return Ok(a.clone());
+        }
+        let obj = self
+            .get(ROOT_ANCHOR)?
+            .ok_or_else(|| StorageError::Corrupted("the root anchor is missing".into()))?;
+        let a = Anchor::decode(&obj.value)?;
+        self.anchor = Some(a.clone());
+        Ok(a)
+    }
+
     /// Record bodies from `from` on, at most `max_count` records and about
     /// `max_bytes` (at least one record is returned if any exists).
     pub fn read_records(
-        &self,
+        &mut self,
         from: CommitNumber,
         max_count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Vec<u8>>> {
-        unimplemented!()
+        self.log.read_from(from, max_count, max_bytes)
     }
+
     /// Commit number of an earlier commit carrying this idempotency token.
     pub fn token_commit(&self, token: &[u8]) -> Option<CommitNumber> {
-        unimplemented!()
+        self.tokens.get(token).copied()
     }
+
+    /// Make everything applied so far durable in the data files and index,
+    /// then record it in the header; older log segments may then go.
     pub fn checkpoint(&mut self) -> Result<()> {
-        unimplemented!()
+        self.log.sync()?;
+        self.objects.sync()?;
+        self.colls.sync_dirty()?;
+        let mut entries: Vec<_> = self.overlay.iter().map(|(k, v)| (*k, *v)).collect();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        for (oid, e) in &entries {
+            self.index.set(*oid, e)?;
+        }
+        self.index.flush()?;
+        let mut h = self.header.clone();
+        h.epoch = self.epoch;
+        h.checkpoint = self.log.last();
+        h.checkpoint_hash = self.log.last_hash();
+        h.objects_len = self.objects.len();
+        h.next_oid = self.next_oid;
+        h.write(&self.dir)?;
+        self.header = h;
+        self.overlay.clear();
+        self.log_bytes_since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.trim_log()?;
+        log::debug!(
+            "{}: checkpoint at commit {}",
+            self.dir.display(),
+            self.header.checkpoint
+        );
+        Ok(())
     }
-    /// Checkpoint if enough log was written since the last one.
+
+    fn trim_log(&mut self) -> Result<()> {
+        let keep = self.retain_from.min(self.header.checkpoint + 1);
+        self.log.remove_before(keep)?;
+        // The bound wins over what secondaries asked for.
+        while self.log.disk_bytes() > self.opts.max_log_bytes {
+            match self.log.second_segment_first() {
+                Some(next) if next <= self.header.checkpoint + 1 => {
+                    self.log.remove_before(next)?;
+                }
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpoint if enough log was written, or enough time passed, since
+    /// the last one.
     pub fn maybe_checkpoint(&mut self) -> Result<bool> {
-        unimplemented!()
+        let due = self.log_bytes_since_checkpoint >= self.opts.checkpoint_bytes
+            || (self.log_bytes_since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval);
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(due)
     }
-    /// (last commit, BLAKE3 over every object reachable from the anchor).
-    pub fn digest(&self) -> Result<(CommitNumber, Hash)> {
-        unimplemented!()
+
+    /// (last commit, BLAKE3 over every object reachable from the anchor, in
+    /// traversal order: oid, version, class, value and collection elements).
+    /// Two repositories with the same content print the same digest,
+    /// whatever garbage either still holds.
+    pub fn digest(&mut self) -> Result<(CommitNumber, Hash)> {
+        let mut hasher = blake3::Hasher::new();
+        let mut seen = HashSet::new();
+        let mut queue = VecDeque::from([ROOT_ANCHOR]);
+        seen.insert(ROOT_ANCHOR);
+        let mut push_refs = |bytes: &[u8], queue: &mut VecDeque<Oid>| -> Result<()> {
+            for r in references_in(bytes)? {
+                if seen.insert(r) {
+                    queue.push_back(r);
+                }
+            }
+            Ok(())
+        };
+        while let Some(oid) = queue.pop_front() {
+            let Some(obj) = self.get(oid)? else {
+                // A dangling reference: part of the content as "absent".
+                hasher.update(&oid.to_le_bytes());
+                hasher.update(b"absent");
+                continue;
+            };
+            hasher.update(&oid.to_le_bytes());
+            hasher.update(&obj.version.to_le_bytes());
+            hasher.update(&(obj.class.len() as u64).to_le_bytes());
+            hasher.update(obj.class.as_bytes());
+            hasher.update(&(obj.value.len() as u64).to_le_bytes());
+            hasher.update(&obj.value);
+            push_refs(&obj.value, &mut queue)?;
+            if let Some(len) = obj.collection_len {
+                hasher.update(&len.to_le_bytes());
+                let mut at = 0;
+                while at < len {
+                    for v in self.colls.range(oid, len, at, 4096)? {
+                        hasher.update(&(v.len() as u64).to_le_bytes());
+                        hasher.update(&v);
+                        push_refs(&v, &mut queue)?;
+                        at += 1;
+                    }
+                }
+            }
+        }
+        Ok((self.log.last(), *hasher.finalize().as_bytes()))
     }
+
     /// Checkpoint and capture a consistent view; `scratch` receives a copy of
-    /// the index made at that instant.
+    /// the index made at that instant. Every other file of the snapshot is a
+    /// prefix that later commits never rewrite, so it may be copied while
+    /// commits go on.
     pub fn snapshot(&mut self, scratch: &Path) -> Result<Snapshot> {
-        unimplemented!()
+        self.checkpoint()?;
+        fs::create_dir_all(scratch)
+            .map_err(|e| StorageError::io(format!("creating {}", scratch.display()), e))?;
+        let index_copy = scratch.join(INDEX_FILE);
+        let index_len = self.index.copy_to(&index_copy)?;
+        let mut header = self.header.clone();
+        header.restore_mode = true;
+        header.server_id = 0;
+        let mut files = vec![
+            SnapshotFile {
+                relative: PathBuf::from(OBJECTS_FILE),
+                source: self.objects.path().to_path_buf(),
+                len: self.objects.len(),
+            },
+            SnapshotFile {
+                relative: PathBuf::from(INDEX_FILE),
+                source: index_copy,
+                len: index_len,
+            },
+        ];
+        let coll_dir = self.colls.dir().to_path_buf();
+        for coll in self.colls.existing()? {
+            let len = self.index.get(coll)?.map(|e| e.coll_len).unwrap_or(0);
+            let (idx_len, dat_len) = self.colls.lengths(coll, len)?;
+            for (path, len) in [
+                (idx_path(&coll_dir, coll), idx_len),
+                (dat_path(&coll_dir, coll), dat_len),
+            ] {
+                let name = path.file_name().expect("file name").to_owned();
+                files.push(SnapshotFile {
+                    relative: Path::new(COLL_DIR).join(name),
+                    source: path,
+                    len,
+                });
+            }
+        }
+        Ok(Snapshot {
+            commit: self.header.checkpoint,
+            repository_id: self.header.repository_id,
+            header: header.encode().to_vec(),
+            files,
+        })
     }
+
     pub fn set_restore_mode(&mut self, on: bool) -> Result<()> {
-        unimplemented!()
+        self.header.restore_mode = on;
+        self.checkpoint()
     }
-    /// Allow deleting log segments holding only records below `n`.
+
+    /// Keep log records from `n` on for catch-up (within the byte bound).
     pub fn retain_from(&mut self, n: CommitNumber) -> Result<()> {
-        unimplemented!()
+        self.retain_from = n.max(1);
+        Ok(())
+    }
+
+    /// Bytes of commit log on disk.
+    pub fn log_disk_bytes(&self) -> u64 {
+        self.log.disk_bytes()
+    }
+
+    /// Names of the directories and files a repository consists of.
+    pub fn layout() -> [&'static str; 6] {
+        [
+            HEADER_FILE,
+            INDEX_FILE,
+            OBJECTS_FILE,
+            COLL_DIR,
+            LOG_DIR,
+            LOCK_FILE,
+        ]
+    }
+}
+
+impl Snapshot {
+    /// Materialise the snapshot in `target` (which must not exist): copy
+    /// each file's prefix, write the restore-mode header last so that an
+    /// interrupted copy is never mistaken for a repository.
+    pub fn copy_to(&self, target: &Path) -> Result<()> {
+        if target.exists() {
+            return Err(StorageError::Invalid(format!(
+                "{} already exists",
+                target.display()
+            )));
+        }
+        for dir in [
+            target.to_path_buf(),
+            target.join(COLL_DIR),
+            target.join(LOG_DIR),
+        ] {
+            fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        }
+        for f in &self.files {
+            let to = target.join(&f.relative);
+            let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
+            let mut src = File::open(&f.source)
+                .map_err(|e| StorageError::io(ctx("opening", &f.source), e))?;
+            let mut dst =
+                File::create(&to).map_err(|e| StorageError::io(ctx("creating", &to), e))?;
+            let copied = std::io::copy(&mut std::io::Read::take(&mut src, f.len), &mut dst)
+                .map_err(|e| StorageError::io(ctx("copying", &f.source), e))?;
+            if copied != f.len {
+                return Err(StorageError::Corrupted(format!(
+                    "{} is shorter ({copied} bytes) than the snapshot's {}",
+                    f.source.display(),
+                    f.len
+                )));
+            }
+            dst.sync_all()
+                .map_err(|e| StorageError::io(ctx("syncing", &to), e))?;
+        }
+        let header = target.join(HEADER_FILE);
+        fs::write(&header, &self.header)
+            .map_err(|e| StorageError::io(format!("writing {}", header.display()), e))?;
+        crate::storage::header::sync_dir(target)
+    }
+}
+
+impl Anchor {
+    fn encode(&self) -> Vec<u8> {
+        let node = rmp_serde::to_vec_named(&self.node).expect("a node encodes");
+        let node = decode_value(&node).expect("a node decodes");
+        let meta = self
+            .meta
+            .iter()
+            .map(|(k, v)| {
+                let v = decode_value(v).unwrap_or(Value::Binary(v.clone()));
+                (Value::from(k.as_str()), v)
+            })
+            .collect();
+        encode_value(&Value::Map(vec![
+            (
+                Value::from("root"),
+                self.root.map(ref_value).unwrap_or(Value::Nil),
+            ),
+            (
+                Value::from("repository_id"),
+                Value::Binary(self.repository_id.0.to_vec()),
+            ),
+            (Value::from("node"), node),
+            (Value::from("meta"), Value::Map(meta)),
+        ]))
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Anchor> {
+        let bad = |what: &str| StorageError::Corrupted(format!("root anchor: {what}"));
+        let v = decode_value(bytes).map_err(|_| bad("not MessagePack"))?;
+        let map = v.as_map().ok_or_else(|| bad("not a map"))?;
+        let field = |name: &str| {
+            map.iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .map(|(_, v)| v)
+        };
+        let root = match field("root") {
+            Some(Value::Ext(REF_EXT, data)) if data.len() == 8 => {
+                Some(u64::from_be_bytes(data[..].try_into().unwrap()))
+            }
+            Some(Value::Nil) | None => None,
+            Some(_) => return Err(bad("root is not a reference")),
+        };
+        let id = match field("repository_id") {
+            Some(Value::Binary(b)) if b.len() == 16 => {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(b);
+                RepositoryId(id)
+            }
+            _ => return Err(bad("repository_id missing")),
+        };
+        let node_v = field("node").ok_or_else(|| bad("node missing"))?;
+        let node: Node =
+            rmp_serde::from_slice(&encode_value(node_v)).map_err(|e| bad(&format!("node: {e}")))?;
+        let mut meta = Vec::new();
+        if let Some(Value::Map(entries)) = field("meta") {
+            for (k, v) in entries {
+                let k = k.as_str().ok_or_else(|| bad("meta key is not a string"))?;
+                meta.push((k.to_string(), encode_value(v)));
+            }
+        }
+        Ok(Anchor {
+            root,
+            repository_id: id,
+            node,
+            meta,
+        })
     }
 }

@@ -67,6 +67,9 @@ struct Segment {
 pub struct CommitLog {
     dir: PathBuf,
     segments: Vec<Segment>,
+    /// Records appended but not yet written to the current segment; they
+    /// end at `segments.last().len`. Written before any sync, read or roll.
+    pending: Vec<u8>,
     current: Option<Arc<File>>,
     readers: HashMap<CommitNumber, File>,
     last: CommitNumber,
@@ -150,6 +153,7 @@ impl CommitLog {
         let mut log = CommitLog {
             dir,
             segments,
+            pending: Vec::new(),
             current: None,
             readers: HashMap::new(),
             last: checkpoint,
@@ -339,8 +343,16 @@ impl CommitLog {
     }
 
     /// Append one record body (already checked by the caller to be
-    /// `last + 1` on the chain). Written, not synced.
+    /// `last + 1` on the chain) and write it; not synced.
     pub fn append(&mut self, number: CommitNumber, body: &[u8]) -> Result<LogSync> {
+        self.append_buffered(number, body)?;
+        self.write_pending()?;
+        Ok(self.sync_handle_written())
+    }
+
+    /// Append without writing yet (batches of replicated records): the
+    /// bytes reach the file at the next `write_pending`, sync, read or roll.
+    pub fn append_buffered(&mut self, number: CommitNumber, body: &[u8]) -> Result<()> {
         debug_assert_eq!(number, self.last + 1);
         let need_new = match self.segments.last() {
             None => true,
@@ -353,21 +365,45 @@ impl CommitLog {
             self.start_segment(number)?;
         }
         let seg = self.segments.last_mut().expect("a segment exists");
-        let file = self.current.as_ref().expect("current segment is open");
-        let mut buf = Vec::with_capacity(body.len() + 8);
-        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        buf.extend_from_slice(body);
-        file.write_all_at(&buf, seg.len)
-            .map_err(|e| io_at(&seg.path, "appending to", e))?;
+        self.pending
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.pending
+            .extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        self.pending.extend_from_slice(body);
         seg.offsets.get_or_insert_with(Vec::new).push(seg.len);
-        seg.len += buf.len() as u64;
+        seg.len += RECORD_PREFIX + body.len() as u64;
         self.last = number;
         self.last_hash = record_hash(body);
-        Ok(LogSync::new(file.clone(), number))
+        if self.pending.len() >= 1 << 20 {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Write buffered records to the current segment.
+    pub fn write_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let seg = self
+            .segments
+            .last()
+            .expect("pending records have a segment");
+        let file = self.current.as_ref().expect("current segment is open");
+        let at = seg.len - self.pending.len() as u64;
+        file.write_all_at(&self.pending, at)
+            .map_err(|e| io_at(&seg.path, "appending to", e))?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn sync_handle_written(&self) -> LogSync {
+        let file = self.current.as_ref().expect("current segment is open");
+        LogSync::new(file.clone(), self.last)
     }
 
     fn start_segment(&mut self, first: CommitNumber) -> Result<()> {
+        self.write_pending()?;
         if let Some(cur) = &self.current {
             let path = &self.segments.last().expect("segment").path;
             cur.sync_data()
@@ -394,7 +430,8 @@ impl CommitLog {
     }
 
     /// fsync the current segment (the storage thread's own flush).
-    pub fn sync(&self) -> Result<()> {
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_pending()?;
         if let (Some(f), Some(s)) = (&self.current, self.segments.last()) {
             f.sync_data().map_err(|e| io_at(&s.path, "syncing", e))?;
         }
@@ -402,10 +439,9 @@ impl CommitLog {
     }
 
     /// A handle covering everything appended so far.
-    pub fn sync_handle(&self) -> Option<LogSync> {
-        self.current
-            .as_ref()
-            .map(|f| LogSync::new(f.clone(), self.last))
+    pub fn sync_handle(&mut self) -> Result<Option<LogSync>> {
+        self.write_pending()?;
+        Ok(self.current.as_ref().map(|_| self.sync_handle_written()))
     }
 
     /// Record bodies from `from` on: at most `max_count`, and stopping once
@@ -416,6 +452,7 @@ impl CommitLog {
         max_count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Vec<u8>>> {
+        self.write_pending()?;
         if from > self.last {
             if from == self.last + 1 {
                 return Ok(Vec::new());
@@ -540,6 +577,14 @@ impl CommitLog {
     /// Bytes of log currently on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
+impl Drop for CommitLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.write_pending() {
+            log::error!("commit log: writing buffered records at close failed: {e}");
+        }
     }
 }
 

@@ -46,7 +46,9 @@ pub struct ObjectRecord {
 pub struct ObjectFile {
     path: PathBuf,
     file: File,
-    len: u64,
+    /// Bytes on disk; `pending` follows them.
+    flushed: u64,
+    pending: Vec<u8>,
 }
 
 impl ObjectFile {
@@ -72,12 +74,25 @@ impl ObjectFile {
         Ok(ObjectFile {
             path,
             file,
-            len: valid_len,
+            flushed: valid_len,
+            pending: Vec::new(),
         })
     }
 
     pub fn len(&self) -> u64 {
-        self.len
+        self.flushed + self.pending.len() as u64
+    }
+
+    /// Write buffered records to the file.
+    pub fn write_pending(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            self.file
+                .write_all_at(&self.pending, self.flushed)
+                .map_err(|e| io_at(&self.path, "appending to", e))?;
+            self.flushed += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
     }
 
     /// Append a record; returns its offset.
@@ -89,7 +104,9 @@ impl ObjectFile {
             )));
         }
         let body_len = 8 + 8 + 2 + class.len() + value.len();
-        let mut buf = Vec::with_capacity(8 + body_len);
+        let at = self.len();
+        let start = self.pending.len();
+        let buf = &mut self.pending;
         buf.extend_from_slice(&(body_len as u32).to_le_bytes());
         buf.extend_from_slice(&[0u8; 4]);
         buf.extend_from_slice(&oid.to_le_bytes());
@@ -97,13 +114,11 @@ impl ObjectFile {
         buf.extend_from_slice(&(class.len() as u16).to_le_bytes());
         buf.extend_from_slice(class.as_bytes());
         buf.extend_from_slice(value);
-        let crc = crc32fast::hash(&buf[8..]);
-        buf[4..8].copy_from_slice(&crc.to_le_bytes());
-        let at = self.len;
-        self.file
-            .write_all_at(&buf, at)
-            .map_err(|e| io_at(&self.path, "appending to", e))?;
-        self.len += buf.len() as u64;
+        let crc = crc32fast::hash(&buf[start + 8..]);
+        buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        if self.pending.len() >= 1 << 20 {
+            self.write_pending()?;
+        }
         Ok(at)
     }
 
@@ -114,22 +129,18 @@ impl ObjectFile {
                 self.path.display()
             ))
         };
-        if offset + 8 > self.len {
+        if offset + 8 > self.len() {
             return Err(bad("record beyond the end of the file".into()));
         }
         let mut prefix = [0u8; 8];
-        self.file
-            .read_exact_at(&mut prefix, offset)
-            .map_err(|e| io_at(&self.path, "reading", e))?;
+        self.read_at(&mut prefix, offset)?;
         let len = u32::from_le_bytes(prefix[0..4].try_into().unwrap()) as u64;
         let crc = u32::from_le_bytes(prefix[4..8].try_into().unwrap());
-        if len < 18 || offset + 8 + len > self.len {
+        if len < 18 || offset + 8 + len > self.len() {
             return Err(bad(format!("impossible record length {len}")));
         }
         let mut body = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut body, offset + 8)
-            .map_err(|e| io_at(&self.path, "reading", e))?;
+        self.read_at(&mut body, offset + 8)?;
         if crc32fast::hash(&body) != crc {
             return Err(bad("checksum mismatch".into()));
         }
@@ -150,7 +161,22 @@ impl ObjectFile {
         })
     }
 
-    pub fn sync(&self) -> Result<()> {
+    /// Records are never split between the file and the buffer, because
+    /// the whole buffer is written at once.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset >= self.flushed {
+            let at = (offset - self.flushed) as usize;
+            buf.copy_from_slice(&self.pending[at..at + buf.len()]);
+            Ok(())
+        } else {
+            self.file
+                .read_exact_at(buf, offset)
+                .map_err(|e| io_at(&self.path, "reading", e))
+        }
+    }
+
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_pending()?;
         self.file
             .sync_data()
             .map_err(|e| io_at(&self.path, "syncing", e))
@@ -164,9 +190,19 @@ impl ObjectFile {
 struct CollFiles {
     idx: File,
     dat: File,
+    /// Elements in the files plus the buffers.
+    len: u64,
+    /// End offset in `.dat` of the last element (files plus buffers).
+    end: u64,
+    /// Buffered appends: `.dat` bytes ending at `end`, `.idx` entries
+    /// ending at `len`.
+    pending_dat: Vec<u8>,
+    pending_idx: Vec<u8>,
 }
 
-/// The large-collection files, opened on demand.
+/// The large-collection files, opened on demand. Appends at the end are
+/// buffered per collection and written at the next read, sync or when the
+/// buffer grows; anything else is written in place at once.
 pub struct Collections {
     dir: PathBuf,
     open: HashMap<Oid, CollFiles>,
@@ -179,6 +215,62 @@ pub fn idx_path(dir: &Path, coll: Oid) -> PathBuf {
 
 pub fn dat_path(dir: &Path, coll: Oid) -> PathBuf {
     dir.join(format!("{coll}.dat"))
+}
+
+const COLL_BUFFER: usize = 64 * 1024;
+
+impl CollFiles {
+    fn open(dir: &Path, coll: Oid) -> Result<CollFiles> {
+        let ip = idx_path(dir, coll);
+        let idx = open_rw(&ip)?;
+        let dat = open_rw(&dat_path(dir, coll))?;
+        let idx_len = idx
+            .metadata()
+            .map_err(|e| io_at(&ip, "inspecting", e))?
+            .len();
+        let len = idx_len / 8;
+        let mut files = CollFiles {
+            idx,
+            dat,
+            len,
+            end: 0,
+            pending_dat: Vec::new(),
+            pending_idx: Vec::new(),
+        };
+        if len > 0 {
+            files.end = files.end_on_disk(dir, coll, len - 1)?;
+        }
+        Ok(files)
+    }
+
+    fn end_on_disk(&self, dir: &Path, coll: Oid, index: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.idx.read_exact_at(&mut b, index * 8).map_err(|e| {
+            io_at(
+                &idx_path(dir, coll),
+                &format!("reading element {index} of"),
+                e,
+            )
+        })?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn write_pending(&mut self, dir: &Path, coll: Oid) -> Result<()> {
+        if self.pending_idx.is_empty() {
+            return Ok(());
+        }
+        let dat_at = self.end - self.pending_dat.len() as u64;
+        let idx_at = self.len * 8 - self.pending_idx.len() as u64;
+        self.dat
+            .write_all_at(&self.pending_dat, dat_at)
+            .map_err(|e| io_at(&dat_path(dir, coll), "writing", e))?;
+        self.idx
+            .write_all_at(&self.pending_idx, idx_at)
+            .map_err(|e| io_at(&idx_path(dir, coll), "writing", e))?;
+        self.pending_dat.clear();
+        self.pending_idx.clear();
+        Ok(())
+    }
 }
 
 impl Collections {
@@ -212,56 +304,74 @@ impl Collections {
         Ok(out)
     }
 
-    fn files(&mut self, coll: Oid) -> Result<&CollFiles> {
+    /// The collection's files with nothing buffered.
+    fn files_written(&mut self, coll: Oid) -> Result<&mut CollFiles> {
+        let dir = self.dir.clone();
+        let f = self.files(coll)?;
+        f.write_pending(&dir, coll)?;
+        Ok(f)
+    }
+
+    fn files(&mut self, coll: Oid) -> Result<&mut CollFiles> {
         if !self.open.contains_key(&coll) {
             if self.open.len() >= MAX_OPEN_COLLECTIONS {
                 self.sync_dirty()?;
                 self.open.clear();
             }
-            let idx = open_rw(&idx_path(&self.dir, coll))?;
-            let dat = open_rw(&dat_path(&self.dir, coll))?;
-            self.open.insert(coll, CollFiles { idx, dat });
+            let files = CollFiles::open(&self.dir, coll)?;
+            self.open.insert(coll, files);
         }
-        Ok(&self.open[&coll])
-    }
-
-    fn end_of(&self, files: &CollFiles, coll: Oid, index: u64) -> Result<u64> {
-        // End offset of element `index` in `.dat`.
-        let mut b = [0u8; 8];
-        files.idx.read_exact_at(&mut b, index * 8).map_err(|e| {
-            io_at(
-                &idx_path(&self.dir, coll),
-                &format!("reading element {index} of"),
-                e,
-            )
-        })?;
-        Ok(u64::from_le_bytes(b))
+        Ok(self.open.get_mut(&coll).expect("just opened"))
     }
 
     /// Write element `index` (the caller guarantees `index` ≤ current
     /// length, so elements are dense).
     pub fn write(&mut self, coll: Oid, index: u64, value: &[u8]) -> Result<()> {
+        self.dirty.insert(coll);
+        let crc = crc32fast::hash(value).to_le_bytes();
+        let f = self.files(coll)?;
+        if index == f.len {
+            f.end += (4 + value.len()) as u64;
+            f.len += 1;
+            f.pending_dat.extend_from_slice(&crc);
+            f.pending_dat.extend_from_slice(value);
+            f.pending_idx.extend_from_slice(&f.end.to_le_bytes());
+            if f.pending_dat.len() >= COLL_BUFFER {
+                let dir = self.dir.clone();
+                self.open
+                    .get_mut(&coll)
+                    .expect("open")
+                    .write_pending(&dir, coll)?;
+            }
+            return Ok(());
+        }
+        if index > f.len {
+            return Err(StorageError::Corrupted(format!(
+                "collection {coll}: element {index} written past its length {}",
+                f.len
+            )));
+        }
+        // Rewriting an existing element (replay after a crash): in place.
         let dir = self.dir.clone();
-        self.files(coll)?;
-        let files = &self.open[&coll];
+        let f = self.files_written(coll)?;
         let start = if index == 0 {
             0
         } else {
-            self.end_of(files, coll, index - 1)?
+            f.end_on_disk(&dir, coll, index - 1)?
         };
         let mut buf = Vec::with_capacity(4 + value.len());
-        buf.extend_from_slice(&crc32fast::hash(value).to_le_bytes());
+        buf.extend_from_slice(&crc);
         buf.extend_from_slice(value);
-        files
-            .dat
+        f.dat
             .write_all_at(&buf, start)
             .map_err(|e| io_at(&dat_path(&dir, coll), "writing", e))?;
         let end = start + buf.len() as u64;
-        files
-            .idx
+        f.idx
             .write_all_at(&end.to_le_bytes(), index * 8)
             .map_err(|e| io_at(&idx_path(&dir, coll), "writing", e))?;
-        self.dirty.insert(coll);
+        if index + 1 == f.len {
+            f.end = end;
+        }
         Ok(())
     }
 
@@ -272,8 +382,7 @@ impl Collections {
         }
         let end = len.min(start.saturating_add(count));
         let dir = self.dir.clone();
-        self.files(coll)?;
-        let files = &self.open[&coll];
+        let files = self.files_written(coll)?;
         let first_idx = start.saturating_sub(1);
         let n = (end - first_idx) as usize;
         let mut raw = vec![0u8; n * 8];
@@ -329,21 +438,21 @@ impl Collections {
     /// Cut a collection's files to `len` elements (recovery).
     pub fn truncate(&mut self, coll: Oid, len: u64) -> Result<()> {
         let dir = self.dir.clone();
-        self.files(coll)?;
-        let files = &self.open[&coll];
+        let f = self.files_written(coll)?;
+        let len = len.min(f.len);
         let dat_len = if len == 0 {
             0
         } else {
-            self.end_of(files, coll, len - 1)?
+            f.end_on_disk(&dir, coll, len - 1)?
         };
-        files
-            .idx
+        f.idx
             .set_len(len * 8)
             .map_err(|e| io_at(&idx_path(&dir, coll), "cutting", e))?;
-        files
-            .dat
+        f.dat
             .set_len(dat_len)
             .map_err(|e| io_at(&dat_path(&dir, coll), "cutting", e))?;
+        f.len = len;
+        f.end = dat_len;
         Ok(())
     }
 
@@ -352,20 +461,23 @@ impl Collections {
         if len == 0 {
             return Ok((0, 0));
         }
-        self.files(coll)?;
-        let files = &self.open[&coll];
-        Ok((len * 8, self.end_of(files, coll, len - 1)?))
+        let dir = self.dir.clone();
+        let f = self.files_written(coll)?;
+        Ok((len * 8, f.end_on_disk(&dir, coll, len - 1)?))
     }
 
     pub fn sync_dirty(&mut self) -> Result<()> {
-        for coll in self.dirty.drain() {
-            if let Some(f) = self.open.get(&coll) {
+        let dirty: Vec<Oid> = self.dirty.drain().collect();
+        for coll in dirty {
+            let dir = self.dir.clone();
+            if let Some(f) = self.open.get_mut(&coll) {
+                f.write_pending(&dir, coll)?;
                 f.idx
                     .sync_data()
-                    .map_err(|e| io_at(&idx_path(&self.dir, coll), "syncing", e))?;
+                    .map_err(|e| io_at(&idx_path(&dir, coll), "syncing", e))?;
                 f.dat
                     .sync_data()
-                    .map_err(|e| io_at(&dat_path(&self.dir, coll), "syncing", e))?;
+                    .map_err(|e| io_at(&dat_path(&dir, coll), "syncing", e))?;
             }
         }
         Ok(())
@@ -382,6 +494,9 @@ mod tests {
         let mut f = ObjectFile::open(dir.path(), 0).unwrap();
         let a = f.append(3, 9, "Person", &[0x91, 0x01]).unwrap();
         let b = f.append(4, 9, "", &[0xc0]).unwrap();
+        // Readable while buffered and after being written.
+        assert_eq!(f.read(b).unwrap().oid, 4);
+        f.sync().unwrap();
         let r = f.read(a).unwrap();
         assert_eq!((r.oid, r.version, r.class.as_str()), (3, 9, "Person"));
         assert_eq!(r.value, vec![0x91, 0x01]);

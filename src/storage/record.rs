@@ -19,7 +19,7 @@ pub const RECORD_HEAD_LEN: usize = 8 + 8 + 8 + 32;
 /// already assigned by the primary, so applying it is deterministic and
 /// idempotent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Op {
     /// Write (or create) an object. `value` is MessagePack.
     Put {
@@ -48,7 +48,8 @@ pub enum Op {
     SetNode { node: Node },
 }
 
-/// The MessagePack part of a record body.
+/// The MessagePack part of a record body, encoded compactly: the array
+/// `[token, ops]`, each op a one-entry map `{name: [fields...]}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payload {
     /// Client-chosen idempotency token, recognised after a failover.
@@ -75,7 +76,9 @@ impl CommitRecord {
         body.extend_from_slice(&self.epoch.term.to_le_bytes());
         body.extend_from_slice(&self.epoch.server.to_le_bytes());
         body.extend_from_slice(&self.prev_hash);
-        rmp_serde::encode::write_named(&mut body, &self.payload)
+        // Compact form (structs as arrays): the log is the hot path and the
+        // layout is ours, documented in docs/STORAGE.md.
+        rmp_serde::encode::write(&mut body, &self.payload)
             .expect("encoding a payload into a Vec cannot fail");
         body
     }

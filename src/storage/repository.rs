@@ -594,6 +594,19 @@ impl Repository {
     /// must be number = last + 1, continue the hash chain, epoch not older.
     /// Written to the log (not synced) and applied. Allowed in restore mode.
     pub fn apply_record(&mut self, body: &[u8]) -> Result<CommitNumber> {
+        self.apply_records(std::slice::from_ref(&body))
+    }
+
+    /// Apply a batch of consecutive records (as `apply_record`, with one log
+    /// write for the batch). Records before the first failing one stay
+    /// applied; returns the last applied number.
+    pub fn apply_records<B: AsRef<[u8]>>(&mut self, bodies: &[B]) -> Result<CommitNumber> {
+        let result = bodies.iter().try_for_each(|b| self.apply_one(b.as_ref()));
+        self.log.write_pending()?;
+        result.map(|_| self.log.last())
+    }
+
+    fn apply_one(&mut self, body: &[u8]) -> Result<()> {
         let head = RecordHead::parse(body)?;
         let expected = self.log.last() + 1;
         if head.number != expected {
@@ -615,10 +628,9 @@ impl Repository {
             });
         }
         let record = CommitRecord::decode(body)?;
-        self.log.append(record.number, body)?;
+        self.log.append_buffered(record.number, body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
-        self.apply_decoded(&record)?;
-        Ok(record.number)
+        self.apply_decoded(&record)
     }
 
     /// Apply a record's operations. Deterministic and, because every
@@ -719,13 +731,14 @@ impl Repository {
         }
     }
 
-    /// A handle to fsync the log up to everything written so far.
-    pub fn log_sync(&self) -> Option<LogSync> {
+    /// A handle to fsync the log up to everything written so far (None
+    /// only before the first record of a fresh backup).
+    pub fn log_sync(&mut self) -> Result<Option<LogSync>> {
         self.log.sync_handle()
     }
 
     /// fsync the log on this thread.
-    pub fn sync(&self) -> Result<()> {
+    pub fn sync(&mut self) -> Result<()> {
         self.log.sync()
     }
 

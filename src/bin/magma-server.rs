@@ -1,1 +1,92 @@
-fn main(){}
+//! `magma-server`: serve one Magma repository. A thin shell over
+//! `magma::server::run`; see `--help` and `docs/OPERATIONS.md`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use magma::protocol::codec::DEFAULT_MAX_FRAME;
+use magma::server::{self, Config, FlushPolicy, DEFAULT_DIR, DEFAULT_LISTEN};
+
+/// Serve a Magma-HA object repository.
+///
+/// Listens for application, admin and peer sessions (length-prefixed
+/// MessagePack, see docs/PROTOCOL.md). Prints one line on stdout when ready:
+/// "magma-server listening on ADDR (repository ID, commit N, role ROLE)".
+/// SIGTERM or SIGINT stops it gracefully: it stops accepting connections,
+/// lets in-flight commits finish and reach the disk, writes a final
+/// checkpoint and exits 0; a second signal exits at once. Logging goes to
+/// stderr and is set with RUST_LOG (default: info).
+#[derive(Parser, Debug)]
+#[command(name = "magma-server", version, about, long_about)]
+struct Args {
+    /// Repository directory. Created as a new repository (this server its
+    /// only member, as primary) if absent or empty; otherwise opened. Only
+    /// one server may use a directory at a time.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
+    dir: PathBuf,
+
+    /// Address to listen on, host:port (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    listen: String,
+
+    /// Address other members and clients use to reach this server
+    /// (host:port); default: the address it listens on.
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<String>,
+
+    /// When commits reach the disk. "group": fsync before acknowledging,
+    /// concurrent commits share one fsync (nothing acknowledged is lost in a
+    /// crash). "interval:MS": acknowledge at once and fsync every MS
+    /// milliseconds (a crash may lose the last MS of acknowledged commits).
+    #[arg(long, value_name = "group|interval:MS", default_value = "group")]
+    flush: FlushPolicy,
+
+    /// Secondaries that must hold a commit durably before the primary
+    /// acknowledges it (0 = asynchronous, as in the original Magma).
+    /// Reported in status; enforced once replication arrives.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    sync_replicas: u32,
+
+    /// Follow this primary as a warm backup. Not available in this release:
+    /// the server exits with an error.
+    #[arg(long, value_name = "ADDR")]
+    primary: Option<String>,
+
+    /// With an empty --dir: pull a backup from this server, catch up and
+    /// join its node. Not available in this release: the server exits with
+    /// an error.
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+
+    /// Largest request frame accepted, in bytes. A client sending a larger
+    /// frame gets a frame_too_large error and is disconnected.
+    #[arg(long = "max-frame", value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
+    max_frame: u64,
+
+    /// How often, in milliseconds, the server checks whether enough commit
+    /// log was written to warrant a checkpoint (which shortens recovery).
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    checkpoint_interval_ms: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = Config {
+        dir: args.dir,
+        listen: args.listen,
+        advertise: args.advertise,
+        flush: args.flush,
+        sync_replicas: args.sync_replicas,
+        primary: args.primary,
+        join: args.join,
+        max_frame: args.max_frame,
+        checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms),
+    };
+    if let Err(e) = server::run(config) {
+        eprintln!("magma-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}

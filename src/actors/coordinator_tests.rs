@@ -1,0 +1,265 @@
+//! Actor tests of the `CommitCoordinator`, with probe actors standing in for
+//! the storage actor, the commit-log actor and the controller.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::storage::Committed;
+
+/// Numbers commits 1, 2, ...; a commit with a put conflicts on its oid.
+struct FakeStorage {
+    last: CommitNumber,
+    file: Arc<std::fs::File>,
+}
+
+impl Actor for FakeStorage {
+    type Context = Context<Self>;
+}
+
+impl Handler<Commit> for FakeStorage {
+    type Result = Result<CommitReply, StorageError>;
+
+    fn handle(&mut self, msg: Commit, _: &mut Context<Self>) -> Self::Result {
+        if let Some(put) = msg.0.puts.first() {
+            return Err(StorageError::Conflict {
+                oids: vec![put.oid],
+            });
+        }
+        self.last += 1;
+        Ok(CommitReply::Applied(Committed {
+            number: self.last,
+            body: Arc::new(vec![1]),
+            new_oids: Vec::new(),
+            positions: vec![self.last],
+            sync: LogSync::new(self.file.clone(), self.last),
+        }))
+    }
+}
+
+/// Takes `delay` per flush, records each completed flush, fails on demand.
+struct FakeLog {
+    delay: Duration,
+    fail: bool,
+    flushed: Arc<Mutex<Vec<CommitNumber>>>,
+}
+
+impl Actor for FakeLog {
+    type Context = Context<Self>;
+}
+
+impl Handler<Flush> for FakeLog {
+    type Result = ResponseFuture<std::io::Result<CommitNumber>>;
+
+    fn handle(&mut self, msg: Flush, _: &mut Context<Self>) -> Self::Result {
+        let (delay, fail, flushed) = (self.delay, self.fail, self.flushed.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            if fail {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            flushed.lock().unwrap().push(msg.sync.upto());
+            Ok(msg.sync.upto())
+        })
+    }
+}
+
+struct FatalProbe(mpsc::UnboundedSender<String>);
+
+impl Actor for FatalProbe {
+    type Context = Context<Self>;
+}
+
+impl Handler<Fatal> for FatalProbe {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fatal, _: &mut Context<Self>) {
+        let _ = self.0.send(msg.reason);
+    }
+}
+
+struct Rig {
+    coordinator: Addr<CommitCoordinator>,
+    flushed: Arc<Mutex<Vec<CommitNumber>>>,
+    fatal: mpsc::UnboundedReceiver<String>,
+}
+
+fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
+    let file = Arc::new(tempfile::tempfile().unwrap());
+    let storage = FakeStorage { last: 0, file }.start();
+    let flushed = Arc::new(Mutex::new(Vec::new()));
+    let log = FakeLog {
+        delay,
+        fail,
+        flushed: flushed.clone(),
+    }
+    .start();
+    let (tx, fatal) = mpsc::unbounded_channel();
+    let probe = FatalProbe(tx).start();
+    let coordinator = CommitCoordinator::new(
+        storage.recipient(),
+        log.recipient(),
+        probe.recipient(),
+        policy,
+        0,
+    )
+    .start();
+    Rig {
+        coordinator,
+        flushed,
+        fatal,
+    }
+}
+
+fn append() -> SubmitCommit {
+    SubmitCommit(CommitRequest::default())
+}
+
+/// Send `n` commits at once; each task checks, when its reply arrives,
+/// that a completed flush covers it.
+async fn concurrent_commits(rig: &Rig, n: usize) -> Vec<Result<Acknowledged, WireError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = rig.coordinator.clone();
+            let flushed = rig.flushed.clone();
+            actix_rt::spawn(async move {
+                let res = addr.send(append()).await.unwrap();
+                if let Ok(ack) = &res {
+                    let durable = flushed.lock().unwrap().iter().copied().max();
+                    assert!(
+                        durable >= Some(ack.number),
+                        "commit {} acknowledged before a flush covered it ({durable:?})",
+                        ack.number
+                    );
+                }
+                res
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[actix::test]
+async fn group_commit_shares_fsyncs_and_acks_only_durable_commits() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(50), false);
+    let acks = concurrent_commits(&rig, 20).await;
+    let mut numbers: Vec<_> = acks.into_iter().map(|a| a.unwrap().number).collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=20).collect::<Vec<_>>());
+    let flushed = rig.flushed.lock().unwrap().clone();
+    // The first flush starts with the first commit; every other commit
+    // arrives while it runs and shares the next one.
+    assert!(
+        flushed.len() <= 3,
+        "expected batched flushes, got {flushed:?}"
+    );
+    assert_eq!(flushed.last(), Some(&20));
+    assert!(flushed.windows(2).all(|w| w[0] < w[1]), "{flushed:?}");
+}
+
+#[actix::test]
+async fn sequential_commits_each_wait_for_their_flush() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(1), false);
+    for n in 1..=3 {
+        let ack = rig.coordinator.send(append()).await.unwrap().unwrap();
+        assert_eq!(ack.number, n);
+        assert_eq!(rig.flushed.lock().unwrap().last(), Some(&n));
+    }
+}
+
+#[actix::test]
+async fn expected_errors_pass_through_and_do_not_stop_the_pipeline() {
+    let mut rig = rig(FlushPolicy::Group, Duration::from_millis(1), false);
+    let mut req = CommitRequest::default();
+    req.puts.push(crate::storage::PutRequest {
+        oid: 9,
+        expected_version: 1,
+        class: "C".into(),
+        value: vec![0xc0],
+    });
+    let res = rig.coordinator.send(SubmitCommit(req)).await.unwrap();
+    assert_eq!(res, Err(WireError::Conflict { oids: vec![9] }));
+    assert_eq!(
+        rig.coordinator
+            .send(append())
+            .await
+            .unwrap()
+            .unwrap()
+            .number,
+        1
+    );
+    assert!(rig.fatal.try_recv().is_err());
+}
+
+#[actix::test]
+async fn failed_fsync_is_fatal() {
+    let mut rig = rig(FlushPolicy::Group, Duration::from_millis(20), true);
+    let acks = concurrent_commits(&rig, 5).await;
+    for a in acks {
+        assert!(matches!(a, Err(WireError::Internal { .. })), "{a:?}");
+    }
+    let reason = rig.fatal.recv().await.unwrap();
+    assert!(reason.contains("injected fsync failure"), "{reason}");
+    let later = rig.coordinator.send(append()).await.unwrap();
+    assert!(
+        matches!(later, Err(WireError::Internal { .. })),
+        "{later:?}"
+    );
+    assert!(rig.flushed.lock().unwrap().is_empty());
+}
+
+#[actix::test]
+async fn interval_policy_acks_at_once_and_flushes_on_the_timer() {
+    let rig = rig(FlushPolicy::Interval(100), Duration::from_millis(1), false);
+    for n in 1..=3 {
+        let ack = rig.coordinator.send(append()).await.unwrap().unwrap();
+        assert_eq!(ack.number, n);
+    }
+    assert!(rig.flushed.lock().unwrap().is_empty());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while rig.flushed.lock().unwrap().last() != Some(&3) {
+        assert!(tokio::time::Instant::now() < deadline, "no timer flush");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix::test]
+async fn drain_flushes_then_refuses() {
+    // A long interval: only the drain can make the commits durable in time.
+    let rig = rig(
+        FlushPolicy::Interval(60_000),
+        Duration::from_millis(5),
+        false,
+    );
+    for _ in 0..3 {
+        rig.coordinator.send(append()).await.unwrap().unwrap();
+    }
+    let durable = rig.coordinator.send(Drain).await.unwrap();
+    assert_eq!(durable, Ok(3));
+    assert_eq!(rig.flushed.lock().unwrap().last(), Some(&3));
+    // Drained for good: the coordinator stopped, or refuses.
+    match rig.coordinator.send(append()).await {
+        Err(_) | Ok(Err(WireError::ShuttingDown)) => {}
+        other => panic!("commit after drain: {other:?}"),
+    }
+}
+
+#[actix::test]
+async fn drain_waits_for_commits_in_flight() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(30), false);
+    let pending = {
+        let addr = rig.coordinator.clone();
+        actix_rt::spawn(async move { addr.send(append()).await.unwrap() })
+    };
+    tokio::task::yield_now().await;
+    let durable = rig.coordinator.send(Drain).await.unwrap();
+    assert_eq!(durable, Ok(1));
+    assert_eq!(pending.await.unwrap().unwrap().number, 1);
+}

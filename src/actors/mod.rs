@@ -1,0 +1,54 @@
+//! The actors of `magma-server`. Each owns its state; the messages defined
+//! next to it are its whole API.
+//!
+//! | actor | context | owns | does |
+//! |---|---|---|---|
+//! | [`StorageActor`] | sync thread | the `Repository` | applies commits, serves reads, checkpoints, publishes the applied commit number |
+//! | [`CommitLogActor`] | sync thread | nothing | fsyncs the commit log (`Flush`) |
+//! | [`CommitCoordinator`] | async | the commit pipeline, waiters | submits commits, group-flushes, acknowledges |
+//! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
+//! | [`Session`] | async, one per connection | one TCP connection | decodes requests, routes them, encodes replies |
+//! | [`Controller`] | async | the lifecycle | checkpoint timer, graceful shutdown, fatal stop |
+//!
+//! A commit under the `group` flush policy (arrows are messages; `=>` is the
+//! reply). Reads go straight from a session to the `StorageActor` and never
+//! wait behind a flush.
+//!
+//! ```text
+//!  client        Session          CommitCoordinator       StorageActor        CommitLogActor
+//!    | frame ---->  |                     |                     |                    |
+//!    |              |-- SubmitCommit ---->|                     |                    |
+//!    |              |                     |-- Commit ---------->| number, log write, |
+//!    |              |                     |                     | apply, publish N   |
+//!    |              |                     |<= Committed(N,sync)-|                    |
+//!    |              |                     | waiters += N                             |
+//!    |              |                     |-- Flush(sync) (if none in flight) ------>| fsync
+//!    |              |                     |   (more commits apply and wait meanwhile)|
+//!    |              |                     |<= durable up to M ≥ N -------------------|
+//!    |              |<= Committed(N) -----| reply to every waiter ≤ M;               |
+//!    |<--- frame -- |                     | next Flush at once if more are waiting   |
+//! ```
+//!
+//! With `interval:MS` the coordinator replies as soon as `Committed`
+//! arrives, and its timer sends `Flush` every MS.
+//!
+//! Addresses held across actors are narrow (`Recipient<M>`) wherever a test
+//! may plug in a probe; the only shared values are read-only (`SessionEnv`)
+//! and the single-writer `watch` channel of the applied commit number.
+
+pub mod commit_log;
+pub mod controller;
+pub mod convert;
+pub mod coordinator;
+pub mod flush_policy;
+pub mod listener;
+pub mod session;
+pub mod storage;
+
+pub use commit_log::{CommitLogActor, Flush};
+pub use controller::{Controlled, Controller, Fatal, Outcome, RequestShutdown};
+pub use coordinator::{Acknowledged, CommitCoordinator, Drain, SubmitCommit};
+pub use flush_policy::{FlushPolicy, FlushPolicyError};
+pub use listener::{Listener, SessionClosed, StopAccepting};
+pub use session::{Session, SessionEnv, SessionSettings};
+pub use storage::{CommitReply, StorageActor};

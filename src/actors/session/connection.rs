@@ -1,0 +1,332 @@
+//! The `Session` actor: one TCP connection, from accept to close.
+//!
+//! Socket I/O never runs inside a handler:
+//!
+//! * a reader future, spawned in the actor's context, reserves one slot of
+//!   the outgoing queue, reads one frame and sends it to the actor as
+//!   [`Inbound`], awaiting the reply before reading the next: requests are
+//!   served in order and a client that stops reading its replies stops being
+//!   read (at most `OUT_QUEUE` replies wait);
+//! * a writer task owns the write half and writes queued replies, batching
+//!   whatever is ready into one flush. When every sender is gone (the actor
+//!   stopped), it writes what is left and shuts the socket down.
+//!
+//! The reader dies with the actor; the writer outlives it just long enough
+//! to deliver the last replies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use log::{debug, info, warn};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::actors::controller::{Fatal, RequestShutdown};
+use crate::actors::coordinator::SubmitCommit;
+use crate::actors::flush_policy::FlushPolicy;
+use crate::actors::listener::SessionClosed;
+use crate::actors::session::dispatch::{After, Routed};
+use crate::actors::storage::StorageActor;
+use crate::protocol::codec::{self, read_frame_async};
+use crate::protocol::{ProtocolError, Request, Response, ResponseBody, SessionRole, WireError};
+use crate::types::CommitNumber;
+
+/// Replies that may wait for a slow reader before the session stops reading.
+const OUT_QUEUE: usize = 32;
+/// How long a closing session waits for its last replies to be written.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Read-only settings every session needs.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// Largest request body accepted.
+    pub max_frame: u64,
+    /// The address this server is known by (status).
+    pub advertise: String,
+    pub flush: FlushPolicy,
+    pub sync_replicas: u32,
+    /// How long a read waits for a required progress before `Behind`.
+    pub progress_wait: Duration,
+}
+
+/// What every session talks to. Shared read-only by all sessions.
+pub struct SessionEnv {
+    pub storage: Addr<StorageActor>,
+    pub commits: Recipient<SubmitCommit>,
+    pub shutdown: Recipient<RequestShutdown>,
+    pub fatal: Recipient<Fatal>,
+    /// The last applied commit number, published by the `StorageActor`.
+    pub applied: watch::Receiver<CommitNumber>,
+    pub settings: SessionSettings,
+}
+
+/// One connection; see the module doc.
+pub struct Session {
+    id: u64,
+    peer: SocketAddr,
+    pub(super) env: Arc<SessionEnv>,
+    registry: Recipient<SessionClosed>,
+    stream: Option<TcpStream>,
+    writer: Option<JoinHandle<()>>,
+    /// Set by a successful hello.
+    pub(super) role: Option<SessionRole>,
+    pub(super) client: String,
+    close_reason: Option<String>,
+}
+
+impl Session {
+    pub fn new(
+        id: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+        env: Arc<SessionEnv>,
+        registry: Recipient<SessionClosed>,
+    ) -> Self {
+        Session {
+            id,
+            peer,
+            env,
+            registry,
+            stream: Some(stream),
+            writer: None,
+            role: None,
+            client: String::new(),
+            close_reason: None,
+        }
+    }
+
+    pub(super) fn log_opened(&self) {
+        info!(
+            "session {} from {} opened as {} (client {:?})",
+            self.id,
+            self.peer,
+            role_name(self.role),
+            self.client
+        );
+    }
+
+    fn close(&mut self, reason: impl Into<String>, ctx: &mut Context<Self>) {
+        self.close_reason.get_or_insert_with(|| reason.into());
+        ctx.stop();
+    }
+}
+
+fn role_name(role: Option<SessionRole>) -> &'static str {
+    match role {
+        Some(SessionRole::Application) => "application",
+        Some(SessionRole::Admin) => "admin",
+        Some(SessionRole::Peer) => "peer",
+        None => "no role yet",
+    }
+}
+
+/// Write every queued frame, batching the ready ones into one flush.
+async fn write_replies(half: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, peer: SocketAddr) {
+    let mut w = BufWriter::new(half);
+    while let Some(frame) = rx.recv().await {
+        let mut res = w.write_all(&frame).await;
+        while res.is_ok() {
+            match rx.try_recv() {
+                Ok(frame) => res = w.write_all(&frame).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = res.and(w.flush().await) {
+            debug!("writing to {peer} failed: {e}");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let stream = self.stream.take().expect("a session starts once");
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        self.writer = Some(tokio::spawn(write_replies(wr, rx, self.peer)));
+        let me = ctx.address();
+        let limit = self.env.settings.max_frame;
+        async move {
+            loop {
+                let Ok(slot) = tx.clone().reserve_owned().await else {
+                    return "the connection cannot be written to";
+                };
+                let frame = read_frame_async(&mut rd, limit).await;
+                let last = frame.is_err();
+                match me.send(Inbound { frame, slot }).await {
+                    Ok(Flow::Continue) if !last => {}
+                    _ => return "closed",
+                }
+            }
+        }
+        .into_actor(self)
+        // Whatever ended the reading ends the session (the first reason
+        // given is the one logged).
+        .map(|reason, act, ctx| act.close(reason, ctx))
+        .spawn(ctx);
+        debug!("connection {} from {} accepted", self.id, self.peer);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let reason = self.close_reason.as_deref().unwrap_or("closed");
+        match self.role {
+            Some(_) => info!(
+                "session {} from {} ({}) closed: {reason}",
+                self.id,
+                self.peer,
+                role_name(self.role)
+            ),
+            None => info!(
+                "connection {} from {} closed before hello: {reason}",
+                self.id, self.peer
+            ),
+        }
+        self.registry.do_send(SessionClosed { id: self.id });
+    }
+}
+
+/// Whether the reader goes on after a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+/// One frame read from the socket (or why reading stopped), with the
+/// queue slot its reply goes into. Sender: the session's own reader.
+#[derive(Message)]
+#[rtype(result = "Flow")]
+pub struct Inbound {
+    pub frame: Result<Vec<u8>, ProtocolError>,
+    pub slot: mpsc::OwnedPermit<Vec<u8>>,
+}
+
+/// Just enough of a request to answer one that does not decode.
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: u64,
+}
+
+pub(super) fn error_body(error: WireError) -> ResponseBody {
+    ResponseBody::Error {
+        message: error.to_string(),
+        error,
+    }
+}
+
+/// Encode one reply into its slot, stamped with the current commit.
+fn reply(env: &SessionEnv, slot: mpsc::OwnedPermit<Vec<u8>>, id: u64, body: ResponseBody) {
+    let mut commit = *env.applied.borrow();
+    if let ResponseBody::Committed { number, .. } = &body {
+        commit = commit.max(*number);
+    }
+    slot.send(codec::encode(&Response { id, commit, body }));
+}
+
+impl Handler<Inbound> for Session {
+    type Result = ResponseActFuture<Self, Flow>;
+
+    fn handle(&mut self, msg: Inbound, ctx: &mut Context<Self>) -> Self::Result {
+        let slot = msg.slot;
+        let body = match msg.frame {
+            Ok(body) => body,
+            Err(ProtocolError::Closed) => {
+                self.close("closed by the client", ctx);
+                return Box::pin(fut::ready(Flow::Close));
+            }
+            Err(ProtocolError::FrameTooLarge { size, limit }) => {
+                warn!(
+                    "session {} from {}: frame of {size} bytes over the limit of {limit}; closing",
+                    self.id, self.peer
+                );
+                reply(
+                    &self.env,
+                    slot,
+                    0,
+                    error_body(WireError::FrameTooLarge { size, limit }),
+                );
+                self.close("frame too large", ctx);
+                return Box::pin(fut::ready(Flow::Close));
+            }
+            Err(e) => {
+                self.close(format!("read failed: {e}"), ctx);
+                return Box::pin(fut::ready(Flow::Close));
+            }
+        };
+        let request: Request = match codec::decode(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+                warn!(
+                    "session {} from {}: undecodable request: {e}; closing",
+                    self.id, self.peer
+                );
+                let reason = e.to_string();
+                reply(
+                    &self.env,
+                    slot,
+                    id,
+                    error_body(WireError::BadRequest { reason }),
+                );
+                self.close("undecodable request", ctx);
+                return Box::pin(fut::ready(Flow::Close));
+            }
+        };
+        let id = request.id;
+        match self.route(request.body) {
+            Routed::Now(body, after) => {
+                reply(&self.env, slot, id, *body);
+                match after {
+                    After::Continue => Box::pin(fut::ready(Flow::Continue)),
+                    After::Close(reason) => {
+                        self.close(reason, ctx);
+                        Box::pin(fut::ready(Flow::Close))
+                    }
+                    After::Shutdown { save } => {
+                        self.env.shutdown.do_send(RequestShutdown {
+                            save,
+                            reason: format!("admin request from {}", self.peer),
+                        });
+                        Box::pin(fut::ready(Flow::Continue))
+                    }
+                }
+            }
+            Routed::Later(work) => {
+                let env = self.env.clone();
+                Box::pin(fut::wrap_future(work).map(move |body, _, _| {
+                    reply(&env, slot, id, body);
+                    Flow::Continue
+                }))
+            }
+        }
+    }
+}
+
+/// Close the connection once its queued replies are written (bounded wait).
+/// Sender: the `Listener` at shutdown.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSession;
+
+impl Handler<CloseSession> for Session {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: CloseSession, ctx: &mut Context<Self>) -> Self::Result {
+        self.close("server shutting down", ctx);
+        let writer = self.writer.take();
+        Box::pin(async move {
+            if let Some(w) = writer {
+                let _ = tokio::time::timeout(CLOSE_GRACE, w).await;
+            }
+        })
+    }
+}

@@ -1,0 +1,382 @@
+//! `StorageActor`: the one owner of the open [`Repository`].
+//!
+//! A `SyncContext` actor on its own thread (`SyncArbiter::start(1, ..)`):
+//! every repository call blocks on disk, so none may run on the event loop.
+//! It applies commits, serves reads and checkpoints. It never fsyncs the
+//! commit log: each [`Committed`] carries a `LogSync` handle that the
+//! `CommitLogActor` syncs, so reads never wait behind an fsync.
+//!
+//! After each applied commit it publishes the last applied commit number on a
+//! `tokio::sync::watch` channel. That channel has exactly one writer (this
+//! actor) and is how sessions stamp every response with the server's commit
+//! and wait for a required progress, without a message round trip.
+//!
+//! Callers: the `CommitCoordinator` (commits), sessions (reads), the
+//! `Controller` (checkpoints, close).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use log::{debug, info, warn};
+use tokio::sync::watch;
+
+use crate::storage::object::references_in;
+use crate::storage::{
+    Anchor, CommitRequest, Committed, LogSync, RepoInfo, Repository, StorageError, StoredObject,
+};
+use crate::types::{CommitNumber, Hash, Oid};
+
+type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Owns the repository; see the module doc.
+pub struct StorageActor {
+    /// `None` once closed: the directory lock is released on close.
+    repo: Option<Repository>,
+    commits: watch::Sender<CommitNumber>,
+}
+
+impl StorageActor {
+    /// Start the actor on its own thread with `repo`, publishing applied
+    /// commit numbers on `commits`.
+    pub fn start(repo: Repository, commits: watch::Sender<CommitNumber>) -> Addr<StorageActor> {
+        commits.send_replace(repo.info().last_commit);
+        // The arbiter's factory is `Fn`; the repository can only be handed
+        // over once. A sync actor is never restarted by this server, so the
+        // factory runs exactly once.
+        let slot = Mutex::new(Some((repo, commits)));
+        SyncArbiter::start(1, move || {
+            let (repo, commits) = slot
+                .lock()
+                .expect("storage hand-over lock")
+                .take()
+                .expect("the storage actor is started exactly once");
+            StorageActor {
+                repo: Some(repo),
+                commits,
+            }
+        })
+    }
+
+    fn repo(&self) -> Result<&Repository> {
+        self.repo.as_ref().ok_or_else(closed)
+    }
+
+    fn repo_mut(&mut self) -> Result<&mut Repository> {
+        self.repo.as_mut().ok_or_else(closed)
+    }
+
+    fn publish(&self, number: CommitNumber) {
+        self.commits.send_if_modified(|c| {
+            let newer = number > *c;
+            if newer {
+                *c = number;
+            }
+            newer
+        });
+    }
+
+    /// The object `oid` first, then every object reachable from it through
+    /// at most `depth` references, each once, breadth first. A reference to
+    /// an object that does not exist is skipped (a dangling reference is the
+    /// application's business, not a failed read).
+    fn read_graph(&self, oid: Oid, depth: u32) -> Result<Vec<StoredObject>> {
+        let repo = self.repo()?;
+        let first = repo.get(oid)?.ok_or(StorageError::UnknownObject(oid))?;
+        let mut seen = HashSet::from([oid]);
+        let mut queue = VecDeque::from([(first, 0u32)]);
+        let mut out = Vec::new();
+        while let Some((obj, level)) = queue.pop_front() {
+            if level < depth {
+                for r in references_in(&obj.value)? {
+                    if seen.insert(r) {
+                        match repo.get(r)? {
+                            Some(child) => queue.push_back((child, level + 1)),
+                            None => debug!("object {} references missing object {r}", obj.oid),
+                        }
+                    }
+                }
+            }
+            out.push(obj);
+        }
+        Ok(out)
+    }
+}
+
+const CLOSED: &str = "serving a request after the repository was closed";
+
+fn closed() -> StorageError {
+    StorageError::io(
+        CLOSED,
+        std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the server is shutting down",
+        ),
+    )
+}
+
+/// True for the error every request gets once the repository is closed:
+/// the server is stopping, which is not a failure.
+pub fn is_closed(err: &StorageError) -> bool {
+    matches!(err, StorageError::Io { context, .. } if context == CLOSED)
+}
+
+impl Actor for StorageActor {
+    type Context = SyncContext<Self>;
+}
+
+/// What a [`Commit`] did.
+#[derive(Debug)]
+pub enum CommitReply {
+    /// Applied now: logged (not yet synced) and visible to reads.
+    Applied(Committed),
+    /// An earlier commit carried the same idempotency token: nothing was
+    /// applied again, `number` is that earlier commit (its new oids and
+    /// positions are not remembered). `sync` covers it; `None` means the log
+    /// holds nothing written by this process, so it is already on disk.
+    Duplicate {
+        number: CommitNumber,
+        sync: Option<LogSync>,
+    },
+}
+
+impl CommitReply {
+    pub fn number(&self) -> CommitNumber {
+        match self {
+            CommitReply::Applied(c) => c.number,
+            CommitReply::Duplicate { number, .. } => *number,
+        }
+    }
+
+    pub fn sync(&self) -> Option<&LogSync> {
+        match self {
+            CommitReply::Applied(c) => Some(&c.sync),
+            CommitReply::Duplicate { sync, .. } => sync.as_ref(),
+        }
+    }
+}
+
+/// Apply a commit, unless its idempotency token was already committed (see
+/// [`CommitReply`]). Sender: the `CommitCoordinator`; never dropped.
+#[derive(Message)]
+#[rtype(result = "Result<CommitReply, StorageError>")]
+pub struct Commit(pub CommitRequest);
+
+impl Handler<Commit> for StorageActor {
+    type Result = Result<CommitReply, StorageError>;
+
+    fn handle(&mut self, msg: Commit, _: &mut SyncContext<Self>) -> Self::Result {
+        let repo = self.repo_mut()?;
+        if let Some(token) = &msg.0.token {
+            if let Some(number) = repo.token_commit(token) {
+                debug!("commit token already committed as {number}: not applied again");
+                return Ok(CommitReply::Duplicate {
+                    number,
+                    sync: repo.log_sync()?,
+                });
+            }
+        }
+        let committed = repo.commit(msg.0)?;
+        self.publish(committed.number);
+        Ok(CommitReply::Applied(committed))
+    }
+}
+
+/// Apply a record received from the primary (for replication). Sender: the
+/// replication actors of a later release; the reply is the applied number.
+#[derive(Message)]
+#[rtype(result = "Result<CommitNumber, StorageError>")]
+pub struct ApplyRecord {
+    pub body: Arc<Vec<u8>>,
+}
+
+impl Handler<ApplyRecord> for StorageActor {
+    type Result = Result<CommitNumber, StorageError>;
+
+    fn handle(&mut self, msg: ApplyRecord, _: &mut SyncContext<Self>) -> Self::Result {
+        let number = self.repo_mut()?.apply_record(&msg.body)?;
+        self.publish(number);
+        Ok(number)
+    }
+}
+
+/// Read an object and those reachable from it to `depth` (see
+/// `read_graph`). Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<StoredObject>, StorageError>")]
+pub struct ReadObject {
+    pub oid: Oid,
+    pub depth: u32,
+}
+
+impl Handler<ReadObject> for StorageActor {
+    type Result = Result<Vec<StoredObject>, StorageError>;
+
+    fn handle(&mut self, msg: ReadObject, _: &mut SyncContext<Self>) -> Self::Result {
+        self.read_graph(msg.oid, msg.depth)
+    }
+}
+
+/// The user's domain root (if set) and the objects read from it to `depth`.
+/// Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<(Option<Oid>, Vec<StoredObject>), StorageError>")]
+pub struct ReadRoot {
+    pub depth: u32,
+}
+
+impl Handler<ReadRoot> for StorageActor {
+    type Result = Result<(Option<Oid>, Vec<StoredObject>), StorageError>;
+
+    fn handle(&mut self, msg: ReadRoot, _: &mut SyncContext<Self>) -> Self::Result {
+        match self.repo_mut()?.anchor()?.root {
+            Some(root) => Ok((Some(root), self.read_graph(root, msg.depth)?)),
+            None => Ok((None, Vec::new())),
+        }
+    }
+}
+
+/// Up to `count` encoded elements of a large collection from `start`.
+/// Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Vec<u8>>, StorageError>")]
+pub struct CollectionRange {
+    pub coll: Oid,
+    pub start: u64,
+    pub count: u64,
+}
+
+impl Handler<CollectionRange> for StorageActor {
+    type Result = Result<Vec<Vec<u8>>, StorageError>;
+
+    fn handle(&mut self, msg: CollectionRange, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo_mut()?
+            .collection_range(msg.coll, msg.start, msg.count)
+    }
+}
+
+/// The length of a large collection. Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<u64, StorageError>")]
+pub struct CollectionLength {
+    pub coll: Oid,
+}
+
+impl Handler<CollectionLength> for StorageActor {
+    type Result = Result<u64, StorageError>;
+
+    fn handle(&mut self, msg: CollectionLength, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo()?.collection_len(msg.coll)
+    }
+}
+
+/// A user meta attribute of the repository definition (encoded value), or
+/// `None` if unset. Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Vec<u8>>, StorageError>")]
+pub struct GetMeta {
+    pub key: String,
+}
+
+impl Handler<GetMeta> for StorageActor {
+    type Result = Result<Option<Vec<u8>>, StorageError>;
+
+    fn handle(&mut self, msg: GetMeta, _: &mut SyncContext<Self>) -> Self::Result {
+        let anchor = self.repo_mut()?.anchor()?;
+        Ok(anchor
+            .meta
+            .into_iter()
+            .find(|(k, _)| *k == msg.key)
+            .map(|(_, v)| v))
+    }
+}
+
+/// Primitive facts about the repository. Sender: sessions (hello, status).
+#[derive(Message)]
+#[rtype(result = "Result<RepoInfo, StorageError>")]
+pub struct GetInfo;
+
+impl Handler<GetInfo> for StorageActor {
+    type Result = Result<RepoInfo, StorageError>;
+
+    fn handle(&mut self, _: GetInfo, _: &mut SyncContext<Self>) -> Self::Result {
+        Ok(self.repo()?.info())
+    }
+}
+
+/// The decoded root anchor (root, repository id, node, meta). Sender:
+/// sessions (hello, node, status).
+#[derive(Message)]
+#[rtype(result = "Result<Anchor, StorageError>")]
+pub struct GetAnchor;
+
+impl Handler<GetAnchor> for StorageActor {
+    type Result = Result<Anchor, StorageError>;
+
+    fn handle(&mut self, _: GetAnchor, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo_mut()?.anchor()
+    }
+}
+
+/// (last commit, content digest). Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Result<(CommitNumber, Hash), StorageError>")]
+pub struct Digest;
+
+impl Handler<Digest> for StorageActor {
+    type Result = Result<(CommitNumber, Hash), StorageError>;
+
+    fn handle(&mut self, _: Digest, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo_mut()?.digest()
+    }
+}
+
+/// Checkpoint if enough log was written since the last one; `true` if one
+/// was written. Sender: the `Controller`'s timer (one in flight at a time).
+#[derive(Message)]
+#[rtype(result = "Result<bool, StorageError>")]
+pub struct Checkpoint;
+
+impl Handler<Checkpoint> for StorageActor {
+    type Result = Result<bool, StorageError>;
+
+    fn handle(&mut self, _: Checkpoint, _: &mut SyncContext<Self>) -> Self::Result {
+        let repo = self.repo_mut()?;
+        let written = repo.maybe_checkpoint()?;
+        if written {
+            info!("checkpoint written at commit {}", repo.info().last_commit);
+        }
+        Ok(written)
+    }
+}
+
+/// Close the repository, releasing its lock; with `save`, write a final
+/// checkpoint first. Every later request fails. Sender: the `Controller`,
+/// after the commit pipeline drained (so the log is already synced).
+#[derive(Message)]
+#[rtype(result = "Result<CommitNumber, StorageError>")]
+pub struct Close {
+    pub save: bool,
+}
+
+impl Handler<Close> for StorageActor {
+    type Result = Result<CommitNumber, StorageError>;
+
+    fn handle(&mut self, msg: Close, _: &mut SyncContext<Self>) -> Self::Result {
+        let Some(mut repo) = self.repo.take() else {
+            return Err(closed());
+        };
+        let last = repo.info().last_commit;
+        if msg.save {
+            if let Err(e) = repo.checkpoint() {
+                warn!("final checkpoint failed: {e}");
+                return Err(e);
+            }
+            info!("final checkpoint written at commit {last}");
+        } else {
+            info!("closing without a final checkpoint at commit {last}; the log will be replayed on start");
+        }
+        drop(repo);
+        Ok(last)
+    }
+}

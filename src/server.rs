@@ -1,0 +1,403 @@
+//! Start and stop one `magma-server`: configuration, repository opening,
+//! wiring of the actors, signals.
+//!
+//! Three ways to run a server:
+//!
+//! * [`run`]: what the binary does. Builds an actix `System`, serves until
+//!   SIGTERM/SIGINT (graceful: stop accepting, drain commits, final
+//!   checkpoint, exit 0), an admin `shutdown`, or a fatal error (`Err`).
+//! * [`Server::start`] inside a running actix `System` (e.g. `#[actix::test]`):
+//!   returns once the server listens; [`Server::wait`] resolves when it
+//!   stopped, [`Server::shutdown_handle`] asks it to stop.
+//! * [`spawn`]: the same on a thread of its own, for tests whose client
+//!   blocks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{anyhow, bail, Context as _};
+use log::{info, warn};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::actors::{
+    CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome, RequestShutdown,
+    SessionEnv, SessionSettings, StorageActor,
+};
+use crate::protocol::codec::DEFAULT_MAX_FRAME;
+use crate::storage::{Repository, StorageError};
+use crate::types::{CommitNumber, RepositoryId};
+
+pub use crate::actors::{FlushPolicy, FlushPolicyError};
+
+/// Default `--listen` address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:51969";
+/// Default `--dir`.
+pub const DEFAULT_DIR: &str = "./magma-data";
+/// How long a read waits for a required progress before answering `behind`.
+pub const PROGRESS_WAIT: Duration = Duration::from_secs(1);
+
+/// Everything a server is started with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Repository directory; created as a new repository if absent or empty.
+    pub dir: PathBuf,
+    /// `host:port` to listen on (port 0 picks a free port).
+    pub listen: String,
+    /// The address members and clients use; default: the bound address.
+    pub advertise: Option<String>,
+    pub flush: FlushPolicy,
+    /// Secondaries that must hold a commit before it is acknowledged
+    /// (reported now, enforced once replication lands).
+    pub sync_replicas: u32,
+    /// Follow this primary. Not in this release: refused at start.
+    pub primary: Option<String>,
+    /// Pull a backup from this server and join. Not in this release.
+    pub join: Option<String>,
+    /// Largest request frame body accepted, in bytes.
+    pub max_frame: u64,
+    /// How often the repository is asked whether a checkpoint is due.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dir: PathBuf::from(DEFAULT_DIR),
+            listen: DEFAULT_LISTEN.into(),
+            advertise: None,
+            flush: FlushPolicy::Group,
+            sync_replicas: 1,
+            primary: None,
+            join: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            checkpoint_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(p) = &self.primary {
+            bail!("--primary {p}: replication arrives in a later release; this build serves one repository as a single primary");
+        }
+        if let Some(j) = &self.join {
+            bail!("--join {j}: replication arrives in a later release; this build serves one repository as a single primary");
+        }
+        if self.max_frame == 0 || self.max_frame > u32::MAX as u64 {
+            bail!(
+                "--max-frame {}: must be between 1 and {} bytes",
+                self.max_frame,
+                u32::MAX
+            );
+        }
+        if self.checkpoint_interval.is_zero() {
+            bail!("the checkpoint interval must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Asks a running server to stop. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    controller: Recipient<RequestShutdown>,
+}
+
+impl ShutdownHandle {
+    /// Graceful stop; `save` writes a final checkpoint.
+    pub fn shutdown(&self, save: bool) {
+        self.request(save, "requested in-process");
+    }
+
+    fn request(&self, save: bool, reason: &str) {
+        self.controller.do_send(RequestShutdown {
+            save,
+            reason: reason.into(),
+        });
+    }
+}
+
+/// A started server: listening, inside the current actix `System`.
+pub struct Server {
+    local_addr: SocketAddr,
+    repository_id: RepositoryId,
+    commit: CommitNumber,
+    role: &'static str,
+    stop: ShutdownHandle,
+    outcome: oneshot::Receiver<Outcome>,
+}
+
+impl Server {
+    /// Open (or create) the repository, start the actors and listen. Must
+    /// run inside an actix `System`.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        config.validate()?;
+        let socket = TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = socket.local_addr()?;
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+
+        let dir = config.dir.clone();
+        let addr = advertise.clone();
+        let repo = actix_rt::task::spawn_blocking(move || open_or_create(&dir, &addr))
+            .await
+            .map_err(|e| anyhow!("opening the repository panicked: {e}"))??;
+        let info = repo.info();
+        let role = if info.restore_mode {
+            "restore"
+        } else {
+            "primary"
+        };
+
+        let (applied_tx, applied_rx) = watch::channel(info.last_commit);
+        let storage = StorageActor::start(repo, applied_tx);
+        let log = CommitLogActor::start();
+        let settings = SessionSettings {
+            max_frame: config.max_frame,
+            advertise,
+            flush: config.flush,
+            sync_replicas: config.sync_replicas,
+            progress_wait: PROGRESS_WAIT,
+        };
+        let (outcome_tx, outcome) = oneshot::channel();
+        let controller = Controller::create(move |ctx| {
+            let me = ctx.address();
+            let coordinator = CommitCoordinator::new(
+                storage.clone().recipient(),
+                log.recipient(),
+                me.clone().recipient(),
+                config.flush,
+                info.last_commit,
+            )
+            .start();
+            let env = Arc::new(SessionEnv {
+                storage: storage.clone(),
+                commits: coordinator.clone().recipient(),
+                shutdown: me.clone().recipient(),
+                fatal: me.recipient(),
+                applied: applied_rx,
+                settings,
+            });
+            let listener = Listener::new(socket, local_addr, env).start();
+            Controller::new(
+                Controlled {
+                    storage_checkpoint: storage.clone().recipient(),
+                    storage_close: storage.recipient(),
+                    drain: coordinator.recipient(),
+                    stop_accepting: listener.clone().recipient(),
+                    close_sessions: listener.recipient(),
+                },
+                config.checkpoint_interval,
+                outcome_tx,
+            )
+        });
+        let server = Server {
+            local_addr,
+            repository_id: info.repository_id,
+            commit: info.last_commit,
+            role,
+            stop: ShutdownHandle {
+                controller: controller.recipient(),
+            },
+            outcome,
+        };
+        info!("{}", server.ready_line());
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn repository_id(&self) -> RepositoryId {
+        self.repository_id
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.stop.clone()
+    }
+
+    /// `magma-server listening on ADDR (repository ID, commit N, role R)`.
+    pub fn ready_line(&self) -> String {
+        format!(
+            "magma-server listening on {} (repository {}, commit {}, role {})",
+            self.local_addr, self.repository_id, self.commit, self.role
+        )
+    }
+
+    /// Resolves once the server has stopped and released its repository;
+    /// `Err` if it stopped because of a fatal error.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        match self.outcome.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(anyhow!("stopped after a fatal error: {reason}")),
+            Err(_) => Err(anyhow!("the server's controller vanished")),
+        }
+    }
+}
+
+fn is_fresh(dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    }
+}
+
+fn open_or_create(dir: &Path, advertise: &str) -> anyhow::Result<Repository> {
+    if is_fresh(dir)? {
+        let server_id = loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
+        let repo = Repository::create(dir, server_id, advertise)
+            .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
+        info!(
+            "created repository {} in {} (server {server_id:x})",
+            repo.info().repository_id,
+            dir.display()
+        );
+        return Ok(repo);
+    }
+    match Repository::open(dir) {
+        Ok(repo) => Ok(repo),
+        Err(e @ StorageError::Locked(_)) => {
+            Err(anyhow!("{e} (is another magma-server serving it?)"))
+        }
+        Err(e) => Err(anyhow!(
+            "cannot open the repository in {}: {e}",
+            dir.display()
+        )),
+    }
+}
+
+#[cfg(unix)]
+async fn signalled() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+#[cfg(not(unix))]
+async fn signalled() -> std::io::Result<&'static str> {
+    tokio::signal::ctrl_c().await?;
+    Ok("Ctrl-C")
+}
+
+/// Run a server until it is stopped (see the module doc). Prints the ready
+/// line on stdout once it listens.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    System::new().block_on(async move {
+        let server = Server::start(config).await?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", server.ready_line());
+            let _ = out.flush();
+        }
+        let stop = server.shutdown_handle();
+        actix_rt::spawn(async move {
+            match signalled().await {
+                Ok(sig) => stop.request(true, &format!("received {sig}")),
+                Err(e) => {
+                    warn!("cannot watch for signals: {e}");
+                    return;
+                }
+            }
+            if let Ok(sig) = signalled().await {
+                warn!("received {sig} again: exiting at once");
+                std::process::exit(130);
+            }
+        });
+        server.wait().await
+    })
+}
+
+/// A server running on a thread of its own (see [`spawn`]).
+pub struct ServerThread {
+    local_addr: SocketAddr,
+    repository_id: RepositoryId,
+    stop: ShutdownHandle,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerThread {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn repository_id(&self) -> RepositoryId {
+        self.repository_id
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.stop.clone()
+    }
+
+    /// Ask for a graceful stop and wait for it.
+    pub fn shutdown(self, save: bool) -> anyhow::Result<()> {
+        self.stop.shutdown(save);
+        self.join()
+    }
+
+    /// Wait until the server stops by itself (admin shutdown, fatal error).
+    pub fn join(self) -> anyhow::Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the server thread panicked"))?
+    }
+}
+
+/// Start a server on its own thread and actix `System`; returns once it
+/// listens (or failed to start).
+pub fn spawn(config: Config) -> anyhow::Result<ServerThread> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("magma-server".into())
+        .spawn(move || {
+            System::new().block_on(async move {
+                match Server::start(config).await {
+                    Ok(server) => {
+                        let _ = tx.send(Ok((
+                            server.local_addr(),
+                            server.repository_id(),
+                            server.shutdown_handle(),
+                        )));
+                        server.wait().await
+                    }
+                    Err(e) => {
+                        let text = format!("{e:#}");
+                        let _ = tx.send(Err(e));
+                        Err(anyhow!(text))
+                    }
+                }
+            })
+        })?;
+    let (local_addr, repository_id, stop) = rx
+        .recv()
+        .map_err(|_| anyhow!("the server thread ended before starting"))??;
+    Ok(ServerThread {
+        local_addr,
+        repository_id,
+        stop,
+        thread,
+    })
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

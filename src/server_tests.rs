@@ -1,0 +1,400 @@
+//! In-process tests of a whole server: real sockets, a real repository in a
+//! temporary directory, a minimal blocking client speaking raw frames.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use rmpv::Value;
+
+use super::*;
+use crate::protocol::codec::{self, read_frame, write_frame};
+use crate::protocol::{
+    CommitBody, Request, RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireAppend,
+    WireError, WireNew, WireRef, PROTOCOL_VERSION,
+};
+use crate::storage::object::COLLECTION_CLASS;
+
+struct Conn {
+    stream: TcpStream,
+    next_id: u64,
+}
+
+impl Conn {
+    fn raw(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Conn { stream, next_id: 1 }
+    }
+
+    fn open(addr: SocketAddr, role: SessionRole) -> Conn {
+        Conn::open_expecting(addr, role, ServerRole::Primary)
+    }
+
+    fn open_expecting(addr: SocketAddr, role: SessionRole, server: ServerRole) -> Conn {
+        let mut c = Conn::raw(addr);
+        match c.call(hello(role, PROTOCOL_VERSION)).body {
+            ResponseBody::Hello { role, .. } if role == server => c,
+            other => panic!("hello: {other:?}"),
+        }
+    }
+
+    fn send(&mut self, body: RequestBody) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.stream, &Request { id, body }).unwrap();
+        id
+    }
+
+    fn recv(&mut self) -> Response {
+        let body = read_frame(&mut self.stream, codec::DEFAULT_MAX_FRAME).unwrap();
+        codec::decode(&body).unwrap()
+    }
+
+    fn call(&mut self, body: RequestBody) -> Response {
+        let id = self.send(body);
+        let r = self.recv();
+        assert_eq!(r.id, id);
+        r
+    }
+
+    fn error(&mut self, body: RequestBody) -> WireError {
+        match self.call(body).body {
+            ResponseBody::Error { error, .. } => error,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// The server closed the connection (after its last reply).
+    fn assert_closed(&mut self) {
+        assert!(matches!(
+            read_frame(&mut self.stream, codec::DEFAULT_MAX_FRAME),
+            Err(crate::protocol::ProtocolError::Closed)
+        ));
+    }
+}
+
+fn hello(role: SessionRole, protocol_version: u32) -> RequestBody {
+    RequestBody::Hello {
+        protocol_version,
+        role,
+        client_name: "server-tests".into(),
+    }
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    Config {
+        dir: dir.join("repo"),
+        listen: "127.0.0.1:0".into(),
+        max_frame: 4096,
+        ..Config::default()
+    }
+}
+
+/// A collection under a root object; returns (commit, collection oid).
+fn make_root_with_collection(c: &mut Conn) -> (u64, u64) {
+    let body = CommitBody {
+        news: vec![
+            WireNew {
+                temp_id: 1,
+                class: "Root".into(),
+                value: Value::Map(vec![(
+                    Value::from("items"),
+                    Value::Ext(
+                        crate::storage::object::TEMP_REF_EXT,
+                        2u64.to_be_bytes().to_vec(),
+                    ),
+                )]),
+            },
+            WireNew {
+                temp_id: 2,
+                class: COLLECTION_CLASS.into(),
+                value: Value::Nil,
+            },
+        ],
+        set_root: Some(WireRef::New(1)),
+        ..CommitBody::default()
+    };
+    match c.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed {
+            number, new_oids, ..
+        } => (number, new_oids.iter().find(|(t, _)| *t == 2).unwrap().1),
+        other => panic!("commit: {other:?}"),
+    }
+}
+
+fn append(c: &mut Conn, coll: u64, s: &str) -> u64 {
+    let body = CommitBody {
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll),
+            value: Value::from(s),
+        }],
+        ..CommitBody::default()
+    };
+    match c.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed { number, .. } => number,
+        other => panic!("append: {other:?}"),
+    }
+}
+
+#[test]
+fn serves_commits_and_reads_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let addr = server.local_addr();
+    let mut app = Conn::open(addr, SessionRole::Application);
+    assert!(matches!(
+        app.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+
+    // A new repository's first commit writes the anchor.
+    let (first, coll) = make_root_with_collection(&mut app);
+    for i in 1..=5 {
+        assert_eq!(append(&mut app, coll, &format!("e{i}")), first + i);
+    }
+    let last = first + 5;
+    let r = app.call(RequestBody::ReadRoot {
+        depth: 1,
+        required_progress: Some(last),
+    });
+    assert_eq!(r.commit, last);
+    match r.body {
+        ResponseBody::Root { root, objects } => {
+            assert_eq!(objects[0].oid, root.unwrap());
+            assert_eq!(objects[1].oid, coll);
+            assert_eq!(objects[1].collection_len, Some(5));
+        }
+        other => panic!("read root: {other:?}"),
+    }
+    match app
+        .call(RequestBody::CollectionRange {
+            coll,
+            start: 1,
+            count: 2,
+            required_progress: None,
+        })
+        .body
+    {
+        ResponseBody::Elements { start: 1, values } => {
+            assert_eq!(values, vec![Value::from("e2"), Value::from("e3")])
+        }
+        other => panic!("range: {other:?}"),
+    }
+    let len = app.call(RequestBody::CollectionLength {
+        coll,
+        required_progress: None,
+    });
+    assert!(matches!(len.body, ResponseBody::Length { len: 5 }));
+    match app.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => {
+            assert_eq!(s.role, ServerRole::Primary);
+            assert_eq!(s.commit, last);
+            assert_eq!(s.flush, "group");
+            assert_eq!(s.members.len(), 1);
+            assert_eq!(s.members[0].commit, last);
+            assert!(!s.partition_safe);
+        }
+        other => panic!("status: {other:?}"),
+    }
+    // A retried token is answered with the original commit, not re-applied.
+    let retry = || CommitBody {
+        token: Some(b"token-1".to_vec()),
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll),
+            value: Value::from("once"),
+        }],
+        ..CommitBody::default()
+    };
+    let first_try = app.call(RequestBody::Commit(retry()));
+    let second_try = app.call(RequestBody::Commit(retry()));
+    match (first_try.body, second_try.body) {
+        (
+            ResponseBody::Committed { number: a, .. },
+            ResponseBody::Committed {
+                number: b,
+                positions,
+                ..
+            },
+        ) => {
+            assert_eq!((a, b), (last + 1, last + 1));
+            assert!(positions.is_empty());
+        }
+        other => panic!("token retry: {other:?}"),
+    }
+    let last = last + 1;
+    let len = app.call(RequestBody::CollectionLength {
+        coll,
+        required_progress: None,
+    });
+    assert!(matches!(len.body, ResponseBody::Length { len: 6 }));
+    let digest = match app.call(RequestBody::Digest).body {
+        ResponseBody::Digest { commit, digest } if commit == last => digest,
+        other => panic!("digest: {other:?}"),
+    };
+
+    // Admin requests are refused on an application session, which stays open.
+    assert_eq!(
+        app.error(RequestBody::Shutdown { save: true }),
+        WireError::NotAdmin
+    );
+    // A second hello is refused; the session stays open too.
+    assert_eq!(
+        app.error(hello(SessionRole::Application, PROTOCOL_VERSION)),
+        WireError::HelloExpected
+    );
+    assert!(matches!(
+        app.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut admin = Conn::open(server.local_addr(), SessionRole::Admin);
+    match admin.call(RequestBody::Digest).body {
+        ResponseBody::Digest { commit, digest: d } if commit == last => assert_eq!(d, digest),
+        other => panic!("digest after restart: {other:?}"),
+    }
+    assert!(matches!(
+        admin.error(RequestBody::Backup {
+            to: "/tmp/x".into()
+        }),
+        WireError::Unavailable { .. }
+    ));
+    assert!(matches!(
+        admin.call(RequestBody::Shutdown { save: false }).body,
+        ResponseBody::Ok
+    ));
+    server.join().unwrap();
+}
+
+#[test]
+fn protocol_violations_close_only_the_offending_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let addr = server.local_addr();
+    let mut good = Conn::open(addr, SessionRole::Application);
+
+    let mut c = Conn::raw(addr);
+    assert_eq!(c.error(RequestBody::Ping), WireError::HelloExpected);
+    c.assert_closed();
+
+    let mut c = Conn::raw(addr);
+    assert_eq!(
+        c.error(hello(SessionRole::Application, PROTOCOL_VERSION + 1)),
+        WireError::UnsupportedProtocol {
+            requested: PROTOCOL_VERSION + 1,
+            supported: PROTOCOL_VERSION
+        }
+    );
+    c.assert_closed();
+
+    let mut c = Conn::open(addr, SessionRole::Application);
+    c.stream.write_all(&[0, 0, 0x20, 0]).unwrap(); // 8192 > the 4096 limit
+    assert!(matches!(
+        c.recv().body,
+        ResponseBody::Error {
+            error: WireError::FrameTooLarge {
+                size: 8192,
+                limit: 4096
+            },
+            ..
+        }
+    ));
+    c.assert_closed();
+
+    let mut c = Conn::open(addr, SessionRole::Application);
+    c.stream.write_all(&[0, 0, 0, 2, 0x92, 0x01]).unwrap();
+    assert!(matches!(
+        c.recv().body,
+        ResponseBody::Error {
+            error: WireError::BadRequest { .. },
+            ..
+        }
+    ));
+    c.assert_closed();
+
+    // Pipelined requests are answered in order, each with its id.
+    let ids: Vec<u64> = (0..3).map(|_| good.send(RequestBody::Ping)).collect();
+    let got: Vec<u64> = (0..3).map(|_| good.recv().id).collect();
+    assert_eq!(got, ids);
+
+    let now = good.call(RequestBody::Ping).commit;
+    let started = Instant::now();
+    let behind = good.error(RequestBody::CollectionLength {
+        coll: 1,
+        required_progress: Some(now + 50),
+    });
+    assert_eq!(
+        behind,
+        WireError::Behind {
+            commit: now,
+            required: now + 50
+        }
+    );
+    assert!(started.elapsed() >= PROGRESS_WAIT);
+    assert!(matches!(
+        good.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn a_second_server_on_the_same_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = spawn(config(tmp.path())).unwrap();
+    let err = match spawn(config(tmp.path())) {
+        Ok(_) => panic!("two servers opened one repository"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("locked"), "{err}");
+    first.shutdown(true).unwrap();
+}
+
+#[test]
+fn replication_flags_are_refused_plainly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.primary = Some("127.0.0.1:1".into());
+    let err = format!("{:#}", spawn(cfg).err().unwrap());
+    assert!(
+        err.contains("replication arrives in a later release"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_repository_in_restore_mode_serves_reads_and_refuses_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    {
+        let mut repo = crate::storage::Repository::create(&cfg.dir, 7, "127.0.0.1:1").unwrap();
+        repo.set_restore_mode(true).unwrap();
+    }
+    let server = spawn(cfg).unwrap();
+    let mut c = Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Restore,
+    );
+    match c.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Restore),
+        other => panic!("status: {other:?}"),
+    }
+    assert!(matches!(
+        c.call(RequestBody::ReadRoot {
+            depth: 0,
+            required_progress: None
+        })
+        .body,
+        ResponseBody::Root { root: None, .. }
+    ));
+    assert_eq!(
+        c.error(RequestBody::Commit(CommitBody::default())),
+        WireError::RestoreMode
+    );
+    server.shutdown(true).unwrap();
+}

@@ -1,0 +1,222 @@
+//! One server: commits and reads, conflicts, flooding clients, restarts.
+
+use std::time::Duration;
+
+use magma::client::{ClientError, Ref, Session};
+use serde::{Deserialize, Serialize};
+
+use crate::harness::{digest, dump, verify_flood, Cluster, Flood};
+use crate::phase;
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Person {
+    name: String,
+    age: u32,
+    friend: Option<Ref>,
+}
+
+#[test]
+fn t10_commit_and_read_round_trip_with_references() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let mut session = Session::connect(&[addr.as_str()]).unwrap();
+
+    phase!("create two people referencing each other and make one the root");
+    let outcome = session
+        .commit(|tx| {
+            let bob = tx.create(
+                "Person",
+                &Person {
+                    name: "bob".into(),
+                    age: 40,
+                    friend: None,
+                },
+            );
+            let alice = tx.create_value(
+                "Person",
+                rmpv::Value::Map(vec![
+                    ("name".into(), "alice".into()),
+                    ("age".into(), 33.into()),
+                    ("friend".into(), bob.to_value()),
+                ]),
+            );
+            tx.set_root(alice);
+        })
+        .unwrap();
+    assert_eq!(outcome.new_oids.len(), 2);
+
+    phase!("read the root to depth 1: alice, then bob through the reference");
+    let objects = session.root_with_depth(1).unwrap();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    let alice: Person = objects[0].decode().unwrap();
+    assert_eq!(alice.name, "alice");
+    let bob_ref = alice.friend.expect("alice has a friend");
+    assert_eq!(objects[1].oid, bob_ref.oid());
+    let (bob, version): (Person, u64) = session.get(bob_ref).unwrap();
+    assert_eq!(bob.name, "bob");
+    assert_eq!(version, outcome.number);
+
+    phase!("update bob with the version read; read back the new version");
+    let bob_obj = session.read(bob_ref).unwrap();
+    let again = session
+        .commit(|tx| {
+            tx.update(
+                &bob_obj,
+                &Person {
+                    name: "bob".into(),
+                    age: 41,
+                    friend: None,
+                },
+            );
+        })
+        .unwrap();
+    let (bob, version): (Person, u64) = session.get(bob_ref).unwrap();
+    assert_eq!((bob.age, version), (41, again.number));
+
+    phase!("meta attributes round-trip");
+    session
+        .commit(|tx| {
+            tx.set_meta("owner", Some(&"ops-team"));
+        })
+        .unwrap();
+    assert_eq!(
+        session.meta_as::<String>("owner").unwrap().as_deref(),
+        Some("ops-team")
+    );
+}
+
+#[test]
+fn t10_conflicting_commits_one_wins_the_other_names_the_object() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let mut a = Session::connect(&[addr.as_str()]).unwrap();
+    let mut b = Session::connect(&[addr.as_str()]).unwrap();
+
+    let out = a
+        .commit(|tx| {
+            let counter = tx.create("Counter", &0u64);
+            tx.set_root(counter);
+        })
+        .unwrap();
+    let oid = out.new_oids[0].1;
+    b.set_required_progress(out.number);
+    let seen_by_a = a.read(oid).unwrap();
+    let seen_by_b = b.read(oid).unwrap();
+    assert_eq!(seen_by_a.version, seen_by_b.version);
+
+    phase!("both sessions rewrite the counter from the same version");
+    a.commit(|tx| {
+        tx.update(&seen_by_a, &1u64);
+    })
+    .unwrap();
+    let err = b
+        .commit(|tx| {
+            tx.update(&seen_by_b, &2u64);
+        })
+        .unwrap_err();
+    match &err {
+        ClientError::Conflict { oids } => assert_eq!(oids, &vec![oid]),
+        other => panic!("expected a conflict naming {oid}, got {other:?}"),
+    }
+    assert!(err.is_conflict());
+
+    phase!("the loser re-reads and retries successfully");
+    b.set_required_progress(a.last_seen_commit());
+    let fresh = b.read(oid).unwrap();
+    assert_eq!(fresh.decode::<u64>().unwrap(), 1);
+    b.commit(|tx| {
+        tx.update(&fresh, &2u64);
+    })
+    .unwrap();
+}
+
+#[test]
+fn t10_four_flooding_clients_lose_nothing_and_survive_a_graceful_restart() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let dir = c.root.path().to_path_buf();
+
+    phase!("four flooders, 300 appends each, concurrently");
+    let names = ["f1", "f2", "f3", "f4"];
+    let mut floods: Vec<Flood> = names
+        .iter()
+        .map(|n| Flood::start(&dir, &[addr.as_str()], n, &["--count", "300"]))
+        .collect();
+    for f in &mut floods {
+        let end = f.wait(Duration::from_secs(120));
+        assert!(
+            end.status.success(),
+            "flood {} failed: {}",
+            f.name,
+            end.stderr
+        );
+    }
+    for (f, n) in floods.iter().zip(names) {
+        let acked = f.acked();
+        assert_eq!(acked.len(), 300, "flood {n} acknowledged {}", acked.len());
+        verify_flood(&dump(&addr, n), n, &acked, 0);
+    }
+    let before = digest(&addr);
+
+    phase!("SIGTERM: graceful stop exits 0; restart serves the same content");
+    let status = c.servers[s].terminate();
+    assert!(status.success(), "graceful stop exited with {status}");
+    c.servers[s].start();
+    assert_eq!(digest(&addr), before);
+    for (f, n) in floods.iter().zip(names) {
+        verify_flood(&dump(&addr, n), n, &f.acked(), 0);
+    }
+}
+
+#[test]
+fn t10_a_second_server_on_the_same_directory_refuses_to_start() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let mut twin = c.servers[s].clone_for_dir();
+    twin.addr = format!("127.0.0.1:{}", crate::harness::free_port());
+    let (status, output) = twin.run_to_exit(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "a second server on the same directory started"
+    );
+    assert!(
+        output.to_lowercase().contains("locked"),
+        "the refusal should say the repository is locked: {output}"
+    );
+    // The first server is unaffected.
+    c.servers[s].admin().ping().unwrap();
+}
+
+#[test]
+fn t10_admin_shutdown_with_and_without_save() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[addr.as_str()], "g", &["--count", "50"]);
+    assert!(f.wait(Duration::from_secs(60)).status.success());
+    let before = digest(&addr);
+
+    phase!("shutdown --no-save: exits, nothing acknowledged is lost");
+    c.servers[s].admin().shutdown(false).unwrap();
+    let status = c.servers[s].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "shutdown --no-save exited with {status}");
+    c.servers[s].start();
+    assert_eq!(digest(&addr), before);
+
+    phase!("shutdown (save): exits 0 and reopens without replay");
+    c.servers[s].admin().shutdown(true).unwrap();
+    let status = c.servers[s].wait_exit(Duration::from_secs(30));
+    assert!(status.success());
+    c.servers[s].start();
+    assert_eq!(digest(&addr), before);
+    verify_flood(&dump(&addr, "g"), "g", &f.acked(), 0);
+}

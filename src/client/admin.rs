@@ -1,0 +1,162 @@
+//! `AdminSession`: the operator's connection to exactly one server (status,
+//! digest, backups, follow, take-over, removal, shutdown).
+//!
+//! This module owns the typed admin calls. It must never fail over, retry or
+//! talk to any server but the one it was opened on: an operator asking
+//! server A must never get server B's answer.
+
+use std::time::{Duration, Instant};
+
+use crate::client::connection::{unexpected, ConnectOptions, Connection, ServerHello};
+use crate::client::error::{ClientError, Result};
+use crate::protocol::{
+    BackupReport, RequestBody, ResponseBody, ServerRole, SessionRole, StatusReport,
+};
+use crate::types::{CommitNumber, Epoch, Node, NodeAddr};
+
+/// An admin session on one server.
+#[derive(Debug)]
+pub struct AdminSession {
+    conn: Connection,
+}
+
+impl AdminSession {
+    /// Connect to `addr` (`host:port`) with default options.
+    pub fn connect(addr: &str) -> Result<AdminSession> {
+        AdminSession::connect_with(addr, &ConnectOptions::default())
+    }
+
+    pub fn connect_with(addr: &str, opts: &ConnectOptions) -> Result<AdminSession> {
+        Ok(AdminSession {
+            conn: Connection::connect(addr, SessionRole::Admin, opts)?,
+        })
+    }
+
+    /// The address the session talks to.
+    pub fn addr(&self) -> &str {
+        self.conn.addr()
+    }
+
+    /// What the server said about itself when the session opened.
+    pub fn hello(&self) -> &ServerHello {
+        self.conn.hello()
+    }
+
+    fn call(&mut self, body: RequestBody) -> Result<ResponseBody> {
+        Ok(self.conn.call(body)?.body)
+    }
+
+    /// Accept `ok`, or a `backup_state` some servers send instead.
+    fn call_ok(&mut self, body: RequestBody) -> Result<()> {
+        match self.call(body)? {
+            ResponseBody::Ok | ResponseBody::BackupState(_) => Ok(()),
+            other => Err(unexpected(self.addr(), "ok", &other)),
+        }
+    }
+
+    /// Round-trip time of a `ping`.
+    pub fn ping(&mut self) -> Result<Duration> {
+        let start = Instant::now();
+        match self.call(RequestBody::Ping)? {
+            ResponseBody::Pong => Ok(start.elapsed()),
+            other => Err(unexpected(self.addr(), "pong", &other)),
+        }
+    }
+
+    /// Role, commit, epoch, members with their lag, and any backup job.
+    pub fn status(&mut self) -> Result<StatusReport> {
+        match self.call(RequestBody::Status)? {
+            ResponseBody::Status(report) => Ok(report),
+            other => Err(unexpected(self.addr(), "status", &other)),
+        }
+    }
+
+    /// The node as this server knows it, its epoch and the server's role.
+    pub fn node(&mut self) -> Result<(Node, Epoch, ServerRole)> {
+        match self.call(RequestBody::GetNode)? {
+            ResponseBody::Node { node, epoch, role } => Ok((node, epoch, role)),
+            other => Err(unexpected(self.addr(), "node", &other)),
+        }
+    }
+
+    /// `(commit, hex digest)` of the live content: equal on two servers
+    /// exactly when they hold the same content at the same commit.
+    pub fn digest(&mut self) -> Result<(CommitNumber, String)> {
+        match self.call(RequestBody::Digest)? {
+            ResponseBody::Digest { commit, digest } => Ok((commit, digest)),
+            other => Err(unexpected(self.addr(), "digest", &other)),
+        }
+    }
+
+    fn backup_report(&mut self, body: RequestBody) -> Result<BackupReport> {
+        match self.call(body)? {
+            ResponseBody::BackupState(report) => Ok(report),
+            ResponseBody::Ok => self.backup_status(),
+            other => Err(unexpected(self.addr(), "backup_state", &other)),
+        }
+    }
+
+    /// Start a full backup into `to`, a directory on the server's machine.
+    /// Returns at once with the job's first report; follow it with
+    /// [`AdminSession::backup_status`].
+    pub fn backup(&mut self, to: &str) -> Result<BackupReport> {
+        self.backup_report(RequestBody::Backup { to: to.to_string() })
+    }
+
+    /// The current (or last) backup job.
+    pub fn backup_status(&mut self) -> Result<BackupReport> {
+        match self.call(RequestBody::BackupStatus)? {
+            ResponseBody::BackupState(report) => Ok(report),
+            other => Err(unexpected(self.addr(), "backup_state", &other)),
+        }
+    }
+
+    pub fn backup_abort(&mut self) -> Result<()> {
+        self.call_ok(RequestBody::BackupAbort)
+    }
+
+    pub fn backup_pause(&mut self) -> Result<()> {
+        self.call_ok(RequestBody::BackupPause)
+    }
+
+    pub fn backup_resume(&mut self) -> Result<()> {
+        self.call_ok(RequestBody::BackupResume)
+    }
+
+    /// Stop the server, flushing first when `save`. A server that closes
+    /// the connection instead of answering has also done as asked.
+    pub fn shutdown(&mut self, save: bool) -> Result<()> {
+        match self.call_ok(RequestBody::Shutdown { save }) {
+            Err(ClientError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof
+                    || source.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Make this server a warm backup of `primary` (beWarmBackupFor:).
+    pub fn follow(&mut self, primary: &str) -> Result<()> {
+        self.call_ok(RequestBody::Follow {
+            primary: NodeAddr::from(primary),
+        })
+    }
+
+    /// Ask this secondary to become primary; a secondary that is not
+    /// current refuses with an error.
+    pub fn take_over(&mut self) -> Result<()> {
+        self.call_ok(RequestBody::TakeOver)
+    }
+
+    /// Ask this primary to remove the secondary at `addr` from the node.
+    pub fn remove_secondary(&mut self, addr: &str) -> Result<()> {
+        match self.call(RequestBody::RemoveSecondary {
+            addr: addr.to_string(),
+        })? {
+            ResponseBody::Ok | ResponseBody::Node { .. } => Ok(()),
+            other => Err(unexpected(self.addr(), "ok", &other)),
+        }
+    }
+}

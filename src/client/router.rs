@@ -1,0 +1,387 @@
+//! `Router`: the connections of one application session and the view of the
+//! node they are chosen by — which server reads go to, which takes commits,
+//! re-learning the node, dropping what is no longer used.
+//!
+//! This module owns connection state only. It must never retry a request or
+//! decide what an error means for the application (that is `session`), and
+//! never keep a connection after a network or protocol failure.
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::client::connection::{progress_of, ConnectOptions, Connection};
+use crate::client::error::{Attempt, ClientError, Result};
+use crate::client::routing::{self, ViewRank};
+use crate::protocol::{RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError};
+use crate::types::{CommitNumber, Epoch, Member, MemberRole, Node};
+
+/// Index of a connection inside the router; valid until the next call that
+/// takes `&mut Router`.
+pub(crate) type ConnIdx = usize;
+
+pub(crate) struct Router {
+    opts: ConnectOptions,
+    seeds: Vec<String>,
+    node: Node,
+    view: ViewRank,
+    conns: Vec<Connection>,
+    read_target: Option<Member>,
+    commit_target: Option<Member>,
+    last_seen: CommitNumber,
+    rng: StdRng,
+}
+
+fn matches(c: &Connection, m: &Member) -> bool {
+    c.addr() == m.addr || (m.server_id != 0 && c.hello().server_id == m.server_id)
+}
+
+impl Router {
+    /// Connect to the first reachable seed and learn the node from it.
+    pub fn start(seeds: Vec<String>, opts: ConnectOptions) -> Result<Router> {
+        let mut tried = Vec::new();
+        let mut first = None;
+        for addr in &seeds {
+            match Connection::connect(addr, SessionRole::Application, &opts) {
+                Ok(c) => {
+                    first = Some(c);
+                    break;
+                }
+                Err(e) => tried.push(Attempt {
+                    addr: addr.clone(),
+                    error: Box::new(e),
+                }),
+            }
+        }
+        let first = first.ok_or(ClientError::NoServerReachable { tried })?;
+        let mut router = Router {
+            opts,
+            seeds,
+            node: Node::default(),
+            view: (Epoch::default(), 0),
+            conns: Vec::new(),
+            read_target: None,
+            commit_target: None,
+            last_seen: 0,
+            rng: StdRng::from_entropy(),
+        };
+        router.adopt_hello(&first);
+        if router.node.members.is_empty() {
+            // A server that knows no node yet stands for the whole node.
+            let h = first.hello();
+            let role = match h.role {
+                ServerRole::Primary => MemberRole::Primary,
+                _ => MemberRole::Secondary,
+            };
+            router.node.members.push(Member {
+                server_id: h.server_id,
+                addr: first.addr().to_string(),
+                role,
+            });
+        }
+        router.conns.push(first);
+        Ok(router)
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.view.0
+    }
+
+    pub fn read_server(&self) -> Option<&str> {
+        self.read_target.as_ref().map(|m| m.addr.as_str())
+    }
+
+    pub fn commit_server(&self) -> Option<&str> {
+        self.commit_target.as_ref().map(|m| m.addr.as_str())
+    }
+
+    pub fn last_seen(&self) -> CommitNumber {
+        self.last_seen
+    }
+
+    pub fn conn(&mut self, idx: ConnIdx) -> &mut Connection {
+        &mut self.conns[idx]
+    }
+
+    /// Count the server's progress carried by a response.
+    pub fn observe(&mut self, resp: &Response) {
+        self.last_seen = self.last_seen.max(progress_of(resp));
+    }
+
+    // ---- the node ----
+
+    /// Re-learn the node from every known address and route by the newest
+    /// view. Errors only when no server answered.
+    pub fn refresh_node(&mut self) -> Result<()> {
+        let mut tried = Vec::new();
+        let mut best: Option<(ViewRank, Node)> = None;
+        for addr in routing::known_addrs(&self.node, &self.seeds) {
+            // A server that restarted since we last used its connection
+            // must still be heard: drop connections it closed.
+            if let Some(idx) = self.conns.iter().position(|c| c.addr() == addr) {
+                if self.conns[idx].is_stale() {
+                    self.conns.remove(idx);
+                }
+            }
+            let answer = self
+                .connection_to_addr(&addr)
+                .and_then(|idx| self.conns[idx].call(RequestBody::GetNode));
+            match answer {
+                Ok(resp) => {
+                    self.observe(&resp);
+                    if let ResponseBody::Node { node, epoch, .. } = resp.body {
+                        let rank = (epoch, resp.commit);
+                        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                            best = Some((rank, node));
+                        }
+                    }
+                }
+                Err(error) => tried.push(Attempt {
+                    addr,
+                    error: Box::new(error),
+                }),
+            }
+        }
+        self.conns.retain(Connection::is_usable);
+        match best {
+            Some((rank, node)) => {
+                self.adopt_view(rank, node);
+                Ok(())
+            }
+            None => Err(ClientError::NoServerReachable { tried }),
+        }
+    }
+
+    fn adopt_hello(&mut self, conn: &Connection) {
+        let h = conn.hello();
+        self.last_seen = self.last_seen.max(h.commit);
+        self.adopt_view((h.epoch, h.commit), h.node.clone());
+    }
+
+    /// Take `node` if it is at least as new as the current view, and drop
+    /// the targets it no longer supports.
+    fn adopt_view(&mut self, rank: ViewRank, node: Node) {
+        if rank < self.view || node.members.is_empty() {
+            return;
+        }
+        self.view = rank;
+        self.node = node;
+        if let Some(t) = &self.commit_target {
+            if self.node.primary().is_none_or(|p| p.addr != t.addr) {
+                self.commit_target = None;
+            }
+        }
+        if let Some(t) = &self.read_target {
+            if !routing::still_readable(&self.node, t) {
+                self.read_target = None;
+            }
+        }
+    }
+
+    // ---- connections ----
+
+    fn find(&self, m: &Member) -> Option<ConnIdx> {
+        self.conns
+            .iter()
+            .position(|c| c.is_usable() && matches(c, m))
+    }
+
+    fn connection_to_addr(&mut self, addr: &str) -> Result<ConnIdx> {
+        if let Some(idx) = self
+            .conns
+            .iter()
+            .position(|c| c.is_usable() && c.addr() == addr)
+        {
+            return Ok(idx);
+        }
+        let conn = Connection::connect(addr, SessionRole::Application, &self.opts)?;
+        self.adopt_hello(&conn);
+        self.conns.push(conn);
+        Ok(self.conns.len() - 1)
+    }
+
+    /// A connection to `m`, reusing one to the same server.
+    pub fn connection_to(&mut self, m: &Member) -> Result<ConnIdx> {
+        match self.find(m) {
+            Some(idx) => Ok(idx),
+            None => self.connection_to_addr(&m.addr),
+        }
+    }
+
+    /// Drop every connection to `m`.
+    pub fn disconnect(&mut self, m: &Member) {
+        self.conns.retain(|c| !matches(c, m));
+    }
+
+    /// Keep only the connections to the read and commit servers.
+    pub fn prune(&mut self) {
+        let keep: Vec<&Member> = self
+            .read_target
+            .iter()
+            .chain(self.commit_target.iter())
+            .collect();
+        let mut kept: Vec<Connection> = Vec::new();
+        for c in std::mem::take(&mut self.conns) {
+            let wanted = c.is_usable()
+                && keep.iter().any(|m| matches(&c, m))
+                && !kept.iter().any(|k| k.addr() == c.addr());
+            if wanted {
+                kept.push(c);
+            }
+        }
+        self.conns = kept;
+    }
+
+    // ---- commits ----
+
+    /// The server commits go to, as the node names it.
+    pub fn commit_target(&self) -> Option<&Member> {
+        self.commit_target.as_ref()
+    }
+
+    /// Send commits to `addr` from now on (a `wrong_server` redirect).
+    pub fn redirect_commits(&mut self, addr: &str) {
+        self.commit_target = Some(routing::member_at(&self.node, addr, MemberRole::Primary));
+    }
+
+    /// Stop sending commits to the current target and drop its connection;
+    /// returns the member it was (or the node's primary if none was set).
+    pub fn forget_commit_target(&mut self) -> Option<Member> {
+        let target = self
+            .commit_target
+            .take()
+            .or_else(|| self.node.primary().cloned());
+        if let Some(m) = &target {
+            self.disconnect(m);
+        }
+        target
+    }
+
+    /// The connection to the primary, opened (or re-opened, when the server
+    /// dropped it while idle) as needed. With no primary in the node view,
+    /// `wrong_server` without a primary, as a secondary would answer.
+    pub fn commit_connection(&mut self) -> Result<ConnIdx> {
+        let target =
+            match &self.commit_target {
+                Some(t) => t.clone(),
+                None => self.node.primary().cloned().ok_or(ClientError::Server(
+                    WireError::WrongServer { primary: None },
+                ))?,
+            };
+        let idx = match self.find(&target) {
+            Some(idx) if !self.conns[idx].is_stale() => idx,
+            found => {
+                if let Some(idx) = found {
+                    self.conns.remove(idx);
+                }
+                self.connection_to(&target)?
+            }
+        };
+        // Connecting may have taught a newer view without this server as
+        // primary; it then answers `wrong_server`, which re-routes.
+        self.commit_target = Some(target);
+        Ok(idx)
+    }
+
+    // ---- reads ----
+
+    /// The read server's connection; chooses one if there is none.
+    pub fn read_connection(
+        &mut self,
+        exclude: &mut Vec<String>,
+        tried: &mut Vec<Attempt>,
+    ) -> Result<ConnIdx> {
+        if let Some(t) = self.read_target.clone() {
+            match self.connection_to(&t) {
+                Ok(idx) => return Ok(idx),
+                Err(error) => {
+                    exclude.push(t.addr.clone());
+                    tried.push(Attempt {
+                        addr: t.addr,
+                        error: Box::new(error),
+                    });
+                    self.read_target = None;
+                }
+            }
+        }
+        self.select_read_server(exclude, tried)
+    }
+
+    /// The read server failed on connection `idx`: stop reading there and
+    /// never pick it again within this request (`exclude`).
+    pub fn read_server_failed(&mut self, idx: ConnIdx, exclude: &mut Vec<String>) {
+        let conn = self.conns.remove(idx);
+        exclude.push(conn.addr().to_string());
+        if let Some(t) = self.read_target.take() {
+            exclude.push(t.addr.clone());
+            self.disconnect(&t);
+        }
+    }
+
+    /// Choose the read server: a random secondary, else the primary,
+    /// skipping `exclude`d addresses and servers not serving reads;
+    /// re-learns the node once when every candidate failed.
+    pub fn select_read_server(
+        &mut self,
+        exclude: &mut Vec<String>,
+        tried: &mut Vec<Attempt>,
+    ) -> Result<ConnIdx> {
+        let mut refreshed = false;
+        loop {
+            for m in routing::read_order(&self.node, exclude, &mut self.rng) {
+                match self.connection_to(&m) {
+                    Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => {
+                        self.read_target = Some(m);
+                        return Ok(idx);
+                    }
+                    Ok(idx) => {
+                        let role = self.conns[idx].hello().role;
+                        log::debug!("{} does not serve reads ({role:?})", m.addr);
+                        exclude.push(m.addr);
+                    }
+                    Err(error) => {
+                        exclude.push(m.addr.clone());
+                        tried.push(Attempt {
+                            addr: m.addr,
+                            error: Box::new(error),
+                        });
+                    }
+                }
+            }
+            if refreshed {
+                break;
+            }
+            refreshed = true;
+            if let Err(ClientError::NoServerReachable { tried: more }) = self.refresh_node() {
+                tried.extend(more);
+                break;
+            }
+        }
+        self.read_target = None;
+        Err(ClientError::NoServerReachable {
+            tried: std::mem::take(tried),
+        })
+    }
+
+    /// Servers other than the read server that may serve a read, best
+    /// first: the other secondaries in random order, then the primary.
+    pub fn other_readers(&mut self) -> Vec<Member> {
+        let exclude: Vec<String> = self.read_target.iter().map(|m| m.addr.clone()).collect();
+        let read_id = self.read_target.as_ref().map_or(0, |m| m.server_id);
+        routing::read_order(&self.node, &exclude, &mut self.rng)
+            .into_iter()
+            .filter(|m| read_id == 0 || m.server_id != read_id)
+            .collect()
+    }
+
+    /// A connection to `m` if it serves reads.
+    pub fn reader(&mut self, m: &Member) -> Option<ConnIdx> {
+        match self.connection_to(m) {
+            Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => Some(idx),
+            _ => None,
+        }
+    }
+}

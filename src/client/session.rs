@@ -1,0 +1,558 @@
+//! `Session`: an application's view of a node as one server. It learns the
+//! node from any member, reads from one secondary chosen at random (the
+//! primary when there is none), sends commits to the primary, and hides
+//! failures that are safe to hide:
+//!
+//! * a read whose server fails on the network (or is shutting down) moves
+//!   silently to another secondary, then the primary, re-learning the node
+//!   when every known server has failed;
+//! * a read answered `behind` is retried once elsewhere (another secondary,
+//!   the primary as last choice; the first one that answers decides);
+//! * a commit answered `wrong_server`, `shutting_down`, `unavailable` or
+//!   `restore_mode` was not applied: it is re-routed to the primary (named
+//!   by the redirect, or re-learned from the members) and resent with the
+//!   same idempotency token, pausing when the node still names the same
+//!   server, within `SessionOptions::reroute_timeout` (`restore_mode` from
+//!   the only primary the node knows is returned at once);
+//! * a commit that could not be sent at all is resent only if re-learning
+//!   the node finds a different primary; otherwise the network error
+//!   reaches the application, as the design requires when a primary dies.
+//!
+//! A commit that was sent but got no reply is never retried here: it is
+//! `ClientError::OutcomeUnknown`, carrying its token so the application may
+//! resend the same body.
+//!
+//! Telling the primary about a secondary that failed (so that it verifies
+//! and removes it) is not part of this module yet: the session only moves
+//! its own reads away from it.
+//!
+//! This module owns the retry policy and the typed API. It must never open
+//! sockets or pick servers itself (that is `router`), never change a commit
+//! body between attempts, and never report an unanswered commit as failed.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::client::connection::{unexpected, CallFailure, ConnectOptions};
+use crate::client::error::{Attempt, ClientError, Result};
+use crate::client::router::Router;
+use crate::client::transaction::{CommitOutcome, Transaction};
+use crate::client::value::{from_value, Object};
+use crate::protocol::{
+    CommitBody, RequestBody, RequiredProgress, Response, ResponseBody, WireError, WireRef,
+};
+use crate::types::{CommitNumber, Epoch, Node, Oid};
+
+/// Settings of an application session.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Socket settings of every connection the session opens.
+    pub connect: ConnectOptions,
+    /// How long a commit keeps being re-routed (redirects, a node changing
+    /// primary under a take-over) before the last error reaches the
+    /// application. Default 10 s.
+    pub reroute_timeout: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            connect: ConnectOptions::default(),
+            reroute_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A blocking application session on a node. Use one session per thread.
+pub struct Session {
+    router: Router,
+    reroute_timeout: Duration,
+    required_progress: RequiredProgress,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("read_server", &self.read_server())
+            .field("commit_server", &self.commit_server())
+            .field("epoch", &self.epoch())
+            .field("last_seen_commit", &self.last_seen_commit())
+            .finish()
+    }
+}
+
+/// Errors after which a read moves to another server.
+fn read_fails_over(e: &ClientError) -> bool {
+    e.is_network()
+        || matches!(
+            e,
+            ClientError::Server(WireError::ShuttingDown | WireError::Unavailable { .. })
+        )
+}
+
+/// Server errors saying a commit was not applied there and belongs elsewhere.
+fn commit_reroutes(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Server(
+            WireError::WrongServer { .. }
+                | WireError::ShuttingDown
+                | WireError::Unavailable { .. }
+                | WireError::RestoreMode
+        )
+    )
+}
+
+/// Failures after which a sent commit may or may not have been applied.
+fn leaves_outcome_unknown(e: &ClientError) -> bool {
+    e.is_network()
+        || matches!(
+            e,
+            ClientError::Protocol { .. } | ClientError::Server(WireError::Internal { .. })
+        )
+}
+
+/// Largest `count` asked of a server in one collection range request.
+const RANGE_PAGE: u64 = 65_536;
+
+impl Session {
+    /// Connect to the node through the first reachable address of `addrs`.
+    pub fn connect<A: AsRef<str>>(addrs: &[A]) -> Result<Session> {
+        Session::connect_with(addrs, SessionOptions::default())
+    }
+
+    /// [`Session::connect`] with explicit options.
+    pub fn connect_with<A: AsRef<str>>(addrs: &[A], opts: SessionOptions) -> Result<Session> {
+        let seeds = addrs.iter().map(|a| a.as_ref().to_string()).collect();
+        let mut router = Router::start(seeds, opts.connect)?;
+        router.select_read_server(&mut Vec::new(), &mut Vec::new())?;
+        // Best effort: a dead primary must not prevent reading.
+        if let Err(e) = router.commit_connection() {
+            log::debug!("no commit connection yet: {e}");
+        }
+        router.prune();
+        Ok(Session {
+            router,
+            reroute_timeout: opts.reroute_timeout,
+            required_progress: None,
+        })
+    }
+
+    // ---- state ----
+
+    /// The node as last learned.
+    pub fn node(&self) -> &Node {
+        self.router.node()
+    }
+
+    /// The epoch of the node view the session routes by.
+    pub fn epoch(&self) -> Epoch {
+        self.router.epoch()
+    }
+
+    /// The address reads currently go to.
+    pub fn read_server(&self) -> Option<&str> {
+        self.router.read_server()
+    }
+
+    /// The address commits currently go to.
+    pub fn commit_server(&self) -> Option<&str> {
+        self.router.commit_server()
+    }
+
+    /// The highest commit number seen in any response (commits included).
+    pub fn last_seen_commit(&self) -> CommitNumber {
+        self.router.last_seen()
+    }
+
+    /// The progress every read requires (`None`: whatever the server has).
+    pub fn required_progress(&self) -> RequiredProgress {
+        self.required_progress
+    }
+
+    /// Require every following read to see at least commit `n`: a server
+    /// behind it waits about a second, then the read is retried once
+    /// elsewhere.
+    pub fn set_required_progress(&mut self, n: impl Into<RequiredProgress>) {
+        self.required_progress = n.into();
+    }
+
+    /// Read-your-writes: require the highest commit seen so far.
+    pub fn require_last_seen(&mut self) {
+        self.required_progress = Some(self.last_seen_commit());
+    }
+
+    /// Re-learn the node from every known address now (the session also
+    /// does it by itself whenever routing fails).
+    pub fn refresh_node(&mut self) -> Result<()> {
+        let result = self.router.refresh_node();
+        self.router.prune();
+        result
+    }
+
+    // ---- reads ----
+
+    /// The user's domain root, if one was set.
+    pub fn root(&mut self) -> Result<Option<Object>> {
+        Ok(self.root_with_depth(0)?.into_iter().next())
+    }
+
+    /// The domain root first, then the objects it reaches within `depth`
+    /// references; empty when no root was set.
+    pub fn root_with_depth(&mut self, depth: u32) -> Result<Vec<Object>> {
+        let resp = self.read_request(|required_progress| RequestBody::ReadRoot {
+            depth,
+            required_progress,
+        })?;
+        match resp.body {
+            ResponseBody::Root { root: None, .. } => Ok(Vec::new()),
+            ResponseBody::Root { objects, .. } => {
+                Ok(objects.into_iter().map(Object::from).collect())
+            }
+            other => Err(self.unexpected_read("root", &other)),
+        }
+    }
+
+    /// One object. Oid 0 is the root anchor.
+    pub fn read(&mut self, oid: impl Into<Oid>) -> Result<Object> {
+        let oid = oid.into();
+        let mut objects = self.read_with_depth(oid, 0)?;
+        if objects.is_empty() || objects[0].oid != oid {
+            return Err(ClientError::Protocol {
+                addr: self.read_server().unwrap_or_default().to_string(),
+                reason: format!("a read of object {oid} did not return it first"),
+            });
+        }
+        Ok(objects.swap_remove(0))
+    }
+
+    /// An object first, then the objects it reaches within `depth`
+    /// references.
+    pub fn read_with_depth(&mut self, oid: impl Into<Oid>, depth: u32) -> Result<Vec<Object>> {
+        let oid = oid.into();
+        let resp = self.read_request(|required_progress| RequestBody::Read {
+            oid,
+            depth,
+            required_progress,
+        })?;
+        match resp.body {
+            ResponseBody::Objects { objects } => {
+                Ok(objects.into_iter().map(Object::from).collect())
+            }
+            other => Err(self.unexpected_read("objects", &other)),
+        }
+    }
+
+    /// An object's value decoded into `T`, with its version (pass it back
+    /// to [`Transaction::put`] when rewriting the object).
+    pub fn get<T: DeserializeOwned>(&mut self, oid: impl Into<Oid>) -> Result<(T, u64)> {
+        let object = self.read(oid)?;
+        Ok((object.decode()?, object.version))
+    }
+
+    /// A meta attribute of the repository.
+    pub fn meta(&mut self, key: &str) -> Result<Option<rmpv::Value>> {
+        let resp = self.read_request(|required_progress| RequestBody::GetMeta {
+            key: key.to_string(),
+            required_progress,
+        })?;
+        match resp.body {
+            ResponseBody::Meta { value } => Ok(value),
+            other => Err(self.unexpected_read("meta", &other)),
+        }
+    }
+
+    /// A meta attribute decoded into `T`.
+    pub fn meta_as<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
+        self.meta(key)?.map(|v| from_value(&v)).transpose()
+    }
+
+    /// Number of elements of a large collection.
+    pub fn collection_len(&mut self, coll: impl Into<Oid>) -> Result<u64> {
+        let coll = coll.into();
+        let resp = self.read_request(|required_progress| RequestBody::CollectionLength {
+            coll,
+            required_progress,
+        })?;
+        match resp.body {
+            ResponseBody::Length { len } => Ok(len),
+            other => Err(self.unexpected_read("length", &other)),
+        }
+    }
+
+    /// Up to `count` elements of a large collection from index `start`
+    /// (fewer at its end). A server reply carries at most 65 536 elements;
+    /// longer ranges are fetched page by page.
+    pub fn collection_range(
+        &mut self,
+        coll: impl Into<Oid>,
+        start: u64,
+        count: u64,
+    ) -> Result<Vec<rmpv::Value>> {
+        let coll = coll.into();
+        let mut out = Vec::new();
+        while (out.len() as u64) < count {
+            let from = start + out.len() as u64;
+            let ask = (count - out.len() as u64).min(RANGE_PAGE);
+            let resp = self.read_request(|required_progress| RequestBody::CollectionRange {
+                coll,
+                start: from,
+                count: ask,
+                required_progress,
+            })?;
+            let values = match resp.body {
+                ResponseBody::Elements { values, .. } => values,
+                other => return Err(self.unexpected_read("elements", &other)),
+            };
+            // The protocol caps a reply at 65 536 elements, never lower: a
+            // shorter reply than asked is the end of the collection.
+            let end = (values.len() as u64) < ask;
+            out.extend(values);
+            if end {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Session::collection_range`] with every element decoded into `T`.
+    pub fn collection_range_as<T: DeserializeOwned>(
+        &mut self,
+        coll: impl Into<Oid>,
+        start: u64,
+        count: u64,
+    ) -> Result<Vec<T>> {
+        self.collection_range(coll, start, count)?
+            .iter()
+            .map(from_value)
+            .collect()
+    }
+
+    // ---- commits ----
+
+    /// Build a transaction with `build` and commit it. Conflicts come back
+    /// as [`ClientError::Conflict`]; re-read and call again.
+    pub fn commit<F: FnOnce(&mut Transaction)>(&mut self, build: F) -> Result<CommitOutcome> {
+        let mut tx = Transaction::new();
+        build(&mut tx);
+        self.commit_tx(tx)
+    }
+
+    /// Commit a transaction built beforehand.
+    pub fn commit_tx(&mut self, tx: Transaction) -> Result<CommitOutcome> {
+        self.commit_body(tx.into_body()?)
+    }
+
+    /// Append one element to a large collection, in a commit of its own;
+    /// its index is `positions[0]` of the outcome (absent when the outcome
+    /// is [`CommitOutcome::replayed`]).
+    pub fn append<T: Serialize + ?Sized>(
+        &mut self,
+        coll: impl Into<WireRef>,
+        value: &T,
+    ) -> Result<CommitOutcome> {
+        let coll = coll.into();
+        self.commit(|tx| {
+            tx.append(coll, value);
+        })
+    }
+
+    /// Commit a body as given. A body without a token gets 16 random bytes;
+    /// every attempt of this call sends the same token, so the primary
+    /// applies the commit at most once. To learn the fate of a commit that
+    /// ended in [`ClientError::OutcomeUnknown`], call this again with the
+    /// same body and token.
+    pub fn commit_body(&mut self, mut body: CommitBody) -> Result<CommitOutcome> {
+        let token = body
+            .token
+            .get_or_insert_with(|| rand::random::<[u8; 16]>().to_vec())
+            .clone();
+        let expects = (!body.news.is_empty(), !body.appends.is_empty());
+        let request = RequestBody::Commit(body);
+        let deadline = Instant::now() + self.reroute_timeout;
+        let mut pause = Duration::from_millis(20);
+        let mut relearned = false;
+        let result = loop {
+            let sent = self
+                .router
+                .commit_connection()
+                .map_err(|error| CallFailure { sent: false, error })
+                .and_then(|idx| {
+                    let conn = self.router.conn(idx);
+                    let addr = conn.addr().to_string();
+                    conn.call_tracked(request.clone()).map(|resp| (resp, addr))
+                });
+            match sent {
+                Ok((resp, addr)) => break self.committed(resp, &addr, expects),
+                Err(CallFailure { sent: false, error }) => {
+                    if let Err(e) = self.reroute_unsent(error, &mut relearned) {
+                        break Err(e);
+                    }
+                }
+                Err(CallFailure { error, .. }) if commit_reroutes(&error) => {
+                    if Instant::now() >= deadline {
+                        break Err(error);
+                    }
+                    let same_server = self.reroute(&error);
+                    if same_server && matches!(error, ClientError::Server(WireError::RestoreMode)) {
+                        // A backup in restore mode stays one until an
+                        // operator acts: waiting would not help.
+                        break Err(error);
+                    }
+                    if same_server {
+                        thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(CallFailure { error, .. }) if leaves_outcome_unknown(&error) => {
+                    let addr = self.router.commit_server().unwrap_or_default().to_string();
+                    self.router.forget_commit_target();
+                    break Err(ClientError::OutcomeUnknown {
+                        token,
+                        addr,
+                        cause: Box::new(error),
+                    });
+                }
+                Err(CallFailure { error, .. }) => break Err(error),
+            }
+        };
+        self.router.prune();
+        result
+    }
+
+    /// Follow a refusal that says the commit belongs elsewhere. True when
+    /// the next attempt goes to the same server (or none is known), so the
+    /// caller should pause first.
+    fn reroute(&mut self, error: &ClientError) -> bool {
+        let before = self.router.commit_server().map(str::to_string);
+        log::debug!("commit to {before:?} re-routed: {error}");
+        match error {
+            ClientError::Server(WireError::WrongServer {
+                primary: Some(primary),
+            }) if Some(primary) != before.as_ref() => self.router.redirect_commits(primary),
+            _ => {
+                self.router.forget_commit_target();
+                let _ = self.router.refresh_node();
+            }
+        }
+        let after = self
+            .router
+            .commit_target()
+            .or_else(|| self.router.node().primary())
+            .map(|m| m.addr.clone());
+        after.is_none() || after == before
+    }
+
+    /// A commit that was not sent: resend it only if re-learning the node
+    /// names another primary than the one that just failed, and only once.
+    fn reroute_unsent(&mut self, error: ClientError, relearned: &mut bool) -> Result<()> {
+        if *relearned {
+            return Err(error);
+        }
+        *relearned = true;
+        let failed = self.router.forget_commit_target();
+        if self.router.refresh_node().is_err() {
+            return Err(error);
+        }
+        let primary = self.router.node().primary().map(|p| p.addr.clone());
+        match primary {
+            Some(p) if Some(&p) != failed.as_ref().map(|m| &m.addr) => {
+                self.router.redirect_commits(&p);
+                Ok(())
+            }
+            _ => Err(error),
+        }
+    }
+
+    /// The outcome of a commit; `expects` says whether it created objects
+    /// and whether it appended, to recognise a replayed answer.
+    fn committed(
+        &mut self,
+        resp: Response,
+        addr: &str,
+        expects: (bool, bool),
+    ) -> Result<CommitOutcome> {
+        self.router.observe(&resp);
+        match resp.body {
+            ResponseBody::Committed {
+                number,
+                new_oids,
+                positions,
+            } => {
+                let replayed =
+                    (expects.0 && new_oids.is_empty()) || (expects.1 && positions.is_empty());
+                Ok(CommitOutcome {
+                    number,
+                    new_oids,
+                    positions,
+                    replayed,
+                })
+            }
+            other => Err(unexpected(addr, "committed", &other)),
+        }
+    }
+
+    // ---- read routing ----
+
+    /// Send a read to the read server, failing over on network errors, and
+    /// retry once elsewhere when it is behind the required progress.
+    fn read_request(&mut self, make: impl Fn(RequiredProgress) -> RequestBody) -> Result<Response> {
+        let body = make(self.required_progress);
+        let mut exclude = Vec::new();
+        let mut tried = Vec::new();
+        let result = loop {
+            let idx = match self.router.read_connection(&mut exclude, &mut tried) {
+                Ok(idx) => idx,
+                Err(e) => break Err(e),
+            };
+            let addr = self.router.conn(idx).addr().to_string();
+            match self.router.conn(idx).call(body.clone()) {
+                Ok(resp) => {
+                    self.router.observe(&resp);
+                    break Ok(resp);
+                }
+                Err(error) if read_fails_over(&error) => {
+                    log::info!("read server {addr} failed ({error}); failing over");
+                    self.router.read_server_failed(idx, &mut exclude);
+                    tried.push(Attempt {
+                        addr,
+                        error: Box::new(error),
+                    });
+                }
+                Err(error @ ClientError::Server(WireError::Behind { .. })) => {
+                    break self.read_elsewhere(&body, error);
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        self.router.prune();
+        result
+    }
+
+    /// The one retry of a read the read server answered `behind`: the first
+    /// other server that answers (other secondaries, the primary last)
+    /// decides. The session keeps its read server.
+    fn read_elsewhere(&mut self, body: &RequestBody, behind: ClientError) -> Result<Response> {
+        for m in self.router.other_readers() {
+            let Some(idx) = self.router.reader(&m) else {
+                continue;
+            };
+            match self.router.conn(idx).call(body.clone()) {
+                Ok(resp) => {
+                    self.router.observe(&resp);
+                    return Ok(resp);
+                }
+                Err(e) if read_fails_over(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(behind)
+    }
+
+    fn unexpected_read(&self, expected: &str, got: &ResponseBody) -> ClientError {
+        unexpected(self.read_server().unwrap_or_default(), expected, got)
+    }
+}

@@ -1,0 +1,497 @@
+//! Session behaviour against fake servers (threads speaking the protocol):
+//! routing, read failover, `behind` retries, commit redirects, unknown
+//! outcomes. The real cluster suite lives in `tests/cluster/`.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use rmpv::Value;
+
+use crate::client::{ClientError, ConnectOptions, Ref, Session, SessionOptions};
+use crate::protocol::codec::{self, DEFAULT_MAX_FRAME};
+use crate::protocol::*;
+use crate::types::{Epoch, Member, MemberRole, Node};
+
+type Handler = dyn Fn(&RequestBody) -> Option<ResponseBody> + Send + Sync;
+
+/// A fake server: answers each request with its handler (`None` closes the
+/// connection without answering) and records what it was sent.
+struct Fake {
+    addr: String,
+    listener: Option<TcpListener>,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<RequestBody>>>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Fake {
+    fn bind() -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Fake {
+            addr: listener.local_addr().unwrap().to_string(),
+            listener: Some(listener),
+            stop: Arc::default(),
+            seen: Arc::default(),
+            streams: Arc::default(),
+            acceptor: None,
+        }
+    }
+
+    fn serve(
+        &mut self,
+        handler: impl Fn(&RequestBody) -> Option<ResponseBody> + Send + Sync + 'static,
+    ) {
+        let handler: Arc<Handler> = Arc::new(handler);
+        let listener = self.listener.take().unwrap();
+        let (stop, seen, streams) = (self.stop.clone(), self.seen.clone(), self.streams.clone());
+        self.acceptor = Some(thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut s) = stream else { continue };
+                streams.lock().unwrap().push(s.try_clone().unwrap());
+                let (handler, seen) = (handler.clone(), seen.clone());
+                thread::spawn(move || {
+                    while let Ok(frame) = codec::read_frame(&mut s, DEFAULT_MAX_FRAME) {
+                        let req: Request = codec::decode(&frame).unwrap();
+                        seen.lock().unwrap().push(req.body.clone());
+                        let Some(body) = handler(&req.body) else {
+                            break;
+                        };
+                        let resp = Response {
+                            id: req.id,
+                            commit: 10,
+                            body,
+                        };
+                        if std::io::Write::write_all(&mut s, &codec::encode(&resp)).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s.shutdown(Shutdown::Both);
+                });
+            }
+        }));
+    }
+
+    /// Crash: close every connection and refuse new ones.
+    fn kill(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(a) = self.acceptor.take() {
+            a.join().unwrap();
+        }
+    }
+
+    fn seen(&self) -> Vec<RequestBody> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn count(&self, pred: impl Fn(&RequestBody) -> bool) -> usize {
+        self.seen().iter().filter(|b| pred(b)).count()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn is_read(b: &RequestBody) -> bool {
+    matches!(b, RequestBody::Read { .. })
+}
+
+fn is_commit(b: &RequestBody) -> bool {
+    matches!(b, RequestBody::Commit(_))
+}
+
+fn token_of(b: &RequestBody) -> Option<Vec<u8>> {
+    match b {
+        RequestBody::Commit(c) => c.token.clone(),
+        _ => None,
+    }
+}
+
+fn node_of(members: &[(&Fake, MemberRole)]) -> Node {
+    Node {
+        members: members
+            .iter()
+            .enumerate()
+            .map(|(i, (f, role))| Member {
+                server_id: 100 + i as u64,
+                addr: f.addr.clone(),
+                role: *role,
+            })
+            .collect(),
+    }
+}
+
+fn hello(node: &Node, addr: &str) -> ResponseBody {
+    let me = node.members.iter().find(|m| m.addr == addr).unwrap();
+    ResponseBody::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: me.server_id,
+        repository_id: "r".into(),
+        role: match me.role {
+            MemberRole::Primary => ServerRole::Primary,
+            MemberRole::Secondary => ServerRole::Secondary,
+            MemberRole::Witness => ServerRole::Witness,
+        },
+        node: node.clone(),
+        epoch: Epoch {
+            term: 1,
+            server: 100,
+        },
+    }
+}
+
+fn object(oid: u64) -> ResponseBody {
+    ResponseBody::Objects {
+        objects: vec![WireObject {
+            oid,
+            version: 3,
+            class: "C".into(),
+            value: Ref(oid + 1).to_value(),
+            collection_len: None,
+        }],
+    }
+}
+
+fn committed() -> ResponseBody {
+    ResponseBody::Committed {
+        number: 11,
+        new_oids: vec![],
+        positions: vec![4],
+    }
+}
+
+/// A server of `node` at `addr`; `extra` answers what it wants to, the
+/// rest is hello / node / a read of any oid / a commit.
+fn standard(
+    node: Node,
+    addr: String,
+    extra: impl Fn(&RequestBody) -> Option<Option<ResponseBody>> + Send + Sync + 'static,
+) -> impl Fn(&RequestBody) -> Option<ResponseBody> + Send + Sync + 'static {
+    move |body| {
+        if let Some(answer) = extra(body) {
+            return answer;
+        }
+        Some(match body {
+            RequestBody::Hello { .. } => hello(&node, &addr),
+            RequestBody::GetNode => ResponseBody::Node {
+                node: node.clone(),
+                epoch: Epoch {
+                    term: 1,
+                    server: 100,
+                },
+                role: ServerRole::Secondary,
+            },
+            RequestBody::Read { oid, .. } => object(*oid),
+            RequestBody::Commit(_) => committed(),
+            _ => ResponseBody::Ok,
+        })
+    }
+}
+
+fn options() -> SessionOptions {
+    SessionOptions {
+        connect: ConnectOptions {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Some(Duration::from_secs(5)),
+            ..ConnectOptions::default()
+        },
+        reroute_timeout: Duration::from_secs(3),
+    }
+}
+
+/// A primary and one secondary, both answering normally.
+fn pair() -> (Fake, Fake, Node) {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node.clone(), s.addr.clone(), |_| None));
+    (p, s, node)
+}
+
+#[test]
+fn reads_go_to_the_secondary_and_commits_to_the_primary() {
+    let (p, s, _) = pair();
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    assert_eq!(session.commit_server(), Some(p.addr.as_str()));
+    let obj = session.read(5u64).unwrap();
+    assert_eq!((obj.oid, obj.version), (5, 3));
+    assert_eq!(obj.references(), vec![Ref(6)]);
+    let (r, version): (Ref, u64) = session.get(Ref(7)).unwrap();
+    assert_eq!((r, version), (Ref(8), 3));
+    let out = session.append(Ref(9), &"x").unwrap();
+    assert_eq!((out.number, out.positions.clone()), (11, vec![4]));
+    assert_eq!(session.last_seen_commit(), 11);
+    assert_eq!(s.count(is_read), 2);
+    assert_eq!(p.count(is_read), 0);
+    let commits: Vec<_> = p.seen().into_iter().filter(is_commit).collect();
+    assert_eq!(commits.len(), 1);
+    assert_eq!(token_of(&commits[0]).unwrap().len(), 16);
+    assert_eq!(s.count(is_commit), 0);
+}
+
+#[test]
+fn a_dead_secondary_is_invisible_to_reads() {
+    let (p, mut s, _) = pair();
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    session.read(1u64).unwrap();
+    s.kill();
+    assert_eq!(session.read(2u64).unwrap().oid, 2);
+    assert_eq!(session.read_server(), Some(p.addr.as_str()));
+    assert_eq!(p.count(is_read), 1);
+}
+
+#[test]
+fn every_server_dead_is_no_server_reachable() {
+    let (mut p, mut s, _) = pair();
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    p.kill();
+    s.kill();
+    match session.read(1u64) {
+        Err(e @ ClientError::NoServerReachable { .. }) => {
+            assert!(e.to_string().contains(&p.addr), "{e}");
+            assert!(e.is_retryable());
+        }
+        other => panic!("expected NoServerReachable, got {other:?}"),
+    }
+    let none: [&str; 1] = [&p.addr];
+    assert!(matches!(
+        Session::connect_with(&none, options()),
+        Err(ClientError::NoServerReachable { .. })
+    ));
+}
+
+#[test]
+fn behind_is_retried_once_elsewhere() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node.clone(), s.addr.clone(), |b| {
+        is_read(b).then_some(Some(ResponseBody::Error {
+            error: WireError::Behind {
+                commit: 3,
+                required: 50,
+            },
+            message: "behind".into(),
+        }))
+    }));
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    session.set_required_progress(50);
+    assert_eq!(session.read(4u64).unwrap().oid, 4);
+    assert_eq!(
+        session.read_server(),
+        Some(s.addr.as_str()),
+        "keeps its read server"
+    );
+    assert_eq!((s.count(is_read), p.count(is_read)), (1, 1));
+    let required: Vec<_> = p
+        .seen()
+        .into_iter()
+        .filter_map(|b| match b {
+            RequestBody::Read {
+                required_progress, ..
+            } => Some(required_progress),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(required, vec![Some(50)]);
+}
+
+#[test]
+fn wrong_server_redirects_the_same_commit() {
+    let (mut old, mut new) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&old, MemberRole::Primary), (&new, MemberRole::Secondary)]);
+    let new_addr = new.addr.clone();
+    old.serve(standard(node.clone(), old.addr.clone(), move |b| {
+        is_commit(b).then(|| {
+            Some(ResponseBody::Error {
+                error: WireError::WrongServer {
+                    primary: Some(new_addr.clone()),
+                },
+                message: "swapped".into(),
+            })
+        })
+    }));
+    new.serve(standard(node.clone(), new.addr.clone(), |_| None));
+    let mut session = Session::connect_with(&[&old.addr], options()).unwrap();
+    let out = session
+        .commit(|tx| {
+            tx.put(Ref(3), 2, "C", &Value::from(1));
+        })
+        .unwrap();
+    assert_eq!(out.number, 11);
+    assert_eq!(session.commit_server(), Some(new.addr.as_str()));
+    let first: Vec<_> = old.seen().into_iter().filter(is_commit).collect();
+    let second: Vec<_> = new.seen().into_iter().filter(is_commit).collect();
+    assert_eq!((first.len(), second.len()), (1, 1));
+    assert_eq!(first[0], second[0], "same body, same token");
+}
+
+#[test]
+fn a_lost_reply_is_an_unknown_outcome_and_a_conflict_is_a_conflict() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |b| match b {
+        RequestBody::Commit(c) if c.appends.is_empty() => Some(Some(ResponseBody::Error {
+            error: WireError::Conflict { oids: vec![3] },
+            message: "changed".into(),
+        })),
+        RequestBody::Commit(_) => Some(None),
+        _ => None,
+    }));
+    s.serve(standard(node, s.addr.clone(), |_| None));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let err = session
+        .commit(|tx| {
+            tx.put(Ref(3), 1, "C", &0u8);
+        })
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err:?}");
+    let err = session.append(Ref(9), &"x").unwrap_err();
+    match &err {
+        ClientError::OutcomeUnknown { token, .. } => {
+            let sent: Vec<_> = p.seen().into_iter().filter(is_commit).collect();
+            assert_eq!(Some(token.clone()), token_of(&sent[1]));
+        }
+        other => panic!("expected OutcomeUnknown, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    // The session recovers: the next commit reconnects.
+    assert!(session
+        .append(Ref(9), &"y")
+        .unwrap_err()
+        .is_outcome_unknown());
+    assert_eq!(p.count(is_commit), 3);
+}
+
+#[test]
+fn a_dead_primary_surfaces_a_network_error_to_commits_but_reads_go_on() {
+    let (mut p, s, _) = pair();
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    p.kill();
+    let err = session.append(Ref(9), &"x").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Io { .. } | ClientError::NoServerReachable { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_retryable(), "never sent, so never applied");
+    assert_eq!(session.read(1u64).unwrap().oid, 1);
+}
+
+#[test]
+fn long_ranges_are_paged_and_a_short_page_ends_them() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    const LEN: u64 = 70_000;
+    let ranges = |b: &RequestBody| match b {
+        RequestBody::CollectionRange { start, count, .. } => {
+            let end = (start + count.min(&65_536)).min(LEN);
+            Some(Some(ResponseBody::Elements {
+                start: *start,
+                values: (*start..end).map(Value::from).collect(),
+            }))
+        }
+        _ => None,
+    };
+    p.serve(standard(node.clone(), p.addr.clone(), ranges));
+    s.serve(standard(node, s.addr.clone(), ranges));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let all: Vec<u64> = session.collection_range_as(Ref(7), 0, u64::MAX).unwrap();
+    assert_eq!(all.len() as u64, LEN);
+    assert_eq!(all[69_999], 69_999);
+    let is_range = |b: &RequestBody| matches!(b, RequestBody::CollectionRange { .. });
+    assert_eq!(s.count(is_range) + p.count(is_range), 2);
+    assert_eq!(session.collection_range(Ref(7), 10, 3).unwrap().len(), 3);
+}
+
+#[test]
+fn take_over_without_a_named_primary_is_followed_through_the_node() {
+    let (mut old, mut new) = (Fake::bind(), Fake::bind());
+    let before = node_of(&[(&old, MemberRole::Primary), (&new, MemberRole::Secondary)]);
+    let after = node_of(&[(&old, MemberRole::Secondary), (&new, MemberRole::Primary)]);
+    let swapped = move |b: &RequestBody| match b {
+        RequestBody::GetNode => Some(Some(ResponseBody::Node {
+            node: after.clone(),
+            epoch: Epoch {
+                term: 2,
+                server: 101,
+            },
+            role: ServerRole::Secondary,
+        })),
+        RequestBody::Commit(_) => Some(Some(ResponseBody::Error {
+            error: WireError::WrongServer { primary: None },
+            message: "draining".into(),
+        })),
+        _ => None,
+    };
+    let refusing = swapped.clone();
+    old.serve(standard(before.clone(), old.addr.clone(), refusing));
+    new.serve(standard(before, new.addr.clone(), move |b| match b {
+        RequestBody::Commit(_) => None,
+        other => swapped(other),
+    }));
+    let mut session = Session::connect_with(&[&old.addr], options()).unwrap();
+    assert_eq!(session.commit_server(), Some(old.addr.as_str()));
+    assert_eq!(session.append(Ref(9), &1u8).unwrap().number, 11);
+    assert_eq!(session.commit_server(), Some(new.addr.as_str()));
+    assert_eq!(session.epoch().term, 2);
+    assert_eq!((old.count(is_commit), new.count(is_commit)), (1, 1));
+}
+
+#[test]
+fn restore_mode_with_no_other_primary_is_returned_at_once() {
+    let mut p = Fake::bind();
+    let node = node_of(&[(&p, MemberRole::Primary)]);
+    p.serve(standard(node, p.addr.clone(), |b| {
+        is_commit(b).then_some(Some(ResponseBody::Error {
+            error: WireError::RestoreMode,
+            message: "backup".into(),
+        }))
+    }));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let start = std::time::Instant::now();
+    let err = session.append(Ref(1), &0u8).unwrap_err();
+    assert!(
+        matches!(err, ClientError::Server(WireError::RestoreMode)),
+        "{err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(p.count(is_commit), 1);
+}
+
+#[test]
+fn an_answer_to_a_resent_token_is_marked_replayed() {
+    let mut p = Fake::bind();
+    let node = node_of(&[(&p, MemberRole::Primary)]);
+    p.serve(standard(node, p.addr.clone(), |b| {
+        is_commit(b).then_some(Some(ResponseBody::Committed {
+            number: 7,
+            new_oids: vec![],
+            positions: vec![],
+        }))
+    }));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let out = session.append(Ref(1), &0u8).unwrap();
+    assert!(out.replayed && out.positions.is_empty());
+    let out = session.commit(|tx| {
+        tx.put(Ref(1), 1, "C", &0u8);
+    });
+    assert!(!out.unwrap().replayed, "a put-only commit cannot tell");
+}

@@ -64,11 +64,26 @@ pub enum StorageError {
     },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// I/O on a backup copy or a snapshot's scratch file, never on the live
+    /// repository: the backup fails, the repository is unharmed.
+    #[error("backup I/O error while {context}: {source}")]
+    BackupIo {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StorageError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StorageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn backup_io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StorageError::BackupIo {
             context: context.into(),
             source,
         }

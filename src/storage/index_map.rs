@@ -199,7 +199,7 @@ impl IndexMap {
     /// Write the whole index, as it is now, to `path` (for snapshots).
     pub fn copy_to(&self, path: &Path) -> Result<u64> {
         std::fs::write(path, &self.map[..])
-            .map_err(|e| StorageError::io(format!("writing {}", path.display()), e))?;
+            .map_err(|e| StorageError::backup_io(format!("writing {}", path.display()), e))?;
         Ok(self.map.len() as u64)
     }
 

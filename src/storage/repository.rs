@@ -970,6 +970,13 @@ impl Repository {
         Ok(())
     }
 
+    /// Where the current log segment's records end (tests simulate crashes
+    /// by cutting there; the file itself is longer, preallocated).
+    #[cfg(test)]
+    pub(crate) fn log_end_offset(&self) -> u64 {
+        self.log.end_offset()
+    }
+
     /// Bytes of commit log on disk.
     pub fn log_disk_bytes(&self) -> u64 {
         self.log.disk_bytes()

@@ -400,14 +400,15 @@ fn catch_up_reads_report_a_truncated_log() {
 fn corrupt_middle_record_is_an_error_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("repo");
-    {
+    let end = {
         let mut repo = new_repo(dir.path());
         let (_, coll) = setup_root_with_collection(&mut repo);
         for i in 0..20 {
             append(&mut repo, coll, &format!("v{i}"));
         }
         repo.sync().unwrap();
-    }
+        repo.log_end_offset() as usize
+    };
     let seg = fs::read_dir(path.join("log"))
         .unwrap()
         .next()
@@ -415,7 +416,7 @@ fn corrupt_middle_record_is_an_error_naming_file_and_offset() {
         .unwrap()
         .path();
     let mut bytes = fs::read(&seg).unwrap();
-    let at = bytes.len() / 2;
+    let at = end / 2;
     bytes[at] ^= 0xff;
     fs::write(&seg, &bytes).unwrap();
     let err = Repository::open(&path).err().expect("must refuse");
@@ -499,7 +500,7 @@ fn run_crash_case(actions: Vec<Action>, damages: Vec<Damage>) {
     let mut digests = std::collections::HashMap::new();
     digests.insert(repo.info().last_commit, repo.digest().unwrap());
     let mut durable = repo.info().last_commit;
-    let mut synced_log_len = fs::metadata(last_segment(&path)).unwrap().len();
+    let mut synced_log_len = repo.log_end_offset();
     for a in actions {
         let req = match a {
             Action::Append(c, v) => CommitRequest {
@@ -543,7 +544,7 @@ fn run_crash_case(actions: Vec<Action>, damages: Vec<Damage>) {
                     repo.checkpoint().unwrap();
                 }
                 durable = repo.info().last_commit;
-                synced_log_len = fs::metadata(last_segment(&path)).unwrap().len();
+                synced_log_len = repo.log_end_offset();
                 continue;
             }
         };
@@ -560,6 +561,7 @@ fn run_crash_case(actions: Vec<Action>, damages: Vec<Damage>) {
         }
         digests.insert(number, repo.digest().unwrap());
     }
+    let log_end = repo.log_end_offset();
     let checkpoint_objects_len = {
         let h = super::header::Header::read(&path).unwrap();
         h.objects_len
@@ -568,23 +570,30 @@ fn run_crash_case(actions: Vec<Action>, damages: Vec<Damage>) {
     for d in damages {
         match d {
             Damage::CutLog(f) => {
+                // Everything after the cut never reached the disk: zeros
+                // (preallocated) or a shorter file.
                 let seg = last_segment(&path);
-                let len = fs::metadata(&seg).unwrap().len();
-                if len > synced_log_len {
-                    let cut = synced_log_len + ((len - synced_log_len) as f64 * f) as u64;
-                    fs::OpenOptions::new()
-                        .write(true)
-                        .open(&seg)
-                        .unwrap()
-                        .set_len(cut)
-                        .unwrap();
+                if log_end > synced_log_len {
+                    let cut = synced_log_len + ((log_end - synced_log_len) as f64 * f) as u64;
+                    let mut bytes = fs::read(&seg).unwrap();
+                    let cut = (cut as usize).min(bytes.len());
+                    for b in &mut bytes[cut..] {
+                        *b = 0;
+                    }
+                    if f < 0.5 {
+                        bytes.truncate(cut);
+                    }
+                    fs::write(&seg, &bytes).unwrap();
                 }
             }
             Damage::GarbageLog(bytes) => {
-                use std::io::Write;
+                // Garbage where the next record would have gone.
+                use std::os::unix::fs::FileExt;
                 let seg = last_segment(&path);
-                let mut f = fs::OpenOptions::new().append(true).open(&seg).unwrap();
-                f.write_all(&bytes).unwrap();
+                let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
+                let len = f.metadata().unwrap().len();
+                let at = log_end.min(len);
+                f.write_all_at(&bytes, at).unwrap();
             }
             Damage::CutData(f) => {
                 let p = path.join("objects.dat");

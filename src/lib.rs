@@ -1,5 +1,34 @@
 //! Magma-HA: a high-availability, replicated object-repository server and
 //! client library.
+//!
+//! One logical repository is served by a node of `magma-server` processes;
+//! applications use [`client::Session`], operators the `magma` tool
+//! ([`cli`]), other languages the MessagePack protocol of `docs/PROTOCOL.md`.
+//!
+//! | module | owns | depends on |
+//! |---|---|---|
+//! | [`types`] | ids, epochs, the persisted node | nothing |
+//! | [`storage`] | one repository directory: log, index, objects, recovery (blocking, no actix) | types |
+//! | [`protocol`] | wire messages, framing, wire errors (no I/O policy, no actix) | types |
+//! | [`actors`] | the server's actor system | storage, protocol |
+//! | [`server`] | configuration, start-up, signals | actors |
+//! | [`client`] | sessions, failover, admin sessions | protocol |
+//! | [`cli`] | the `magma` command-line tool | client |
+//!
+//! A commit (a "PUT") from an application to the disk:
+//!
+//! ```text
+//!  Session (client) --frame--> Session actor --SubmitCommit--> CommitCoordinator
+//!                                                                 | Commit
+//!                                                                 v
+//!                                 StorageActor: validate, number, log write, apply
+//!                                                                 | Committed(N, LogSync)
+//!                                                                 v
+//!                                 CommitCoordinator --Flush--> CommitLogActor (fsync,
+//!                                     shared by every commit waiting: group commit)
+//!                                                                 | durable up to M >= N
+//!  Session (client) <--frame-- Session actor <--Acknowledged-- CommitCoordinator
+//! ```
 pub mod actors;
 pub mod cli;
 pub mod client;

@@ -178,6 +178,38 @@ fn walk(p: &std::path::Path) -> u64 {
     total
 }
 
+/// Ten million short strings in one collection, a thousand per commit:
+/// time, bytes, and a range read at the far end.
+fn big_collection(n: u64) -> (f64, f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let mut repo = Repository::create(&path, 1, "127.0.0.1:1").unwrap();
+    let coll = new_collection(&mut repo);
+    let start = Instant::now();
+    let batch = 1000;
+    for b in 0..(n / batch) {
+        repo.commit(CommitRequest {
+            appends: (0..batch)
+                .map(|i| AppendRequest {
+                    coll: ObjRef::Oid(coll),
+                    value: encode_value(&Value::from(format!("{:016}", b * batch + i))),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        repo.maybe_checkpoint().unwrap();
+    }
+    repo.checkpoint().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let tail = repo.collection_range(coll, n - 1000, 1000).unwrap();
+    let read_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(tail.len(), 1000);
+    let bytes = walk(&path.join("coll")) as f64 / n as f64;
+    (secs, bytes, read_ms)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let runs = if quick { 1 } else { 3 };
@@ -222,6 +254,11 @@ fn main() {
         clean,
         replay,
         50_000 / scale
+    );
+    let big = 10_000_000 / scale;
+    let (secs, bytes, read_ms) = big_collection(big);
+    println!(
+        "{big} short strings into one collection (1000 per commit): {secs:.1} s, {bytes:.1} bytes each, last 1000 read in {read_ms:.2} ms"
     );
     let (data, log) = bytes_per_append(1_000_000 / scale);
     println!(

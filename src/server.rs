@@ -23,12 +23,14 @@ use log::{info, warn};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::actors::broadcast::LinkSettings;
+use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
-    CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome, RequestShutdown,
-    SessionEnv, SessionSettings, StorageActor,
+    BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome,
+    RequestShutdown, SessionEnv, SessionSettings, StorageActor,
 };
 use crate::protocol::codec::DEFAULT_MAX_FRAME;
-use crate::storage::{Repository, StorageError};
+use crate::storage::{RepoOptions, Repository, StorageError};
 use crate::types::{CommitNumber, RepositoryId};
 
 pub use crate::actors::{FlushPolicy, FlushPolicyError};
@@ -37,6 +39,8 @@ pub use crate::actors::{FlushPolicy, FlushPolicyError};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:51969";
 /// Default `--dir`.
 pub const DEFAULT_DIR: &str = "./magma-data";
+/// Default `--replica-timeout`.
+pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_millis(2000);
 /// How long a read waits for a required progress before answering `behind`.
 pub const PROGRESS_WAIT: Duration = Duration::from_secs(1);
 
@@ -50,17 +54,32 @@ pub struct Config {
     /// The address members and clients use; default: the bound address.
     pub advertise: Option<String>,
     pub flush: FlushPolicy,
-    /// Secondaries that must hold a commit before it is acknowledged
-    /// (reported now, enforced once replication lands).
+    /// Secondaries that must hold a commit durably before it is
+    /// acknowledged (at most as many as the node has; 0: asynchronous).
     pub sync_replicas: u32,
-    /// Follow this primary. Not in this release: refused at start.
+    /// Follow this primary (beWarmBackupFor) instead of the one the
+    /// repository's node names.
     pub primary: Option<String>,
-    /// Pull a backup from this server and join. Not in this release.
+    /// With an empty `dir`: pull a backup from this server over the
+    /// protocol, then catch up and join its node.
     pub join: Option<String>,
     /// Largest request frame body accepted, in bytes.
     pub max_frame: u64,
     /// How often the repository is asked whether a checkpoint is due.
     pub checkpoint_interval: Duration,
+    /// Most bytes per second a backup copies or serves (`None`: no limit);
+    /// a request may ask for less.
+    pub backup_rate: Option<u64>,
+    /// A secondary that does not acknowledge (or cannot be reached) for this
+    /// long is checked and, if unreachable, removed from the node; a
+    /// secondary that hears nothing from its primary for this long re-syncs.
+    pub replica_timeout: Duration,
+    /// Bound on the commit log kept for catching-up secondaries beyond the
+    /// last checkpoint; a secondary further behind must start from a new
+    /// backup.
+    pub max_log_bytes: u64,
+    /// Size at which a new commit-log segment starts.
+    pub log_segment_bytes: u64,
 }
 
 impl Default for Config {
@@ -75,17 +94,21 @@ impl Default for Config {
             join: None,
             max_frame: DEFAULT_MAX_FRAME,
             checkpoint_interval: Duration::from_secs(5),
+            backup_rate: None,
+            replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+            max_log_bytes: RepoOptions::default().max_log_bytes,
+            log_segment_bytes: RepoOptions::default().segment_bytes,
         }
     }
 }
 
 impl Config {
     fn validate(&self) -> anyhow::Result<()> {
-        if let Some(p) = &self.primary {
-            bail!("--primary {p}: replication arrives in a later release; this build serves one repository as a single primary");
+        if self.primary.is_some() && self.join.is_some() {
+            bail!("--primary and --join exclude each other");
         }
-        if let Some(j) = &self.join {
-            bail!("--join {j}: replication arrives in a later release; this build serves one repository as a single primary");
+        if self.replica_timeout.is_zero() {
+            bail!("--replica-timeout must be positive");
         }
         if self.max_frame == 0 || self.max_frame > u32::MAX as u64 {
             bail!(
@@ -96,6 +119,9 @@ impl Config {
         }
         if self.checkpoint_interval.is_zero() {
             bail!("the checkpoint interval must be positive");
+        }
+        if self.backup_rate == Some(0) {
+            bail!("--backup-rate must be at least 1 byte per second");
         }
         Ok(())
     }
@@ -145,9 +171,24 @@ impl Server {
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
 
+        if let Some(from) = config.join.clone() {
+            if is_fresh(&config.dir)? {
+                pull_for_join(&from, &config.dir).await?;
+            } else {
+                info!(
+                    "--join {from}: {} already holds a repository; opening it",
+                    config.dir.display()
+                );
+            }
+        }
         let dir = config.dir.clone();
         let addr = advertise.clone();
-        let repo = actix_rt::task::spawn_blocking(move || open_or_create(&dir, &addr))
+        let opts = RepoOptions {
+            max_log_bytes: config.max_log_bytes,
+            segment_bytes: config.log_segment_bytes,
+            ..RepoOptions::default()
+        };
+        let repo = actix_rt::task::spawn_blocking(move || open_or_create(&dir, &addr, opts))
             .await
             .map_err(|e| anyhow!("opening the repository panicked: {e}"))??;
         let info = repo.info();
@@ -158,8 +199,14 @@ impl Server {
         };
 
         let (applied_tx, applied_rx) = watch::channel(info.last_commit);
+        let (state_tx, state_rx) = watch::channel(ServerState::starting());
         let storage = StorageActor::start(repo, applied_tx);
         let log = CommitLogActor::start();
+        let link_settings = LinkSettings {
+            replica_timeout: config.replica_timeout,
+            call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
+        };
+        let follow = config.primary.clone();
         let settings = SessionSettings {
             max_frame: config.max_frame,
             advertise,
@@ -172,19 +219,44 @@ impl Server {
             let me = ctx.address();
             let coordinator = CommitCoordinator::new(
                 storage.clone().recipient(),
-                log.recipient(),
+                log.clone().recipient(),
                 me.clone().recipient(),
                 config.flush,
                 info.last_commit,
             )
+            .with_sync_replicas(config.sync_replicas)
+            .start();
+            let node = NodeSupervisor::new(SupervisorParts {
+                storage: storage.clone(),
+                flusher: log.clone(),
+                commits: coordinator.clone(),
+                state: state_tx,
+                applied: applied_rx.clone(),
+                advertise: settings.advertise.clone(),
+                dir: config.dir.clone(),
+                follow,
+                settings: link_settings,
+            })
+            .start();
+            let backup = BackupActor::new(
+                storage.clone().recipient(),
+                me.clone().recipient(),
+                config.dir.clone(),
+                settings.advertise.clone(),
+                config.backup_rate,
+            )
             .start();
             let env = Arc::new(SessionEnv {
+                backup: backup.clone(),
                 storage: storage.clone(),
                 commits: coordinator.clone().recipient(),
                 shutdown: me.clone().recipient(),
                 fatal: me.recipient(),
                 applied: applied_rx,
                 settings,
+                node,
+                state: state_rx,
+                flusher: log,
             });
             let listener = Listener::new(socket, local_addr, env).start();
             Controller::new(
@@ -194,6 +266,7 @@ impl Server {
                     drain: coordinator.recipient(),
                     stop_accepting: listener.clone().recipient(),
                     close_sessions: listener.recipient(),
+                    stop_backups: backup.recipient(),
                 },
                 config.checkpoint_interval,
                 outcome_tx,
@@ -244,6 +317,29 @@ impl Server {
     }
 }
 
+/// `--join`: pull a full backup of the node from `from` into `dir` (empty
+/// or absent), the way `magma backup --pull` does. The server then starts
+/// on it like on any backup: it catches up and joins.
+async fn pull_for_join(from: &str, dir: &Path) -> anyhow::Result<()> {
+    info!("--join {from}: pulling a backup into {}", dir.display());
+    if dir.exists() {
+        std::fs::remove_dir(dir)
+            .with_context(|| format!("cannot use {} for --join", dir.display()))?;
+    }
+    let opts = crate::cli::pull::PullOptions {
+        server: from.to_string(),
+        to: dir.to_path_buf(),
+        rate: None,
+        progress: false,
+    };
+    let summary = actix_rt::task::spawn_blocking(move || crate::cli::pull::run(&opts))
+        .await
+        .map_err(|e| anyhow!("pulling the backup panicked: {e}"))?
+        .map_err(|e| anyhow!("--join {from}: pulling a backup failed: {e}"))?;
+    info!("{summary}");
+    Ok(())
+}
+
 fn is_fresh(dir: &Path) -> anyhow::Result<bool> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => Ok(entries.next().is_none()),
@@ -252,7 +348,7 @@ fn is_fresh(dir: &Path) -> anyhow::Result<bool> {
     }
 }
 
-fn open_or_create(dir: &Path, advertise: &str) -> anyhow::Result<Repository> {
+fn open_or_create(dir: &Path, advertise: &str, opts: RepoOptions) -> anyhow::Result<Repository> {
     if is_fresh(dir)? {
         let server_id = loop {
             let id: u64 = rand::random();
@@ -260,7 +356,7 @@ fn open_or_create(dir: &Path, advertise: &str) -> anyhow::Result<Repository> {
                 break id;
             }
         };
-        let repo = Repository::create(dir, server_id, advertise)
+        let repo = Repository::create_with(dir, server_id, advertise, opts)
             .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
         info!(
             "created repository {} in {} (server {server_id:x})",
@@ -269,7 +365,7 @@ fn open_or_create(dir: &Path, advertise: &str) -> anyhow::Result<Repository> {
         );
         return Ok(repo);
     }
-    match Repository::open(dir) {
+    match Repository::open_with(dir, opts) {
         Ok(repo) => Ok(repo),
         Err(e @ StorageError::Locked(_)) => {
             Err(anyhow!("{e} (is another magma-server serving it?)"))

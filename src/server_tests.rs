@@ -257,11 +257,13 @@ fn serves_commits_and_reads_and_survives_a_restart() {
         ResponseBody::Digest { commit, digest: d } if commit == last => assert_eq!(d, digest),
         other => panic!("digest after restart: {other:?}"),
     }
+    // A backup target must be an absolute path on the server's machine.
     assert!(matches!(
         admin.error(RequestBody::Backup {
-            to: "/tmp/x".into()
+            to: "relative/x".into(),
+            rate: None,
         }),
-        WireError::Unavailable { .. }
+        WireError::Backup { reason } if reason.contains("absolute")
     ));
     assert!(matches!(
         admin.call(RequestBody::Shutdown { save: false }).body,
@@ -355,13 +357,14 @@ fn a_second_server_on_the_same_directory_is_refused() {
 }
 
 #[test]
-fn replication_flags_are_refused_plainly() {
+fn primary_and_join_together_are_refused_plainly() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.primary = Some("127.0.0.1:1".into());
+    cfg.join = Some("127.0.0.1:2".into());
     let err = format!("{:#}", spawn(cfg).err().unwrap());
     assert!(
-        err.contains("replication arrives in a later release"),
+        err.contains("--primary and --join exclude each other"),
         "{err}"
     );
 }

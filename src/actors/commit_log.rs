@@ -2,12 +2,20 @@
 //!
 //! A `SyncContext` actor on its own thread (`SyncArbiter::start(1, ..)`), so
 //! an fsync never blocks the event loop nor the `StorageActor` (reads go on
-//! while the log is being synced). It owns no state: each [`Flush`] carries
-//! the `LogSync` handle the storage engine produced for the last commit
-//! written. One thread is enough: the `CommitCoordinator` keeps at most one
-//! flush in flight and makes it cover every commit waiting (group commit).
+//! while the log is being synced). Each [`Flush`] carries the `LogSync`
+//! handle the storage engine produced for the last commit written.
 //!
-//! Caller: the `CommitCoordinator` only.
+//! Group commit happens here: the `CommitCoordinator` asks for a flush after
+//! every applied batch without waiting for the previous one, so flushes
+//! queue up and run back to back. One fsync covers every record written to
+//! the segment before it started (`LogSync::sync_written`); a queued flush
+//! of the same segment whose commits an earlier fsync already covered is
+//! answered at once, without syncing. After a failed fsync every later
+//! flush fails too: what the log holds is then unknown, and a retried fsync
+//! could report success for data that was lost.
+//!
+//! Callers: the `CommitCoordinator` (commits of the primary), and whoever
+//! makes replicated records durable before acknowledging them.
 
 use std::time::Instant;
 
@@ -18,12 +26,48 @@ use crate::storage::LogSync;
 use crate::types::CommitNumber;
 
 /// Syncs the commit log; see the module doc.
-pub struct CommitLogActor;
+#[derive(Default)]
+pub struct CommitLogActor {
+    /// The handle of the last fsync that succeeded, and the commit it made
+    /// durable. Only a handle of the same segment can be covered by it.
+    synced: Option<(LogSync, CommitNumber)>,
+    /// Why an fsync failed, once one did.
+    failed: Option<String>,
+}
 
 impl CommitLogActor {
     /// Start the flushing thread.
     pub fn start() -> Addr<CommitLogActor> {
-        SyncArbiter::start(1, || CommitLogActor)
+        SyncArbiter::start(1, CommitLogActor::default)
+    }
+
+    fn flush(&mut self, sync: LogSync) -> std::io::Result<CommitNumber> {
+        if let Some(reason) = &self.failed {
+            return Err(std::io::Error::other(format!(
+                "an earlier fsync of the commit log failed ({reason})"
+            )));
+        }
+        if let Some((last, durable)) = &self.synced {
+            if last.same_segment(&sync) && sync.upto() <= *durable {
+                return Ok(*durable);
+            }
+        }
+        let started = Instant::now();
+        match sync.sync_written() {
+            Ok(durable) => {
+                trace!(
+                    "log synced up to commit {durable} (asked {}) in {:?}",
+                    sync.upto(),
+                    started.elapsed()
+                );
+                self.synced = Some((sync, durable));
+                Ok(durable)
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 }
 
@@ -31,9 +75,10 @@ impl Actor for CommitLogActor {
     type Context = SyncContext<Self>;
 }
 
-/// fsync the log up to `sync.upto()`. Sender: the `CommitCoordinator`.
-/// Reply: the commit number now durable, or the I/O error (fatal for the
-/// server: what the log holds is then unknown).
+/// fsync the log up to `sync.upto()` (unless already done). Sender: the
+/// `CommitCoordinator`; never dropped. Reply: the commit number now durable
+/// (at least `sync.upto()`), or the I/O error (fatal for the server: what
+/// the log holds is then unknown).
 #[derive(Message)]
 #[rtype(result = "std::io::Result<CommitNumber>")]
 pub struct Flush {
@@ -44,13 +89,48 @@ impl Handler<Flush> for CommitLogActor {
     type Result = std::io::Result<CommitNumber>;
 
     fn handle(&mut self, msg: Flush, _: &mut SyncContext<Self>) -> Self::Result {
-        let started = Instant::now();
-        msg.sync.sync()?;
-        trace!(
-            "log synced up to commit {} in {:?}",
-            msg.sync.upto(),
-            started.elapsed()
-        );
-        Ok(msg.sync.upto())
+        self.flush(msg.sync)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Repository;
+
+    fn append(repo: &mut Repository) -> LogSync {
+        let c = repo.commit(crate::storage::CommitRequest {
+            meta: vec![("k".into(), Some(vec![0xc0]))],
+            ..Default::default()
+        });
+        c.unwrap().sync
+    }
+
+    #[test]
+    fn one_fsync_covers_queued_flushes_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut repo = Repository::create(dir.path(), 1, "127.0.0.1:1").unwrap();
+        let first = append(&mut repo);
+        let second = append(&mut repo);
+        let mut log = CommitLogActor::default();
+        let n = second.upto();
+        assert_eq!(log.flush(first).unwrap(), n, "the first sync covers both");
+        assert_eq!(log.flush(second).unwrap(), n, "answered without a sync");
+        let third = append(&mut repo);
+        assert_eq!(log.flush(third).unwrap(), n + 1);
+        // A handle of another log is never taken as covered.
+        let other = std::sync::Arc::new(tempfile::tempfile().unwrap());
+        assert_eq!(log.flush(LogSync::new(other, 2)).unwrap(), 2);
+    }
+
+    #[test]
+    fn after_a_failed_fsync_every_flush_fails() {
+        let mut log = CommitLogActor {
+            synced: None,
+            failed: Some("injected".into()),
+        };
+        let file = std::sync::Arc::new(tempfile::tempfile().unwrap());
+        let err = log.flush(LogSync::new(file, 1)).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
     }
 }

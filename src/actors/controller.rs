@@ -13,9 +13,10 @@
 //! 2. the commit pipeline drains: commits already submitted are applied,
 //!    flushed and acknowledged, new ones are refused;
 //! 3. every session is closed once its queued replies are written;
-//! 4. the repository is closed (final checkpoint unless `save` is false or
+//! 4. a running backup job is aborted (its target marked incomplete);
+//! 5. the repository is closed (final checkpoint unless `save` is false or
 //!    the server failed), which releases its lock;
-//! 5. the outcome is sent to whoever started the server.
+//! 6. the outcome is sent to whoever started the server.
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use actix::prelude::*;
 use log::{error, info, warn};
 use tokio::sync::oneshot;
 
+use crate::actors::backup::StopBackups;
 use crate::actors::coordinator::Drain;
 use crate::actors::listener::{CloseSessions, StopAccepting};
 use crate::actors::storage::{Checkpoint, Close};
@@ -37,6 +39,7 @@ pub struct Controlled {
     pub drain: Recipient<Drain>,
     pub stop_accepting: Recipient<StopAccepting>,
     pub close_sessions: Recipient<CloseSessions>,
+    pub stop_backups: Recipient<StopBackups>,
 }
 
 /// Runs the lifecycle; see the module doc.
@@ -98,6 +101,7 @@ impl Controller {
         let drain = self.parts.drain.clone();
         let close_sessions = self.parts.close_sessions.clone();
         let close = self.parts.storage_close.clone();
+        let stop_backups = self.parts.stop_backups.clone();
         async move {
             if let Err(e) = stop_accepting.send(StopAccepting).await {
                 warn!("listener gone during shutdown: {e}");
@@ -120,6 +124,9 @@ impl Controller {
                 Ok(n) if n > 0 => info!("closed {n} open session(s)"),
                 Ok(_) => {}
                 Err(e) => warn!("listener gone while closing sessions: {e}"),
+            }
+            if let Err(e) = stop_backups.send(StopBackups).await {
+                warn!("backup actor gone during shutdown: {e}");
             }
             let save = save && drained;
             match close.send(Close { save }).await {
@@ -258,6 +265,13 @@ mod tests {
         }
     }
 
+    impl Handler<StopBackups> for Probe {
+        type Result = ();
+        fn handle(&mut self, _: StopBackups, _: &mut Context<Self>) {
+            self.note("stop backups");
+        }
+    }
+
     impl Handler<CloseSessions> for Probe {
         type Result = usize;
         fn handle(&mut self, _: CloseSessions, _: &mut Context<Self>) -> usize {
@@ -279,7 +293,8 @@ mod tests {
             storage_close: probe.clone().recipient(),
             drain: probe.clone().recipient(),
             stop_accepting: probe.clone().recipient(),
-            close_sessions: probe.recipient(),
+            close_sessions: probe.clone().recipient(),
+            stop_backups: probe.recipient(),
         };
         let controller = Controller::new(parts, Duration::from_secs(60), tx).start();
         (controller, rx, steps)
@@ -303,6 +318,7 @@ mod tests {
                 "stop accepting",
                 "drain",
                 "close sessions",
+                "stop backups",
                 "close save=true"
             ]
         );

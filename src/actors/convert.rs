@@ -41,6 +41,7 @@ pub fn wire_error(err: &StorageError) -> WireError {
             reason: err.to_string(),
         },
         StorageError::Io { .. }
+        | StorageError::BackupIo { .. }
         | StorageError::Corrupted(_)
         | StorageError::CorruptRecord { .. }
         | StorageError::Locked(_)

@@ -1,41 +1,56 @@
 //! `CommitCoordinator`: the commit pipeline of the primary.
 //!
-//! An async actor. Each [`SubmitCommit`] goes to the `StorageActor`, which
-//! numbers, logs (unsynced) and applies it; the coordinator then decides when
-//! to acknowledge, following the [`FlushPolicy`]:
+//! An async actor. Commits ([`SubmitCommit`]) that arrive together are
+//! queued and sent on as one [`CommitBatch`] once the mailbox is drained
+//! (a self-sent `Dispatch`), so the `StorageActor`'s thread wakes once per
+//! batch, not once per commit; a batch never waits for anything but the
+//! messages already delivered. The `StorageActor` numbers, logs (unsynced)
+//! and applies each commit of the batch; the coordinator then decides when
+//! to acknowledge each, following the [`FlushPolicy`]:
 //!
 //! * `group`: the applied commit waits in `waiters` until the log is durable
-//!   up to its number. At most one [`Flush`] is in flight; it is sent for the
-//!   newest `LogSync` handle, so it covers every commit applied so far. When
-//!   it completes up to N, every waiter ≤ N is answered and, if newer commits
-//!   are waiting, the next flush starts at once: concurrent commits share one
-//!   fsync.
+//!   up to its number. The batch carries the `CommitLogActor`'s address:
+//!   right after applying it, the `StorageActor` sends a [`Flush`] of its
+//!   newest `LogSync` handle (the fsync starts without a hop through this
+//!   actor) and the reply carries that flush's answer, which the
+//!   coordinator awaits. It never waits for the flush in flight: flushes
+//!   queue at the `CommitLogActor`, which runs them back to back, lets each
+//!   fsync cover every record written before it started and answers a
+//!   flush already covered without syncing again (group commit: concurrent
+//!   commits share one fsync). When a flush reports the log durable up to
+//!   N, every waiter ≤ N is answered.
 //! * `interval:MS`: the commit is acknowledged right after it is applied; a
 //!   timer flushes the newest handle every MS.
+//!
+//! With secondaries (`sync-replicas` N > 0), a commit is also held until
+//! at least min(N, replicas) of them report it durable ([`ReplicaAck`]).
+//! Every applied record is handed to each replica's `BroadcastActor` as
+//! soon as its batch is applied, while the primary's own flush runs.
 //!
 //! A failed fsync, a fatal storage error or a vanished storage/log actor is
 //! fatal: the error is logged, every waiter and every later commit gets
 //! `WireError::Internal`, and the `Controller` is told to stop the server.
 //!
 //! [`Drain`] (from the `Controller` at shutdown) refuses new commits with
-//! `ShuttingDown` and answers once every commit already submitted has been
-//! applied, flushed and acknowledged.
+//! `ShuttingDown` and answers once every commit already submitted (queued
+//! ones included) has been applied, flushed and acknowledged.
 //!
 //! Handlers never block: storage and flush replies come back as actor
 //! futures, and a commit's reply is a oneshot answered from the actor's state.
 //! Both downstream addresses are `Recipient`s so tests can plug in probes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use actix::prelude::*;
 use log::{debug, error, info};
 use tokio::sync::oneshot;
 
+use crate::actors::broadcast::{Broadcast, ReplicaAck};
 use crate::actors::commit_log::Flush;
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{mailbox_error, wire_error};
 use crate::actors::flush_policy::FlushPolicy;
-use crate::actors::storage::{Commit, CommitReply};
+use crate::actors::storage::{BatchApplied, CommitBatch, CommitReply};
 use crate::protocol::WireError;
 use crate::storage::{CommitRequest, LogSync, StorageError};
 use crate::types::{CommitNumber, Oid};
@@ -71,10 +86,13 @@ impl From<CommitReply> for Acknowledged {
 
 /// The commit pipeline; see the module doc.
 pub struct CommitCoordinator {
-    storage: Recipient<Commit>,
+    storage: Recipient<CommitBatch>,
     flusher: Recipient<Flush>,
     fatal: Recipient<Fatal>,
     policy: FlushPolicy,
+    /// Commits received and not yet sent to storage, in arrival order; a
+    /// `Dispatch` is pending whenever this is not empty.
+    queued: Vec<(CommitRequest, Reply)>,
     /// Commits sent to storage and not yet answered by it.
     applying: usize,
     /// Applied commits waiting for durability, by number (a retried token
@@ -82,20 +100,34 @@ pub struct CommitCoordinator {
     waiters: BTreeMap<CommitNumber, Vec<(Acknowledged, Reply)>>,
     /// The newest handle not yet handed to a flush.
     pending: Option<LogSync>,
-    /// `upto` of the flush in flight.
-    flushing: Option<CommitNumber>,
+    /// Flushes sent and not yet answered.
+    flushing: usize,
+    /// The highest commit handed to a flush.
+    requested: CommitNumber,
     /// Everything up to here is known durable.
     durable: CommitNumber,
     failed: Option<String>,
     draining: bool,
+    /// A take-over is draining this primary: new commits are refused with
+    /// `unavailable` (clients retry with the same token).
+    paused: bool,
     drained: Vec<oneshot::Sender<Result<CommitNumber, String>>>,
+    /// Secondaries in the node, by server id: their link and what they
+    /// hold durably.
+    replicas: HashMap<u64, Replica>,
+    sync_replicas: u32,
+}
+
+struct Replica {
+    link: Recipient<Broadcast>,
+    durable: CommitNumber,
 }
 
 impl CommitCoordinator {
     /// `durable`: the last commit already on disk when the pipeline starts
     /// (what the repository recovered at open).
     pub fn new(
-        storage: Recipient<Commit>,
+        storage: Recipient<CommitBatch>,
         flusher: Recipient<Flush>,
         fatal: Recipient<Fatal>,
         policy: FlushPolicy,
@@ -106,80 +138,201 @@ impl CommitCoordinator {
             flusher,
             fatal,
             policy,
+            queued: Vec::new(),
             applying: 0,
             waiters: BTreeMap::new(),
             pending: None,
-            flushing: None,
+            flushing: 0,
+            requested: durable,
             durable,
             failed: None,
             draining: false,
+            paused: false,
             drained: Vec::new(),
+            replicas: HashMap::new(),
+            sync_replicas: 0,
         }
+    }
+
+    /// Hold acknowledgements until `n` secondaries (at most as many as the
+    /// node has) hold the commit durably.
+    pub fn with_sync_replicas(mut self, n: u32) -> Self {
+        self.sync_replicas = n;
+        self
+    }
+
+    /// Highest commit that enough replicas hold (everything when none is
+    /// required).
+    fn replicated_upto(&self) -> CommitNumber {
+        let required = (self.sync_replicas as usize).min(self.replicas.len());
+        if required == 0 {
+            return CommitNumber::MAX;
+        }
+        let mut durable: Vec<CommitNumber> = self.replicas.values().map(|r| r.durable).collect();
+        durable.sort_unstable_by(|a, b| b.cmp(a));
+        durable[required - 1]
+    }
+
+    /// Answer every waiter that is now as durable and as replicated as
+    /// promised.
+    fn release(&mut self) {
+        let local = match self.policy {
+            FlushPolicy::Group => self.durable,
+            FlushPolicy::Interval(_) => CommitNumber::MAX,
+        };
+        let upto = local.min(self.replicated_upto());
+        if upto == CommitNumber::MAX {
+            for (_, batch) in std::mem::take(&mut self.waiters) {
+                for (ack, reply) in batch {
+                    let _ = reply.send(Ok(ack));
+                }
+            }
+            return;
+        }
+        let later = self.waiters.split_off(&(upto + 1));
+        for (_, batch) in std::mem::replace(&mut self.waiters, later) {
+            for (ack, reply) in batch {
+                let _ = reply.send(Ok(ack));
+            }
+        }
+    }
+
+    /// Send every queued commit to storage as one batch.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let (requests, replies): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.queued).into_iter().unzip();
+        if let Some(reason) = &self.failed {
+            for reply in replies {
+                let _ = reply.send(Err(internal(reason)));
+            }
+            return;
+        }
+        self.applying += replies.len();
+        let batch = CommitBatch {
+            commits: requests,
+            // Group: storage starts the batch's flush itself (one hop less).
+            flush: (self.policy == FlushPolicy::Group).then(|| self.flusher.clone()),
+        };
+        self.storage
+            .send(batch)
+            .into_actor(self)
+            .map(move |res, act, ctx| act.on_applied(res, replies, ctx))
+            .spawn(ctx);
     }
 
     fn on_applied(
         &mut self,
-        res: Result<Result<CommitReply, StorageError>, MailboxError>,
-        reply: Reply,
+        res: Result<BatchApplied, MailboxError>,
+        replies: Vec<Reply>,
         ctx: &mut Context<Self>,
     ) {
-        self.applying -= 1;
+        self.applying -= replies.len();
         match res {
             Err(e) => {
                 let err = mailbox_error("the storage actor", e);
                 self.fail(format!("commit pipeline broken: {err}"));
-                let _ = reply.send(Err(err));
-            }
-            Ok(Err(e)) => {
-                if e.is_fatal() {
-                    self.fail(format!("commit failed: {e}"));
-                } else {
-                    debug!("commit refused: {e}");
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
                 }
-                let _ = reply.send(Err(wire_error(&e)));
             }
-            Ok(Ok(done)) => {
-                if let Some(reason) = &self.failed {
-                    // Applied, but the log can no longer be made durable.
-                    let _ = reply.send(Err(internal(reason)));
-                } else {
-                    // No handle: nothing this process wrote needs a sync.
-                    let must_wait = match done.sync() {
-                        Some(sync) => {
-                            self.note_sync(sync);
-                            done.number() > self.durable
-                        }
-                        None => false,
-                    };
-                    let ack = Acknowledged::from(done);
-                    if self.policy == FlushPolicy::Group && must_wait {
-                        self.waiters
-                            .entry(ack.number)
-                            .or_default()
-                            .push((ack, reply));
-                        self.start_flush(ctx);
-                    } else {
-                        let _ = reply.send(Ok(ack));
-                    }
+            Ok(done) if done.results.len() != replies.len() => {
+                let reason = format!(
+                    "the storage actor answered {} of {} commits",
+                    done.results.len(),
+                    replies.len()
+                );
+                self.fail(reason.clone());
+                for reply in replies {
+                    let _ = reply.send(Err(internal(&reason)));
+                }
+            }
+            Ok(BatchApplied { results, flush }) => {
+                if let Some((upto, answer)) = flush {
+                    self.requested = self.requested.max(upto);
+                    self.flushing += 1;
+                    answer
+                        .into_actor(self)
+                        .map(move |res, act, ctx| act.on_flushed(upto, res, ctx))
+                        .spawn(ctx);
+                }
+                for (res, reply) in results.into_iter().zip(replies) {
+                    self.on_one_applied(res, reply);
+                }
+                if self.policy == FlushPolicy::Group {
+                    self.start_flush(ctx);
                 }
             }
         }
         self.check_drained(ctx);
     }
 
+    /// Answer or park one commit of an applied batch.
+    fn on_one_applied(&mut self, res: Result<CommitReply, StorageError>, reply: Reply) {
+        let done = match res {
+            Ok(done) => done,
+            Err(e) => {
+                if e.is_fatal() {
+                    self.fail(format!("commit failed: {e}"));
+                } else {
+                    debug!("commit refused: {e}");
+                }
+                let _ = reply.send(Err(wire_error(&e)));
+                return;
+            }
+        };
+        if let Some(reason) = &self.failed {
+            // Applied, but the log can no longer be made durable.
+            let _ = reply.send(Err(internal(reason)));
+            return;
+        }
+        // Secondaries get the record while our own flush runs.
+        if let CommitReply::Applied(c) = &done {
+            for r in self.replicas.values() {
+                r.link.do_send(Broadcast {
+                    number: c.number,
+                    body: c.body.clone(),
+                });
+            }
+        }
+        // No handle: nothing this process wrote needs a sync.
+        let must_flush = match done.sync() {
+            Some(sync) => {
+                self.note_sync(sync);
+                done.number() > self.durable
+            }
+            None => false,
+        };
+        let must_replicate = done.number() > self.replicated_upto();
+        let ack = Acknowledged::from(done);
+        if (self.policy == FlushPolicy::Group && must_flush) || must_replicate {
+            self.waiters
+                .entry(ack.number)
+                .or_default()
+                .push((ack, reply));
+        } else {
+            let _ = reply.send(Ok(ack));
+        }
+    }
+
     fn note_sync(&mut self, sync: &LogSync) {
         let newer = match &self.pending {
             Some(p) => sync.upto() > p.upto(),
-            None => sync.upto() > self.durable.max(self.flushing.unwrap_or(0)),
+            None => sync.upto() > self.durable.max(self.requested),
         };
         if newer {
             self.pending = Some(sync.clone());
         }
     }
 
-    /// Send one flush for the newest pending handle, unless one is in flight.
+    /// Send a flush for the newest pending handle. Under `group` it goes at
+    /// once, queueing behind the flush in flight (see the module doc); the
+    /// interval timer keeps at most one in flight.
     fn start_flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing.is_some() || self.failed.is_some() {
+        let queue = self.policy == FlushPolicy::Group;
+        if (self.flushing > 0 && !queue) || self.failed.is_some() {
             return;
         }
         let Some(sync) = self.pending.take() else {
@@ -189,7 +342,8 @@ impl CommitCoordinator {
         if upto <= self.durable {
             return;
         }
-        self.flushing = Some(upto);
+        self.requested = upto;
+        self.flushing += 1;
         self.flusher
             .send(Flush { sync })
             .into_actor(self)
@@ -203,16 +357,11 @@ impl CommitCoordinator {
         res: Result<std::io::Result<CommitNumber>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
-        self.flushing = None;
+        self.flushing -= 1;
         match res {
             Ok(Ok(n)) => {
                 self.durable = self.durable.max(n);
-                let later = self.waiters.split_off(&(self.durable + 1));
-                for (_, batch) in std::mem::replace(&mut self.waiters, later) {
-                    for (ack, reply) in batch {
-                        let _ = reply.send(Ok(ack));
-                    }
-                }
+                self.release();
                 if self.policy == FlushPolicy::Group {
                     self.start_flush(ctx);
                 }
@@ -253,7 +402,10 @@ impl CommitCoordinator {
             // The interval timer may be far away: flush now.
             self.start_flush(ctx);
         }
-        let idle = self.applying == 0 && self.flushing.is_none() && self.waiters.is_empty();
+        let idle = self.queued.is_empty()
+            && self.applying == 0
+            && self.flushing == 0
+            && self.waiters.is_empty();
         if !idle || (self.failed.is_none() && self.pending.is_some()) {
             return;
         }
@@ -306,13 +458,20 @@ impl Handler<SubmitCommit> for CommitCoordinator {
         if self.draining {
             return Box::pin(async { Err(WireError::ShuttingDown) });
         }
+        if self.paused {
+            return Box::pin(async {
+                Err(WireError::Unavailable {
+                    reason: "the primary is handing over to another server; retry".into(),
+                })
+            });
+        }
         let (tx, rx) = oneshot::channel();
-        self.applying += 1;
-        self.storage
-            .send(Commit(msg.0))
-            .into_actor(self)
-            .map(move |res, act, ctx| act.on_applied(res, tx, ctx))
-            .spawn(ctx);
+        if self.queued.is_empty() {
+            // Runs once the mailbox is drained: every commit delivered
+            // meanwhile joins the batch.
+            ctx.notify(Dispatch);
+        }
+        self.queued.push((msg.0, tx));
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| {
                 Err(WireError::Internal {
@@ -321,6 +480,20 @@ impl Handler<SubmitCommit> for CommitCoordinator {
                 })
             })
         })
+    }
+}
+
+/// Send the queued commits to storage. Sender: the coordinator itself,
+/// after the first commit of a batch is queued.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Dispatch;
+
+impl Handler<Dispatch> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, _: Dispatch, ctx: &mut Context<Self>) {
+        self.dispatch(ctx);
     }
 }
 
@@ -346,6 +519,118 @@ impl Handler<Drain> for CommitCoordinator {
             rx.await
                 .unwrap_or_else(|_| Err("the commit coordinator stopped".into()))
         })
+    }
+}
+
+/// Refuse (`on`) or take again new commits; answers once nothing is in
+/// flight (applied, flushed and acknowledged), with the durable commit.
+/// Sender: the `NodeSupervisor` during a take-over.
+#[derive(Message)]
+#[rtype(result = "PauseState")]
+pub struct Pause {
+    pub on: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PauseState {
+    /// Nothing in flight.
+    pub idle: bool,
+    pub durable: CommitNumber,
+}
+
+impl Handler<Pause> for CommitCoordinator {
+    type Result = MessageResult<Pause>;
+
+    fn handle(&mut self, msg: Pause, _: &mut Context<Self>) -> Self::Result {
+        self.paused = msg.on;
+        let idle = self.applying == 0
+            && self.queued.is_empty()
+            && self.flushing == 0
+            && self.waiters.is_empty();
+        MessageResult(PauseState {
+            idle,
+            durable: self.durable,
+        })
+    }
+}
+
+/// This server is no longer primary: stop streaming, and answer every
+/// commit still waiting with an unknown outcome (the new primary decides).
+/// Sender: the `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fence {
+    pub reason: String,
+}
+
+impl Handler<Fence> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fence, ctx: &mut Context<Self>) {
+        self.replicas.clear();
+        for (_, batch) in std::mem::take(&mut self.waiters) {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(internal(&msg.reason)));
+            }
+        }
+        self.check_drained(ctx);
+    }
+}
+
+/// A secondary joined the node: stream every new record to `link` and
+/// count its acknowledgements. Sender: the `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddReplica {
+    pub server_id: u64,
+    pub link: Recipient<Broadcast>,
+    pub durable: CommitNumber,
+}
+
+impl Handler<AddReplica> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddReplica, _: &mut Context<Self>) {
+        self.replicas.insert(
+            msg.server_id,
+            Replica {
+                link: msg.link,
+                durable: msg.durable,
+            },
+        );
+    }
+}
+
+/// A secondary left the node: commits no longer wait for it. Sender: the
+/// `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoveReplica {
+    pub server_id: u64,
+}
+
+impl Handler<RemoveReplica> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoveReplica, ctx: &mut Context<Self>) {
+        if self.replicas.remove(&msg.server_id).is_some() {
+            self.release();
+            self.check_drained(ctx);
+        }
+    }
+}
+
+impl Handler<ReplicaAck> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaAck, ctx: &mut Context<Self>) {
+        if let Some(r) = self.replicas.get_mut(&msg.server_id) {
+            if msg.durable > r.durable {
+                r.durable = msg.durable;
+                self.release();
+                self.check_drained(ctx);
+            }
+        }
     }
 }
 

@@ -11,20 +11,21 @@ use super::*;
 use crate::storage::Committed;
 
 /// Numbers commits 1, 2, ...; a commit with a put conflicts on its oid.
+/// Records the size of every batch it is sent and, like the real one,
+/// starts the batch's flush when asked to.
 struct FakeStorage {
     last: CommitNumber,
     file: Arc<std::fs::File>,
+    batches: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Actor for FakeStorage {
     type Context = Context<Self>;
 }
 
-impl Handler<Commit> for FakeStorage {
-    type Result = Result<CommitReply, StorageError>;
-
-    fn handle(&mut self, msg: Commit, _: &mut Context<Self>) -> Self::Result {
-        if let Some(put) = msg.0.puts.first() {
+impl FakeStorage {
+    fn commit(&mut self, req: CommitRequest) -> Result<CommitReply, StorageError> {
+        if let Some(put) = req.puts.first() {
             return Err(StorageError::Conflict {
                 oids: vec![put.oid],
             });
@@ -40,10 +41,30 @@ impl Handler<Commit> for FakeStorage {
     }
 }
 
+impl Handler<CommitBatch> for FakeStorage {
+    type Result = BatchApplied;
+
+    fn handle(&mut self, msg: CommitBatch, _: &mut Context<Self>) -> Self::Result {
+        self.batches.lock().unwrap().push(msg.commits.len());
+        let results: Vec<_> = msg.commits.into_iter().map(|r| self.commit(r)).collect();
+        let newest = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok()?.sync())
+            .max_by_key(|s| s.upto())
+            .cloned();
+        let flush = match (msg.flush, newest) {
+            (Some(flusher), Some(sync)) => Some((sync.upto(), flusher.send(Flush { sync }))),
+            _ => None,
+        };
+        BatchApplied { results, flush }
+    }
+}
+
 /// Takes `delay` per flush, records each completed flush, fails on demand.
 struct FakeLog {
     delay: Duration,
     fail: bool,
+    requested: Arc<Mutex<Vec<CommitNumber>>>,
     flushed: Arc<Mutex<Vec<CommitNumber>>>,
 }
 
@@ -56,6 +77,7 @@ impl Handler<Flush> for FakeLog {
 
     fn handle(&mut self, msg: Flush, _: &mut Context<Self>) -> Self::Result {
         let (delay, fail, flushed) = (self.delay, self.fail, self.flushed.clone());
+        self.requested.lock().unwrap().push(msg.sync.upto());
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             if fail {
@@ -83,17 +105,28 @@ impl Handler<Fatal> for FatalProbe {
 
 struct Rig {
     coordinator: Addr<CommitCoordinator>,
+    batches: Arc<Mutex<Vec<usize>>>,
+    /// `upto` of each flush, when the commit-log probe received it.
+    requested: Arc<Mutex<Vec<CommitNumber>>>,
     flushed: Arc<Mutex<Vec<CommitNumber>>>,
     fatal: mpsc::UnboundedReceiver<String>,
 }
 
 fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
     let file = Arc::new(tempfile::tempfile().unwrap());
-    let storage = FakeStorage { last: 0, file }.start();
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let storage = FakeStorage {
+        last: 0,
+        file,
+        batches: batches.clone(),
+    }
+    .start();
+    let requested = Arc::new(Mutex::new(Vec::new()));
     let flushed = Arc::new(Mutex::new(Vec::new()));
     let log = FakeLog {
         delay,
         fail,
+        requested: requested.clone(),
         flushed: flushed.clone(),
     }
     .start();
@@ -109,6 +142,8 @@ fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
     .start();
     Rig {
         coordinator,
+        batches,
+        requested,
         flushed,
         fatal,
     }
@@ -222,6 +257,10 @@ async fn interval_policy_acks_at_once_and_flushes_on_the_timer() {
         let ack = rig.coordinator.send(append()).await.unwrap().unwrap();
         assert_eq!(ack.number, n);
     }
+    assert!(
+        rig.requested.lock().unwrap().is_empty(),
+        "only the timer flushes"
+    );
     assert!(rig.flushed.lock().unwrap().is_empty());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while rig.flushed.lock().unwrap().last() != Some(&3) {
@@ -262,4 +301,94 @@ async fn drain_waits_for_commits_in_flight() {
     let durable = rig.coordinator.send(Drain).await.unwrap();
     assert_eq!(durable, Ok(1));
     assert_eq!(pending.await.unwrap().unwrap().number, 1);
+}
+
+#[actix::test]
+async fn commits_delivered_together_share_one_storage_batch() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(1), false);
+    let acks = concurrent_commits(&rig, 12).await;
+    let mut numbers: Vec<_> = acks.into_iter().map(|a| a.unwrap().number).collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=12).collect::<Vec<_>>());
+    let batches = rig.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 12, "{batches:?}");
+    assert!(
+        batches.len() < 12 && batches[0] > 1,
+        "commits delivered together were not batched: {batches:?}"
+    );
+    // Once the pipeline is idle, a lone commit is sent on at once.
+    let ack = rig.coordinator.send(append()).await.unwrap().unwrap();
+    assert_eq!(ack.number, 13);
+    assert_eq!(rig.batches.lock().unwrap().last(), Some(&1));
+}
+
+#[actix::test]
+async fn each_commit_of_a_batch_gets_its_own_answer_in_order() {
+    let mut rig = rig(FlushPolicy::Group, Duration::from_millis(5), false);
+    let mut conflicting = CommitRequest::default();
+    conflicting.puts.push(crate::storage::PutRequest {
+        oid: 7,
+        expected_version: 1,
+        class: "C".into(),
+        value: vec![0xc0],
+    });
+    // Sent without awaiting: all three are in the mailbox together.
+    let first = rig.coordinator.send(append());
+    let refused = rig.coordinator.send(SubmitCommit(conflicting));
+    let third = rig.coordinator.send(append());
+    let (first, refused, third) = tokio::join!(first, refused, third);
+    assert_eq!(rig.batches.lock().unwrap().clone(), vec![3]);
+    assert_eq!(first.unwrap().unwrap().number, 1);
+    assert_eq!(refused.unwrap(), Err(WireError::Conflict { oids: vec![7] }));
+    assert_eq!(third.unwrap().unwrap().number, 2);
+    assert_eq!(rig.flushed.lock().unwrap().clone(), vec![2]);
+    assert!(rig.fatal.try_recv().is_err());
+}
+
+#[actix::test]
+async fn drain_waits_for_commits_still_queued() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(5), false);
+    let a = rig.coordinator.send(append());
+    let b = rig.coordinator.send(append());
+    // Delivered right behind the two commits, before they were dispatched.
+    let drained = rig.coordinator.send(Drain);
+    let (a, b, drained) = tokio::join!(a, b, drained);
+    assert_eq!(drained.unwrap(), Ok(2));
+    assert_eq!(
+        (a.unwrap().unwrap().number, b.unwrap().unwrap().number),
+        (1, 2)
+    );
+    assert_eq!(rig.flushed.lock().unwrap().last(), Some(&2));
+}
+
+/// Poll `done` every millisecond until it holds (at most 5 s).
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[actix::test]
+async fn group_flushes_queue_behind_the_one_in_flight() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(100), false);
+    let first = {
+        let addr = rig.coordinator.clone();
+        actix_rt::spawn(async move { addr.send(append()).await.unwrap() })
+    };
+    wait_until("first flush", || *rig.requested.lock().unwrap() == [1]).await;
+    let second = {
+        let addr = rig.coordinator.clone();
+        actix_rt::spawn(async move { addr.send(append()).await.unwrap() })
+    };
+    // The second commit's flush is requested while the first one runs.
+    wait_until("second flush", || *rig.requested.lock().unwrap() == [1, 2]).await;
+    assert!(
+        rig.flushed.lock().unwrap().is_empty(),
+        "the first flush ended"
+    );
+    assert_eq!(first.await.unwrap().unwrap().number, 1);
+    assert_eq!(second.await.unwrap().unwrap().number, 2);
+    assert_eq!(*rig.flushed.lock().unwrap(), [1, 2]);
 }

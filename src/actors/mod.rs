@@ -9,6 +9,7 @@
 //! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
 //! | [`Session`] | async, one per connection | one TCP connection | decodes requests, routes them, encodes replies |
 //! | [`Controller`] | async | the lifecycle | checkpoint timer, graceful shutdown, fatal stop |
+//! | [`BackupActor`] | async | the one backup job (local copy or pull) | snapshot, chunked copy with progress, pause / resume / abort, rate limit |
 //!
 //! A commit under the `group` flush policy (arrows are messages; `=>` is the
 //! reply). Reads go straight from a session to the `StorageActor` and never
@@ -36,15 +37,22 @@
 //! may plug in a probe; the only shared values are read-only (`SessionEnv`)
 //! and the single-writer `watch` channel of the applied commit number.
 
+pub mod backup;
+pub mod broadcast;
 pub mod commit_log;
 pub mod controller;
 pub mod convert;
 pub mod coordinator;
+pub mod failover;
 pub mod flush_policy;
+pub mod follower;
 pub mod listener;
+pub mod peer_link;
 pub mod session;
 pub mod storage;
+pub mod supervisor;
 
+pub use backup::{BackupActor, StopBackups};
 pub use commit_log::{CommitLogActor, Flush};
 pub use controller::{Controlled, Controller, Fatal, Outcome, RequestShutdown};
 pub use coordinator::{Acknowledged, CommitCoordinator, Drain, SubmitCommit};

@@ -15,12 +15,14 @@
 //! `Controller` (checkpoints, close).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
+use actix::dev::RecipientRequest;
 use actix::prelude::*;
 use log::{debug, info, warn};
 use tokio::sync::watch;
 
+use crate::actors::commit_log::Flush;
 use crate::storage::object::references_in;
 use crate::storage::{
     Anchor, CommitRequest, Committed, LogSync, RepoInfo, Repository, StorageError, StoredObject,
@@ -156,18 +158,59 @@ impl CommitReply {
     }
 }
 
-/// Apply a commit, unless its idempotency token was already committed (see
-/// [`CommitReply`]). Sender: the `CommitCoordinator`; never dropped.
+/// Apply commits in arrival order, each on its own: one refused (a
+/// conflict, a bad request) does not stop the next. A commit whose
+/// idempotency token was already committed is not applied again (see
+/// [`CommitReply`]). The applied commit number is published once, after
+/// the batch. With `flush` set, the batch's newest log handle goes straight
+/// to that flusher (the `CommitLogActor`) before the reply, so the fsync
+/// starts without a round trip through the sender. Sender: the
+/// `CommitCoordinator`, which batches the commits that arrive together so
+/// that this thread wakes once per batch; never dropped.
 #[derive(Message)]
-#[rtype(result = "Result<CommitReply, StorageError>")]
-pub struct Commit(pub CommitRequest);
+#[rtype(result = "BatchApplied")]
+pub struct CommitBatch {
+    pub commits: Vec<CommitRequest>,
+    pub flush: Option<Recipient<Flush>>,
+}
 
-impl Handler<Commit> for StorageActor {
-    type Result = Result<CommitReply, StorageError>;
+/// What a [`CommitBatch`] did.
+#[derive(MessageResponse)]
+pub struct BatchApplied {
+    /// One result per commit, in order.
+    pub results: Vec<Result<CommitReply, StorageError>>,
+    /// The flush started for the batch: the last commit it was asked to
+    /// cover, and its answer to come.
+    pub flush: Option<(CommitNumber, RecipientRequest<Flush>)>,
+}
 
-    fn handle(&mut self, msg: Commit, _: &mut SyncContext<Self>) -> Self::Result {
+impl Handler<CommitBatch> for StorageActor {
+    type Result = BatchApplied;
+
+    fn handle(&mut self, msg: CommitBatch, _: &mut SyncContext<Self>) -> Self::Result {
+        let results: Vec<_> = msg.commits.into_iter().map(|r| self.commit(r)).collect();
+        if let Some(repo) = &self.repo {
+            self.publish(repo.info().last_commit);
+        }
+        let newest = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok()?.sync())
+            .max_by_key(|s| s.upto());
+        let flush = match (msg.flush, newest) {
+            (Some(flusher), Some(sync)) => {
+                let upto = sync.upto();
+                Some((upto, flusher.send(Flush { sync: sync.clone() })))
+            }
+            _ => None,
+        };
+        BatchApplied { results, flush }
+    }
+}
+
+impl StorageActor {
+    fn commit(&mut self, req: CommitRequest) -> Result<CommitReply> {
         let repo = self.repo_mut()?;
-        if let Some(token) = &msg.0.token {
+        if let Some(token) = &req.token {
             if let Some(number) = repo.token_commit(token) {
                 debug!("commit token already committed as {number}: not applied again");
                 return Ok(CommitReply::Duplicate {
@@ -176,27 +219,158 @@ impl Handler<Commit> for StorageActor {
                 });
             }
         }
-        let committed = repo.commit(msg.0)?;
-        self.publish(committed.number);
-        Ok(CommitReply::Applied(committed))
+        Ok(CommitReply::Applied(repo.commit(req)?))
     }
 }
 
-/// Apply a record received from the primary (for replication). Sender: the
-/// replication actors of a later release; the reply is the applied number.
+/// Apply consecutive records received from the primary (catch-up globs and
+/// replicated batches). Records at or below the last applied number are
+/// skipped (a resend after a reconnect overlaps). Sender: the replication
+/// actors and the `replicate` request. Reply: see [`Applied`].
 #[derive(Message)]
-#[rtype(result = "Result<CommitNumber, StorageError>")]
-pub struct ApplyRecord {
-    pub body: Arc<Vec<u8>>,
+#[rtype(result = "Result<Applied, StorageError>")]
+pub struct ApplyRecords {
+    pub bodies: Vec<Vec<u8>>,
 }
 
-impl Handler<ApplyRecord> for StorageActor {
-    type Result = Result<CommitNumber, StorageError>;
+/// What [`ApplyRecords`] did.
+#[derive(Debug)]
+pub struct Applied {
+    /// Last applied commit number.
+    pub last: CommitNumber,
+    /// Makes what was applied durable (none if nothing was ever written).
+    pub sync: Option<LogSync>,
+    /// The node after the batch, if the batch changed it.
+    pub node_changed: Option<crate::types::Node>,
+}
 
-    fn handle(&mut self, msg: ApplyRecord, _: &mut SyncContext<Self>) -> Self::Result {
-        let number = self.repo_mut()?.apply_record(&msg.body)?;
-        self.publish(number);
-        Ok(number)
+impl Handler<ApplyRecords> for StorageActor {
+    type Result = Result<Applied, StorageError>;
+
+    fn handle(&mut self, msg: ApplyRecords, _: &mut SyncContext<Self>) -> Self::Result {
+        let repo = self.repo_mut()?;
+        let last = repo.info().last_commit;
+        let fresh: Vec<&Vec<u8>> = msg
+            .bodies
+            .iter()
+            .filter(|b| {
+                crate::storage::record::RecordHead::parse(b)
+                    .map(|h| h.number > last)
+                    .unwrap_or(true)
+            })
+            .collect();
+        let before = repo.anchor()?.node;
+        let applied = repo.apply_records(&fresh);
+        let last = repo.info().last_commit;
+        let sync = repo.log_sync()?;
+        let after = repo.anchor()?.node;
+        self.publish(last);
+        applied?;
+        Ok(Applied {
+            last,
+            sync,
+            node_changed: (after != before).then_some(after),
+        })
+    }
+}
+
+/// Record bodies from `from` on, bounded by count and bytes (catch-up and
+/// re-sends). Sender: `catch_up` requests and `BroadcastActor`s.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Vec<u8>>, StorageError>")]
+pub struct ReadRecords {
+    pub from: CommitNumber,
+    pub max_count: usize,
+    pub max_bytes: usize,
+}
+
+impl Handler<ReadRecords> for StorageActor {
+    type Result = Result<Vec<Vec<u8>>, StorageError>;
+
+    fn handle(&mut self, msg: ReadRecords, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo_mut()?
+            .read_records(msg.from, msg.max_count, msg.max_bytes)
+    }
+}
+
+/// The commit that carried an idempotency token, if remembered. Sender:
+/// `commit_status` requests.
+#[derive(Message)]
+#[rtype(result = "Result<Option<CommitNumber>, StorageError>")]
+pub struct TokenCommit {
+    pub token: Vec<u8>,
+}
+
+impl Handler<TokenCommit> for StorageActor {
+    type Result = Result<Option<CommitNumber>, StorageError>;
+
+    fn handle(&mut self, msg: TokenCommit, _: &mut SyncContext<Self>) -> Self::Result {
+        Ok(self.repo()?.token_commit(&msg.token))
+    }
+}
+
+/// The chain hash of record `number` (genesis for 0). Sender: peers
+/// checking whether one log is a prefix of another.
+#[derive(Message)]
+#[rtype(result = "Result<Hash, StorageError>")]
+pub struct RecordHashOf {
+    pub number: CommitNumber,
+}
+
+impl Handler<RecordHashOf> for StorageActor {
+    type Result = Result<Hash, StorageError>;
+
+    fn handle(&mut self, msg: RecordHashOf, _: &mut SyncContext<Self>) -> Self::Result {
+        let repo = self.repo_mut()?;
+        let info = repo.info();
+        if msg.number == 0 {
+            return Ok(crate::storage::record::GENESIS_HASH);
+        }
+        if msg.number == info.last_commit {
+            return Ok(info.last_hash);
+        }
+        let body = repo
+            .read_records(msg.number, 1, 1)?
+            .into_iter()
+            .next()
+            .ok_or(StorageError::BeyondEnd {
+                requested: msg.number,
+                last: info.last_commit,
+            })?;
+        Ok(crate::storage::record::record_hash(&body))
+    }
+}
+
+/// Keep log records from `from` on for catch-up (within the log bound).
+/// Sender: the `NodeSupervisor`; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RetainFrom {
+    pub from: CommitNumber,
+}
+
+impl Handler<RetainFrom> for StorageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetainFrom, _: &mut SyncContext<Self>) {
+        if let Ok(repo) = self.repo_mut() {
+            let _ = repo.retain_from(msg.from);
+        }
+    }
+}
+
+/// Leave restore mode (promotion) or enter it. Sender: the `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "Result<(), StorageError>")]
+pub struct SetRestoreMode {
+    pub on: bool,
+}
+
+impl Handler<SetRestoreMode> for StorageActor {
+    type Result = Result<(), StorageError>;
+
+    fn handle(&mut self, msg: SetRestoreMode, _: &mut SyncContext<Self>) -> Self::Result {
+        self.repo_mut()?.set_restore_mode(msg.on)
     }
 }
 
@@ -347,6 +521,26 @@ impl Handler<Checkpoint> for StorageActor {
             info!("checkpoint written at commit {}", repo.info().last_commit);
         }
         Ok(written)
+    }
+}
+
+/// Checkpoint and capture a point-in-time snapshot for a backup; the index
+/// copy goes into `scratch`. The other files are prefixes commits never
+/// rewrite, so the copy runs while commits go on. Sender: the
+/// `BackupActor`; never dropped.
+#[derive(Message)]
+#[rtype(result = "Result<crate::storage::Snapshot, StorageError>")]
+pub struct TakeSnapshot {
+    pub scratch: std::path::PathBuf,
+}
+
+impl Handler<TakeSnapshot> for StorageActor {
+    type Result = Result<crate::storage::Snapshot, StorageError>;
+
+    fn handle(&mut self, msg: TakeSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
+        let snapshot = self.repo_mut()?.snapshot(&msg.scratch)?;
+        info!("snapshot taken at commit {} for a backup", snapshot.commit);
+        Ok(snapshot)
     }
 }
 

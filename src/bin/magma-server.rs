@@ -44,19 +44,23 @@ struct Args {
     flush: FlushPolicy,
 
     /// Secondaries that must hold a commit durably before the primary
-    /// acknowledges it (0 = asynchronous, as in the original Magma).
-    /// Reported in status; enforced once replication arrives.
+    /// acknowledges it (0 = asynchronous, as in the original Magma). With
+    /// fewer secondaries in the node, all of them; with none, none. A
+    /// secondary that stops acknowledging is checked and, if unreachable,
+    /// removed after --replica-timeout, and waiting commits complete.
     #[arg(long, value_name = "N", default_value_t = 1)]
     sync_replicas: u32,
 
-    /// Follow this primary as a warm backup. Not available in this release:
-    /// the server exits with an error.
+    /// Follow this primary as a warm backup (beWarmBackupFor) instead of the
+    /// primary named by the repository's node. Only for a directory in
+    /// restore mode (a backup or a secondary).
     #[arg(long, value_name = "ADDR")]
     primary: Option<String>,
 
-    /// With an empty --dir: pull a backup from this server, catch up and
-    /// join its node. Not available in this release: the server exits with
-    /// an error.
+    /// With an empty (or absent) --dir: pull a full backup of the node from
+    /// this server over the protocol (as `magma backup --pull` does), then
+    /// catch up and join the node, with no file copying by hand. With a
+    /// --dir that already holds a repository, it is simply opened.
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
 
@@ -69,6 +73,30 @@ struct Args {
     /// log was written to warrant a checkpoint (which shortens recovery).
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     checkpoint_interval_ms: u64,
+
+    /// Most bytes per second a backup copies (or serves to `magma backup
+    /// --pull`), so a backup does not starve the commit path; default: no
+    /// limit. A backup request may ask for less, never for more.
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+    backup_rate: Option<u64>,
+
+    /// Milliseconds after which a secondary that does not acknowledge (or
+    /// cannot be reached) is checked and, if this server cannot reach it
+    /// either, removed from the node; also how long a secondary waits for
+    /// its primary before re-syncing.
+    #[arg(long, value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    replica_timeout_ms: u64,
+
+    /// Most bytes of already checkpointed commit log kept for catching-up
+    /// secondaries (default 1 GiB). A secondary further behind is told to
+    /// start from a new backup; a dead one can never fill the disk.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    max_log_bytes: u64,
+
+    /// Size in bytes at which a new commit-log segment starts (default 64
+    /// MiB). Old log is deleted a whole segment at a time.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    log_segment_bytes: u64,
 }
 
 fn main() {
@@ -84,6 +112,10 @@ fn main() {
         join: args.join,
         max_frame: args.max_frame,
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms),
+        backup_rate: args.backup_rate,
+        replica_timeout: Duration::from_millis(args.replica_timeout_ms),
+        max_log_bytes: args.max_log_bytes,
+        log_segment_bytes: args.log_segment_bytes,
     };
     if let Err(e) = server::run(config) {
         eprintln!("magma-server: error: {e:#}");

@@ -5,9 +5,11 @@
 //! request (backup without --detach then polls the job). This module must
 //! never fail over, never retry a request the server refused, and never
 //! pretend: a feature the server does not offer comes back as the server's
-//! own `unavailable` error, and the offline tools, which do not exist in
-//! this release, say so.
+//! own `unavailable` error, and an offline tool this release lacks says so.
+//! `verify-backup` reads the backup directory only, through
+//! `storage::backup::verify`, never a server.
 
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
@@ -17,9 +19,10 @@ use crate::cli::error::CliError;
 use crate::cli::status::{backup_line, backup_state_name};
 use crate::client::AdminSession;
 use crate::protocol::{BackupReport, BackupState};
+use crate::storage::backup::{verify, Verified};
 
 /// How often a followed backup job is polled.
-const BACKUP_POLL: Duration = Duration::from_millis(250);
+const BACKUP_POLL: Duration = Duration::from_millis(200);
 
 fn admin(server: &str) -> Result<AdminSession, CliError> {
     AdminSession::connect(server).map_err(CliError::at(server))
@@ -30,26 +33,44 @@ pub fn shutdown(server: &str, save: bool) -> Result<(), CliError> {
     admin(server)?.shutdown(save).map_err(CliError::at(server))
 }
 
-/// Start a backup of `server` into `to` (on the server's machine). With
-/// `follow`, poll it until it ends, drawing a progress bar on a terminal;
-/// an aborted or failed job is an error.
-pub fn backup(server: &str, to: &str, follow: bool) -> Result<BackupReport, CliError> {
-    let mut session = admin(server)?;
-    let report = session.backup(to).map_err(CliError::at(server))?;
-    if !follow {
-        return Ok(report);
-    }
-    let bar = ProgressBar::new(report.bytes_total);
+/// A progress bar for `total` bytes on stderr (drawn only on a terminal):
+/// bytes, rate, ETA and the current file.
+pub(crate) fn byte_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}",
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
     ) {
         bar.set_style(style);
     }
+    bar
+}
+
+/// Start a backup of `server` into `to` (on the server's machine), at most
+/// `rate` bytes/s. With `follow`, poll it until it ends, drawing a progress
+/// bar on a terminal; an aborted or failed job is an error.
+pub fn backup(
+    server: &str,
+    to: &str,
+    rate: Option<u64>,
+    follow: bool,
+) -> Result<BackupReport, CliError> {
+    let mut session = admin(server)?;
+    let report = session
+        .backup_with_rate(to, rate)
+        .map_err(CliError::at(server))?;
+    if !follow {
+        return Ok(report);
+    }
+    let bar = byte_bar(report.bytes_total);
     let mut report = report;
     loop {
         bar.set_length(report.bytes_total);
         bar.set_position(report.bytes_done);
-        bar.set_message(report.current_file.clone().unwrap_or_default());
+        let file = report.current_file.clone().unwrap_or_default();
+        bar.set_message(match report.state {
+            BackupState::Paused => format!("paused at {file}"),
+            _ => file,
+        });
         match report.state {
             BackupState::Running | BackupState::Paused => {}
             BackupState::Completed => {
@@ -67,6 +88,14 @@ pub fn backup(server: &str, to: &str, follow: bool) -> Result<BackupReport, CliE
         }
         thread::sleep(BACKUP_POLL);
         report = session.backup_status().map_err(CliError::at(server))?;
+        // Another job may have replaced ours (ours ended and was followed
+        // by a new one): report on ours only.
+        if report.target != to && !report.state.is_final() {
+            return Err(CliError::Backup(format!(
+                "the backup to {to} is no longer the job on {server} (now: {})",
+                backup_line(&report)
+            )));
+        }
     }
 }
 
@@ -74,16 +103,24 @@ pub fn backup_status(server: &str) -> Result<BackupReport, CliError> {
     admin(server)?.backup_status().map_err(CliError::at(server))
 }
 
-pub fn backup_abort(server: &str) -> Result<(), CliError> {
+pub fn backup_abort(server: &str) -> Result<BackupReport, CliError> {
     admin(server)?.backup_abort().map_err(CliError::at(server))
 }
 
-pub fn backup_pause(server: &str) -> Result<(), CliError> {
+pub fn backup_pause(server: &str) -> Result<BackupReport, CliError> {
     admin(server)?.backup_pause().map_err(CliError::at(server))
 }
 
-pub fn backup_resume(server: &str) -> Result<(), CliError> {
+pub fn backup_resume(server: &str) -> Result<BackupReport, CliError> {
     admin(server)?.backup_resume().map_err(CliError::at(server))
+}
+
+/// Check the backup in `dir` (see `magma verify-backup --help`).
+pub fn verify_backup(dir: &Path) -> Result<Verified, CliError> {
+    verify(dir).map_err(|problems| {
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        CliError::InvalidBackup(format!("{}: {}", dir.display(), all.join("; ")))
+    })
 }
 
 /// Make `server` a warm backup of `primary`.
@@ -105,7 +142,7 @@ pub fn remove(server: &str, secondary: &str) -> Result<(), CliError> {
 
 /// The error of an offline tool that this release does not have.
 pub fn not_in_this_release(command: &str) -> CliError {
-    CliError::Unavailable(format!("{command} arrives with the backup release"))
+    CliError::Unavailable(format!("{command} arrives with the compaction release"))
 }
 
 #[cfg(test)]
@@ -118,7 +155,7 @@ mod tests {
         let e = not_in_this_release("compact");
         assert_eq!(e.kind(), "unavailable");
         assert_eq!(e.exit_code(), EXIT_USAGE);
-        assert_eq!(e.to_string(), "compact arrives with the backup release");
+        assert_eq!(e.to_string(), "compact arrives with the compaction release");
     }
 
     #[test]

@@ -15,8 +15,8 @@ const AFTER_HELP: &str = "\
 Errors: every failure prints one line `error: <kind>: <message>` on stderr.
 <kind> is a stable short word: network, outcome_unknown, conflict,
 no_server_reachable, protocol, unavailable, wrong_server, shutting_down,
-backup, unknown_object, not_a_collection, io, not_found, incompatible_root,
-usage, ... (the client's error kind or the server's error code).
+backup, invalid_backup, unknown_object, not_a_collection, io, not_found,
+incompatible_root, usage, ... (the client's error kind or the server's error code).
 
 Exit codes: 0 success; 1 error; 2 usage error, or the feature is
 unavailable (not in this release, or refused by the server as unavailable).";
@@ -66,11 +66,25 @@ pub enum Command {
     /// `target`, `current_file`, `bytes_done`, `bytes_total`, ...).
     Status(StatusArgs),
 
-    /// Start a full backup of a server into a directory on ITS machine.
+    /// Take a full online backup of a server.
     ///
-    /// Follows the job with a live progress bar until it ends, unless
-    /// --detach. The backup is a copy of the repository in restore mode; a
-    /// server started on it joins the node as a secondary.
+    /// Without --pull: the server copies a point-in-time snapshot into --to,
+    /// a NEW directory on ITS machine, in the background; this command
+    /// follows the job with a live progress bar (bytes, rate, ETA, current
+    /// file) until it ends and prints a summary, unless --detach. Commits go
+    /// on during the copy. The backup is the repository at one commit in
+    /// restore mode, with a MANIFEST written last; a server started on it
+    /// serves reads (role "restore") and refuses commits.
+    ///
+    /// With --pull: the snapshot is streamed over the protocol into --to on
+    /// THIS machine, then checked like `magma verify-backup`. If the
+    /// connection breaks, the command reconnects and continues; if it was
+    /// killed, running the same command again continues from what --to
+    /// holds (or starts over cleanly if the server no longer has the job).
+    ///
+    /// Exits 1 with `error: backup: ...` if the server refuses (a backup is
+    /// running, the target exists or is the live directory or cannot be
+    /// created) or the job ends aborted or failed.
     Backup(BackupArgs),
 
     /// Show the server's current (or last) backup job.
@@ -85,8 +99,17 @@ pub enum Command {
     /// Resume the server's paused backup job.
     BackupResume(ServerArgs),
 
-    /// Check a backup directory offline (checksums, hash chain, restore
-    /// bit). Not in this release: exits 2 with `error: unavailable`.
+    /// Check a backup directory offline: the MANIFEST exists and parses,
+    /// every file has the size and BLAKE3 checksum it lists and no other
+    /// file is present, and the header is intact (magic, CRC) with the
+    /// restore-mode bit set and the repository id and snapshot commit of the
+    /// manifest.
+    ///
+    /// Prints one line describing the backup and exits 0 when it is valid;
+    /// otherwise exits 1 with `error: invalid_backup: DIR: <every problem,
+    /// each naming the file and expected vs found>`. A copy that never
+    /// finished (aborted, failed, interrupted) has no manifest and is
+    /// reported as incomplete, with the reason it recorded.
     VerifyBackup(VerifyBackupArgs),
 
     /// Make a server a warm backup (secondary) of a primary.
@@ -182,16 +205,21 @@ pub struct BackupArgs {
     /// The server to back up (host:port).
     #[arg(long, value_name = "ADDR")]
     pub server: String,
-    /// Target directory, on the server's machine; must not exist or be empty.
+    /// Target directory: an absolute path on the server's machine that
+    /// must not exist (with --pull: a path here, new, or the directory of an
+    /// interrupted pull to continue).
     #[arg(long, value_name = "DIR")]
     pub to: String,
     /// Start the job and return at once (follow it with backup-status).
     #[arg(long, conflicts_with = "pull")]
     pub detach: bool,
-    /// Stream the backup to --to on THIS machine instead. Not in this
-    /// release: exits 2 with `error: unavailable`.
+    /// Stream the backup into --to on THIS machine instead.
     #[arg(long)]
     pub pull: bool,
+    /// Copy at most this many bytes per second (the server's --backup-rate
+    /// applies too; the lower wins). Default: the server's limit.
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

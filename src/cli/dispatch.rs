@@ -13,6 +13,7 @@ use crate::cli::bench::{self, BenchOptions};
 use crate::cli::error::CliError;
 use crate::cli::flood::{self, FloodLimit, FloodOptions};
 use crate::cli::inspect;
+use crate::cli::pull::{self, PullOptions};
 use crate::cli::status;
 use crate::client::SessionOptions;
 
@@ -30,11 +31,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Backup(a) => {
             if a.pull {
-                return Err(CliError::Unavailable(
-                    "backup --pull arrives with the backup release".into(),
-                ));
+                let opts = PullOptions {
+                    server: a.server.clone(),
+                    to: a.to.into(),
+                    rate: a.rate,
+                    progress: true,
+                };
+                let summary = pull::run(&opts)?;
+                return say(&summary.to_string());
             }
-            let report = admin::backup(&a.server, &a.to, !a.detach)?;
+            let report = admin::backup(&a.server, &a.to, a.rate, !a.detach)?;
             let what = if a.detach { "started" } else { "finished" };
             say(&format!(
                 "backup of {} {what}: {}",
@@ -51,18 +57,41 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             }
         }
         Command::BackupAbort(a) => {
-            admin::backup_abort(&a.server)?;
-            say(&format!("backup on {} aborted", a.server))
+            let report = admin::backup_abort(&a.server)?;
+            say(&format!(
+                "backup on {}: {}",
+                a.server,
+                status::backup_line(&report)
+            ))
         }
         Command::BackupPause(a) => {
-            admin::backup_pause(&a.server)?;
-            say(&format!("backup on {} paused", a.server))
+            let report = admin::backup_pause(&a.server)?;
+            say(&format!(
+                "backup on {}: {}",
+                a.server,
+                status::backup_line(&report)
+            ))
         }
         Command::BackupResume(a) => {
-            admin::backup_resume(&a.server)?;
-            say(&format!("backup on {} resumed", a.server))
+            let report = admin::backup_resume(&a.server)?;
+            say(&format!(
+                "backup on {}: {}",
+                a.server,
+                status::backup_line(&report)
+            ))
         }
-        Command::VerifyBackup(_) => Err(admin::not_in_this_release("verify-backup")),
+        Command::VerifyBackup(a) => {
+            let v = admin::verify_backup(&a.dir)?;
+            say(&format!(
+                "{}: valid backup of repository {} at commit {} ({} files, {} bytes, from {})",
+                a.dir.display(),
+                v.repository_id,
+                v.snapshot_commit,
+                v.files,
+                v.bytes,
+                v.source
+            ))
+        }
         Command::Follow(a) => {
             admin::follow(&a.server, &a.primary)?;
             say(&format!("{} now follows {}", a.server, a.primary))

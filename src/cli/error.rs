@@ -54,9 +54,13 @@ pub enum CliError {
     /// The domain root exists but does not have the documented shape.
     #[error("{0}")]
     IncompatibleRoot(String),
-    /// A backup job ended without completing (aborted or failed).
+    /// A backup job ended without completing (aborted or failed), or a
+    /// pull could not go on.
     #[error("{0}")]
     Backup(String),
+    /// `verify-backup` found the directory incomplete or damaged.
+    #[error("{0}")]
+    InvalidBackup(String),
     /// The tool itself failed (a thread could not start or panicked).
     #[error("{0}")]
     Internal(String),
@@ -89,6 +93,7 @@ impl CliError {
             CliError::NotFound(_) => "not_found",
             CliError::IncompatibleRoot(_) => "incompatible_root",
             CliError::Backup(_) => "backup",
+            CliError::InvalidBackup(_) => "invalid_backup",
             CliError::Internal(_) => "internal",
         }
     }

@@ -15,10 +15,13 @@
 //! | `status` | `magma status`: the human table and the JSON document |
 //! | `inspect` | `magma digest` and `magma dump`: reads from one server |
 //! | `admin` | shutdown, backups, follow, take-over, remove, offline tools |
+//! | `pull` | `magma backup --pull`: resumable streaming of a snapshot to here |
 //!
 //! The CLI is a client like any other: it speaks to servers only through
-//! `crate::client`, never through the server's actors or storage, and it
-//! never hides a failure (an unanswered commit is reported as unknown).
+//! `crate::client`, never through the server's actors, and it never hides a
+//! failure (an unanswered commit is reported as unknown). The only storage
+//! code it uses is `storage::backup`, to write and check backup directories
+//! on this machine (`--pull`, `verify-backup`).
 
 mod admin;
 mod args;
@@ -28,6 +31,7 @@ pub mod domain;
 mod error;
 pub mod flood;
 pub mod inspect;
+pub mod pull;
 pub mod status;
 
 pub use args::{

@@ -32,13 +32,7 @@ pub fn role_name(role: ServerRole) -> &'static str {
 }
 
 pub fn backup_state_name(state: BackupState) -> &'static str {
-    match state {
-        BackupState::Running => "running",
-        BackupState::Paused => "paused",
-        BackupState::Completed => "completed",
-        BackupState::Aborted => "aborted",
-        BackupState::Failed => "failed",
-    }
+    state.name()
 }
 
 /// The `status --json` document. `epoch` is the string

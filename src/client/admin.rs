@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use crate::client::connection::{unexpected, ConnectOptions, Connection, ServerHello};
 use crate::client::error::{ClientError, Result};
 use crate::protocol::{
-    BackupReport, RequestBody, ResponseBody, ServerRole, SessionRole, StatusReport,
+    BackupReport, PullFile, PullSnapshot, RequestBody, ResponseBody, ServerRole, SessionRole,
+    StatusReport,
 };
 use crate::types::{CommitNumber, Epoch, Node, NodeAddr};
 
@@ -100,7 +101,16 @@ impl AdminSession {
     /// Returns at once with the job's first report; follow it with
     /// [`AdminSession::backup_status`].
     pub fn backup(&mut self, to: &str) -> Result<BackupReport> {
-        self.backup_report(RequestBody::Backup { to: to.to_string() })
+        self.backup_with_rate(to, None)
+    }
+
+    /// [`AdminSession::backup`] copying at most `rate` bytes per second
+    /// (the server's own limit applies too; the lower wins).
+    pub fn backup_with_rate(&mut self, to: &str, rate: Option<u64>) -> Result<BackupReport> {
+        self.backup_report(RequestBody::Backup {
+            to: to.to_string(),
+            rate,
+        })
     }
 
     /// The current (or last) backup job.
@@ -111,16 +121,64 @@ impl AdminSession {
         }
     }
 
-    pub fn backup_abort(&mut self) -> Result<()> {
-        self.call_ok(RequestBody::BackupAbort)
+    /// Abort the running job; returns its final report (`completed` if it
+    /// finished before the abort took effect).
+    pub fn backup_abort(&mut self) -> Result<BackupReport> {
+        self.backup_report(RequestBody::BackupAbort)
     }
 
-    pub fn backup_pause(&mut self) -> Result<()> {
-        self.call_ok(RequestBody::BackupPause)
+    pub fn backup_pause(&mut self) -> Result<BackupReport> {
+        self.backup_report(RequestBody::BackupPause)
     }
 
-    pub fn backup_resume(&mut self) -> Result<()> {
-        self.call_ok(RequestBody::BackupResume)
+    pub fn backup_resume(&mut self) -> Result<BackupReport> {
+        self.backup_report(RequestBody::BackupResume)
+    }
+
+    /// Start a pull backup: the server snapshots and keeps the snapshot as
+    /// a pull job until [`AdminSession::backup_pull_finish`] (or an idle
+    /// timeout). `to` is only shown in the server's reports.
+    pub fn backup_pull_start(
+        &mut self,
+        rate: Option<u64>,
+        to: Option<&str>,
+    ) -> Result<PullSnapshot> {
+        match self.call(RequestBody::BackupPullStart {
+            rate,
+            to: to.map(str::to_string),
+        })? {
+            ResponseBody::BackupPull(snapshot) => Ok(snapshot),
+            other => Err(unexpected(self.addr(), "backup_pull", &other)),
+        }
+    }
+
+    /// Up to `len` bytes of `file` from `offset` (the server sends at most
+    /// its `max_chunk`; fewer only at the end of the file).
+    pub fn backup_pull_chunk(
+        &mut self,
+        id: u64,
+        file: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        match self.call(RequestBody::BackupPullChunk {
+            id,
+            file: file.to_string(),
+            offset,
+            len,
+        })? {
+            ResponseBody::BackupChunk { data, .. } => Ok(data),
+            other => Err(unexpected(self.addr(), "backup_chunk", &other)),
+        }
+    }
+
+    /// Release a pull job; returns the checksums the server computed over
+    /// what it served.
+    pub fn backup_pull_finish(&mut self, id: u64) -> Result<Vec<PullFile>> {
+        match self.call(RequestBody::BackupPullFinish { id })? {
+            ResponseBody::BackupPullDone { files, .. } => Ok(files),
+            other => Err(unexpected(self.addr(), "backup_pull_done", &other)),
+        }
     }
 
     /// Stop the server, flushing first when `save`. A server that closes

@@ -13,8 +13,7 @@ use std::time::Duration;
 use crate::client::error::{ClientError, Result};
 use crate::protocol::codec::{self, DEFAULT_MAX_FRAME};
 use crate::protocol::{
-    Request, RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError,
-    PROTOCOL_VERSION,
+    RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError, PROTOCOL_VERSION,
 };
 use crate::types::{CommitNumber, Epoch, Node};
 
@@ -70,6 +69,14 @@ pub struct Connection {
     hello: ServerHello,
     max_frame: u64,
     broken: bool,
+}
+
+/// A [`Request`](crate::protocol::Request) by reference: encoded exactly alike, without cloning the
+/// body (a commit's values) for every attempt.
+#[derive(serde::Serialize)]
+struct OutgoingRequest<'a> {
+    id: u64,
+    body: &'a RequestBody,
 }
 
 /// A failed call, with whether the request had been completely handed to
@@ -190,15 +197,15 @@ impl Connection {
     /// becomes `Err` (a conflict as [`ClientError::Conflict`]); any other
     /// response is returned whole, so the caller sees the server's `commit`.
     pub fn call(&mut self, body: RequestBody) -> Result<Response> {
-        self.call_tracked(body).map_err(|f| f.error)
+        self.call_tracked(&body).map_err(|f| f.error)
     }
 
     pub(crate) fn call_tracked(
         &mut self,
-        body: RequestBody,
+        body: &RequestBody,
     ) -> std::result::Result<Response, CallFailure> {
         let id = self
-            .send(&body)
+            .send(body)
             .map_err(|error| CallFailure { sent: false, error })?;
         let resp = self
             .receive()
@@ -218,10 +225,7 @@ impl Connection {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let frame = codec::encode(&Request {
-            id,
-            body: body.clone(),
-        });
+        let frame = codec::encode(&OutgoingRequest { id, body });
         std::io::Write::write_all(self.stream.get_mut(), &frame).map_err(|e| {
             self.broken = true;
             io_error(&self.addr, e)
@@ -273,15 +277,12 @@ impl Connection {
         if self.broken || !self.stream.buffer().is_empty() {
             return true;
         }
-        let sock = self.stream.get_ref();
-        if sock.set_nonblocking(true).is_err() {
-            return true;
-        }
-        let mut byte = [0u8; 1];
-        let peeked = sock.peek(&mut byte);
-        let restored = sock.set_nonblocking(false).is_ok();
-        let stale = !matches!(peeked, Err(ref e) if e.kind() == ErrorKind::WouldBlock);
-        if stale || !restored {
+        // One non-blocking peek (a single syscall on the commit path): an
+        // idle, healthy connection has nothing to read.
+        let sock = socket2::SockRef::from(self.stream.get_ref());
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        let peeked = sock.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+        if !matches!(peeked, Err(ref e) if e.kind() == ErrorKind::WouldBlock) {
             self.broken = true;
         }
         self.broken
@@ -315,6 +316,14 @@ pub(crate) fn response_type(body: &ResponseBody) -> &'static str {
         ResponseBody::Status(_) => "status",
         ResponseBody::Digest { .. } => "digest",
         ResponseBody::BackupState(_) => "backup_state",
+        ResponseBody::BackupPull(_) => "backup_pull",
+        ResponseBody::BackupChunk { .. } => "backup_chunk",
+        ResponseBody::BackupPullDone { .. } => "backup_pull_done",
+        ResponseBody::Records { .. } => "records",
+        ResponseBody::RecordHash { .. } => "record_hash",
+        ResponseBody::HandedOver { .. } => "handed_over",
+        ResponseBody::TokenStatus { .. } => "token_status",
+        ResponseBody::Replicated { .. } => "replicated",
         ResponseBody::Ok => "ok",
         ResponseBody::Error { .. } => "error",
     }
@@ -342,6 +351,7 @@ pub(crate) fn progress_of(resp: &Response) -> CommitNumber {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Request;
     use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::thread;
@@ -469,7 +479,7 @@ mod tests {
         let mut c =
             Connection::connect(&addr, SessionRole::Application, &Default::default()).unwrap();
         assert!(!c.is_stale());
-        match c.call_tracked(RequestBody::Ping) {
+        match c.call_tracked(&RequestBody::Ping) {
             Err(CallFailure { sent, error }) => {
                 assert!(sent);
                 assert!(matches!(error, ClientError::Io { .. }), "{error:?}");
@@ -507,6 +517,19 @@ mod tests {
         }
         drop(c);
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_by_reference_encodes_like_a_request() {
+        let body = RequestBody::Read {
+            oid: 3,
+            depth: 1,
+            required_progress: Some(9),
+        };
+        assert_eq!(
+            codec::encode(&OutgoingRequest { id: 5, body: &body }),
+            codec::encode(&Request { id: 5, body })
+        );
     }
 
     #[test]

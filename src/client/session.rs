@@ -383,7 +383,7 @@ impl Session {
                 .and_then(|idx| {
                     let conn = self.router.conn(idx);
                     let addr = conn.addr().to_string();
-                    conn.call_tracked(request.clone()).map(|resp| (resp, addr))
+                    conn.call_tracked(&request).map(|resp| (resp, addr))
                 });
             match sent {
                 Ok((resp, addr)) => break self.committed(resp, &addr, expects),
@@ -446,8 +446,10 @@ impl Session {
         after.is_none() || after == before
     }
 
-    /// A commit that was not sent: resend it only if re-learning the node
-    /// names another primary than the one that just failed, and only once.
+    /// A commit that was not sent: resend it, once, to another primary if
+    /// re-learning the node names one; else to the node's successor (its
+    /// first secondary), which pings the primary and, finding it gone,
+    /// takes over (the seed's rule) or names the primary to use.
     fn reroute_unsent(&mut self, error: ClientError, relearned: &mut bool) -> Result<()> {
         if *relearned {
             return Err(error);
@@ -457,13 +459,47 @@ impl Session {
         if self.router.refresh_node().is_err() {
             return Err(error);
         }
+        let failed_addr = failed.as_ref().map(|m| m.addr.clone());
         let primary = self.router.node().primary().map(|p| p.addr.clone());
         match primary {
-            Some(p) if Some(&p) != failed.as_ref().map(|m| &m.addr) => {
+            Some(p) if Some(&p) != failed_addr.as_ref() => {
                 self.router.redirect_commits(&p);
                 Ok(())
             }
-            _ => Err(error),
+            _ => {
+                let successor = self
+                    .router
+                    .node()
+                    .secondaries()
+                    .map(|m| m.addr.clone())
+                    .find(|a| Some(a) != failed_addr.as_ref());
+                match successor {
+                    Some(s) => {
+                        log::info!(
+                            "primary {failed_addr:?} unreachable: sending the commit to {s}"
+                        );
+                        self.router.redirect_commits(&s);
+                        Ok(())
+                    }
+                    None => Err(error),
+                }
+            }
+        }
+    }
+
+    /// Was a commit with this token applied? Asks the primary; resolves a
+    /// [`ClientError::OutcomeUnknown`] (also after a failover: the new
+    /// primary knows the tokens of every commit it replicated).
+    pub fn commit_status(&mut self, token: &[u8]) -> Result<Option<CommitNumber>> {
+        let idx = self.router.commit_connection()?;
+        let addr = self.router.conn(idx).addr().to_string();
+        let resp = self.router.conn(idx).call(RequestBody::CommitStatus {
+            token: token.to_vec(),
+        })?;
+        self.router.observe(&resp);
+        match resp.body {
+            ResponseBody::TokenStatus { number } => Ok(number),
+            other => Err(unexpected(&addr, "token_status", &other)),
         }
     }
 
@@ -529,7 +565,30 @@ impl Session {
             }
         };
         self.router.prune();
+        let failed: Vec<String> = tried.iter().map(|a| a.addr.clone()).collect();
+        for addr in failed {
+            self.complain(&addr);
+        }
         result
+    }
+
+    /// Tell the primary a secondary could not be reached: a hint it checks
+    /// (it removes the secondary only if it cannot reach it either). Best
+    /// effort: a failed complaint is not the application's problem.
+    fn complain(&mut self, addr: &str) {
+        let is_secondary = self.router.node().secondaries().any(|m| m.addr == addr);
+        if !is_secondary {
+            return;
+        }
+        if let Ok(idx) = self.router.commit_connection() {
+            let body = RequestBody::Complain {
+                addr: addr.to_string(),
+            };
+            match self.router.conn(idx).call(body) {
+                Ok(_) => log::info!("told the primary that {addr} could not be reached"),
+                Err(e) => log::debug!("complaint about {addr} not delivered: {e}"),
+            }
+        }
     }
 
     /// The one retry of a read the read server answered `behind`: the first

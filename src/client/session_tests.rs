@@ -379,10 +379,25 @@ fn a_lost_reply_is_an_unknown_outcome_and_a_conflict_is_a_conflict() {
 }
 
 #[test]
-fn a_dead_primary_surfaces_a_network_error_to_commits_but_reads_go_on() {
+fn a_commit_the_dead_primary_never_got_goes_to_the_successor() {
+    // The seed's rule: the secondary that receives it pings the primary and
+    // takes over (here the fake secondary simply commits).
     let (mut p, s, _) = pair();
     let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
     p.kill();
+    let out = session.append(Ref(9), &"x").unwrap();
+    assert_eq!(out.number, 11);
+    assert_eq!(session.commit_server(), Some(s.addr.as_str()));
+    assert_eq!(s.count(is_commit), 1);
+    assert_eq!(session.read(1u64).unwrap().oid, 1);
+}
+
+#[test]
+fn with_no_server_left_a_commit_gets_a_network_error_and_was_not_applied() {
+    let (mut p, mut s, _) = pair();
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    p.kill();
+    s.kill();
     let err = session.append(Ref(9), &"x").unwrap_err();
     assert!(
         matches!(
@@ -392,7 +407,6 @@ fn a_dead_primary_surfaces_a_network_error_to_commits_but_reads_go_on() {
         "{err:?}"
     );
     assert!(err.is_retryable(), "never sent, so never applied");
-    assert_eq!(session.read(1u64).unwrap().oid, 1);
 }
 
 #[test]

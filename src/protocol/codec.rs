@@ -14,7 +14,9 @@ pub const DEFAULT_MAX_FRAME: u64 = 16 * 1024 * 1024;
 
 /// Encode `msg` as a complete frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    let mut out = vec![0u8; 4];
+    // Room for a typical request or reply: no regrowth while encoding.
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&[0u8; 4]);
     rmp_serde::encode::write_named(&mut out, msg).expect("encoding into a Vec cannot fail");
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{CommitNumber, NodeAddr, Oid};
+use crate::types::{CommitNumber, Epoch, NodeAddr, Oid};
 
 /// Errors that cross the wire. Every variant is documented in
 /// `docs/PROTOCOL.md`; add variants, never change their meaning.
@@ -52,6 +52,23 @@ pub enum WireError {
         requested: CommitNumber,
         oldest: CommitNumber,
     },
+    /// A peer request on a session that did not say `peer` in its hello.
+    #[error("not a peer session")]
+    NotPeer,
+    /// Replicated records did not continue the receiver's log: resend from
+    /// `from` (its last applied + 1).
+    #[error("out of sequence: resend from {from}")]
+    Resend { from: CommitNumber },
+    /// The sender's epoch is older than the receiver's.
+    #[error("stale epoch {got}; current is {current}")]
+    StaleEpoch { got: Epoch, current: Epoch },
+    /// The peer serves another repository.
+    #[error("repository {got} is not this node's repository {expected}")]
+    RepositoryMismatch { expected: String, got: String },
+    /// The records do not continue the receiver's hash chain: the logs
+    /// diverged at or before `number`.
+    #[error("logs diverge at commit {number}")]
+    Diverged { number: CommitNumber },
     /// A backup is already running (or none is, for status/abort/pause).
     #[error("backup: {reason}")]
     Backup { reason: String },

@@ -91,11 +91,35 @@ pub enum RequestBody {
     /// Full backup to a directory on the server's machine.
     Backup {
         to: String,
+        /// Copy at most this many bytes per second (the server's
+        /// `--backup-rate` applies too; the lower wins).
+        #[serde(default)]
+        rate: Option<u64>,
     },
     BackupStatus,
     BackupAbort,
     BackupPause,
     BackupResume,
+    /// Snapshot the repository for a pull backup over this protocol.
+    BackupPullStart {
+        /// As in `backup`.
+        #[serde(default)]
+        rate: Option<u64>,
+        /// Where the client writes it (shown in `backup_status`).
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// Bytes `offset..offset+len` of one file of a pull job's snapshot.
+    BackupPullChunk {
+        id: u64,
+        file: String,
+        offset: u64,
+        len: u64,
+    },
+    /// The client has every file: release the pull job.
+    BackupPullFinish {
+        id: u64,
+    },
     /// serverSave:andExit:
     Shutdown {
         save: bool,
@@ -107,6 +131,54 @@ pub enum RequestBody {
     TakeOver,
     RemoveSecondary {
         addr: NodeAddr,
+    },
+    /// Was a commit carrying this idempotency token applied (e.g. one whose
+    /// outcome was unknown after a failover)? Ask the primary.
+    CommitStatus {
+        #[serde(with = "serde_bytes")]
+        token: Vec<u8>,
+    },
+    // ---- node requests ----
+    /// From an application: `addr` could not be reached. A hint for the
+    /// primary to check that member, never a removal by itself.
+    Complain {
+        addr: NodeAddr,
+    },
+    // ---- peer requests (peer sessions only) ----
+    /// A catching-up server pulls a glob of commit records from `from` on.
+    CatchUp {
+        from: CommitNumber,
+        max_count: u32,
+        max_bytes: u64,
+        server_id: u64,
+        /// Where the primary reaches the catching-up server.
+        addr: NodeAddr,
+        repository_id: String,
+    },
+    /// The chain hash of record `number` (0: the genesis hash), to check
+    /// whether one log is a prefix of another.
+    RecordHash {
+        number: CommitNumber,
+    },
+    /// Another secondary found the primary unreachable and names this
+    /// server its successor: check, and promote if the primary is gone.
+    Promote,
+    /// A secondary taking over asks the primary to stop taking commits and
+    /// drain to it; answered once it holds everything.
+    HandOver {
+        server_id: u64,
+    },
+    /// A secondary stops on purpose: remove it from the node without the
+    /// usual checks.
+    Leaving {
+        server_id: u64,
+    },
+    /// The primary pushes records in order (none: a heartbeat).
+    Replicate {
+        epoch: Epoch,
+        primary_id: u64,
+        records: Vec<serde_bytes::ByteBuf>,
+        primary_last: CommitNumber,
     },
 }
 
@@ -228,6 +300,50 @@ pub enum ResponseBody {
         digest: String,
     },
     BackupState(BackupReport),
+    /// A pull job started: its snapshot's files, to fetch by chunks.
+    BackupPull(PullSnapshot),
+    /// Bytes of one file of a pull job's snapshot.
+    BackupChunk {
+        id: u64,
+        file: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The pull job is released; `files` carry the BLAKE3 the server
+    /// computed over the bytes it served (nil for a file not served in one
+    /// sequential pass).
+    BackupPullDone {
+        id: u64,
+        files: Vec<PullFile>,
+    },
+    /// A glob of record bodies (see `docs/STORAGE.md`), from the requested
+    /// number on. `level`: they reach the primary's last commit.
+    Records {
+        records: Vec<serde_bytes::ByteBuf>,
+        last: CommitNumber,
+        epoch: Epoch,
+        level: bool,
+    },
+    RecordHash {
+        number: CommitNumber,
+        #[serde(with = "serde_bytes")]
+        hash: Vec<u8>,
+    },
+    /// The primary stopped taking commits; everything up to `last` is
+    /// durable on the server taking over.
+    HandedOver {
+        last: CommitNumber,
+    },
+    /// Whether a commit with this idempotency token was applied.
+    TokenStatus {
+        number: Option<CommitNumber>,
+    },
+    /// What a secondary applied, and made durable, after a `replicate`.
+    Replicated {
+        applied: CommitNumber,
+        durable: CommitNumber,
+    },
     /// An admin request was accepted (shutdown, pause, ...).
     Ok,
     Error {
@@ -283,6 +399,24 @@ pub enum BackupState {
     Failed,
 }
 
+impl BackupState {
+    /// The word on the wire and in output (`running`, `paused`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupState::Running => "running",
+            BackupState::Paused => "paused",
+            BackupState::Completed => "completed",
+            BackupState::Aborted => "aborted",
+            BackupState::Failed => "failed",
+        }
+    }
+
+    /// The job is over (completed, aborted or failed).
+    pub fn is_final(self) -> bool {
+        !matches!(self, BackupState::Running | BackupState::Paused)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackupReport {
     pub state: BackupState,
@@ -296,6 +430,33 @@ pub struct BackupReport {
     pub started_unix_ms: u64,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+}
+
+/// One file of a pull job's snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullFile {
+    /// Relative path inside the backup, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    #[serde(default)]
+    pub blake3: Option<String>,
+}
+
+/// The answer to `backup_pull_start`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PullSnapshot {
+    pub id: u64,
+    pub snapshot_commit: CommitNumber,
+    pub repository_id: String,
+    /// The header to write last (restore-mode bit set, server id 0).
+    #[serde(with = "serde_bytes")]
+    pub header: Vec<u8>,
+    /// The data files, in the order to fetch them.
+    pub files: Vec<PullFile>,
+    /// Largest chunk the server sends; ask for this much at a time.
+    pub max_chunk: u64,
+    /// Seconds a pull job may stay idle before the server releases it.
+    pub idle_timeout_s: u64,
 }
 
 /// Keep `Member` reachable from protocol users without importing types.

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::storage::error::{Result, StorageError};
@@ -42,11 +43,24 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub struct LogSync {
     file: Arc<File>,
     upto: CommitNumber,
+    /// The last record written to this segment so far (shared with the
+    /// log, which raises it after each write): a sync covers at least that.
+    written: Arc<AtomicU64>,
 }
 
 impl LogSync {
+    /// A handle on `file` covering up to `upto` (tests' stand-in logs).
+    #[cfg(test)]
     pub(crate) fn new(file: Arc<File>, upto: CommitNumber) -> Self {
-        LogSync { file, upto }
+        LogSync::covering(file, upto, Arc::new(AtomicU64::new(upto)))
+    }
+
+    fn covering(file: Arc<File>, upto: CommitNumber, written: Arc<AtomicU64>) -> Self {
+        LogSync {
+            file,
+            upto,
+            written,
+        }
     }
 
     /// The last commit this handle covers.
@@ -57,6 +71,20 @@ impl LogSync {
     /// fdatasync the segment: on success every record up to `upto` is durable.
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// True when both handles sync the same segment file.
+    pub fn same_segment(&self, other: &LogSync) -> bool {
+        Arc::ptr_eq(&self.file, &other.file)
+    }
+
+    /// [`LogSync::sync`], returning the last commit now durable: every
+    /// record written to the segment before the call, at least `upto`
+    /// (group commit: one sync covers the records written meanwhile).
+    pub fn sync_written(&self) -> std::io::Result<CommitNumber> {
+        let upto = self.written.load(Ordering::Acquire).max(self.upto);
+        self.file.sync_data()?;
+        Ok(upto)
     }
 }
 
@@ -79,6 +107,8 @@ pub struct CommitLog {
     /// end at `segments.last().len`. Written before any sync, read or roll.
     pending: Vec<u8>,
     current: Option<Arc<File>>,
+    /// Last record written to `current` (shared with its `LogSync`s).
+    written: Arc<AtomicU64>,
     readers: HashMap<CommitNumber, File>,
     last: CommitNumber,
     last_hash: Hash,
@@ -182,6 +212,7 @@ impl CommitLog {
             segments,
             pending: Vec::new(),
             current: None,
+            written: Arc::new(AtomicU64::new(0)),
             readers: HashMap::new(),
             last: checkpoint,
             last_hash: checkpoint_hash,
@@ -441,12 +472,13 @@ impl CommitLog {
         file.write_all_at(&self.pending, at)
             .map_err(|e| io_at(&seg.path, "appending to", e))?;
         self.pending.clear();
+        self.written.store(self.last, Ordering::Release);
         Ok(())
     }
 
     fn sync_handle_written(&self) -> LogSync {
         let file = self.current.as_ref().expect("current segment is open");
-        LogSync::new(file.clone(), self.last)
+        LogSync::covering(file.clone(), self.last, self.written.clone())
     }
 
     fn start_segment(&mut self, first: CommitNumber) -> Result<()> {
@@ -476,6 +508,7 @@ impl CommitLog {
             allocated: SEGMENT_HEAD_LEN,
         });
         self.current = Some(Arc::new(file));
+        self.written = Arc::new(AtomicU64::new(0));
         Ok(())
     }
 
@@ -696,6 +729,44 @@ mod tests {
         }
         log.sync().unwrap();
         (bodies, log.end_offset())
+    }
+
+    #[test]
+    fn a_sync_covers_what_its_segment_holds_when_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = CommitLog::open(dir.path(), 0, GENESIS_HASH, 1000, |_| Ok(())).unwrap();
+        let mut handles = Vec::new();
+        for i in 1..=3 {
+            let b = body(i, log.last_hash());
+            handles.push(log.append(i, &b).unwrap());
+        }
+        // Records 2 and 3 were written before the first handle syncs.
+        assert_eq!(handles[0].upto(), 1);
+        assert_eq!(handles[0].sync_written().unwrap(), 3);
+        // Buffered records count only once written.
+        let b = body(4, log.last_hash());
+        log.append_buffered(4, &b).unwrap();
+        assert_eq!(handles[1].sync_written().unwrap(), 3);
+        log.write_pending().unwrap();
+        assert_eq!(handles[1].sync_written().unwrap(), 4);
+        // Records of a later segment are not in this segment's sync.
+        let first = log.segments.len();
+        let mut n = 4;
+        while log.segments.len() == first {
+            n += 1;
+            let b = body(n, log.last_hash());
+            log.append(n, &b).unwrap();
+        }
+        let old = handles[2].sync_written().unwrap();
+        assert!(old < n, "{old} covers record {n} of the next segment");
+        assert_eq!(old, log.segments[first].first - 1);
+        let current = log.sync_handle().unwrap().unwrap();
+        assert_eq!(current.sync_written().unwrap(), n);
+        assert!(current.same_segment(&log.sync_handle().unwrap().unwrap()));
+        assert!(!current.same_segment(&handles[2]));
+        // A handle made by hand covers what it names.
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        assert_eq!(LogSync::new(file, 7).sync_written().unwrap(), 7);
     }
 
     #[test]

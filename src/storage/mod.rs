@@ -14,8 +14,13 @@
 //! DIR/objects.dat   append-only object versions
 //! DIR/coll/<oid>.idx, <oid>.dat   large-collection element offsets and data
 //! DIR/log/<first>.log             commit-log segments
+//! DIR/backup-tmp/<job>/index.map  a snapshot's index copy, while a backup runs
 //! ```
+//!
+//! A backup of a repository is a directory of the same layout plus
+//! `MANIFEST` (see [`backup`]).
 
+pub mod backup;
 mod commit_log;
 pub mod error;
 mod header;

@@ -917,7 +917,7 @@ impl Repository {
     pub fn snapshot(&mut self, scratch: &Path) -> Result<Snapshot> {
         self.checkpoint()?;
         fs::create_dir_all(scratch)
-            .map_err(|e| StorageError::io(format!("creating {}", scratch.display()), e))?;
+            .map_err(|e| StorageError::backup_io(format!("creating {}", scratch.display()), e))?;
         let index_copy = scratch.join(INDEX_FILE);
         let index_len = self.index.copy_to(&index_copy)?;
         let mut header = self.header.clone();
@@ -996,47 +996,25 @@ impl Repository {
 }
 
 impl Snapshot {
-    /// Materialise the snapshot in `target` (which must not exist): copy
-    /// each file's prefix, write the restore-mode header last so that an
-    /// interrupted copy is never mistaken for a repository.
-    pub fn copy_to(&self, target: &Path) -> Result<()> {
-        if target.exists() {
+    /// Materialise the snapshot in `target` (which must not exist) in one
+    /// go: the same chunked copy a server's backup job runs, ending with the
+    /// restore-mode header and the manifest. For tools and tests; a server
+    /// copies through `BackupActor`.
+    pub fn copy_to(&self, target: &Path) -> Result<crate::storage::backup::Manifest> {
+        use crate::storage::backup::{write_marker, SnapshotCopy};
+        if target.symlink_metadata().is_ok() {
             return Err(StorageError::Invalid(format!(
                 "{} already exists",
                 target.display()
             )));
         }
-        for dir in [
-            target.to_path_buf(),
-            target.join(COLL_DIR),
-            target.join(LOG_DIR),
-        ] {
-            fs::create_dir_all(&dir)
-                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
-        }
-        for f in &self.files {
-            let to = target.join(&f.relative);
-            let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
-            let mut src = File::open(&f.source)
-                .map_err(|e| StorageError::io(ctx("opening", &f.source), e))?;
-            let mut dst =
-                File::create(&to).map_err(|e| StorageError::io(ctx("creating", &to), e))?;
-            let copied = std::io::copy(&mut std::io::Read::take(&mut src, f.len), &mut dst)
-                .map_err(|e| StorageError::io(ctx("copying", &f.source), e))?;
-            if copied != f.len {
-                return Err(StorageError::Corrupted(format!(
-                    "{} is shorter ({copied} bytes) than the snapshot's {}",
-                    f.source.display(),
-                    f.len
-                )));
-            }
-            dst.sync_all()
-                .map_err(|e| StorageError::io(ctx("syncing", &to), e))?;
-        }
-        let header = target.join(HEADER_FILE);
-        fs::write(&header, &self.header)
-            .map_err(|e| StorageError::io(format!("writing {}", header.display()), e))?;
-        crate::storage::header::sync_dir(target)
+        fs::create_dir_all(target)
+            .map_err(|e| StorageError::backup_io(format!("creating {}", target.display()), e))?;
+        write_marker(
+            target,
+            "This directory is an INCOMPLETE Magma backup (copy in progress).\n",
+        )?;
+        SnapshotCopy::new(self.clone(), target, &target.display().to_string()).run_to_end()
     }
 }
 

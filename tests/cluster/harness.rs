@@ -78,6 +78,8 @@ pub struct ServerProc {
     pub addr: String,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment (fault-injection hooks).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -93,6 +95,7 @@ impl ServerProc {
                 "RUST_LOG",
                 std::env::var("MAGMA_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         cmd
     }
@@ -232,13 +235,20 @@ impl Cluster {
 
     /// Declare a server (not started) with its own directory and port.
     pub fn add_server(&mut self, name: &str, args: &[&str]) -> usize {
+        let dir = self.root.path().join(name);
+        self.add_server_on(name, &dir, args)
+    }
+
+    /// A server on a given directory (e.g. a backup).
+    pub fn add_server_on(&mut self, name: &str, dir: &Path, args: &[&str]) -> usize {
         let addr = format!("127.0.0.1:{}", free_port());
         self.servers.push(ServerProc {
             name: name.to_string(),
-            dir: self.root.path().join(name),
+            dir: dir.to_path_buf(),
             log: self.root.path().join(format!("{name}.log")),
             addr,
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         });
         self.servers.len() - 1
@@ -261,11 +271,17 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for s in &self.servers {
+                // Connection open/close lines drown the story: leave them out.
+                let text = fs::read_to_string(&s.log).unwrap_or_default();
+                let story: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains("magma::actors::session::connection"))
+                    .collect();
                 eprintln!(
-                    "===== log of {} ({}) =====\n{}",
+                    "===== log of {} ({}), connection lines omitted =====\n{}",
                     s.name,
                     s.addr,
-                    tail(&s.log, 200)
+                    story[story.len().saturating_sub(150)..].join("\n")
                 );
             }
             for f in &self.floods {
@@ -423,7 +439,89 @@ impl ServerProc {
             addr: self.addr.clone(),
             log: self.log.with_extension("twin.log"),
             args: self.args.clone(),
+            env: self.env.clone(),
             child: None,
+        }
+    }
+}
+
+/// `magma backup --server ADDR --to DIR`, waiting for it to complete.
+pub fn backup(addr: &str, to: &Path) {
+    let out = Command::new(CLI)
+        .args(["backup", "--server", addr, "--to"])
+        .arg(to)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("harness: cannot run {CLI} backup: {e}"));
+    assert!(
+        out.status.success(),
+        "magma backup from {addr} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The status report of one server.
+pub fn status(addr: &str) -> magma::protocol::StatusReport {
+    AdminSession::connect(addr)
+        .and_then(|mut a| a.status())
+        .unwrap_or_else(|e| panic!("status of {addr}: {e}"))
+}
+
+/// Wait until `primary` lists exactly `members` (addresses).
+pub fn wait_for_members(primary: &str, members: &[&str], timeout: Duration) {
+    let mut want: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    wait_until(
+        timeout,
+        &format!("{primary} to list members {want:?}"),
+        || {
+            let s = AdminSession::connect(primary)
+                .and_then(|mut a| a.status())
+                .ok()?;
+            let mut got: Vec<String> = s.members.iter().map(|m| m.addr.clone()).collect();
+            got.sort();
+            (got == want).then_some(())
+        },
+    );
+}
+
+/// Wait until every server prints the same digest line.
+pub fn wait_for_equal_digests(addrs: &[&str], timeout: Duration) -> String {
+    wait_until(timeout, &format!("equal digests on {addrs:?}"), || {
+        let lines: Vec<String> = addrs.iter().map(|a| digest(a)).collect();
+        lines
+            .windows(2)
+            .all(|w| w[0] == w[1])
+            .then(|| lines[0].clone())
+    })
+}
+
+impl Flood {
+    /// Still running (no error reached the application so far)?
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+}
+
+impl ServerProc {
+    /// SIGSTOP: the process stays, answers nothing (a hung server).
+    pub fn freeze(&mut self) {
+        let c = self.child.as_ref().expect("harness: server not running");
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&mut self) {
+        let c = self.child.as_ref().expect("harness: server not running");
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGCONT);
         }
     }
 }

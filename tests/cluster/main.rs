@@ -5,4 +5,7 @@ mod harness;
 
 mod t10_bad_input;
 mod t10_basics;
+mod t20_backup;
+mod t30_replication;
 mod t50_crash;
+mod t50_failover;

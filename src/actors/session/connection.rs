@@ -3,7 +3,8 @@
 //! Socket I/O never runs inside a handler:
 //!
 //! * a reader future, spawned in the actor's context, reserves one slot of
-//!   the outgoing queue, reads one frame and sends it to the actor as
+//!   the outgoing queue, reads one frame (through a read buffer, so one
+//!   small request costs one `recv`) and sends it to the actor as
 //!   [`Inbound`], awaiting the reply before reading the next: requests are
 //!   served in order and a client that stops reading its replies stops being
 //!   read (at most `OUT_QUEUE` replies wait);
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use log::{debug, info, warn};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -60,9 +61,17 @@ pub struct SessionEnv {
     pub commits: Recipient<SubmitCommit>,
     pub shutdown: Recipient<RequestShutdown>,
     pub fatal: Recipient<Fatal>,
+    /// Backup jobs (admin requests, and the job shown in `status`).
+    pub backup: Addr<crate::actors::backup::BackupActor>,
     /// The last applied commit number, published by the `StorageActor`.
     pub applied: watch::Receiver<CommitNumber>,
     pub settings: SessionSettings,
+    /// This server's place in the node.
+    pub node: Addr<crate::actors::supervisor::NodeSupervisor>,
+    /// Role and primary, published by the `NodeSupervisor`.
+    pub state: watch::Receiver<crate::actors::supervisor::ServerState>,
+    /// Makes replicated records durable before they are acknowledged.
+    pub flusher: Addr<crate::actors::commit_log::CommitLogActor>,
 }
 
 /// One connection; see the module doc.
@@ -150,7 +159,10 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let stream = self.stream.take().expect("a session starts once");
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        // Buffered: a frame's length prefix and body (and often the next
+        // frame of a pipelining client) come in with one read.
+        let mut rd = BufReader::new(rd);
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
         self.writer = Some(tokio::spawn(write_replies(wr, rx, self.peer)));
         let me = ctx.address();

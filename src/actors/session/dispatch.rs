@@ -8,14 +8,17 @@
 //!   connection is closed. A second hello is refused, the connection stays;
 //! * admin requests on a session that is not `admin` get `not_admin`, the
 //!   connection stays;
-//! * requests this release cannot serve on a single server (backups,
-//!   follow, take-over, remove) get `unavailable`, saying so.
+//! * peer requests (`catch_up`, `replicate`) on a session that is not
+//!   `peer` get `not_peer`, the connection stays;
+//! * requests this release cannot serve (take-over) get `unavailable`,
+//!   saying so;
+//! * backup requests go to the `BackupActor` (`backup.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
 
 use crate::actors::session::connection::{error_body, Session};
-use crate::actors::session::requests;
+use crate::actors::session::{backup, requests};
 use crate::protocol::{RequestBody, ResponseBody, SessionRole, WireError, PROTOCOL_VERSION};
 
 /// A request's answer as a future that needs no session state.
@@ -39,22 +42,12 @@ pub(super) enum After {
     },
 }
 
-const BACKUP_LATER: &str = "backups arrive with the backup/replication release";
-const REPLICATION_LATER: &str =
-    "replication (follow, take-over, remove) arrives with the backup/replication release";
-
 fn now(body: ResponseBody, after: After) -> Routed {
     Routed::Now(Box::new(body), after)
 }
 
 fn refuse(error: WireError) -> Routed {
     now(error_body(error), After::Continue)
-}
-
-fn unavailable(reason: &str) -> Routed {
-    refuse(WireError::Unavailable {
-        reason: reason.to_string(),
-    })
 }
 
 fn later(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Routed {
@@ -72,6 +65,9 @@ pub(super) fn is_admin_request(body: &RequestBody) -> bool {
             | RequestBody::BackupAbort
             | RequestBody::BackupPause
             | RequestBody::BackupResume
+            | RequestBody::BackupPullStart { .. }
+            | RequestBody::BackupPullChunk { .. }
+            | RequestBody::BackupPullFinish { .. }
             | RequestBody::Shutdown { .. }
             | RequestBody::Follow { .. }
             | RequestBody::TakeOver
@@ -122,6 +118,48 @@ impl Session {
                 required_progress,
             } => later(requests::meta(env, key, required_progress)),
             RequestBody::Commit(commit) => later(requests::commit(env, commit)),
+            RequestBody::Complain { addr } => later(requests::complain(env, addr)),
+            RequestBody::CommitStatus { token } => later(requests::commit_status(env, token)),
+            RequestBody::CatchUp { .. }
+            | RequestBody::Replicate { .. }
+            | RequestBody::RecordHash { .. }
+            | RequestBody::Promote
+            | RequestBody::HandOver { .. }
+            | RequestBody::Leaving { .. }
+                if role != SessionRole::Peer =>
+            {
+                refuse(WireError::NotPeer)
+            }
+            RequestBody::RecordHash { number } => later(requests::record_hash(env, number)),
+            RequestBody::Promote => later(requests::promote(env)),
+            RequestBody::HandOver { server_id } => later(requests::hand_over(env, server_id)),
+            RequestBody::Leaving { server_id } => later(requests::leaving(env, server_id)),
+            RequestBody::CatchUp {
+                from,
+                max_count,
+                max_bytes,
+                server_id,
+                addr,
+                repository_id,
+            } => later(requests::catch_up(
+                env,
+                requests::CatchUpAsk {
+                    from,
+                    max_count,
+                    max_bytes,
+                    server_id,
+                    addr,
+                    repository_id,
+                },
+            )),
+            RequestBody::Replicate {
+                epoch,
+                primary_id: _,
+                records,
+                primary_last,
+            } => later(requests::replicate(env, epoch, records, primary_last)),
+            RequestBody::Follow { primary } => later(requests::follow(env, primary)),
+            RequestBody::RemoveSecondary { addr } => later(requests::remove(env, addr)),
             RequestBody::Status => later(requests::status(env)),
             RequestBody::Digest => later(requests::digest(env)),
             RequestBody::Shutdown { save } => now(ResponseBody::Ok, After::Shutdown { save }),
@@ -129,10 +167,11 @@ impl Session {
             | RequestBody::BackupStatus
             | RequestBody::BackupAbort
             | RequestBody::BackupPause
-            | RequestBody::BackupResume => unavailable(BACKUP_LATER),
-            RequestBody::Follow { .. }
-            | RequestBody::TakeOver
-            | RequestBody::RemoveSecondary { .. } => unavailable(REPLICATION_LATER),
+            | RequestBody::BackupResume
+            | RequestBody::BackupPullStart { .. }
+            | RequestBody::BackupPullChunk { .. }
+            | RequestBody::BackupPullFinish { .. } => later(backup::answer(env, body)),
+            RequestBody::TakeOver => later(requests::take_over(env)),
         }
     }
 
@@ -172,7 +211,16 @@ mod tests {
     #[test]
     fn admin_requests_are_exactly_the_admin_ones() {
         let admin = [
-            RequestBody::Backup { to: "/x".into() },
+            RequestBody::Backup {
+                to: "/x".into(),
+                rate: None,
+            },
+            RequestBody::BackupPullChunk {
+                id: 1,
+                file: "objects.dat".into(),
+                offset: 0,
+                len: 1,
+            },
             RequestBody::BackupStatus,
             RequestBody::BackupAbort,
             RequestBody::BackupPause,

@@ -9,8 +9,10 @@
 //! * `connection.rs`: the actor, its lifecycle and socket I/O (a reader
 //!   future inside the actor's context, a writer task that batches replies);
 //! * `dispatch.rs`: hello, admin checks and routing of each request;
-//! * `requests.rs`: the asynchronous handling of each request kind.
+//! * `requests.rs`: the asynchronous handling of each request kind;
+//! * `backup.rs`: the backup requests, answered by the `BackupActor`.
 
+mod backup;
 mod connection;
 mod dispatch;
 mod requests;

@@ -10,19 +10,25 @@ use std::sync::Arc;
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
+use crate::actors::commit_log::Flush;
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
 use crate::actors::coordinator::SubmitCommit;
 use crate::actors::session::connection::SessionEnv;
 use crate::actors::storage::{
-    is_closed, CollectionLength, CollectionRange, Digest, GetAnchor, GetInfo, GetMeta, ReadObject,
-    ReadRoot, StorageActor,
+    is_closed, ApplyRecords, CollectionLength, CollectionRange, Digest, GetAnchor, GetInfo,
+    GetMeta, ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
+};
+use crate::actors::supervisor::{
+    CommitAtSecondary, Complaint, FollowPrimary, GetMembers, HandOverTo, Leave, NeedResync,
+    PeerCatchingUp, PeerCaughtUp, PromoteIfOrphaned, RemoveMember,
+    Replicated as SupervisorReplicated, TakeOverNow,
 };
 use crate::protocol::{
     CommitBody, MemberStatus, ResponseBody, ServerRole, StatusReport, WireError, PROTOCOL_VERSION,
 };
 use crate::storage::{RepoInfo, StorageError};
-use crate::types::{hex, CommitNumber, MemberRole, Oid};
+use crate::types::{hex, CommitNumber, Epoch, Oid};
 
 type Answer = Result<ResponseBody, WireError>;
 
@@ -69,19 +75,13 @@ async fn reach(env: &SessionEnv, required: Option<CommitNumber>) -> Result<(), W
     }
 }
 
-fn server_role(info: &RepoInfo) -> ServerRole {
-    if info.restore_mode {
-        ServerRole::Restore
-    } else {
-        ServerRole::Primary
-    }
-}
-
-fn member_role(role: MemberRole) -> ServerRole {
-    match role {
-        MemberRole::Primary => ServerRole::Primary,
-        MemberRole::Secondary => ServerRole::Secondary,
-        MemberRole::Witness => ServerRole::Witness,
+/// The role the `NodeSupervisor` publishes; before it has (start-up), what
+/// the repository itself says.
+fn server_role(env: &SessionEnv, info: &RepoInfo) -> ServerRole {
+    let state = env.state.borrow();
+    match (state.role, info.restore_mode) {
+        (ServerRole::Restore, false) => ServerRole::Primary,
+        (role, _) => role,
     }
 }
 
@@ -92,7 +92,7 @@ pub(super) async fn hello(env: Arc<SessionEnv>) -> Answer {
         protocol_version: PROTOCOL_VERSION,
         server_id: info.server_id,
         repository_id: info.repository_id.to_string(),
-        role: server_role(&info),
+        role: server_role(&env, &info),
         node: anchor.node,
         epoch: info.epoch,
     })
@@ -104,7 +104,7 @@ pub(super) async fn node(env: Arc<SessionEnv>) -> Answer {
     Ok(ResponseBody::Node {
         node: anchor.node,
         epoch: info.epoch,
-        role: server_role(&info),
+        role: server_role(&env, &info),
     })
 }
 
@@ -176,6 +176,24 @@ pub(super) async fn meta(
 }
 
 pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
+    let role = env.state.borrow().role;
+    match role {
+        ServerRole::Primary => {}
+        ServerRole::Restore => return Err(WireError::RestoreMode),
+        ServerRole::Secondary => {
+            // The seed's rule: ping the primary; if it is gone, the
+            // successor takes over and this commit goes on there.
+            env.node
+                .send(CommitAtSecondary)
+                .await
+                .map_err(|e| mailbox_error("the node supervisor", e))??;
+        }
+        _ => {
+            return Err(WireError::WrongServer {
+                primary: env.state.borrow().primary.clone(),
+            })
+        }
+    }
     let req = commit_request(body)?;
     let ack = env
         .commits
@@ -192,24 +210,18 @@ pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
 
 pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
     let info = ask(&env, GetInfo).await?;
-    let anchor = ask(&env, GetAnchor).await?;
-    let role = server_role(&info);
-    let members = anchor
+    let role = server_role(&env, &info);
+    let mut members: Vec<MemberStatus> = env
         .node
-        .members
-        .iter()
-        .map(|m| {
-            let me = m.server_id == info.server_id;
-            MemberStatus {
-                addr: m.addr.clone(),
-                role: if me { role } else { member_role(m.role) },
-                // Peers' progress is known once replication lands.
-                commit: if me { info.last_commit } else { 0 },
-                lag_commits: 0,
-                lag_ms: 0,
-            }
-        })
-        .collect();
+        .send(GetMembers)
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))?;
+    for m in &mut members {
+        if m.addr == env.settings.advertise {
+            m.role = role;
+            m.commit = info.last_commit;
+        }
+    }
     let s = &env.settings;
     Ok(ResponseBody::Status(StatusReport {
         role,
@@ -218,9 +230,10 @@ pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
         repository: info.repository_id.to_string(),
         server_id: info.server_id,
         addr: s.advertise.clone(),
+        // Promotion by majority (witnesses) is not in this release.
         partition_safe: false,
         members,
-        backup: None,
+        backup: super::backup::report(&env).await?,
         flush: s.flush.to_string(),
         sync_replicas: s.sync_replicas,
     }))
@@ -232,4 +245,212 @@ pub(super) async fn digest(env: Arc<SessionEnv>) -> Answer {
         commit,
         digest: hex(&digest),
     })
+}
+
+/// A client could not reach `addr`: a hint, checked by the primary.
+pub(super) async fn complain(env: Arc<SessionEnv>, addr: String) -> Answer {
+    env.node.do_send(Complaint { addr });
+    Ok(ResponseBody::Ok)
+}
+
+/// What a catching-up server asks for.
+pub(super) struct CatchUpAsk {
+    pub from: CommitNumber,
+    pub max_count: u32,
+    pub max_bytes: u64,
+    pub server_id: u64,
+    pub addr: String,
+    pub repository_id: String,
+}
+
+/// Serve a glob of records to a catching-up server; when it brings the
+/// server level, tell the supervisor, which adds it to the node.
+pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
+    {
+        let state = env.state.borrow();
+        if state.role != ServerRole::Primary {
+            return Err(WireError::WrongServer {
+                primary: state.primary.clone(),
+            });
+        }
+    }
+    let info = ask(&env, GetInfo).await?;
+    let ours = info.repository_id.to_string();
+    if ask_.repository_id != ours {
+        return Err(WireError::RepositoryMismatch {
+            expected: ours,
+            got: ask_.repository_id,
+        });
+    }
+    let records = ask(
+        &env,
+        ReadRecords {
+            from: ask_.from,
+            max_count: (ask_.max_count as usize).clamp(1, 100_000),
+            max_bytes: (ask_.max_bytes as usize).clamp(1, 64 << 20),
+        },
+    )
+    .await?;
+    // Level: nothing after these (the last is what we have applied).
+    let end = ask_.from + records.len() as u64;
+    let last = *env.applied.borrow();
+    let level = end > last;
+    if level {
+        env.node.do_send(PeerCaughtUp {
+            server_id: ask_.server_id,
+            addr: ask_.addr,
+            next: end,
+        });
+    } else {
+        env.node.do_send(PeerCatchingUp {
+            server_id: ask_.server_id,
+            from: ask_.from,
+        });
+    }
+    Ok(ResponseBody::Records {
+        records: records
+            .into_iter()
+            .map(serde_bytes::ByteBuf::from)
+            .collect(),
+        last,
+        epoch: info.epoch,
+        level,
+    })
+}
+
+/// Apply a batch the primary streams (or a heartbeat), make it durable,
+/// and say how far this server is.
+pub(super) async fn replicate(
+    env: Arc<SessionEnv>,
+    epoch: Epoch,
+    records: Vec<serde_bytes::ByteBuf>,
+    primary_last: CommitNumber,
+) -> Answer {
+    let info = ask(&env, GetInfo).await?;
+    if epoch < info.epoch {
+        return Err(WireError::StaleEpoch {
+            got: epoch,
+            current: info.epoch,
+        });
+    }
+    if !info.restore_mode {
+        // A primary takes records from nobody (take-over and promotion
+        // come with the failover release).
+        return Err(WireError::WrongServer {
+            primary: Some(env.settings.advertise.clone()),
+        });
+    }
+    let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
+    let applied = match env.storage.send(ApplyRecords { bodies }).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(StorageError::OutOfSequence { expected, .. })) => {
+            env.node.do_send(NeedResync);
+            return Err(WireError::Resend { from: expected });
+        }
+        Ok(Err(StorageError::ChainMismatch { number })) => {
+            return Err(WireError::Diverged { number })
+        }
+        Ok(Err(StorageError::StaleEpoch { got, current, .. })) => {
+            return Err(WireError::StaleEpoch { got, current })
+        }
+        Ok(Err(e)) => return Err(wire_error(&e)),
+        Err(e) => return Err(mailbox_error("the storage actor", e)),
+    };
+    let durable = match applied.sync.clone() {
+        Some(sync) => env
+            .flusher
+            .send(Flush { sync })
+            .await
+            .map_err(|e| mailbox_error("the commit-log actor", e))?
+            .map_err(|e| {
+                env.fatal.do_send(Fatal {
+                    reason: format!("fsync of replicated records failed: {e}"),
+                });
+                WireError::Internal {
+                    reason: format!("fsync failed: {e}"),
+                }
+            })?,
+        None => applied.last,
+    };
+    env.node.do_send(SupervisorReplicated {
+        applied: applied.last,
+        primary_last,
+        node_changed: applied.node_changed,
+    });
+    Ok(ResponseBody::Replicated {
+        applied: applied.last,
+        durable: durable.min(applied.last),
+    })
+}
+
+/// beWarmBackupFor: follow `primary`.
+pub(super) async fn follow(env: Arc<SessionEnv>, primary: String) -> Answer {
+    env.node
+        .send(FollowPrimary { primary })
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))??;
+    Ok(ResponseBody::Ok)
+}
+
+/// removeWarmBackup: remove a secondary from the node.
+pub(super) async fn remove(env: Arc<SessionEnv>, addr: String) -> Answer {
+    env.node
+        .send(RemoveMember { addr })
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))??;
+    Ok(ResponseBody::Ok)
+}
+
+/// Was a commit with this token applied? (resolves an unknown outcome)
+pub(super) async fn commit_status(env: Arc<SessionEnv>, token: Vec<u8>) -> Answer {
+    if env.state.borrow().role != ServerRole::Primary {
+        return Err(WireError::WrongServer {
+            primary: env.state.borrow().primary.clone(),
+        });
+    }
+    let number = ask(&env, TokenCommit { token }).await?;
+    Ok(ResponseBody::TokenStatus { number })
+}
+
+/// The chain hash of one record (prefix checks by a rejoining server).
+pub(super) async fn record_hash(env: Arc<SessionEnv>, number: CommitNumber) -> Answer {
+    let hash = ask(&env, RecordHashOf { number }).await?;
+    Ok(ResponseBody::RecordHash {
+        number,
+        hash: hash.to_vec(),
+    })
+}
+
+/// Another secondary names this server the successor of a failed primary.
+pub(super) async fn promote(env: Arc<SessionEnv>) -> Answer {
+    env.node
+        .send(PromoteIfOrphaned)
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))??;
+    Ok(ResponseBody::Ok)
+}
+
+/// A secondary taking over asks this primary to drain to it.
+pub(super) async fn hand_over(env: Arc<SessionEnv>, server_id: u64) -> Answer {
+    let last = env
+        .node
+        .send(HandOverTo { server_id })
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))??;
+    Ok(ResponseBody::HandedOver { last })
+}
+
+/// A secondary stops on purpose.
+pub(super) async fn leaving(env: Arc<SessionEnv>, server_id: u64) -> Answer {
+    env.node.do_send(Leave { server_id });
+    Ok(ResponseBody::Ok)
+}
+
+/// takeOverAsPrimary (admin, on a current secondary).
+pub(super) async fn take_over(env: Arc<SessionEnv>) -> Answer {
+    env.node
+        .send(TakeOverNow)
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))??;
+    Ok(ResponseBody::Ok)
 }

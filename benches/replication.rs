@@ -1,0 +1,188 @@
+//! Replication benchmark: real `magma-server` processes on loopback.
+//!
+//! `cargo bench --bench replication` (add `-- quick` for a short run):
+//! 1. `magma bench` K=8 against a primary with one secondary, with
+//!    `--sync-replicas 1 --flush group`, then `--sync-replicas 0 --flush
+//!    interval:1000`; the secondary's lag (status `lag_ms`) is sampled
+//!    every 2 ms during the run and its p50/p99 printed;
+//! 2. catch-up: a secondary started on a backup N commits behind; records
+//!    per second until the primary lists it as a member.
+//!
+//! The figures depend on the machine (say which when quoting them); the
+//! bench clients share it with the servers.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use magma::client::AdminSession;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
+const CLI: &str = env!("CARGO_BIN_EXE_magma");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
+    let child = Command::new(SERVER)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--listen", addr])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while AdminSession::connect(addr)
+        .and_then(|mut a| a.ping())
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{addr} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+fn magma(args: &[&str]) -> String {
+    let out = Command::new(CLI).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "magma {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn members(addr: &str) -> usize {
+    AdminSession::connect(addr)
+        .and_then(|mut a| a.status())
+        .map(|s| s.members.len())
+        .unwrap_or(0)
+}
+
+fn wait_members(addr: &str, n: usize, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while members(addr) != n {
+        assert!(start.elapsed() < timeout, "{addr} never listed {n} members");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
+fn pair_run(flags: &[&str], secs: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, a2) = (port(), port());
+    let _p = server(&dir.path().join("p"), &a1, flags);
+    magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
+    let b = dir.path().join("b");
+    magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
+    let _s = server(&b, &a2, &[]);
+    wait_members(&a1, 2, Duration::from_secs(60));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let (a1, a2) = (a1.clone(), a2.clone());
+        std::thread::spawn(move || {
+            let mut admin = AdminSession::connect(&a1).unwrap();
+            let mut lags = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = admin.status() {
+                    if let Some(m) = s.members.iter().find(|m| m.addr == a2) {
+                        lags.push(m.lag_ms);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            lags
+        })
+    };
+    let out = magma(&[
+        "bench",
+        "--node",
+        &a1,
+        "--clients",
+        "8",
+        "--duration",
+        &secs.to_string(),
+    ]);
+    stop.store(true, Ordering::Relaxed);
+    let mut lags = sampler.join().unwrap();
+    lags.sort_unstable();
+    println!("{flags:?}, one secondary, K=8:");
+    for line in out.lines() {
+        println!("  {line}");
+    }
+    println!(
+        "  secondary lag ms over {} samples: p50 {} p99 {} max {}",
+        lags.len(),
+        percentile(&lags, 50.0),
+        percentile(&lags, 99.0),
+        lags.last().copied().unwrap_or(0)
+    );
+}
+
+/// A secondary `behind` commits behind: time to catch up and join.
+fn catch_up(behind: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, a2) = (port(), port());
+    let _p = server(
+        &dir.path().join("p"),
+        &a1,
+        &["--flush", "interval:1000", "--sync-replicas", "0"],
+    );
+    magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
+    let b = dir.path().join("b");
+    magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
+    let start_commit = AdminSession::connect(&a1).unwrap().status().unwrap().commit;
+    // Fill the gap with a K=8 load until `behind` commits are in.
+    while AdminSession::connect(&a1).unwrap().status().unwrap().commit < start_commit + behind {
+        magma(&["bench", "--node", &a1, "--clients", "8", "--duration", "5"]);
+    }
+    let last = AdminSession::connect(&a1).unwrap().status().unwrap().commit;
+    let t = Instant::now();
+    let _s = server(&b, &a2, &[]);
+    wait_members(&a1, 2, Duration::from_secs(600));
+    let secs = t.elapsed().as_secs_f64();
+    let n = last - start_commit;
+    println!(
+        "catch-up: {n} commits behind, joined after {secs:.2} s: {:.0} records/s (including start-up)",
+        n as f64 / secs
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let secs = if quick { 3 } else { 10 };
+    println!("magma replication benchmark (2-core dev machine; clients share it)");
+    pair_run(&["--sync-replicas", "1", "--flush", "group"], secs);
+    pair_run(&["--sync-replicas", "0", "--flush", "interval:1000"], secs);
+    catch_up(if quick { 50_000 } else { 1_000_000 });
+}

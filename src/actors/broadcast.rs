@@ -1,0 +1,480 @@
+//! `BroadcastActor`: the primary's link to one secondary.
+//!
+//! One per secondary member. It receives every new record from the
+//! `CommitCoordinator` ([`Broadcast`], before the primary's own fsync),
+//! sends them in order over one peer connection as `replicate` batches with
+//! exactly one batch in flight, and reports what the secondary made durable
+//! ([`ReplicaAck`], to the coordinator, which holds back acknowledgements
+//! for `sync-replicas`). Records it does not hold (it started late, its
+//! queue overflowed, or the secondary asked for a resend) are read back from
+//! the log. When idle it sends empty batches as heartbeats, so lag is
+//! measured, not guessed.
+//!
+//! It never decides membership: when the secondary cannot be reached or
+//! stops acknowledging for `replica_timeout`, it tells the `NodeSupervisor`
+//! ([`ReplicaTrouble`]), which verifies and decides.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use log::{debug, info, warn};
+
+use crate::actors::peer_link::{LinkError, PeerLink};
+use crate::actors::storage::{ReadRecords, StorageActor};
+use crate::protocol::{RequestBody, ResponseBody, WireError};
+use crate::storage::record::RecordHead;
+use crate::types::{CommitNumber, Epoch, Member};
+
+/// Records held in memory for one secondary; beyond this they are read back
+/// from the log when the secondary gets to them.
+const MAX_QUEUE: usize = 100_000;
+const MAX_BATCH_RECORDS: usize = 4096;
+const MAX_BATCH_BYTES: usize = 4 << 20;
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// Timing settings of replication links.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkSettings {
+    /// A secondary that has not acknowledged outstanding records (or cannot
+    /// be reached) for this long is reported to the supervisor.
+    pub replica_timeout: Duration,
+    /// Bound on one request to a peer.
+    pub call_timeout: Duration,
+}
+
+/// A new record for the secondary. Sender: the `CommitCoordinator`; may be
+/// dropped (the record is then read back from the log).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Broadcast {
+    pub number: CommitNumber,
+    pub body: Arc<Vec<u8>>,
+}
+
+/// What the secondary made durable. Receiver: the `CommitCoordinator`.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct ReplicaAck {
+    pub server_id: u64,
+    pub durable: CommitNumber,
+}
+
+/// The secondary cannot be reached or stopped acknowledging (or refused
+/// our epoch). Receiver: the `NodeSupervisor`, which verifies.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct ReplicaTrouble {
+    pub server_id: u64,
+    pub addr: String,
+    pub reason: String,
+    /// The secondary answered with a newer epoch: we are deposed.
+    pub newer_epoch: Option<Epoch>,
+}
+
+/// Stop streaming (the member left the node). Sender: the supervisor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopBroadcast;
+
+/// Lag figures for status. Sender: the supervisor.
+#[derive(Message)]
+#[rtype(result = "ReplicaStats")]
+pub struct GetReplicaStats;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    pub durable: CommitNumber,
+    pub lag_commits: u64,
+    pub lag_ms: u64,
+    pub connected: bool,
+}
+
+pub struct BroadcastActor {
+    peer: Member,
+    primary_id: u64,
+    epoch: Epoch,
+    storage: Addr<StorageActor>,
+    acks: Recipient<ReplicaAck>,
+    trouble: Recipient<ReplicaTrouble>,
+    settings: LinkSettings,
+    link: Option<PeerLink>,
+    busy: bool,
+    /// Next record number to send.
+    next: CommitNumber,
+    durable: CommitNumber,
+    /// Highest record the primary has handed us.
+    primary_last: CommitNumber,
+    queue: BTreeMap<CommitNumber, Arc<Vec<u8>>>,
+    /// When each sent, unacknowledged record left (for lag in ms).
+    sent: VecDeque<(CommitNumber, Instant)>,
+    last_send: Instant,
+    /// Since when outstanding records wait for an acknowledgement, or the
+    /// peer is unreachable.
+    stalled_since: Option<Instant>,
+    /// When trouble was last reported (re-armed after `replica_timeout`).
+    reported_at: Option<Instant>,
+    retry_at: Instant,
+    /// Test hook (`MAGMA_FAULT_DROP_RECORD`): skip sending this record once.
+    drop_once: Option<CommitNumber>,
+}
+
+impl BroadcastActor {
+    /// `next`: the first record the secondary needs, as far as we know (it
+    /// corrects us with a resend request if it needs earlier ones).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        peer: Member,
+        primary_id: u64,
+        epoch: Epoch,
+        next: CommitNumber,
+        primary_last: CommitNumber,
+        storage: Addr<StorageActor>,
+        acks: Recipient<ReplicaAck>,
+        trouble: Recipient<ReplicaTrouble>,
+        settings: LinkSettings,
+    ) -> Self {
+        let drop_once = std::env::var("MAGMA_FAULT_DROP_RECORD")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        BroadcastActor {
+            peer,
+            primary_id,
+            epoch,
+            storage,
+            acks,
+            trouble,
+            settings,
+            link: None,
+            busy: false,
+            next,
+            durable: next.saturating_sub(1),
+            primary_last,
+            queue: BTreeMap::new(),
+            sent: VecDeque::new(),
+            last_send: Instant::now(),
+            stalled_since: None,
+            reported_at: None,
+            retry_at: Instant::now(),
+            drop_once,
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || Instant::now() < self.retry_at {
+            return;
+        }
+        let Some(link) = self.link.take() else {
+            self.connect(ctx);
+            return;
+        };
+        // Contiguous records from `next` held in memory.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut n = self.next;
+        while let Some(body) = self.queue.get(&n) {
+            if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            bytes += body.len();
+            batch.push(body.clone());
+            n += 1;
+        }
+        if batch.is_empty() && self.next <= self.primary_last {
+            // A gap: read it back from the log.
+            self.link = Some(link);
+            self.busy = true;
+            let from = self.next;
+            self.storage
+                .send(ReadRecords {
+                    from,
+                    max_count: MAX_BATCH_RECORDS,
+                    max_bytes: MAX_BATCH_BYTES,
+                })
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.busy = false;
+                    match res {
+                        Ok(Ok(records)) if !records.is_empty() => {
+                            for r in records {
+                                if let Ok(h) = RecordHead::parse(&r) {
+                                    act.queue.insert(h.number, Arc::new(r));
+                                }
+                            }
+                            act.pump(ctx);
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            warn!(
+                                "replication to {}: cannot read records from {from}: {e}",
+                                act.peer.addr
+                            );
+                            act.report(format!("records from {from} unavailable: {e}"), None);
+                            act.retry_later();
+                        }
+                        Err(e) => warn!("replication to {}: storage gone: {e}", act.peer.addr),
+                    }
+                })
+                .spawn(ctx);
+            return;
+        }
+        if batch.is_empty() && self.last_send.elapsed() < HEARTBEAT {
+            self.link = Some(link);
+            return;
+        }
+        if let Some(skip) = self.drop_once {
+            if let Some(pos) = batch
+                .iter()
+                .position(|b| RecordHead::parse(b).is_ok_and(|h| h.number == skip))
+            {
+                warn!(
+                    "fault injection: not sending record {skip} to {}",
+                    self.peer.addr
+                );
+                batch.remove(pos);
+                self.drop_once = None;
+            }
+        }
+        let count = batch.len() as u64;
+        let first = self.next;
+        self.next += count;
+        if count > 0 {
+            self.sent.push_back((self.next - 1, Instant::now()));
+        }
+        self.last_send = Instant::now();
+        let request = RequestBody::Replicate {
+            epoch: self.epoch,
+            primary_id: self.primary_id,
+            records: batch
+                .iter()
+                .map(|b| serde_bytes::ByteBuf::from(b.as_ref().clone()))
+                .collect(),
+            primary_last: self.primary_last,
+        };
+        self.busy = true;
+        let timeout = self.settings.call_timeout;
+        async move {
+            let mut link = link;
+            let res = link.call(request, timeout).await;
+            (link, res)
+        }
+        .into_actor(self)
+        .map(move |(link, res), act, ctx| {
+            act.busy = false;
+            act.on_replicated(link, first, res, ctx);
+            act.pump(ctx);
+        })
+        .spawn(ctx);
+    }
+
+    fn on_replicated(
+        &mut self,
+        link: PeerLink,
+        first: CommitNumber,
+        res: Result<(CommitNumber, ResponseBody), LinkError>,
+        _ctx: &mut Context<Self>,
+    ) {
+        match res {
+            Ok((_, ResponseBody::Replicated { applied, durable })) => {
+                self.link = Some(link);
+                if durable > self.durable {
+                    self.durable = durable;
+                    // Progress: any stall starts again from now.
+                    self.stalled_since = None;
+                    self.reported_at = None;
+                    self.acks.do_send(ReplicaAck {
+                        server_id: self.peer.server_id,
+                        durable,
+                    });
+                }
+                // The secondary may be ahead of what we sent (a resend
+                // after reconnecting overlaps what it has).
+                if applied + 1 > self.next {
+                    self.next = applied + 1;
+                }
+                self.queue = self.queue.split_off(&(self.durable + 1));
+                while self.sent.front().is_some_and(|(n, _)| *n <= self.durable) {
+                    self.sent.pop_front();
+                }
+                self.refresh_stall();
+            }
+            Ok((_, other)) => {
+                warn!(
+                    "replication to {}: unexpected answer {other:?}; reconnecting",
+                    self.peer.addr
+                );
+                self.next = first;
+                self.retry_later();
+            }
+            Err(LinkError::Server {
+                error: WireError::Resend { from },
+                ..
+            }) => {
+                debug!("replication to {}: resend from {from}", self.peer.addr);
+                self.link = Some(link);
+                self.next = from;
+                self.sent.clear();
+            }
+            Err(LinkError::Server {
+                error: WireError::StaleEpoch { current, .. },
+                ..
+            }) => {
+                self.next = first;
+                self.report(
+                    format!("refuses our epoch {}: it knows {current}", self.epoch),
+                    Some(current),
+                );
+                self.retry_later();
+            }
+            Err(e) => {
+                self.next = first;
+                self.sent.clear();
+                info!("replication to {}: {e}; reconnecting", self.peer.addr);
+                self.retry_later();
+                if e.is_unreachable() {
+                    self.stalled_since.get_or_insert_with(Instant::now);
+                    self.report(e.to_string(), None);
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        self.busy = true;
+        let addr = self.peer.addr.clone();
+        let timeout = self.settings.call_timeout;
+        async move { PeerLink::connect(&addr, timeout).await }
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                act.busy = false;
+                match res {
+                    Ok(link) => {
+                        debug!("replication link to {} up", act.peer.addr);
+                        act.link = Some(link);
+                        act.pump(ctx);
+                    }
+                    Err(e) => {
+                        act.stalled_since.get_or_insert_with(Instant::now);
+                        act.report(e.to_string(), None);
+                        act.retry_later();
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn retry_later(&mut self) {
+        self.link = None;
+        self.retry_at = Instant::now() + Duration::from_millis(100);
+    }
+
+    /// Outstanding records not acknowledged: since when?
+    fn refresh_stall(&mut self) {
+        if self.durable >= self.primary_last {
+            self.stalled_since = None;
+            self.reported_at = None;
+        } else if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+        }
+    }
+
+    /// Tell the supervisor, once per episode, when the trouble has lasted
+    /// long enough (or at once for an unreachable peer: the supervisor
+    /// verifies before acting).
+    fn report(&mut self, reason: String, newer_epoch: Option<Epoch>) {
+        let recent = self
+            .reported_at
+            .is_some_and(|t| t.elapsed() < self.settings.replica_timeout);
+        if recent && newer_epoch.is_none() {
+            return;
+        }
+        self.reported_at = Some(Instant::now());
+        self.trouble.do_send(ReplicaTrouble {
+            server_id: self.peer.server_id,
+            addr: self.peer.addr.clone(),
+            reason,
+            newer_epoch,
+        });
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if let Some(since) = self.stalled_since {
+            if since.elapsed() >= self.settings.replica_timeout {
+                let reason = format!(
+                    "no acknowledgement beyond {} for {:?} ({} outstanding)",
+                    self.durable,
+                    since.elapsed(),
+                    self.primary_last.saturating_sub(self.durable)
+                );
+                self.report(reason, None);
+            }
+        }
+        self.pump(ctx);
+    }
+
+    fn stats(&self) -> ReplicaStats {
+        let lag_ms = self
+            .sent
+            .front()
+            .map(|(_, t)| t.elapsed().as_millis() as u64)
+            .or_else(|| {
+                // Handed to us but not yet sent (disconnected).
+                (self.durable < self.primary_last)
+                    .then(|| self.stalled_since.map(|s| s.elapsed().as_millis() as u64))
+                    .flatten()
+            })
+            .unwrap_or(0);
+        ReplicaStats {
+            durable: self.durable,
+            lag_commits: self.primary_last.saturating_sub(self.durable),
+            lag_ms,
+            connected: self.link.is_some() || self.busy,
+        }
+    }
+}
+
+impl Actor for BroadcastActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        info!(
+            "replicating to {} (server {:x}) from commit {}",
+            self.peer.addr, self.peer.server_id, self.next
+        );
+        ctx.run_interval(Duration::from_millis(20), |act, ctx| act.tick(ctx));
+        self.pump(ctx);
+    }
+}
+
+impl Handler<Broadcast> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Broadcast, ctx: &mut Context<Self>) {
+        if msg.number > self.primary_last {
+            self.primary_last = msg.number;
+        }
+        if msg.number >= self.next && self.queue.len() < MAX_QUEUE {
+            self.queue.insert(msg.number, msg.body);
+        }
+        self.refresh_stall();
+        self.pump(ctx);
+    }
+}
+
+impl Handler<StopBroadcast> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopBroadcast, ctx: &mut Context<Self>) {
+        info!("stopped replicating to {}", self.peer.addr);
+        ctx.stop();
+    }
+}
+
+impl Handler<GetReplicaStats> for BroadcastActor {
+    type Result = MessageResult<GetReplicaStats>;
+
+    fn handle(&mut self, _: GetReplicaStats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.stats())
+    }
+}

@@ -1,0 +1,376 @@
+//! `FollowerActor`: a secondary's side of catching up.
+//!
+//! On a server started on a backup (restore mode), it pulls globs of commit
+//! records from the primary (`catch_up`), applies them through the
+//! `StorageActor` and makes them durable, until a glob brings it level. The
+//! primary then adds it to the node and streams records to it (`replicate`,
+//! handled by sessions, which tell this actor they heard from the primary).
+//! If the primary falls silent for `replica_timeout`, or a batch does not
+//! continue its log, it re-syncs by pulling again from its last applied
+//! number.
+//!
+//! It never commits and never changes membership: it reports its state to
+//! the `NodeSupervisor` ([`FollowerReport`]).
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use log::{error, info, warn};
+
+use crate::actors::broadcast::LinkSettings;
+use crate::actors::commit_log::{CommitLogActor, Flush};
+use crate::actors::peer_link::{LinkError, PeerLink};
+use crate::actors::storage::{ApplyRecords, StorageActor};
+use crate::protocol::{RequestBody, ResponseBody, WireError};
+use crate::types::{CommitNumber, NodeAddr};
+
+const GLOB_RECORDS: u32 = 10_000;
+const GLOB_BYTES: u64 = 8 << 20;
+
+/// Where catching up stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FollowState {
+    /// Pulling globs; not level yet.
+    CatchingUp { primary: NodeAddr },
+    /// Level with the primary, which streams to us.
+    Streaming { primary: NodeAddr },
+    /// Gave up; needs the operator (e.g. a new backup).
+    Stopped { reason: String },
+}
+
+/// State changes. Receiver: the `NodeSupervisor`.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct FollowerReport {
+    pub state: FollowState,
+    pub applied: CommitNumber,
+}
+
+/// The primary's stream arrived (records or heartbeat). Sender: sessions
+/// handling `replicate`; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PrimaryHeard {
+    pub primary_last: CommitNumber,
+    /// What this server has applied now.
+    pub applied: CommitNumber,
+}
+
+/// The stream did not continue our log: pull from our last applied number.
+/// Sender: sessions handling `replicate`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+/// Stop following (removed from the node, or promoted). Sender: the
+/// supervisor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopFollowing;
+
+pub struct FollowerActor {
+    primary: NodeAddr,
+    server_id: u64,
+    advertise: NodeAddr,
+    repository_id: String,
+    storage: Addr<StorageActor>,
+    flusher: Addr<CommitLogActor>,
+    report: Recipient<FollowerReport>,
+    nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+    settings: LinkSettings,
+    link: Option<PeerLink>,
+    busy: bool,
+    applied: CommitNumber,
+    state: FollowState,
+    last_heard: Instant,
+    retry_at: Instant,
+    /// Globs pulled since the last level state (for the log line).
+    pulled: u64,
+    started_at: Instant,
+}
+
+impl FollowerActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        primary: NodeAddr,
+        server_id: u64,
+        advertise: NodeAddr,
+        repository_id: String,
+        applied: CommitNumber,
+        storage: Addr<StorageActor>,
+        flusher: Addr<CommitLogActor>,
+        report: Recipient<FollowerReport>,
+        nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+        settings: LinkSettings,
+    ) -> Self {
+        FollowerActor {
+            state: FollowState::CatchingUp {
+                primary: primary.clone(),
+            },
+            primary,
+            server_id,
+            advertise,
+            repository_id,
+            storage,
+            flusher,
+            report,
+            nodes,
+            settings,
+            link: None,
+            busy: false,
+            applied,
+            last_heard: Instant::now(),
+            retry_at: Instant::now(),
+            pulled: 0,
+            started_at: Instant::now(),
+        }
+    }
+
+    fn set_state(&mut self, state: FollowState) {
+        if state != self.state {
+            self.state = state.clone();
+            self.report.do_send(FollowerReport {
+                state,
+                applied: self.applied,
+            });
+        }
+    }
+
+    fn pull(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || Instant::now() < self.retry_at {
+            return;
+        }
+        if !matches!(self.state, FollowState::CatchingUp { .. }) {
+            return;
+        }
+        let primary = self.primary.clone();
+        let request = RequestBody::CatchUp {
+            from: self.applied + 1,
+            max_count: GLOB_RECORDS,
+            max_bytes: GLOB_BYTES,
+            server_id: self.server_id,
+            addr: self.advertise.clone(),
+            repository_id: self.repository_id.clone(),
+        };
+        let link = self.link.take();
+        let timeout = self.settings.call_timeout;
+        self.busy = true;
+        async move {
+            let mut link = match link {
+                Some(l) => l,
+                None => PeerLink::connect(&primary, timeout).await?,
+            };
+            let res = link.call(request, timeout).await;
+            res.map(|r| (link, r))
+        }
+        .into_actor(self)
+        .map(|res, act, ctx| match res {
+            Ok((
+                link,
+                (
+                    _,
+                    ResponseBody::Records {
+                        records,
+                        level,
+                        last,
+                        ..
+                    },
+                ),
+            )) => {
+                act.link = Some(link);
+                act.apply(records, level, last, ctx);
+            }
+            Ok((link, (_, other))) => {
+                act.busy = false;
+                warn!("catch-up from {}: unexpected answer {other:?}", act.primary);
+                drop(link);
+                act.retry(Duration::from_millis(500));
+            }
+            Err(e) => {
+                act.busy = false;
+                act.on_pull_error(e);
+            }
+        })
+        .spawn(ctx);
+    }
+
+    fn on_pull_error(&mut self, e: LinkError) {
+        match e {
+            LinkError::Server {
+                error: WireError::WrongServer { primary: Some(p) },
+                ..
+            } if p != self.primary => {
+                info!(
+                    "catch-up: {} is not the primary; following {p}",
+                    self.primary
+                );
+                self.primary = p.clone();
+                self.set_state(FollowState::CatchingUp { primary: p });
+                self.retry(Duration::ZERO);
+            }
+            LinkError::Server {
+                error:
+                    error @ (WireError::LogTruncated { .. }
+                    | WireError::RepositoryMismatch { .. }
+                    | WireError::Diverged { .. }),
+                ..
+            } => {
+                let reason = match &error {
+                    WireError::LogTruncated { requested, oldest } => format!(
+                        "the primary {} no longer holds commit {requested} (oldest {oldest}): start this server from a new backup",
+                        self.primary
+                    ),
+                    other => format!("the primary {} refuses us: {other}", self.primary),
+                };
+                error!("{reason}");
+                self.set_state(FollowState::Stopped { reason });
+            }
+            other => {
+                warn!("catch-up from {}: {other}; retrying", self.primary);
+                self.retry(Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn retry(&mut self, after: Duration) {
+        self.link = None;
+        self.retry_at = Instant::now() + after;
+    }
+
+    fn apply(
+        &mut self,
+        records: Vec<serde_bytes::ByteBuf>,
+        level: bool,
+        primary_last: CommitNumber,
+        ctx: &mut Context<Self>,
+    ) {
+        let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
+        let flusher = self.flusher.clone();
+        let storage = self.storage.clone();
+        async move {
+            let applied = storage
+                .send(ApplyRecords { bodies })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            if let Some(sync) = applied.sync.clone() {
+                flusher
+                    .send(Flush { sync })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("fsync failed: {e}"))?;
+            }
+            Ok::<_, String>((applied.last, applied.node_changed))
+        }
+        .into_actor(self)
+        .map(move |res, act, ctx| {
+            act.busy = false;
+            match res {
+                Ok((last, node_changed)) => {
+                    act.applied = last;
+                    if let Some(node) = node_changed {
+                        act.nodes
+                            .do_send(crate::actors::supervisor::NodeLearned { node });
+                    }
+                    act.pulled += 1;
+                    if level && last >= primary_last {
+                        info!(
+                            "caught up with {} at commit {last} ({} globs in {:?}); waiting to be streamed to",
+                            act.primary,
+                            act.pulled,
+                            act.started_at.elapsed()
+                        );
+                        act.pulled = 0;
+                        act.last_heard = Instant::now();
+                        act.set_state(FollowState::Streaming {
+                            primary: act.primary.clone(),
+                        });
+                    } else {
+                        act.pull(ctx);
+                    }
+                }
+                Err(e) => {
+                    error!("catch-up: applying records from {} failed: {e}", act.primary);
+                    act.set_state(FollowState::Stopped {
+                        reason: format!("applying the primary's records failed: {e}"),
+                    });
+                }
+            }
+        })
+        .spawn(ctx);
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if let FollowState::Streaming { .. } = self.state {
+            if self.last_heard.elapsed() > self.settings.replica_timeout {
+                warn!(
+                    "nothing from the primary {} for {:?}: re-syncing",
+                    self.primary,
+                    self.last_heard.elapsed()
+                );
+                self.set_state(FollowState::CatchingUp {
+                    primary: self.primary.clone(),
+                });
+            }
+        }
+        self.pull(ctx);
+    }
+}
+
+impl Actor for FollowerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        info!(
+            "following {} from commit {}: catching up",
+            self.primary,
+            self.applied + 1
+        );
+        self.report.do_send(FollowerReport {
+            state: self.state.clone(),
+            applied: self.applied,
+        });
+        ctx.run_interval(Duration::from_millis(50), |act, ctx| act.tick(ctx));
+        self.pull(ctx);
+    }
+}
+
+impl Handler<PrimaryHeard> for FollowerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PrimaryHeard, _: &mut Context<Self>) {
+        self.last_heard = Instant::now();
+        self.applied = self.applied.max(msg.applied);
+        if let FollowState::CatchingUp { .. } = self.state {
+            // Streaming found us while we were pulling (e.g. right after
+            // the glob that made us level): the stream takes over.
+            if msg.primary_last <= self.applied + GLOB_RECORDS as u64 && !self.busy {
+                self.set_state(FollowState::Streaming {
+                    primary: self.primary.clone(),
+                });
+            }
+        }
+    }
+}
+
+impl Handler<Resync> for FollowerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, ctx: &mut Context<Self>) {
+        if let FollowState::Streaming { .. } = self.state {
+            self.set_state(FollowState::CatchingUp {
+                primary: self.primary.clone(),
+            });
+            self.pull(ctx);
+        }
+    }
+}
+
+impl Handler<StopFollowing> for FollowerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopFollowing, ctx: &mut Context<Self>) {
+        info!("stopped following {}", self.primary);
+        ctx.stop();
+    }
+}

@@ -1,0 +1,1396 @@
+//! `NodeSupervisor`: this server's place in the node.
+//!
+//! It owns the node as this server knows it, the role it publishes
+//! ([`ServerState`], on a `watch` channel sessions read), and the
+//! replication actors it starts and stops:
+//!
+//! * on the **primary**, one `BroadcastActor` per secondary. A catching-up
+//!   server that reached the primary's last commit ([`PeerCaughtUp`]) gets a
+//!   broadcaster, then a node change adding it is committed. A secondary
+//!   reported in trouble (by its broadcaster, or by a client's complaint) is
+//!   checked: only if the primary cannot reach it either is it removed
+//!   (first from the commit pipeline, so waiting commits complete, then from
+//!   the node by a commit). It also tells storage how much log the
+//!   secondaries still need;
+//! * on a **secondary** (a repository in restore mode), one `FollowerActor`
+//!   catching up from the primary the node names (or `--primary`/`follow`).
+//!
+//! Membership changes are commits through the `CommitCoordinator`, so they
+//! replicate like any other.
+//!
+//! Role changes follow `failover` (pure rules): a commit reaching a
+//! secondary whose primary is unreachable promotes the node's successor
+//! under a new epoch; a take-over drains the primary to a current secondary
+//! and swaps the roles; a primary that meets a newer epoch is deposed; a
+//! former primary that restarts rejoins the newer primary if its log is a
+//! prefix of that primary's, and otherwise keeps its divergent commits in a
+//! file and waits for the operator.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use log::{error, info, warn};
+use tokio::sync::watch;
+
+use crate::actors::broadcast::{
+    BroadcastActor, GetReplicaStats, LinkSettings, ReplicaTrouble, StopBroadcast,
+};
+use crate::actors::commit_log::CommitLogActor;
+use crate::actors::coordinator::{
+    AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
+};
+use crate::actors::failover::{
+    on_commit_at_secondary, on_restart_as_primary, promoted_node, swapped_node, CommitOnSecondary,
+    PeerView, Startup,
+};
+use crate::actors::follower::{
+    FollowState, FollowerActor, FollowerReport, PrimaryHeard, Resync, StopFollowing,
+};
+use crate::actors::peer_link::{reachable, PeerLink};
+use crate::actors::storage::{
+    GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode, StorageActor,
+};
+use crate::protocol::{MemberStatus, RequestBody, ResponseBody, ServerRole, WireError};
+use crate::storage::CommitRequest;
+use crate::types::{CommitNumber, Epoch, Hash, Member, MemberRole, Node, NodeAddr};
+
+/// What this server is, for sessions: published by the supervisor only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerState {
+    pub role: ServerRole,
+    /// Where commits go (this server when primary).
+    pub primary: Option<NodeAddr>,
+    /// Why a secondary stopped following, for status and logs.
+    pub note: Option<String>,
+}
+
+impl ServerState {
+    pub fn starting() -> Self {
+        ServerState {
+            role: ServerRole::Restore,
+            primary: None,
+            note: None,
+        }
+    }
+}
+
+/// The parts the supervisor drives.
+pub struct SupervisorParts {
+    pub storage: Addr<StorageActor>,
+    pub flusher: Addr<CommitLogActor>,
+    pub commits: Addr<CommitCoordinator>,
+    pub state: watch::Sender<ServerState>,
+    /// The last applied commit, published by the `StorageActor`.
+    pub applied: watch::Receiver<CommitNumber>,
+    pub advertise: NodeAddr,
+    /// The repository directory (divergent commits are kept there).
+    pub dir: std::path::PathBuf,
+    /// `--primary`: follow this server instead of the node's primary.
+    pub follow: Option<NodeAddr>,
+    pub settings: LinkSettings,
+}
+
+pub struct NodeSupervisor {
+    parts: SupervisorParts,
+    server_id: u64,
+    repository_id: String,
+    is_primary: bool,
+    node: Node,
+    epoch: Epoch,
+    last_commit: CommitNumber,
+    broadcasters: HashMap<u64, Addr<BroadcastActor>>,
+    follower: Option<Addr<FollowerActor>>,
+    follow_state: Option<FollowState>,
+    /// Catching-up servers and the record they asked for last.
+    catching_up: HashMap<u64, (CommitNumber, Instant)>,
+    /// Member checks in progress (server ids).
+    checking: std::collections::HashSet<u64>,
+    /// A promotion or hand-over is under way.
+    changing_role: bool,
+}
+
+impl NodeSupervisor {
+    pub fn new(parts: SupervisorParts) -> Self {
+        NodeSupervisor {
+            parts,
+            server_id: 0,
+            repository_id: String::new(),
+            is_primary: false,
+            node: Node::default(),
+            epoch: Epoch::default(),
+            last_commit: 0,
+            broadcasters: HashMap::new(),
+            follower: None,
+            follow_state: None,
+            catching_up: HashMap::new(),
+            checking: Default::default(),
+            changing_role: false,
+        }
+    }
+
+    fn publish(&self, role: ServerRole, primary: Option<NodeAddr>, note: Option<String>) {
+        self.parts.state.send_if_modified(|s| {
+            let new = ServerState {
+                role,
+                primary,
+                note,
+            };
+            let changed = *s != new;
+            if changed {
+                info!(
+                    "role: {:?}{}{}",
+                    new.role,
+                    new.primary
+                        .as_deref()
+                        .map(|p| format!(", primary {p}"))
+                        .unwrap_or_default(),
+                    new.note
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
+                *s = new;
+            }
+            changed
+        });
+    }
+
+    fn publish_follow_state(&self) {
+        let Some(state) = &self.follow_state else {
+            self.publish(ServerRole::Restore, None, None);
+            return;
+        };
+        match state {
+            FollowState::CatchingUp { primary } => {
+                let member = self
+                    .node
+                    .secondaries()
+                    .any(|m| m.server_id == self.server_id);
+                // A member re-syncing after a gap is still a secondary.
+                let role = if member {
+                    ServerRole::Secondary
+                } else {
+                    ServerRole::CatchingUp
+                };
+                self.publish(role, Some(primary.clone()), None);
+            }
+            FollowState::Streaming { primary } => {
+                let member = self
+                    .node
+                    .secondaries()
+                    .any(|m| m.server_id == self.server_id);
+                let role = if member {
+                    ServerRole::Secondary
+                } else {
+                    ServerRole::CatchingUp
+                };
+                self.publish(role, Some(primary.clone()), None);
+            }
+            FollowState::Stopped { reason } => {
+                self.publish(ServerRole::Restore, None, Some(reason.clone()))
+            }
+        }
+    }
+
+    fn start_broadcaster(&mut self, member: Member, next: CommitNumber, ctx: &mut Context<Self>) {
+        if self.broadcasters.contains_key(&member.server_id) {
+            return;
+        }
+        let server_id = member.server_id;
+        let b = BroadcastActor::new(
+            member,
+            self.server_id,
+            self.epoch,
+            next,
+            self.last(),
+            self.parts.storage.clone(),
+            self.parts.commits.clone().recipient(),
+            ctx.address().recipient(),
+            self.parts.settings,
+        )
+        .start();
+        self.parts.commits.do_send(AddReplica {
+            server_id,
+            link: b.clone().recipient(),
+            durable: next.saturating_sub(1),
+        });
+        self.broadcasters.insert(server_id, b);
+    }
+
+    fn stop_broadcaster(&mut self, server_id: u64) {
+        self.parts.commits.do_send(RemoveReplica { server_id });
+        if let Some(b) = self.broadcasters.remove(&server_id) {
+            b.do_send(StopBroadcast);
+        }
+    }
+
+    /// Commit `node` as the new node. It is adopted at once, so the next
+    /// change builds on it; the supervisor keeps handling messages while
+    /// the commit waits (it may wait on a replica only we can remove).
+    fn commit_node(&mut self, node: Node, what: String, ctx: &mut Context<Self>) {
+        let req = CommitRequest {
+            set_node: Some(node.clone()),
+            ..Default::default()
+        };
+        self.node = node;
+        self.parts
+            .commits
+            .send(SubmitCommit(req))
+            .into_actor(self)
+            .map(move |res, _, _| match res {
+                Ok(Ok(ack)) => info!("node change committed as {}: {what}", ack.number),
+                Ok(Err(e)) => error!("node change ({what}) failed: {e}"),
+                Err(e) => error!("node change ({what}) failed: {e}"),
+            })
+            .spawn(ctx);
+    }
+
+    fn last(&self) -> CommitNumber {
+        (*self.parts.applied.borrow()).max(self.last_commit)
+    }
+
+    fn remove_member(&mut self, server_id: u64, why: &str, ctx: &mut Context<Self>) {
+        let Some(member) = self.node.member(server_id).cloned() else {
+            self.stop_broadcaster(server_id);
+            return;
+        };
+        self.stop_broadcaster(server_id);
+        let mut node = self.node.clone();
+        node.members.retain(|m| m.server_id != server_id);
+        warn!("removing secondary {} from the node: {why}", member.addr);
+        self.commit_node(node, format!("removed {} ({why})", member.addr), ctx);
+    }
+
+    /// Verify a member reported in trouble: remove it only if we cannot
+    /// reach it either.
+    fn check_member(
+        &mut self,
+        server_id: u64,
+        addr: String,
+        reason: String,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.is_primary || !self.checking.insert(server_id) {
+            return;
+        }
+        let timeout = self.parts.settings.call_timeout.min(Duration::from_secs(1));
+        let probe = addr.clone();
+        async move { reachable(&probe, timeout).await }
+            .into_actor(self)
+            .map(move |up, act, ctx| {
+                act.checking.remove(&server_id);
+                if up {
+                    info!("secondary {addr} reported ({reason}) but answers: kept");
+                } else {
+                    act.remove_member(server_id, &format!("unreachable ({reason})"), ctx);
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn start_following(&mut self, primary: NodeAddr, ctx: &mut Context<Self>) {
+        if let Some(f) = self.follower.take() {
+            f.do_send(StopFollowing);
+        }
+        let f = FollowerActor::new(
+            primary.clone(),
+            self.server_id,
+            self.parts.advertise.clone(),
+            self.repository_id.clone(),
+            self.last(),
+            self.parts.storage.clone(),
+            self.parts.flusher.clone(),
+            ctx.address().recipient(),
+            ctx.address().recipient(),
+            self.parts.settings,
+        )
+        .start();
+        self.follower = Some(f);
+        self.follow_state = Some(FollowState::CatchingUp { primary });
+        self.publish_follow_state();
+    }
+
+    fn retain(&mut self) {
+        if !self.is_primary {
+            return;
+        }
+        self.catching_up
+            .retain(|_, (_, t)| t.elapsed() < Duration::from_secs(60));
+        let from = self
+            .catching_up
+            .values()
+            .map(|(f, _)| *f)
+            .min()
+            .unwrap_or(CommitNumber::MAX);
+        let members = self.broadcasters.keys().copied().collect::<Vec<_>>();
+        let storage = self.parts.storage.clone();
+        let stats: Vec<_> = members
+            .iter()
+            .filter_map(|id| self.broadcasters.get(id).cloned())
+            .collect();
+        actix::spawn(async move {
+            let mut keep = from;
+            for b in stats {
+                if let Ok(s) = b.send(GetReplicaStats).await {
+                    keep = keep.min(s.durable + 1);
+                }
+            }
+            if keep != CommitNumber::MAX {
+                storage.do_send(RetainFrom { from: keep });
+            }
+        });
+    }
+}
+
+type RoleFuture =
+    std::pin::Pin<Box<dyn ActorFuture<NodeSupervisor, Output = Result<(), WireError>>>>;
+
+impl NodeSupervisor {
+    fn me(&self) -> Member {
+        self.node.member(self.server_id).cloned().unwrap_or(Member {
+            server_id: self.server_id,
+            addr: self.parts.advertise.clone(),
+            role: MemberRole::Secondary,
+        })
+    }
+
+    /// Become primary of `new_node` under a new epoch: leave restore mode,
+    /// stream to the other secondaries, commit the node with the epoch.
+    fn promote(&mut self, new_node: Node, why: &'static str) -> RoleFuture {
+        self.changing_role = true;
+        if let Some(f) = self.follower.take() {
+            f.do_send(StopFollowing);
+        }
+        let me = self.server_id;
+        let storage = self.parts.storage.clone();
+        let commits = self.parts.commits.clone();
+        Box::pin(
+            async move {
+                // The newest epoch this copy has seen is in its records.
+                let info = storage
+                    .send(GetInfo)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                storage
+                    .send(SetRestoreMode { on: false })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(info.epoch)
+            }
+            .into_actor(self)
+            .then(move |res, act, ctx| {
+                let current = match res {
+                    Ok(e) => e,
+                    Err(e) => {
+                        act.changing_role = false;
+                        error!("promotion failed: cannot leave restore mode: {e}");
+                        let failed: RoleFuture = Box::pin(fut::ready(Err(WireError::Internal {
+                            reason: format!("promotion failed: {e}"),
+                        })));
+                        return failed;
+                    }
+                };
+                let epoch = current.max(act.epoch).next(me);
+                warn!("promoted to primary under epoch {epoch}: {why}");
+                act.is_primary = true;
+                act.epoch = epoch;
+                act.follow_state = None;
+                act.publish(ServerRole::Primary, Some(act.parts.advertise.clone()), None);
+                let next = act.last() + 1;
+                let secondaries: Vec<Member> = new_node.secondaries().cloned().collect();
+                for m in secondaries {
+                    act.start_broadcaster(m, next, ctx);
+                }
+                act.node = new_node.clone();
+                let req = CommitRequest {
+                    set_node: Some(new_node),
+                    new_epoch: Some(epoch),
+                    ..Default::default()
+                };
+                let committing: RoleFuture =
+                    Box::pin(commits.send(SubmitCommit(req)).into_actor(act).map(
+                        move |res, act, _| {
+                            act.changing_role = false;
+                            match res {
+                                Ok(Ok(ack)) => {
+                                    info!("primary under epoch {epoch} from commit {}", ack.number);
+                                    Ok(())
+                                }
+                                Ok(Err(e)) => Err(e),
+                                Err(e) => Err(WireError::Internal {
+                                    reason: e.to_string(),
+                                }),
+                            }
+                        },
+                    ));
+                committing
+            }),
+        )
+    }
+
+    /// Stop being primary: stop streaming, answer waiting commits as
+    /// unknown, and publish `role` (deposed, or secondary after a swap).
+    fn step_down(&mut self, role: ServerRole, primary: Option<NodeAddr>, note: Option<String>) {
+        self.is_primary = false;
+        let ids: Vec<u64> = self.broadcasters.keys().copied().collect();
+        for id in ids {
+            self.stop_broadcaster(id);
+        }
+        self.parts.commits.do_send(Fence {
+            reason: "this server is no longer the primary".into(),
+        });
+        self.publish(role, primary, note);
+    }
+
+    /// Ask every other member who it is: (addr, epoch, role, named primary).
+    fn probe_members(
+        &self,
+    ) -> impl std::future::Future<Output = Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>>
+    {
+        let addrs: Vec<NodeAddr> = self
+            .node
+            .members
+            .iter()
+            .filter(|m| m.server_id != self.server_id)
+            .map(|m| m.addr.clone())
+            .collect();
+        let timeout = Duration::from_millis(1000);
+        async move {
+            let mut out = Vec::new();
+            for a in addrs {
+                if let Ok(link) = PeerLink::connect(&a, timeout).await {
+                    out.push((a, link.hello));
+                }
+            }
+            out
+        }
+    }
+
+    /// A restarted former primary: serve, or rejoin a newer primary.
+    fn check_restart(&mut self, ctx: &mut Context<Self>) {
+        let my_epoch = self.epoch;
+        self.probe_members()
+            .into_actor(self)
+            .map(move |peers, act, ctx| {
+                let views: Vec<PeerView> = peers
+                    .iter()
+                    .map(|(addr, h)| PeerView {
+                        addr: addr.clone(),
+                        epoch: h.epoch,
+                        is_primary: h.role == ServerRole::Primary,
+                        names_primary: h.node.primary().map(|p| p.addr.clone()),
+                    })
+                    .collect();
+                match on_restart_as_primary(my_epoch, &views) {
+                    Startup::ServeAsPrimary => act.serve_as_primary(ctx),
+                    Startup::Rejoin { primary, epoch } => {
+                        warn!("a newer epoch {epoch} exists with primary {primary}: rejoining it");
+                        act.rejoin(primary, ctx);
+                    }
+                    Startup::Wait { epoch } => {
+                        act.publish(
+                            ServerRole::Deposed,
+                            None,
+                            Some(format!(
+                                "epoch {epoch} is newer than ours; waiting for its primary"
+                            )),
+                        );
+                        ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn serve_as_primary(&mut self, ctx: &mut Context<Self>) {
+        self.is_primary = true;
+        self.publish(
+            ServerRole::Primary,
+            Some(self.parts.advertise.clone()),
+            None,
+        );
+        let secondaries: Vec<Member> = self.node.secondaries().cloned().collect();
+        let next = self.last() + 1;
+        for m in secondaries {
+            // It tells us where it stands with a resend request.
+            self.start_broadcaster(m, next, ctx);
+        }
+    }
+
+    /// Compare our log with `primary`'s: a prefix → follow it; diverged →
+    /// keep our extra commits in a file and wait for the operator.
+    fn rejoin(&mut self, primary: NodeAddr, ctx: &mut Context<Self>) {
+        self.publish(
+            ServerRole::Deposed,
+            Some(primary.clone()),
+            Some("checking our log against the new primary".into()),
+        );
+        let storage = self.parts.storage.clone();
+        let last = self.last();
+        let dir_probe = primary.clone();
+        async move {
+            let mut link = PeerLink::connect(&dir_probe, Duration::from_secs(2))
+                .await
+                .map_err(|e| e.to_string())?;
+            // Fast path: our whole log is a prefix of theirs.
+            if same_record(&storage, &mut link, last).await {
+                return Ok(None);
+            }
+            // Highest n < last where both hold the same record (0 always).
+            let (mut lo, mut hi) = (0u64, last.saturating_sub(1));
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                if same_record(&storage, &mut link, mid).await {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            Ok::<_, String>(Some(lo))
+        }
+        .into_actor(self)
+        .map(move |res, act, ctx| match res {
+            Ok(None) => {
+                info!("our log is a prefix of {primary}'s: catching up as its secondary");
+                let storage = act.parts.storage.clone();
+                let p = primary.clone();
+                async move { storage.send(SetRestoreMode { on: true }).await }
+                    .into_actor(act)
+                    .map(move |res, act, ctx| match res {
+                        Ok(Ok(())) => act.start_following(p, ctx),
+                        other => error!("cannot enter restore mode to rejoin: {other:?}"),
+                    })
+                    .spawn(ctx);
+            }
+            Ok(Some(common)) => act.keep_divergent(common, primary, ctx),
+            Err(e) => {
+                warn!("cannot compare logs with {primary}: {e}; retrying");
+                ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+            }
+        })
+        .spawn(ctx);
+    }
+
+    /// Our commits after `common` are not on the new primary: write them to
+    /// a file, report, and never serve them as primary.
+    fn keep_divergent(&mut self, common: CommitNumber, primary: NodeAddr, ctx: &mut Context<Self>) {
+        let last = self.last();
+        let storage = self.parts.storage.clone();
+        let file = self
+            .parts
+            .dir
+            .join(format!("divergent-{}-{}.records", common + 1, last));
+        let path = file.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut from = common + 1;
+            while from <= last {
+                let batch = storage
+                    .send(ReadRecords {
+                        from,
+                        max_count: 10_000,
+                        max_bytes: 16 << 20,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                if batch.is_empty() {
+                    break;
+                }
+                from += batch.len() as u64;
+                for b in batch {
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&b);
+                }
+            }
+            let p = path.clone();
+            actix_rt::task::spawn_blocking(move || std::fs::write(&p, &out))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            Ok::<_, String>(())
+        }
+        .into_actor(self)
+        .map(move |res, act, _| {
+            let note = match res {
+                Ok(()) => format!(
+                    "diverged: commits {}..={last} are not on the new primary {primary}; they are kept in {} \
+                     (length-prefixed records, docs/STORAGE.md). To rejoin, move this directory aside and \
+                     start with --join {primary}",
+                    common + 1,
+                    file.display()
+                ),
+                Err(e) => format!(
+                    "diverged after commit {common} from the new primary {primary}; keeping the divergent commits failed: {e}"
+                ),
+            };
+            error!("{note}");
+            act.publish(ServerRole::Deposed, Some(primary), Some(note));
+        })
+        .spawn(ctx);
+    }
+
+    /// Someone knows a newer epoch: we are no longer primary.
+    fn deposed(&mut self, epoch: Epoch, ctx: &mut Context<Self>) {
+        if !self.is_primary {
+            return;
+        }
+        error!(
+            "epoch {epoch} is newer than ours ({}): this server is deposed",
+            self.epoch
+        );
+        self.step_down(
+            ServerRole::Deposed,
+            None,
+            Some(format!("deposed by epoch {epoch}")),
+        );
+        self.probe_members()
+            .into_actor(self)
+            .map(move |peers, act, _| {
+                let primary = peers
+                    .into_iter()
+                    .filter(|(_, h)| h.role == ServerRole::Primary && h.epoch >= epoch)
+                    .max_by_key(|(_, h)| h.epoch)
+                    .map(|(a, _)| a);
+                act.publish(
+                    ServerRole::Deposed,
+                    primary,
+                    Some(format!("deposed by epoch {epoch}; restart to rejoin")),
+                );
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Actor for NodeSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let storage = self.parts.storage.clone();
+        async move {
+            let info = storage.send(GetInfo).await;
+            let anchor = storage.send(GetAnchor).await;
+            (info, anchor)
+        }
+        .into_actor(self)
+        .map(|(info, anchor), act, ctx| {
+            let (Ok(Ok(info)), Ok(Ok(anchor))) = (info, anchor) else {
+                error!("node supervisor: cannot read the repository's node");
+                return;
+            };
+            act.server_id = info.server_id;
+            act.repository_id = info.repository_id.to_string();
+            act.epoch = info.epoch;
+            act.last_commit = info.last_commit;
+            act.node = anchor.node;
+            if !info.restore_mode {
+                let alone = act
+                    .node
+                    .members
+                    .iter()
+                    .all(|m| m.server_id == act.server_id);
+                if alone {
+                    act.serve_as_primary(ctx);
+                } else {
+                    // A restarted former primary asks first (rejoin).
+                    act.check_restart(ctx);
+                }
+            } else {
+                let primary = act.parts.follow.clone().or_else(|| {
+                    act.node
+                        .primary()
+                        .filter(|p| p.server_id != act.server_id)
+                        .map(|p| p.addr.clone())
+                });
+                match primary {
+                    Some(p) => act.start_following(p, ctx),
+                    None => act.publish(
+                        ServerRole::Restore,
+                        None,
+                        Some("restore mode: no primary to follow".into()),
+                    ),
+                }
+            }
+        })
+        .wait(ctx);
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.retain());
+    }
+}
+
+/// A catching-up server reached our last commit. Sender: the `catch_up`
+/// request handler; may be dropped (the server asks again).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerCaughtUp {
+    pub server_id: u64,
+    pub addr: NodeAddr,
+    /// The first record it does not have yet.
+    pub next: CommitNumber,
+}
+
+impl Handler<PeerCaughtUp> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerCaughtUp, ctx: &mut Context<Self>) {
+        if !self.is_primary || msg.server_id == self.server_id {
+            return;
+        }
+        self.catching_up.remove(&msg.server_id);
+        let member = Member {
+            server_id: msg.server_id,
+            addr: msg.addr.clone(),
+            role: MemberRole::Secondary,
+        };
+        // Another server id at the same address is a replaced server.
+        let stale: Vec<u64> = self
+            .node
+            .members
+            .iter()
+            .filter(|m| m.addr == msg.addr && m.server_id != msg.server_id)
+            .map(|m| m.server_id)
+            .collect();
+        for id in stale {
+            self.remove_member(id, "replaced by a new server at the same address", ctx);
+        }
+        self.start_broadcaster(member.clone(), msg.next, ctx);
+        if self.node.member(msg.server_id).is_none() {
+            let mut node = self.node.clone();
+            node.members.push(member);
+            self.commit_node(node, format!("added secondary {}", msg.addr), ctx);
+        }
+    }
+}
+
+/// A catching-up server asked for records from `from`. Sender: the
+/// `catch_up` request handler; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerCatchingUp {
+    pub server_id: u64,
+    pub from: CommitNumber,
+}
+
+impl Handler<PeerCatchingUp> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PeerCatchingUp, _: &mut Context<Self>) {
+        if self.is_primary && !self.broadcasters.contains_key(&msg.server_id) {
+            self.catching_up
+                .insert(msg.server_id, (msg.from, Instant::now()));
+        }
+    }
+}
+
+impl Handler<ReplicaTrouble> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaTrouble, ctx: &mut Context<Self>) {
+        if let Some(e) = msg.newer_epoch {
+            error!(
+                "secondary {} knows a newer epoch {e} than ours {}: another primary exists",
+                msg.addr, self.epoch
+            );
+            self.deposed(e, ctx);
+            return;
+        }
+        self.check_member(msg.server_id, msg.addr, msg.reason, ctx);
+    }
+}
+
+/// An application could not reach `addr`. Sender: sessions; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Complaint {
+    pub addr: NodeAddr,
+}
+
+impl Handler<Complaint> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Complaint, ctx: &mut Context<Self>) {
+        let Some(m) = self
+            .node
+            .secondaries()
+            .find(|m| m.addr == msg.addr)
+            .cloned()
+        else {
+            return;
+        };
+        self.check_member(
+            m.server_id,
+            m.addr,
+            "a client could not reach it".into(),
+            ctx,
+        );
+    }
+}
+
+/// Remove a secondary on the operator's request (removeWarmBackup).
+/// Sender: admin sessions.
+#[derive(Message)]
+#[rtype(result = "Result<(), WireError>")]
+pub struct RemoveMember {
+    pub addr: NodeAddr,
+}
+
+impl Handler<RemoveMember> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), WireError>>;
+
+    fn handle(&mut self, msg: RemoveMember, _: &mut Context<Self>) -> Self::Result {
+        if !self.is_primary {
+            let primary = self.parts.state.borrow().primary.clone();
+            return Box::pin(fut::ready(Err(WireError::WrongServer { primary })));
+        }
+        let Some(m) = self
+            .node
+            .secondaries()
+            .find(|m| m.addr == msg.addr)
+            .cloned()
+        else {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: format!("{} is not a secondary of this node", msg.addr),
+            })));
+        };
+        let mut node = self.node.clone();
+        node.members.retain(|x| x.server_id != m.server_id);
+        let req = CommitRequest {
+            set_node: Some(node.clone()),
+            ..Default::default()
+        };
+        self.node = node;
+        info!("removing secondary {} on the operator's request", m.addr);
+        // Commit first, while it still replicates, so the secondary learns
+        // it was removed and stops following; then stop streaming.
+        Box::pin(
+            self.parts
+                .commits
+                .send(SubmitCommit(req))
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    act.stop_broadcaster(m.server_id);
+                    match res {
+                        Ok(Ok(ack)) => {
+                            info!(
+                                "node change committed as {}: removed {}",
+                                ack.number, m.addr
+                            );
+                            Ok(())
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(WireError::Internal {
+                            reason: e.to_string(),
+                        }),
+                    }
+                }),
+        )
+    }
+}
+
+/// Follow `primary` (beWarmBackupFor). Sender: admin sessions.
+#[derive(Message)]
+#[rtype(result = "Result<(), WireError>")]
+pub struct FollowPrimary {
+    pub primary: NodeAddr,
+}
+
+impl Handler<FollowPrimary> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), WireError>>;
+
+    fn handle(&mut self, msg: FollowPrimary, _: &mut Context<Self>) -> Self::Result {
+        if self.is_primary {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "this server is the primary; a primary cannot follow another".into(),
+            })));
+        }
+        let timeout = self.parts.settings.call_timeout;
+        let target = msg.primary.clone();
+        Box::pin(
+            async move { PeerLink::connect(&target, timeout).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let link = res.map_err(|e| WireError::Unavailable {
+                        reason: format!("cannot reach {}: {e}", msg.primary),
+                    })?;
+                    let h = &link.hello;
+                    if h.repository_id != act.repository_id {
+                        return Err(WireError::RepositoryMismatch {
+                            expected: act.repository_id.clone(),
+                            got: h.repository_id.clone(),
+                        });
+                    }
+                    if h.role != ServerRole::Primary {
+                        return Err(WireError::WrongServer {
+                            primary: h.node.primary().map(|p| p.addr.clone()),
+                        });
+                    }
+                    if h.commit < act.last() {
+                        return Err(WireError::Unavailable {
+                            reason: format!(
+                                "{} is at commit {}, behind this server's {}",
+                                msg.primary,
+                                h.commit,
+                                act.last()
+                            ),
+                        });
+                    }
+                    act.start_following(msg.primary.clone(), ctx);
+                    Ok(())
+                }),
+        )
+    }
+}
+
+impl Handler<FollowerReport> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FollowerReport, _: &mut Context<Self>) {
+        self.last_commit = self.last_commit.max(msg.applied);
+        self.follow_state = Some(msg.state);
+        self.publish_follow_state();
+    }
+}
+
+/// Records from the primary were applied (by a `replicate` request).
+/// Sender: sessions; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replicated {
+    pub applied: CommitNumber,
+    pub primary_last: CommitNumber,
+    pub node_changed: Option<Node>,
+}
+
+impl Handler<Replicated> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Replicated, ctx: &mut Context<Self>) {
+        self.last_commit = self.last_commit.max(msg.applied);
+        if let Some(f) = &self.follower {
+            f.do_send(PrimaryHeard {
+                primary_last: msg.primary_last,
+                applied: msg.applied,
+            });
+        }
+        if let Some(node) = msg.node_changed {
+            self.on_node_applied(node, true, ctx);
+        }
+    }
+}
+
+/// Catching up applied a node change. Sender: the `FollowerActor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeLearned {
+    pub node: Node,
+}
+
+impl Handler<NodeLearned> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeLearned, ctx: &mut Context<Self>) {
+        self.on_node_applied(msg.node, false, ctx);
+    }
+}
+
+impl NodeSupervisor {
+    /// A node change reached this secondary's copy. `live`: it came with
+    /// the primary's stream (not from catching up on history).
+    fn on_node_applied(&mut self, node: Node, live: bool, ctx: &mut Context<Self>) {
+        {
+            let was_member = self.node.member(self.server_id).is_some();
+            let is_member = node.member(self.server_id).is_some();
+            let new_primary = node.primary().map(|p| p.addr.clone());
+            self.node = node;
+            if let (
+                Some(p),
+                Some(FollowState::Streaming { primary } | FollowState::CatchingUp { primary }),
+            ) = (&new_primary, &self.follow_state)
+            {
+                if p != primary && *p != self.parts.advertise {
+                    info!("the node's primary is now {p}: following it");
+                    let p = p.clone();
+                    self.start_following(p, ctx);
+                }
+            }
+            let streaming = matches!(self.follow_state, Some(FollowState::Streaming { .. }));
+            if was_member && !is_member && streaming && live {
+                warn!("this server was removed from the node: it stops following");
+                if let Some(f) = self.follower.take() {
+                    f.do_send(StopFollowing);
+                }
+                self.follow_state = Some(FollowState::Stopped {
+                    reason: "removed from the node by the primary; restart it or `magma follow` to rejoin"
+                        .into(),
+                });
+            }
+            self.publish_follow_state();
+        }
+    }
+}
+
+/// A replicated batch did not continue our log. Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NeedResync;
+
+impl Handler<NeedResync> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: NeedResync, _: &mut Context<Self>) {
+        if let Some(f) = &self.follower {
+            f.do_send(Resync);
+        }
+    }
+}
+
+/// Every member with its role, commit and lag, for status. Sender: sessions.
+#[derive(Message)]
+#[rtype(result = "Vec<MemberStatus>")]
+pub struct GetMembers;
+
+impl Handler<GetMembers> for NodeSupervisor {
+    type Result = ResponseFuture<Vec<MemberStatus>>;
+
+    fn handle(&mut self, _: GetMembers, _: &mut Context<Self>) -> Self::Result {
+        let node = self.node.clone();
+        let me = self.server_id;
+        let last = self.last();
+        let is_primary = self.is_primary;
+        let links: HashMap<u64, Addr<BroadcastActor>> = self.broadcasters.clone();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for m in node.members {
+                let role = match m.role {
+                    MemberRole::Primary => ServerRole::Primary,
+                    MemberRole::Secondary => ServerRole::Secondary,
+                    MemberRole::Witness => ServerRole::Witness,
+                };
+                let (commit, lag_commits, lag_ms) = if m.server_id == me {
+                    (last, 0, 0)
+                } else if let Some(b) = links.get(&m.server_id) {
+                    match b.send(GetReplicaStats).await {
+                        Ok(s) => (s.durable, s.lag_commits, s.lag_ms),
+                        Err(_) => (0, 0, 0),
+                    }
+                } else if is_primary {
+                    (0, last, 0)
+                } else {
+                    (0, 0, 0)
+                };
+                out.push(MemberStatus {
+                    addr: m.addr,
+                    role,
+                    commit,
+                    lag_commits,
+                    lag_ms,
+                });
+            }
+            out
+        })
+    }
+}
+
+/// Do we and the peer behind `link` hold the same record `n`? (Unknown
+/// counts as different: the caller then looks further back.)
+async fn same_record(storage: &Addr<StorageActor>, link: &mut PeerLink, n: CommitNumber) -> bool {
+    let mine: Option<Hash> = storage
+        .send(RecordHashOf { number: n })
+        .await
+        .ok()
+        .and_then(|r| r.ok());
+    let theirs = match link
+        .call(
+            RequestBody::RecordHash { number: n },
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok((_, ResponseBody::RecordHash { hash, .. })) => Some(hash),
+        _ => None,
+    };
+    matches!((mine, theirs), (Some(a), Some(b)) if a[..] == b[..])
+}
+
+/// A commit reached this secondary (the seed's rule). Reply `Ok` when this
+/// server is (now) the primary and the commit may go on; otherwise where
+/// the client should send it. Sender: `commit` requests.
+#[derive(Message)]
+#[rtype(result = "Result<(), WireError>")]
+pub struct CommitAtSecondary;
+
+impl Handler<CommitAtSecondary> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), WireError>>;
+
+    fn handle(&mut self, _: CommitAtSecondary, _: &mut Context<Self>) -> Self::Result {
+        self.orphan_check(false)
+    }
+}
+
+/// Another secondary names this server the successor of an unreachable
+/// primary. Sender: `promote` peer requests.
+#[derive(Message)]
+#[rtype(result = "Result<(), WireError>")]
+pub struct PromoteIfOrphaned;
+
+impl Handler<PromoteIfOrphaned> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), WireError>>;
+
+    fn handle(&mut self, _: PromoteIfOrphaned, _: &mut Context<Self>) -> Self::Result {
+        self.orphan_check(true)
+    }
+}
+
+impl NodeSupervisor {
+    /// Ping the primary; if it is gone, promote the successor (us, or ask
+    /// it). `asked`: another secondary already decided we are the successor.
+    fn orphan_check(&mut self, asked: bool) -> ResponseActFuture<Self, Result<(), WireError>> {
+        if self.is_primary {
+            return Box::pin(fut::ready(Ok(())));
+        }
+        if self.changing_role {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "this server is changing role; retry".into(),
+            })));
+        }
+        let Some(primary) = self.node.primary().cloned() else {
+            return Box::pin(fut::ready(Err(WireError::WrongServer { primary: None })));
+        };
+        let timeout = Duration::from_millis(500);
+        let addr = primary.addr.clone();
+        Box::pin(
+            async move { reachable(&addr, timeout).await }
+                .into_actor(self)
+                .then(move |up, act, _| {
+                    if act.is_primary {
+                        let done: RoleFuture = Box::pin(fut::ready(Ok(())));
+                        return done;
+                    }
+                    let decision = on_commit_at_secondary(&act.node, act.server_id, up);
+                    let out: RoleFuture = match decision {
+                        CommitOnSecondary::Redirect { primary } => {
+                            Box::pin(fut::ready(Err(WireError::WrongServer { primary })))
+                        }
+                        CommitOnSecondary::PromoteSelf => {
+                            let node = promoted_node(&act.node, &act.me(), Some(primary.server_id));
+                            act.promote(
+                                node,
+                                "the primary is unreachable and this server is its successor",
+                            )
+                        }
+                        CommitOnSecondary::AskSuccessor { successor } if !asked => {
+                            let to = successor.addr.clone();
+                            actix::spawn(async move {
+                                match PeerLink::connect(&to, Duration::from_secs(2)).await {
+                                    Ok(mut link) => {
+                                        if let Err(e) = link
+                                            .call(RequestBody::Promote, Duration::from_secs(10))
+                                            .await
+                                        {
+                                            warn!("asking {to} to take over failed: {e}");
+                                        }
+                                    }
+                                    Err(e) => warn!("cannot reach the successor {to}: {e}"),
+                                }
+                            });
+                            Box::pin(fut::ready(Err(WireError::WrongServer {
+                                primary: Some(successor.addr),
+                            })))
+                        }
+                        CommitOnSecondary::AskSuccessor { successor } => {
+                            Box::pin(fut::ready(Err(WireError::WrongServer {
+                                primary: Some(successor.addr),
+                            })))
+                        }
+                    };
+                    out
+                }),
+        )
+    }
+}
+
+/// A secondary taking over asks this primary to drain to it. Reply: the
+/// last commit, once that secondary holds it durably and nothing is in
+/// flight; this server then follows the new primary. Sender: `hand_over`.
+#[derive(Message)]
+#[rtype(result = "Result<CommitNumber, WireError>")]
+pub struct HandOverTo {
+    pub server_id: u64,
+}
+
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
+
+impl Handler<HandOverTo> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<CommitNumber, WireError>>;
+
+    fn handle(&mut self, msg: HandOverTo, _: &mut Context<Self>) -> Self::Result {
+        if !self.is_primary {
+            let primary = self.parts.state.borrow().primary.clone();
+            return Box::pin(fut::ready(Err(WireError::WrongServer { primary })));
+        }
+        let (Some(b), Some(target)) = (
+            self.broadcasters.get(&msg.server_id).cloned(),
+            self.node.member(msg.server_id).cloned(),
+        ) else {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "only a secondary of this node can take over".into(),
+            })));
+        };
+        self.changing_role = true;
+        let commits = self.parts.commits.clone();
+        info!("handing over to {}: commits paused", target.addr);
+        Box::pin(
+            async move {
+                let start = std::time::Instant::now();
+                loop {
+                    let p = commits.send(Pause { on: true }).await.ok();
+                    let s = b.send(GetReplicaStats).await.ok();
+                    if let (Some(p), Some(s)) = (p, s) {
+                        if p.idle && s.durable >= p.durable {
+                            return Ok(p.durable);
+                        }
+                    }
+                    if start.elapsed() > HAND_OVER_WAIT {
+                        let _ = commits.send(Pause { on: false }).await;
+                        return Err(WireError::Unavailable {
+                            reason: format!(
+                                "the secondary did not catch up within {HAND_OVER_WAIT:?}"
+                            ),
+                        });
+                    }
+                    actix_rt::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.changing_role = false;
+                if let Ok(last) = &res {
+                    info!("handed over at commit {last}: following {}", target.addr);
+                    act.step_down(ServerRole::Secondary, Some(target.addr.clone()), None);
+                    act.parts.commits.do_send(Pause { on: false });
+                    let storage = act.parts.storage.clone();
+                    let to = target.addr.clone();
+                    async move { storage.send(SetRestoreMode { on: true }).await }
+                        .into_actor(act)
+                        .map(move |r, act, ctx| match r {
+                            Ok(Ok(())) => act.start_following(to, ctx),
+                            other => {
+                                error!("cannot enter restore mode after handing over: {other:?}")
+                            }
+                        })
+                        .spawn(ctx);
+                }
+                res
+            }),
+        )
+    }
+}
+
+/// takeOverAsPrimary on this (current) secondary. Sender: admin sessions.
+#[derive(Message)]
+#[rtype(result = "Result<(), WireError>")]
+pub struct TakeOverNow;
+
+/// Most commits a secondary may be behind and still count as current.
+const CURRENT_LAG: u64 = 10_000;
+
+impl Handler<TakeOverNow> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), WireError>>;
+
+    fn handle(&mut self, _: TakeOverNow, _: &mut Context<Self>) -> Self::Result {
+        if self.is_primary {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "this server is already the primary".into(),
+            })));
+        }
+        let streaming = matches!(self.follow_state, Some(FollowState::Streaming { .. }));
+        let member = self
+            .node
+            .secondaries()
+            .any(|m| m.server_id == self.server_id);
+        let Some(primary) = self.node.primary().cloned().filter(|_| streaming && member) else {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "only a current warm backup (a secondary streaming from the primary) can take over".into(),
+            })));
+        };
+        if self.changing_role {
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "this server is changing role; retry".into(),
+            })));
+        }
+        self.changing_role = true;
+        let me = self.server_id;
+        let mine = self.last();
+        let addr = primary.addr.clone();
+        Box::pin(
+            async move {
+                let mut link = PeerLink::connect(&addr, Duration::from_secs(2))
+                    .await
+                    .map_err(|e| WireError::Unavailable {
+                        reason: format!("cannot reach the primary: {e}"),
+                    })?;
+                let behind = link.hello.commit.saturating_sub(mine);
+                if behind > CURRENT_LAG {
+                    return Err(WireError::Unavailable {
+                        reason: format!(
+                            "not a current warm backup: {behind} commits behind the primary"
+                        ),
+                    });
+                }
+                match link
+                    .call(RequestBody::HandOver { server_id: me }, HAND_OVER_WAIT * 2)
+                    .await
+                {
+                    Ok((_, ResponseBody::HandedOver { last })) => Ok(last),
+                    Ok((_, other)) => Err(WireError::Internal {
+                        reason: format!("unexpected answer to hand_over: {other:?}"),
+                    }),
+                    Err(crate::actors::peer_link::LinkError::Server { error, .. }) => Err(error),
+                    Err(e) => Err(WireError::Unavailable {
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            .into_actor(self)
+            .then(move |res, act, _| {
+                act.changing_role = false;
+                let out: RoleFuture = match res {
+                    Err(e) => Box::pin(fut::ready(Err(e))),
+                    Ok(last) if act.last() < last => {
+                        Box::pin(fut::ready(Err(WireError::Internal {
+                            reason: format!(
+                                "the primary handed over at {last} but this server holds only {}",
+                                act.last()
+                            ),
+                        })))
+                    }
+                    Ok(_) => {
+                        let node = swapped_node(&act.node, act.server_id);
+                        act.promote(node, "take-over requested by the operator")
+                    }
+                };
+                out
+            }),
+        )
+    }
+}
+
+/// A secondary stops on purpose: remove it without checks. Sender:
+/// `leaving` peer requests; may be dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub server_id: u64,
+}
+
+impl Handler<Leave> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        if self.is_primary {
+            self.remove_member(msg.server_id, "it is shutting down", ctx);
+        }
+    }
+}

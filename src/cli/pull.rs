@@ -1,0 +1,519 @@
+//! `magma backup --pull`: stream a server's snapshot into a directory on
+//! this machine, resumably, and check it like `verify-backup`.
+//!
+//! The server keeps the snapshot as a pull job (id, file list, idle
+//! timeout). This module fetches each file in order, chunk by chunk,
+//! through one admin session, writing through `storage::backup::Receiver`
+//! (which hashes what it stores). `PULL-STATE` in the target records the
+//! job, so:
+//!
+//! * a broken connection is retried here (reconnect, continue from the
+//!   offsets on disk);
+//! * a killed command, run again with the same --to, continues the same job;
+//! * if the server no longer has the job (finished, expired, restarted),
+//!   the files are removed and the pull starts over, once, cleanly.
+//!
+//! At the end the checksums the server computed over what it sent are
+//! compared with the local ones, the backup is sealed (header, manifest
+//! last) and verified. This module never writes outside --to, never trusts
+//! a file path from the server without checking it, and never leaves a
+//! manifest on a directory whose files it has not verified.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::admin::byte_bar;
+use crate::cli::error::CliError;
+use crate::client::{AdminSession, ClientError};
+use crate::protocol::{PullFile, PullSnapshot, WireError};
+use crate::storage::backup::{
+    read_marker, safe_relative_path, seal, write_marker, Receiver, Verified, INCOMPLETE_FILE,
+    MANIFEST_FILE,
+};
+use crate::types::RepositoryId;
+
+/// The record of an unfinished pull, in the target directory.
+pub const STATE_FILE: &str = "PULL-STATE";
+/// Reconnection attempts in a row before giving up.
+const RECONNECTS: u32 = 6;
+
+/// What `magma backup --pull` was asked to do.
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    pub server: String,
+    pub to: PathBuf,
+    pub rate: Option<u64>,
+    /// Draw a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// A finished pull.
+#[derive(Clone, Debug)]
+pub struct PullSummary {
+    pub server: String,
+    pub dir: PathBuf,
+    pub verified: Verified,
+    pub elapsed: Duration,
+    /// Bytes fetched by this run (less than the total when resumed).
+    pub fetched: u64,
+    /// It continued an earlier, interrupted run.
+    pub resumed: bool,
+    /// The server had lost the job: it started over.
+    pub restarted: bool,
+    pub reconnects: u32,
+}
+
+impl std::fmt::Display for PullSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "pulled backup of {} into {}: snapshot commit {}, {} files, {} bytes ({} fetched in {:.1} s, {:.1} MiB/s), verified",
+            self.server,
+            self.dir.display(),
+            self.verified.snapshot_commit,
+            self.verified.files,
+            self.verified.bytes,
+            self.fetched,
+            secs,
+            self.fetched as f64 / 1_048_576.0 / secs.max(1e-9),
+        )?;
+        if self.resumed {
+            write!(f, ", resumed an interrupted pull")?;
+        }
+        if self.restarted {
+            write!(f, ", started over (the server no longer had the job)")?;
+        }
+        if self.reconnects > 0 {
+            write!(f, ", {} reconnect(s)", self.reconnects)?;
+        }
+        Ok(())
+    }
+}
+
+/// `PULL-STATE`: enough to continue the job after this process dies.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PullState {
+    server: String,
+    snapshot: PullSnapshot,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_state(dir: &Path, state: &PullState) -> Result<(), CliError> {
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(state).expect("pull state serializes");
+    fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// What the target directory holds before we start.
+fn existing_state(dir: &Path) -> Result<Option<PullState>, CliError> {
+    match fs::read_dir(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(dir)(e)),
+        Ok(_) => {}
+    }
+    if dir.join(MANIFEST_FILE).exists() {
+        return Err(CliError::Backup(format!(
+            "{} already holds a complete backup (it has a {MANIFEST_FILE}); pull into a new directory",
+            dir.display()
+        )));
+    }
+    let path = dir.join(STATE_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            CliError::Backup(format!(
+                "{} is damaged ({e}); remove {} to pull again",
+                path.display(),
+                dir.display()
+            ))
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let why = if read_marker(dir).is_some() {
+                "holds an incomplete backup that cannot be continued (no PULL-STATE); remove it first"
+            } else {
+                "already exists and is not an interrupted pull; a backup goes into a new directory"
+            };
+            Err(CliError::Backup(format!("{} {why}", dir.display())))
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Errors after which reconnecting may help.
+fn is_connection_failure(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Io { .. }
+            | ClientError::Protocol { .. }
+            | ClientError::Server(WireError::ShuttingDown)
+    )
+}
+
+/// The job is gone on the server (or refused for a reason starting over
+/// may cure).
+fn is_lost_job(e: &ClientError) -> bool {
+    matches!(e, ClientError::Server(WireError::Backup { .. }))
+}
+
+/// One admin session that reconnects on connection failures.
+struct Link {
+    server: String,
+    session: Option<AdminSession>,
+    reconnects: u32,
+}
+
+impl Link {
+    fn new(server: &str) -> Result<Link, CliError> {
+        let session = AdminSession::connect(server).map_err(CliError::at(server))?;
+        Ok(Link {
+            server: server.to_string(),
+            session: Some(session),
+            reconnects: 0,
+        })
+    }
+
+    /// Run `f` on the session, reconnecting (with backoff, a bounded number
+    /// of times in a row) after connection failures.
+    fn call<T>(
+        &mut self,
+        mut f: impl FnMut(&mut AdminSession) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let result = match self.session.as_mut() {
+                Some(s) => f(s),
+                None => AdminSession::connect(&self.server).and_then(|mut s| {
+                    let r = f(&mut s);
+                    self.session = Some(s);
+                    r
+                }),
+            };
+            match result {
+                Err(e) if is_connection_failure(&e) && attempt < RECONNECTS => {
+                    attempt += 1;
+                    self.reconnects += 1;
+                    self.session = None;
+                    let pause = Duration::from_millis(200 << attempt.min(5));
+                    log::warn!(
+                        "pull from {}: {e}; reconnecting in {} ms ({attempt}/{RECONNECTS})",
+                        self.server,
+                        pause.as_millis()
+                    );
+                    thread::sleep(pause);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Remove what a lost job left, keeping the directory and its marker.
+fn wipe(dir: &Path, state: &PullState) -> Result<(), CliError> {
+    for f in &state.snapshot.files {
+        if let Some(rel) = safe_relative_path(&f.path) {
+            let p = dir.join(rel);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_job(link: &mut Link, opts: &PullOptions) -> Result<PullState, CliError> {
+    let to = opts.to.display().to_string();
+    let snapshot = link
+        .call(|s| s.backup_pull_start(opts.rate, Some(&to)))
+        .map_err(CliError::at(&opts.server))?;
+    for f in &snapshot.files {
+        if safe_relative_path(&f.path).is_none() {
+            return Err(CliError::Backup(format!(
+                "{} named an unsafe file path {:?}; refusing to write it",
+                opts.server, f.path
+            )));
+        }
+    }
+    let state = PullState {
+        server: opts.server.clone(),
+        snapshot,
+    };
+    write_state(&opts.to, &state)?;
+    Ok(state)
+}
+
+/// Fetch every file of `state`'s job into `dir`; `Ok(None)` when the server
+/// lost the job. Returns the local manifest entries.
+fn fetch_all(
+    link: &mut Link,
+    dir: &Path,
+    state: &PullState,
+    bar: &indicatif::ProgressBar,
+    fetched: &mut u64,
+) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, CliError> {
+    let snap = &state.snapshot;
+    let server = state.server.clone();
+    let mut entries = Vec::with_capacity(snap.files.len());
+    for f in &snap.files {
+        let mut rx = Receiver::open(dir, &f.path, f.size).map_err(io_err(&dir.join(&f.path)))?;
+        bar.set_message(f.path.clone());
+        while !rx.is_complete() {
+            let offset = rx.received();
+            let want = snap.max_chunk.max(1).min(f.size - offset);
+            let data = match link.call(|s| s.backup_pull_chunk(snap.id, &f.path, offset, want)) {
+                Ok(d) => d,
+                Err(e) if is_lost_job(&e) => {
+                    log::warn!("pull from {server}: {e}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(CliError::at(&server)(e)),
+            };
+            if data.is_empty() {
+                return Err(CliError::Backup(format!(
+                    "{server} sent no bytes of {} at offset {offset} (of {})",
+                    f.path, f.size
+                )));
+            }
+            rx.write(&data).map_err(io_err(&dir.join(&f.path)))?;
+            *fetched += data.len() as u64;
+            bar.inc(data.len() as u64);
+        }
+        entries.push(rx.finish().map_err(io_err(&dir.join(&f.path)))?);
+    }
+    Ok(Some(entries))
+}
+
+/// Compare the server's checksums with ours; every mismatch is named.
+fn compare(
+    local: &[crate::storage::backup::ManifestFile],
+    server: &[PullFile],
+) -> Result<(), CliError> {
+    let mut bad = Vec::new();
+    for s in server {
+        let Some(l) = local.iter().find(|l| l.path == s.path) else {
+            bad.push(format!("{}: sent by the server but not received", s.path));
+            continue;
+        };
+        if l.size != s.size {
+            bad.push(format!(
+                "{}: {} bytes received, server has {}",
+                s.path, l.size, s.size
+            ));
+        }
+        if let Some(h) = &s.blake3 {
+            if *h != l.blake3 {
+                bad.push(format!(
+                    "{}: BLAKE3 {} stored, server sent {h}",
+                    s.path, l.blake3
+                ));
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Backup(format!(
+            "the pulled files do not match what the server sent: {}",
+            bad.join("; ")
+        )))
+    }
+}
+
+/// Run a pull; see the module doc.
+pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
+    let started = Instant::now();
+    let dir = opts.to.as_path();
+    let earlier = existing_state(dir)?;
+    let resumed = earlier.is_some();
+    let mut link = Link::new(&opts.server)?;
+    let mut state = match earlier {
+        Some(s) => s,
+        None => {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            write_marker(
+                dir,
+                "This directory is an INCOMPLETE Magma backup: a `magma backup --pull` is in progress.\n\
+                 state: pulling\nreason: run the same command again to continue\n",
+            )
+            .map_err(|e| CliError::Backup(e.to_string()))?;
+            start_job(&mut link, opts)?
+        }
+    };
+    let mut restarted = false;
+    let mut fetched = 0;
+    let entries = loop {
+        let total: u64 = state.snapshot.files.iter().map(|f| f.size).sum();
+        let bar = if opts.progress {
+            byte_bar(total)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let have: u64 = state
+            .snapshot
+            .files
+            .iter()
+            .filter_map(|f| {
+                let p = dir.join(safe_relative_path(&f.path)?);
+                Some(fs::metadata(p).map(|m| m.len().min(f.size)).unwrap_or(0))
+            })
+            .sum();
+        bar.set_position(have);
+        match fetch_all(&mut link, dir, &state, &bar, &mut fetched)? {
+            Some(entries) => {
+                bar.finish_and_clear();
+                break entries;
+            }
+            None if !restarted => {
+                bar.abandon();
+                eprintln!(
+                    "{} no longer has pull job {}: starting over",
+                    opts.server, state.snapshot.id
+                );
+                wipe(dir, &state)?;
+                state = start_job(&mut link, opts)?;
+                restarted = true;
+            }
+            None => {
+                return Err(CliError::Backup(format!(
+                    "{} lost the pull job twice; giving up (the directory stays incomplete)",
+                    opts.server
+                )))
+            }
+        }
+    };
+    let snap = &state.snapshot;
+    match link.call(|s| s.backup_pull_finish(snap.id)) {
+        Ok(server_files) => compare(&entries, &server_files)?,
+        // The job ended anyway (e.g. the finish was answered but the answer
+        // lost): the local checksums and the verification below still hold.
+        Err(e) if is_lost_job(&e) => log::warn!(
+            "{}: could not release pull job {} ({e}); relying on local checksums",
+            opts.server,
+            snap.id
+        ),
+        Err(e) => return Err(CliError::at(&opts.server)(e)),
+    }
+    let repository_id = parse_repository_id(&snap.repository_id)?;
+    let state_path = dir.join(STATE_FILE);
+    fs::remove_file(&state_path).map_err(io_err(&state_path))?;
+    seal(
+        dir,
+        &snap.header,
+        entries,
+        repository_id,
+        snap.snapshot_commit,
+        &opts.server,
+    )
+    .map_err(|e| CliError::Backup(e.to_string()))?;
+    let verified = crate::cli::admin::verify_backup(dir)?;
+    debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
+    Ok(PullSummary {
+        server: opts.server.clone(),
+        dir: dir.to_path_buf(),
+        verified,
+        elapsed: started.elapsed(),
+        fetched,
+        resumed,
+        restarted,
+        reconnects: link.reconnects,
+    })
+}
+
+fn parse_repository_id(hex: &str) -> Result<RepositoryId, CliError> {
+    let bad = || CliError::Backup(format!("the server sent a malformed repository id {hex:?}"));
+    if hex.len() != 32 {
+        return Err(bad());
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(RepositoryId(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_ids_round_trip() {
+        let id = RepositoryId([0xab; 16]);
+        assert_eq!(parse_repository_id(&id.to_string()).unwrap(), id);
+        assert!(parse_repository_id("zz").is_err());
+        assert!(parse_repository_id(&"g".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn a_directory_is_refused_unless_new_or_an_interrupted_pull() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(existing_state(&tmp.path().join("new")).unwrap().is_none());
+        let e = existing_state(tmp.path()).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        fs::write(tmp.path().join(MANIFEST_FILE), b"{}").unwrap();
+        let e = existing_state(tmp.path()).unwrap_err();
+        assert!(e.to_string().contains("complete backup"), "{e}");
+    }
+
+    #[test]
+    fn the_pull_state_round_trips_through_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = PullState {
+            server: "h:1".into(),
+            snapshot: PullSnapshot {
+                id: 42,
+                snapshot_commit: 7,
+                repository_id: "ab".repeat(16),
+                header: (0..128u8).collect(),
+                files: vec![PullFile {
+                    path: "coll/3.dat".into(),
+                    size: 99,
+                    blake3: None,
+                }],
+                max_chunk: 65536,
+                idle_timeout_s: 120,
+            },
+        };
+        write_state(tmp.path(), &state).unwrap();
+        let back = existing_state(tmp.path()).unwrap().unwrap();
+        assert_eq!(back.snapshot, state.snapshot);
+        assert_eq!(back.server, "h:1");
+    }
+
+    #[test]
+    fn mismatched_checksums_are_named() {
+        let local = vec![crate::storage::backup::ManifestFile {
+            path: "objects.dat".into(),
+            size: 3,
+            blake3: "aa".into(),
+        }];
+        let server = vec![PullFile {
+            path: "objects.dat".into(),
+            size: 3,
+            blake3: Some("bb".into()),
+        }];
+        let e = compare(&local, &server).unwrap_err().to_string();
+        assert!(
+            e.contains("objects.dat: BLAKE3 aa stored, server sent bb"),
+            "{e}"
+        );
+        let unknown = vec![PullFile {
+            blake3: None,
+            ..server[0].clone()
+        }];
+        compare(&local, &unknown).unwrap();
+    }
+}

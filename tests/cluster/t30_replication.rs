@@ -1,0 +1,459 @@
+//! Warm backups: a server started on a backup catches up under flood,
+//! joins the node by itself and serves reads; a dead secondary is invisible
+//! to applications; acknowledged means replicated.
+
+use std::time::Duration;
+
+use magma::client::{from_value, Ref, Session};
+use serde::{Deserialize, Serialize};
+
+use crate::harness::{
+    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
+    Cluster, Flood,
+};
+use crate::phase;
+
+const JOIN: Duration = Duration::from_secs(90);
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Person {
+    name: String,
+    age: u32,
+}
+
+/// Object structures committed early, verified later through a secondary.
+fn commit_structures(addr: &str) -> u64 {
+    let mut s = Session::connect(&[addr]).unwrap();
+    let out = s
+        .commit(|tx| {
+            let ada = tx.create(
+                "Person",
+                &Person {
+                    name: "ada".into(),
+                    age: 36,
+                },
+            );
+            let alan = tx.create(
+                "Person",
+                &Person {
+                    name: "alan".into(),
+                    age: 41,
+                },
+            );
+            let log = tx.create_collection();
+            let root = tx.create_value(
+                "Domain",
+                rmpv::Value::Map(vec![
+                    (
+                        "people".into(),
+                        rmpv::Value::Array(vec![ada.to_value(), alan.to_value()]),
+                    ),
+                    ("log".into(), log.to_value()),
+                ]),
+            );
+            tx.set_root(root);
+        })
+        .unwrap();
+    let log = out.new_oids[2].1;
+    for i in 0..100 {
+        s.append(Ref(log), &format!("entry-{i}")).unwrap();
+    }
+    out.number
+}
+
+fn verify_structures(session: &mut Session) {
+    let root = session.root().unwrap().expect("the domain root");
+    let map = root.value.as_map().expect("the root is a map");
+    let field = |k: &str| {
+        map.iter()
+            .find(|(key, _)| key.as_str() == Some(k))
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let people: Vec<Ref> = from_value(&field("people")).unwrap();
+    let names: Vec<String> = people
+        .iter()
+        .map(|p| session.get::<Person>(*p).unwrap().0.name)
+        .collect();
+    assert_eq!(names, ["ada", "alan"]);
+    let log: Ref = from_value(&field("log")).unwrap();
+    let entries: Vec<String> = session.collection_range_as(log, 0, 1000).unwrap();
+    assert_eq!(entries.len(), 100);
+    assert_eq!(entries[99], "entry-99");
+}
+
+/// s1 primary with structures and a backup taken early; returns the
+/// backup directory.
+fn primary_with_early_backup(c: &mut Cluster, args: &[&str]) -> (usize, std::path::PathBuf) {
+    let s1 = c.add_server("s1", args);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    commit_structures(&a1);
+    let b = c.root.path().join("backup-early");
+    backup(&a1, &b);
+    (s1, b)
+}
+
+#[test]
+fn t30_use_case_1_a_server_started_on_a_backup_catches_up_under_flood_and_joins() {
+    let mut c = Cluster::new();
+    let (s1, b) = primary_with_early_backup(&mut c, &[]);
+    let a1 = c.servers[s1].addr.clone();
+    let dir = c.root.path().to_path_buf();
+
+    phase!("commits after the backup, then two flooders");
+    let mut pre = Flood::start(&dir, &[a1.as_str()], "pre", &["--count", "300"]);
+    assert!(pre.wait(Duration::from_secs(60)).status.success());
+    let mut floods = vec![
+        Flood::start(&dir, &[a1.as_str()], "c1", &["--duration", "120"]),
+        Flood::start(&dir, &[a1.as_str()], "c2", &["--duration", "120"]),
+    ];
+    wait_until(Duration::from_secs(30), "flooders under way", || {
+        floods.iter().all(|f| f.acked().len() >= 50).then_some(())
+    });
+
+    phase!("server2 starts on the early backup, catches up and joins by itself");
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    wait_until(JOIN, "server2 to report itself secondary", || {
+        (status(&a2).role == magma::protocol::ServerRole::Secondary).then_some(())
+    });
+
+    phase!("verify the early structures through server2 while the flood goes on");
+    let mut via2 = Session::connect(&[a2.as_str()]).unwrap();
+    assert_eq!(via2.read_server(), Some(a2.as_str()));
+    verify_structures(&mut via2);
+    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
+    wait_until(
+        Duration::from_secs(60),
+        "200 more acks per flooder after the join",
+        || {
+            floods
+                .iter()
+                .zip(&before)
+                .all(|(f, b)| f.acked().len() >= b + 200)
+                .then_some(())
+        },
+    );
+    for f in &mut floods {
+        assert!(f.running(), "flood {} saw an error", f.name);
+        f.kill();
+    }
+
+    phase!("quiet: identical content, every acknowledged append on both servers");
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    for f in &floods {
+        for a in [&a1, &a2] {
+            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
+        }
+    }
+    verify_flood(&dump(&a2, "pre"), "pre", &pre.acked(), 0);
+    let st = status(&a1);
+    let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
+    assert_eq!(m2.lag_commits, 0, "{st:?}");
+}
+
+#[test]
+fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
+    let mut c = Cluster::new();
+    let (s1, b) = primary_with_early_backup(&mut c, &["--replica-timeout-ms", "1000"]);
+    let a1 = c.servers[s1].addr.clone();
+    let dir = c.root.path().to_path_buf();
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+
+    phase!("two flooders (their sessions read from server2)");
+    let mut floods = vec![
+        Flood::start(&dir, &[a1.as_str()], "d1", &["--duration", "120"]),
+        Flood::start(&dir, &[a1.as_str()], "d2", &["--duration", "120"]),
+    ];
+    wait_until(Duration::from_secs(30), "flooders under way", || {
+        floods.iter().all(|f| f.acked().len() >= 100).then_some(())
+    });
+
+    phase!("kill -9 server2: the primary removes it, the flood goes on");
+    c.servers[s2].kill();
+    wait_for_members(&a1, &[&a1], Duration::from_secs(30));
+    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
+    wait_until(Duration::from_secs(60), "200 more acks per flooder", || {
+        floods
+            .iter()
+            .zip(&before)
+            .all(|(f, b)| f.acked().len() >= b + 200)
+            .then_some(())
+    });
+    for f in &mut floods {
+        assert!(f.running(), "flood {} saw an error", f.name);
+    }
+
+    phase!("restart server2: it catches up and rejoins");
+    c.servers[s2].start();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
+    wait_until(Duration::from_secs(60), "100 more acks per flooder", || {
+        floods
+            .iter()
+            .zip(&before)
+            .all(|(f, b)| f.acked().len() >= b + 100)
+            .then_some(())
+    });
+    for f in &mut floods {
+        assert!(f.running(), "flood {} saw an error", f.name);
+        f.kill();
+    }
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    for f in &floods {
+        for a in [&a1, &a2] {
+            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
+        }
+    }
+}
+
+#[test]
+fn t30_three_servers_stay_identical_and_reads_see_your_writes() {
+    let mut c = Cluster::new();
+    let (s1, b) = primary_with_early_backup(&mut c, &[]);
+    let a1 = c.servers[s1].addr.clone();
+    let b3 = c.root.path().join("backup-3");
+    backup(&a1, &b3);
+    let dir = c.root.path().to_path_buf();
+    let s2 = c.add_server_on("s2", &b, &[]);
+    let s3 = c.add_server_on("s3", &b3, &[]);
+    c.servers[s2].start();
+    c.servers[s3].start();
+    let (a2, a3) = (c.servers[s2].addr.clone(), c.servers[s3].addr.clone());
+    wait_for_members(&a1, &[&a1, &a2, &a3], JOIN);
+
+    phase!("read-your-writes through a secondary with required progress");
+    let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    let reader = s.read_server().unwrap().to_string();
+    assert!(
+        reader == a2 || reader == a3,
+        "reads should go to a secondary, not {reader}"
+    );
+    let root = s.root().unwrap().unwrap();
+    let map = root.value.as_map().unwrap();
+    let log: Ref = from_value(
+        &map.iter()
+            .find(|(k, _)| k.as_str() == Some("log"))
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    for i in 0..50 {
+        let out = s.append(log, &format!("ryw-{i}")).unwrap();
+        s.set_required_progress(out.number);
+        let len = s.collection_len(log).unwrap();
+        assert!(
+            len > out.positions[0],
+            "a read after commit {} missed it",
+            out.number
+        );
+    }
+
+    phase!("flood, then all three identical");
+    let mut f = Flood::start(&dir, &[a1.as_str()], "t", &["--count", "500"]);
+    assert!(f.wait(Duration::from_secs(120)).status.success());
+    wait_for_equal_digests(&[&a1, &a2, &a3], Duration::from_secs(30));
+    for a in [&a1, &a2, &a3] {
+        verify_flood(&dump(a, "t"), "t", &f.acked(), 0);
+    }
+}
+
+#[test]
+fn t30_a_gap_in_the_stream_is_resent() {
+    let mut c = Cluster::new();
+    let s1 = c.add_server("s1", &[]);
+    // The primary skips record 400 once when streaming it.
+    c.servers[s1]
+        .env
+        .push(("MAGMA_FAULT_DROP_RECORD".into(), "400".into()));
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("b");
+    backup(&a1, &b);
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "g", &["--count", "600"]);
+    assert!(f.wait(Duration::from_secs(120)).status.success());
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    verify_flood(&dump(&a2, "g"), "g", &f.acked(), 0);
+    let log = std::fs::read_to_string(&c.servers[s1].log).unwrap();
+    assert!(
+        log.contains("fault injection: not sending record 400"),
+        "the fault hook did not fire"
+    );
+}
+
+#[test]
+fn t30_a_secondary_beyond_the_retained_log_is_told_to_start_from_a_new_backup() {
+    let mut c = Cluster::new();
+    let s1 = c.add_server(
+        "s1",
+        &[
+            "--max-log-bytes",
+            "65536",
+            "--log-segment-bytes",
+            "16384",
+            "--checkpoint-interval-ms",
+            "100",
+        ],
+    );
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("old");
+    backup(&a1, &b);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "x", &["--count", "3000"]);
+    assert!(f.wait(Duration::from_secs(120)).status.success());
+    wait_until(Duration::from_secs(30), "the old log to be trimmed", || {
+        let log = std::fs::read_dir(c.servers[s1].dir.join("log")).ok()?;
+        let first = log
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".log")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .min()?;
+        (first > 10).then_some(())
+    });
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    let log = c.servers[s2].log.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "server2 to report the truncated log",
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("start this server from a new backup"))
+        },
+    );
+    assert_eq!(status(&a2).role, magma::protocol::ServerRole::Restore);
+    assert_eq!(status(&a1).members.len(), 1);
+}
+
+#[test]
+fn t30_with_sync_replicas_an_acknowledged_commit_survives_the_primary_killed() {
+    let mut c = Cluster::new();
+    let (s1, b) = primary_with_early_backup(&mut c, &["--sync-replicas", "1"]);
+    let a1 = c.servers[s1].addr.clone();
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "s", &["--duration", "120"]);
+    wait_until(Duration::from_secs(60), "300 acks", || {
+        (f.acked().len() >= 300).then_some(())
+    });
+
+    phase!("kill -9 the primary right after acknowledgements");
+    c.servers[s1].kill();
+    let end = f.wait(Duration::from_secs(60));
+    assert!(!end.status.success());
+    // Every acknowledged append is on the secondary.
+    verify_flood(&dump(&a2, "s"), "s", &f.acked(), 1);
+}
+
+fn magma(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::harness::CLI)
+        .args(args)
+        .output()
+        .expect("run magma")
+}
+
+#[test]
+fn t30_remove_and_follow_are_operator_controls_with_clear_refusals() {
+    let mut c = Cluster::new();
+    let (s1, b) = primary_with_early_backup(&mut c, &[]);
+    let a1 = c.servers[s1].addr.clone();
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+
+    phase!("magma remove: server2 leaves the node and stops following");
+    let out = magma(&["remove", "--server", &a1, "--secondary", &a2]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_members(&a1, &[&a1], Duration::from_secs(30));
+    wait_until(Duration::from_secs(30), "server2 to stop following", || {
+        (status(&a2).role == magma::protocol::ServerRole::Restore).then_some(())
+    });
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "r", &["--count", "100"]);
+    assert!(f.wait(Duration::from_secs(60)).status.success());
+    assert_eq!(
+        status(&a1).members.len(),
+        1,
+        "a removed secondary must not rejoin by itself"
+    );
+
+    phase!("refusals: follow on a primary, a non-primary target, another repository");
+    let out = magma(&["follow", "--server", &a1, "--primary", &a2]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: unavailable"));
+    let out = magma(&["follow", "--server", &a2, "--primary", &a2]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong_server"));
+    let other = c.add_server("other", &[]);
+    c.servers[other].start();
+    let ao = c.servers[other].addr.clone();
+    let out = magma(&["follow", "--server", &a2, "--primary", &ao]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("repository_mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    phase!("magma follow: server2 catches up and rejoins");
+    let out = magma(&["follow", "--server", &a2, "--primary", &a1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    verify_flood(&dump(&a2, "r"), "r", &f.acked(), 0);
+}
+
+#[test]
+fn t30_join_from_nothing_pulls_a_backup_catches_up_and_joins() {
+    let mut c = Cluster::new();
+    let s1 = c.add_server("s1", &[]);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    commit_structures(&a1);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "j", &["--duration", "120"]);
+    wait_until(Duration::from_secs(30), "flood under way", || {
+        (f.acked().len() >= 100).then_some(())
+    });
+    phase!("a server on an empty directory with --join");
+    let s2 = c.add_server("s2", &["--join", &a1]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let mut via2 = Session::connect(&[a2.as_str()]).unwrap();
+    verify_structures(&mut via2);
+    f.kill();
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    verify_flood(&dump(&a2, "j"), "j", &f.acked(), 1);
+}

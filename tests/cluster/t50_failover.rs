@@ -1,0 +1,376 @@
+//! Primary failure, the deliberate swap, and a former primary rejoining:
+//! the seed's use-cases 2, 3 and 4, plus forced divergence, two secondaries
+//! detecting a failure at once, and an unknown outcome resolved by token.
+
+use std::time::Duration;
+
+use magma::client::{ConnectOptions, Connection, Ref, Session};
+use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppend, WireRef};
+
+use crate::harness::{
+    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
+    Cluster, Flood,
+};
+use crate::phase;
+
+const JOIN: Duration = Duration::from_secs(90);
+
+/// s1 primary and s2 joined from a backup; returns their addresses.
+fn pair(c: &mut Cluster, args: &[&str]) -> (usize, usize, String, String) {
+    let s1 = c.add_server("s1", args);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("b2");
+    backup(&a1, &b);
+    let s2 = c.add_server_on("s2", &b, args);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    (s1, s2, a1, a2)
+}
+
+fn role(addr: &str) -> ServerRole {
+    status(addr).role
+}
+
+/// One commit through a session that knows both servers: after a primary
+/// failure this is what promotes the successor.
+fn probe_commit(addrs: &[&str]) -> u64 {
+    let mut s = Session::connect(addrs).unwrap();
+    s.commit(|tx| {
+        tx.set_meta("probe", Some(&"after failover"));
+    })
+    .unwrap()
+    .number
+}
+
+#[test]
+fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
+    let mut c = Cluster::new();
+    let (s1, s2, a1, a2) = pair(&mut c, &[]);
+    let dir = c.root.path().to_path_buf();
+
+    phase!("use case 2: two flooders; kill -9 the primary");
+    let mut floods = vec![
+        Flood::start(&dir, &[a1.as_str()], "u1", &["--duration", "120"]),
+        Flood::start(&dir, &[a1.as_str()], "u2", &["--duration", "120"]),
+    ];
+    wait_until(Duration::from_secs(60), "flooders under way", || {
+        floods.iter().all(|f| f.acked().len() >= 300).then_some(())
+    });
+    let at_kill: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
+    c.servers[s1].kill();
+    // A commit in flight at the kill surfaces an error (its outcome is
+    // unknown) and the flooder stops; a commit sent after it finds the
+    // primary gone and goes to the successor, which takes over: that
+    // flooder goes on, on server2.
+    for (f, n) in floods.iter_mut().zip(at_kill) {
+        let stopped = wait_until(
+            Duration::from_secs(60),
+            "each flooder to stop or move on",
+            || {
+                if !f.running() {
+                    Some(true)
+                } else if f.acked().len() > n + 50 {
+                    Some(false)
+                } else {
+                    None
+                }
+            },
+        );
+        if stopped {
+            let end = f.wait(Duration::from_secs(10));
+            assert!(
+                !end.status.success(),
+                "flood {} stopped without an error",
+                f.name
+            );
+            assert!(end.stderr.contains("error: "), "{}", end.stderr);
+        } else {
+            f.kill();
+        }
+    }
+    phase!("every acknowledged append is on server2, which becomes primary");
+    for f in &floods {
+        verify_flood(&dump(&a2, &f.name), &f.name, &f.acked(), 1);
+    }
+    probe_commit(&[&a1, &a2]);
+    assert_eq!(role(&a2), ServerRole::Primary);
+    assert!(status(&a2).epoch.term >= 2, "a promotion opens a new epoch");
+    for f in &floods {
+        verify_flood(&dump(&a2, &f.name), &f.name, &f.acked(), 1);
+    }
+
+    phase!("use case 3: flood server2; the former primary restarts and rejoins");
+    let mut floods3 = vec![
+        Flood::start(
+            &dir,
+            &[a1.as_str(), a2.as_str()],
+            "v1",
+            &["--duration", "120"],
+        ),
+        Flood::start(
+            &dir,
+            &[a1.as_str(), a2.as_str()],
+            "v2",
+            &["--duration", "120"],
+        ),
+    ];
+    wait_until(
+        Duration::from_secs(60),
+        "flooders under way on server2",
+        || floods3.iter().all(|f| f.acked().len() >= 200).then_some(()),
+    );
+    c.servers[s1].start();
+    // The commit in flight when server1 died may be in its log but not on
+    // server2: then server1 diverged, keeps it in a file and waits for the
+    // operator, who re-seeds it (--join). Otherwise it rejoins by itself.
+    let outcome = wait_until(JOIN, "server1 to rejoin or report divergence", || {
+        let st = status(&a1);
+        match st.role {
+            ServerRole::Secondary => Some(false),
+            ServerRole::Deposed
+                if c.servers[s1].dir.read_dir().ok()?.any(|e| {
+                    e.ok()
+                        .is_some_and(|e| e.file_name().to_string_lossy().starts_with("divergent-"))
+                }) =>
+            {
+                Some(true)
+            }
+            _ => None,
+        }
+    });
+    if outcome {
+        phase!("server1 diverged: the operator re-seeds it from server2 with --join");
+        c.servers[s1].kill();
+        let old = c.servers[s1].dir.clone();
+        let aside = c.root.path().join("s1-diverged");
+        std::fs::rename(&old, &aside).unwrap();
+        c.servers[s1].args = vec!["--join".into(), a2.clone()];
+        c.servers[s1].start();
+    }
+    wait_for_members(&a2, &[&a1, &a2], JOIN);
+    wait_until(JOIN, "server1 to be server2's secondary", || {
+        (role(&a1) == ServerRole::Secondary).then_some(())
+    });
+
+    phase!("use case 4: take-over under flood; clients notice nothing");
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["take-over", "--server", &a1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "take-over failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(30), "the swap", || {
+        (role(&a1) == ServerRole::Primary && role(&a2) == ServerRole::Secondary).then_some(())
+    });
+    let before: Vec<usize> = floods3.iter().map(|f| f.acked().len()).collect();
+    wait_until(
+        Duration::from_secs(60),
+        "flooding goes on after the swap",
+        || {
+            floods3
+                .iter()
+                .zip(&before)
+                .all(|(f, b)| f.acked().len() >= b + 300)
+                .then_some(())
+        },
+    );
+    for f in &mut floods3 {
+        assert!(f.running(), "flood {} saw an error during the swap", f.name);
+        f.kill();
+    }
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    for f in &floods3 {
+        for a in [&a1, &a2] {
+            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
+        }
+    }
+    let _ = s2;
+}
+
+#[test]
+fn t50_a_diverged_former_primary_keeps_its_commits_in_a_file_and_merges_nothing() {
+    let mut c = Cluster::new();
+    // Asynchronous replication and a long timeout: the primary keeps
+    // committing while the secondary hangs, and keeps it in the node.
+    let (s1, s2, a1, a2) = pair(
+        &mut c,
+        &["--sync-replicas", "0", "--replica-timeout-ms", "60000"],
+    );
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "base", &["--count", "100"]);
+    assert!(f.wait(Duration::from_secs(60)).status.success());
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+
+    phase!("server2 hangs; server1 commits on alone; server1 dies");
+    c.servers[s2].freeze();
+    let mut lone = Flood::start(&dir, &[a1.as_str()], "lone", &["--count", "50"]);
+    assert!(lone.wait(Duration::from_secs(60)).status.success());
+    let s1_commit = status(&a1).commit;
+    c.servers[s1].kill();
+    c.servers[s2].thaw();
+
+    phase!("server2 takes over on the next commit and commits its own history");
+    probe_commit(&[&a2]);
+    assert_eq!(role(&a2), ServerRole::Primary);
+    let mut other = Flood::start(&dir, &[a2.as_str()], "other", &["--count", "20"]);
+    assert!(other.wait(Duration::from_secs(60)).status.success());
+
+    phase!("server1 restarts: diverged; the divergent commits go to a file");
+    c.servers[s1].start();
+    let file = wait_until(JOIN, "the divergent file", || {
+        c.servers[s1]
+            .dir
+            .read_dir()
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("divergent-"))
+            .map(|e| e.path())
+    });
+    wait_until(Duration::from_secs(10), "server1 deposed", || {
+        (role(&a1) == ServerRole::Deposed).then_some(())
+    });
+    let bytes = std::fs::read(&file).unwrap();
+    let mut records = 0;
+    let mut at = 0;
+    while at + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at += 4 + len;
+        records += 1;
+    }
+    assert_eq!(
+        at,
+        bytes.len(),
+        "the file is a sequence of length-prefixed records"
+    );
+    assert!(
+        records >= 50,
+        "the lone commits are kept: {records} records"
+    );
+    assert!(s1_commit > 0);
+    // Nothing merged: server2 never got the lone appends.
+    assert!(
+        std::process::Command::new(crate::harness::CLI)
+            .args(["dump", "--server", &a2, "--collection", "lone"])
+            .output()
+            .map(|o| !o.status.success() || o.stdout.is_empty())
+            .unwrap(),
+        "the divergent commits must not appear on the new primary"
+    );
+    // And the deposed server takes no commits.
+    let mut conn =
+        Connection::connect(&a1, SessionRole::Application, &ConnectOptions::default()).unwrap();
+    let r = conn.call(RequestBody::Commit(CommitBody {
+        meta: vec![("x".into(), None)],
+        ..Default::default()
+    }));
+    assert!(r.is_err(), "a deposed server must refuse commits");
+}
+
+#[test]
+fn t50_two_secondaries_detecting_the_failure_at_once_make_one_primary() {
+    let mut c = Cluster::new();
+    let s1 = c.add_server("s1", &[]);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let (b2, b3) = (c.root.path().join("b2"), c.root.path().join("b3"));
+    backup(&a1, &b2);
+    backup(&a1, &b3);
+    let s2 = c.add_server_on("s2", &b2, &[]);
+    let s3 = c.add_server_on("s3", &b3, &[]);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    c.servers[s3].start();
+    let a3 = c.servers[s3].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2, &a3], JOIN);
+    wait_for_equal_digests(&[&a1, &a2, &a3], Duration::from_secs(30));
+
+    phase!("kill the primary; commits reach both secondaries at the same time");
+    c.servers[s1].kill();
+    let threads: Vec<_> = [a2.clone(), a3.clone()]
+        .into_iter()
+        .map(|addr| {
+            std::thread::spawn(move || {
+                let mut conn = Connection::connect(
+                    &addr,
+                    SessionRole::Application,
+                    &ConnectOptions::default(),
+                )
+                .unwrap();
+                conn.call(RequestBody::Commit(CommitBody {
+                    token: Some(addr.as_bytes().to_vec()),
+                    meta: vec![("who".into(), Some(rmpv::Value::from(addr.as_str())))],
+                    ..Default::default()
+                }))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for t in threads {
+        // Each either committed (it is the successor) or was told where the
+        // primary now is.
+        let _ = t.join().unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "one primary, one secondary",
+        || {
+            let roles = [role(&a2), role(&a3)];
+            let primaries = roles.iter().filter(|r| **r == ServerRole::Primary).count();
+            (primaries == 1 && roles.contains(&ServerRole::Secondary)).then_some(())
+        },
+    );
+    assert_eq!(
+        role(&a2),
+        ServerRole::Primary,
+        "the successor is the first secondary"
+    );
+    wait_for_members(&a2, &[&a2, &a3], JOIN);
+    probe_commit(&[&a3]);
+    wait_for_equal_digests(&[&a2, &a3], Duration::from_secs(30));
+}
+
+#[test]
+fn t50_an_unknown_outcome_is_resolved_by_its_token_on_the_new_primary() {
+    let mut c = Cluster::new();
+    let (s1, _s2, a1, a2) = pair(&mut c, &[]);
+    let mut s = Session::connect(&[a1.as_str(), a2.as_str()]).unwrap();
+    let out = s
+        .commit(|tx| {
+            let coll = tx.create_collection();
+            tx.set_root(coll);
+        })
+        .unwrap();
+    let coll = Ref(out.new_oids[0].1);
+    let token = b"resolve-me-0001".to_vec();
+    let body = CommitBody {
+        token: Some(token.clone()),
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll.0),
+            value: rmpv::Value::from("once"),
+        }],
+        ..Default::default()
+    };
+    let first = s.commit_body(body.clone()).unwrap();
+
+    phase!("the primary dies; the new primary knows the token");
+    c.servers[s1].kill();
+    probe_commit(&[&a1, &a2]);
+    let mut s = Session::connect(&[a1.as_str(), a2.as_str()]).unwrap();
+    assert_eq!(s.commit_status(&token).unwrap(), Some(first.number));
+    assert_eq!(s.commit_status(b"never-sent").unwrap(), None);
+    let again = s.commit_body(body).unwrap();
+    assert_eq!(
+        again.number, first.number,
+        "a resent commit is not applied twice"
+    );
+    s.require_last_seen();
+    assert_eq!(s.collection_len(coll).unwrap(), 1);
+}

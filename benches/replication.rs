@@ -11,90 +11,14 @@
 //! The figures depend on the machine (say which when quoting them); the
 //! bench clients share it with the servers.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use magma::client::AdminSession;
 
-const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
-const CLI: &str = env!("CARGO_BIN_EXE_magma");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
-fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
-    let child = Command::new(SERVER)
-        .arg("--dir")
-        .arg(dir)
-        .args(["--listen", addr])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while AdminSession::connect(addr)
-        .and_then(|mut a| a.ping())
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{addr} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
-}
-
-fn magma(args: &[&str]) -> String {
-    let out = Command::new(CLI).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "magma {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn members(addr: &str) -> usize {
-    AdminSession::connect(addr)
-        .and_then(|mut a| a.status())
-        .map(|s| s.members.len())
-        .unwrap_or(0)
-}
-
-fn wait_members(addr: &str, n: usize, timeout: Duration) -> Duration {
-    let start = Instant::now();
-    while members(addr) != n {
-        assert!(start.elapsed() < timeout, "{addr} never listed {n} members");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
+mod common;
+use common::{magma, percentile, port, server, wait_members};
 
 /// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
 fn pair_run(flags: &[&str], secs: u32) {

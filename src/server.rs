@@ -254,7 +254,7 @@ impl Server {
                 fatal: me.recipient(),
                 applied: applied_rx,
                 settings,
-                node,
+                node: node.clone(),
                 state: state_rx,
                 flusher: log,
             });
@@ -267,6 +267,7 @@ impl Server {
                     stop_accepting: listener.clone().recipient(),
                     close_sessions: listener.recipient(),
                     stop_backups: backup.recipient(),
+                    leave_node: node.recipient(),
                 },
                 config.checkpoint_interval,
                 outcome_tx,

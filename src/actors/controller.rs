@@ -27,6 +27,10 @@ use tokio::sync::oneshot;
 use crate::actors::backup::StopBackups;
 use crate::actors::coordinator::Drain;
 use crate::actors::listener::{CloseSessions, StopAccepting};
+use crate::actors::supervisor::LeaveNode;
+
+/// Bound on leaving the node (hand-over included) at shutdown.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
 use crate::actors::storage::{Checkpoint, Close};
 
 /// How the server ended: `Err` names the fatal failure.
@@ -40,6 +44,7 @@ pub struct Controlled {
     pub stop_accepting: Recipient<StopAccepting>,
     pub close_sessions: Recipient<CloseSessions>,
     pub stop_backups: Recipient<StopBackups>,
+    pub leave_node: Recipient<LeaveNode>,
 }
 
 /// Runs the lifecycle; see the module doc.
@@ -102,7 +107,15 @@ impl Controller {
         let close_sessions = self.parts.close_sessions.clone();
         let close = self.parts.storage_close.clone();
         let stop_backups = self.parts.stop_backups.clone();
+        let leave_node = self.parts.leave_node.clone();
         async move {
+            // First, while still listening: a secondary tells the primary it
+            // leaves; a primary hands over to a current secondary.
+            match tokio::time::timeout(LEAVE_WAIT, leave_node.send(LeaveNode)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("node supervisor gone during shutdown: {e}"),
+                Err(_) => warn!("leaving the node took over {LEAVE_WAIT:?}; stopping anyway"),
+            }
             if let Err(e) = stop_accepting.send(StopAccepting).await {
                 warn!("listener gone during shutdown: {e}");
             }
@@ -272,6 +285,13 @@ mod tests {
         }
     }
 
+    impl Handler<LeaveNode> for Probe {
+        type Result = ();
+        fn handle(&mut self, _: LeaveNode, _: &mut Context<Self>) {
+            self.note("leave node");
+        }
+    }
+
     impl Handler<CloseSessions> for Probe {
         type Result = usize;
         fn handle(&mut self, _: CloseSessions, _: &mut Context<Self>) -> usize {
@@ -294,7 +314,8 @@ mod tests {
             drain: probe.clone().recipient(),
             stop_accepting: probe.clone().recipient(),
             close_sessions: probe.clone().recipient(),
-            stop_backups: probe.recipient(),
+            stop_backups: probe.clone().recipient(),
+            leave_node: probe.recipient(),
         };
         let controller = Controller::new(parts, Duration::from_secs(60), tx).start();
         (controller, rx, steps)
@@ -315,6 +336,7 @@ mod tests {
         assert_eq!(
             *steps.lock().unwrap(),
             [
+                "leave node",
                 "stop accepting",
                 "drain",
                 "close sessions",

@@ -57,6 +57,16 @@ pub struct PeerLink {
 impl PeerLink {
     /// Connect, say hello as a peer, within `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<PeerLink, LinkError> {
+        Self::connect_as(addr, SessionRole::Peer, timeout).await
+    }
+
+    /// Connect with another role (a server asking another for an admin
+    /// action, e.g. a primary that stops asking its successor to take over).
+    pub async fn connect_as(
+        addr: &str,
+        role: SessionRole,
+        timeout: Duration,
+    ) -> Result<PeerLink, LinkError> {
         let io = |e: std::io::Error| LinkError::Io {
             addr: addr.to_string(),
             reason: e.to_string(),
@@ -86,7 +96,7 @@ impl PeerLink {
             .call(
                 RequestBody::Hello {
                     protocol_version: PROTOCOL_VERSION,
-                    role: SessionRole::Peer,
+                    role,
                     client_name: "magma-server peer".into(),
                 },
                 timeout,

@@ -1394,3 +1394,97 @@ impl Handler<Leave> for NodeSupervisor {
         }
     }
 }
+
+/// The server is stopping gracefully (sent before it stops listening). A
+/// secondary tells the primary it leaves; a primary with a current
+/// secondary asks its successor to take over and waits for the hand-over.
+/// Sender: the `Controller`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaveNode;
+
+impl Handler<LeaveNode> for NodeSupervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: LeaveNode, _: &mut Context<Self>) -> Self::Result {
+        let me = self.server_id;
+        if let Some(f) = self.follower.take() {
+            f.do_send(StopFollowing);
+        }
+        if !self.is_primary && self.follow_state.is_some() {
+            // The primary we follow (our copy of the node may not yet show
+            // that we joined: the primary decides).
+            let following = match &self.follow_state {
+                Some(FollowState::Streaming { primary } | FollowState::CatchingUp { primary }) => {
+                    Some(primary.clone())
+                }
+                _ => None,
+            };
+            let Some(primary) = following.or_else(|| {
+                self.node
+                    .primary()
+                    .filter(|p| p.server_id != me)
+                    .map(|p| p.addr.clone())
+            }) else {
+                return Box::pin(fut::ready(()));
+            };
+            info!("leaving the node: telling the primary {primary}");
+            return Box::pin(
+                async move {
+                    let t = Duration::from_secs(2);
+                    match PeerLink::connect(&primary, t).await {
+                        Ok(mut link) => {
+                            if let Err(e) =
+                                link.call(RequestBody::Leaving { server_id: me }, t).await
+                            {
+                                warn!("the primary did not take our leave: {e}");
+                            }
+                        }
+                        Err(e) => warn!("cannot tell the primary we leave: {e}"),
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+        // A primary: hand over to its successor if that one is current.
+        let Some(successor) = crate::actors::failover::successor(&self.node).cloned() else {
+            return Box::pin(fut::ready(()));
+        };
+        let Some(b) = self.broadcasters.get(&successor.server_id).cloned() else {
+            return Box::pin(fut::ready(()));
+        };
+        let last = self.last();
+        Box::pin(
+            async move {
+                let current = b
+                    .send(GetReplicaStats)
+                    .await
+                    .is_ok_and(|s| last.saturating_sub(s.durable) <= CURRENT_LAG);
+                if !current {
+                    warn!(
+                        "stopping without a hand-over: the successor {} is not current",
+                        successor.addr
+                    );
+                    return;
+                }
+                info!("stopping: asking {} to take over first", successor.addr);
+                let t = Duration::from_secs(8);
+                match PeerLink::connect_as(&successor.addr, crate::protocol::SessionRole::Admin, t)
+                    .await
+                {
+                    Ok(mut link) => match link.call(RequestBody::TakeOver, t).await {
+                        Ok(_) => {
+                            info!("{} took over; leaving the node", successor.addr);
+                            if let Ok(mut peer) = PeerLink::connect(&successor.addr, t).await {
+                                let _ = peer.call(RequestBody::Leaving { server_id: me }, t).await;
+                            }
+                        }
+                        Err(e) => warn!("hand-over to {} failed: {e}", successor.addr),
+                    },
+                    Err(e) => warn!("cannot reach the successor {}: {e}", successor.addr),
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}

@@ -1,11 +1,12 @@
 //! The admin commands that change a server: shutdown, backup jobs, follow,
-//! take-over, remove; and the offline tools (verify-backup, compact).
+//! take-over, remove; and the offline verify-backup (compact has its own
+//! module).
 //!
 //! Each command opens one admin session on the server named and sends one
 //! request (backup without --detach then polls the job). This module must
 //! never fail over, never retry a request the server refused, and never
 //! pretend: a feature the server does not offer comes back as the server's
-//! own `unavailable` error, and an offline tool this release lacks says so.
+//! own `unavailable` error.
 //! `verify-backup` reads the backup directory only, through
 //! `storage::backup::verify`, never a server.
 
@@ -140,23 +141,9 @@ pub fn remove(server: &str, secondary: &str) -> Result<(), CliError> {
         .map_err(CliError::at(server))
 }
 
-/// The error of an offline tool that this release does not have.
-pub fn not_in_this_release(command: &str) -> CliError {
-    CliError::Unavailable(format!("{command} arrives with the compaction release"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::error::EXIT_USAGE;
-
-    #[test]
-    fn offline_tools_are_unavailable_with_exit_2() {
-        let e = not_in_this_release("compact");
-        assert_eq!(e.kind(), "unavailable");
-        assert_eq!(e.exit_code(), EXIT_USAGE);
-        assert_eq!(e.to_string(), "compact arrives with the compaction release");
-    }
 
     #[test]
     fn admin_commands_name_the_unreachable_server() {

@@ -15,7 +15,7 @@ const AFTER_HELP: &str = "\
 Errors: every failure prints one line `error: <kind>: <message>` on stderr.
 <kind> is a stable short word: network, outcome_unknown, conflict,
 no_server_reachable, protocol, unavailable, wrong_server, shutting_down,
-backup, invalid_backup, unknown_object, not_a_collection, io, not_found,
+backup, invalid_backup, compact, unknown_object, not_a_collection, io, not_found,
 incompatible_root, usage, ... (the client's error kind or the server's error code).
 
 Exit codes: 0 success; 1 error; 2 usage error, or the feature is
@@ -130,7 +130,22 @@ pub enum Command {
     Shutdown(ShutdownArgs),
 
     /// Copy a backup offline, dropping unreachable objects and superseded
-    /// versions. Not in this release: exits 2 with `error: unavailable`.
+    /// versions (garbage collection without stopping the node).
+    ///
+    /// Reads the backup in --from (made by `magma backup`; never changed)
+    /// and writes --to, a NEW directory holding only the objects reachable
+    /// from the root anchor, each at its latest version, with the backup's
+    /// commit number, epoch, hash-chain head, repository id and node, in
+    /// restore mode and with a MANIFEST (`magma verify-backup` accepts it).
+    /// A server started on it catches up from the primary like on any
+    /// backup. Draws a progress bar on a terminal (objects copied, bytes
+    /// written) unless --quiet, then prints one line: objects kept and
+    /// dropped, size before and after in bytes, elapsed time.
+    ///
+    /// Exits 1 with `error: compact: ...` if --from is locked by a running
+    /// server, is not a backup (restore-mode bit clear), is not pristine
+    /// (no MANIFEST, or a server has opened it), if --to exists, or if
+    /// reading or writing fails (then --to is marked incomplete).
     Compact(CompactArgs),
 
     /// Append numbered strings to a large collection, one commit each.
@@ -275,9 +290,12 @@ pub struct CompactArgs {
     /// The backup directory to read.
     #[arg(long, value_name = "DIR")]
     pub from: PathBuf,
-    /// The directory to write the compacted copy to.
+    /// The directory to write the compacted copy to (must not exist).
     #[arg(long, value_name = "DIR")]
     pub to: PathBuf,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -499,7 +517,11 @@ mod tests {
         parse(&["follow", "--server", "s:1", "--primary", "p:1"]).unwrap();
         parse(&["take-over", "--server", "s:1"]).unwrap();
         parse(&["verify-backup", "/b"]).unwrap();
-        parse(&["compact", "--from", "/a", "--to", "/b"]).unwrap();
+        let cli = parse(&["compact", "--from", "/a", "--to", "/b", "--quiet"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Compact(CompactArgs { quiet: true, .. })
+        ));
         parse(&["digest", "--server", "s:1"]).unwrap();
         let cli = parse(&["dump", "--server", "s:1", "--collection", "c"]).unwrap();
         assert!(

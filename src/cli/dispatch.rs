@@ -10,6 +10,7 @@ use std::io::Write;
 use crate::cli::admin;
 use crate::cli::args::{Cli, Command};
 use crate::cli::bench::{self, BenchOptions};
+use crate::cli::compact;
 use crate::cli::error::CliError;
 use crate::cli::flood::{self, FloodLimit, FloodOptions};
 use crate::cli::inspect;
@@ -116,7 +117,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             };
             say(&format!("{} is shutting down, {how}", a.server))
         }
-        Command::Compact(_) => Err(admin::not_in_this_release("compact")),
+        Command::Compact(a) => {
+            let summary = compact::run(&a.from, &a.to, a.quiet)?;
+            say(&summary.to_string())
+        }
         Command::Flood(a) => {
             let limit = match (a.duration, a.count) {
                 (Some(d), _) => FloodLimit::Duration(d),

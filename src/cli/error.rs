@@ -61,6 +61,9 @@ pub enum CliError {
     /// `verify-backup` found the directory incomplete or damaged.
     #[error("{0}")]
     InvalidBackup(String),
+    /// `compact` refused its source or target, or failed.
+    #[error("{0}")]
+    Compact(String),
     /// The tool itself failed (a thread could not start or panicked).
     #[error("{0}")]
     Internal(String),
@@ -94,6 +97,7 @@ impl CliError {
             CliError::IncompatibleRoot(_) => "incompatible_root",
             CliError::Backup(_) => "backup",
             CliError::InvalidBackup(_) => "invalid_backup",
+            CliError::Compact(_) => "compact",
             CliError::Internal(_) => "internal",
         }
     }

@@ -14,18 +14,20 @@
 //! | `bench` | `magma bench`: K flooding clients, throughput, latency |
 //! | `status` | `magma status`: the human table and the JSON document |
 //! | `inspect` | `magma digest` and `magma dump`: reads from one server |
-//! | `admin` | shutdown, backups, follow, take-over, remove, offline tools |
+//! | `admin` | shutdown, backups, follow, take-over, remove, verify-backup |
+//! | `compact` | `magma compact`: offline garbage collection of a backup |
 //! | `pull` | `magma backup --pull`: resumable streaming of a snapshot to here |
 //!
 //! The CLI is a client like any other: it speaks to servers only through
 //! `crate::client`, never through the server's actors, and it never hides a
 //! failure (an unanswered commit is reported as unknown). The only storage
 //! code it uses is `storage::backup`, to write and check backup directories
-//! on this machine (`--pull`, `verify-backup`).
+//! on this machine (`--pull`, `verify-backup`), and `storage::compact`.
 
 mod admin;
 mod args;
 pub mod bench;
+mod compact;
 mod dispatch;
 pub mod domain;
 mod error;

@@ -16,11 +16,16 @@
 //! - the file is only ever grown, never truncated, while mapped;
 //! - remapping happens only in `grow`, which takes `&mut self`, so no
 //!   reference into the old mapping can outlive it.
+//!
+//! [`IndexReader`] maps the index of a backup read-only, for offline tools
+//! (compaction). Its caller holds the directory's lock if it has one, and a
+//! backup that has none was never opened by a server; a server opening it
+//! later only grows the file. Either way nothing truncates it while mapped.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use memmap2::MmapMut;
+use memmap2::{Mmap, MmapMut};
 
 use crate::storage::error::{Result, StorageError};
 use crate::types::Oid;
@@ -74,6 +79,33 @@ fn head_bytes(capacity: u64) -> [u8; HEAD_LEN as usize] {
     let crc = crc32fast::hash(&h[0..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// Decode entry `oid` of a whole mapped index of `capacity` entries.
+fn entry_at(map: &[u8], capacity: u64, oid: Oid, path: &Path) -> Result<Option<IndexEntry>> {
+    if oid >= capacity {
+        return Ok(None);
+    }
+    let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+    let b = &map[at..at + ENTRY_LEN as usize];
+    if b.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let flags = u32::from_le_bytes(b[24..28].try_into().unwrap());
+    let crc = u32::from_le_bytes(b[28..32].try_into().unwrap());
+    if crc != crc32fast::hash(&b[0..28]) {
+        return Err(StorageError::Corrupted(format!(
+            "{}: entry of oid {oid} fails its checksum",
+            path.display()
+        )));
+    }
+    Ok(Some(IndexEntry {
+        loc: u(0),
+        version: u(8),
+        coll_len: u(16),
+        flags,
+    }))
 }
 
 impl IndexMap {
@@ -133,29 +165,7 @@ impl IndexMap {
     }
 
     pub fn get(&self, oid: Oid) -> Result<Option<IndexEntry>> {
-        if oid >= self.capacity {
-            return Ok(None);
-        }
-        let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
-        let b = &self.map[at..at + ENTRY_LEN as usize];
-        if b.iter().all(|&x| x == 0) {
-            return Ok(None);
-        }
-        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        let flags = u32::from_le_bytes(b[24..28].try_into().unwrap());
-        let crc = u32::from_le_bytes(b[28..32].try_into().unwrap());
-        if crc != crc32fast::hash(&b[0..28]) {
-            return Err(StorageError::Corrupted(format!(
-                "{}: entry of oid {oid} fails its checksum",
-                self.path.display()
-            )));
-        }
-        Ok(Some(IndexEntry {
-            loc: u(0),
-            version: u(8),
-            coll_len: u(16),
-            flags,
-        }))
+        entry_at(&self.map, self.capacity, oid, &self.path)
     }
 
     pub fn set(&mut self, oid: Oid, entry: &IndexEntry) -> Result<()> {
@@ -215,6 +225,65 @@ impl IndexMap {
     }
 }
 
+/// A read-only view of a backup's `index.map` (see the module doc).
+pub struct IndexReader {
+    path: PathBuf,
+    map: Mmap,
+    capacity: u64,
+}
+
+impl IndexReader {
+    /// Map `DIR/index.map` read-only; it must exist and have a valid head.
+    pub fn open(dir: &Path) -> Result<IndexReader> {
+        let path = dir.join(INDEX_FILE);
+        let ctx = |what: &str| format!("{what} {}", path.display());
+        let file = File::open(&path).map_err(|e| StorageError::io(ctx("opening"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StorageError::io(ctx("inspecting"), e))?
+            .len();
+        if len < HEAD_LEN || !(len - HEAD_LEN).is_multiple_of(ENTRY_LEN) {
+            return Err(StorageError::Corrupted(format!(
+                "{} has impossible length {len}",
+                path.display()
+            )));
+        }
+        let capacity = (len - HEAD_LEN) / ENTRY_LEN;
+        // SAFETY: a read-only mapping of a file nobody truncates while it is
+        // mapped (module doc); the mapping lives in `self` and only `&self`
+        // borrows of it are handed out.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(ctx("mapping"), e))?;
+        if map[0..HEAD_LEN as usize] != head_bytes(capacity) {
+            return Err(StorageError::Corrupted(format!(
+                "{} has a bad head (magic, capacity or checksum)",
+                path.display()
+            )));
+        }
+        Ok(IndexReader {
+            path,
+            map,
+            capacity,
+        })
+    }
+
+    pub fn get(&self, oid: Oid) -> Result<Option<IndexEntry>> {
+        entry_at(&self.map, self.capacity, oid, &self.path)
+    }
+
+    /// Entries the file has room for: every oid at or above it is absent.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// How many oids have an entry.
+    pub fn count(&self) -> u64 {
+        self.map[HEAD_LEN as usize..]
+            .chunks_exact(ENTRY_LEN as usize)
+            .filter(|e| e.iter().any(|&x| x != 0))
+            .count() as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +316,12 @@ mod tests {
             idx.oids(200_000).collect::<Vec<_>>(),
             vec![0, 5, 10_000, 100_000]
         );
+        drop(idx);
+        let ro = IndexReader::open(dir.path()).unwrap();
+        assert_eq!(ro.get(10_000).unwrap().unwrap().coll_len, 20_000);
+        assert_eq!(ro.get(1).unwrap(), None);
+        assert_eq!(ro.get(u64::MAX / 64).unwrap(), None);
+        assert_eq!(ro.count(), 4);
     }
 
     #[test]

@@ -18,10 +18,12 @@
 //! ```
 //!
 //! A backup of a repository is a directory of the same layout plus
-//! `MANIFEST` (see [`backup`]).
+//! `MANIFEST` (see [`backup`]); [`compact`] copies a backup keeping only
+//! what is reachable from the root anchor.
 
 pub mod backup;
 mod commit_log;
+pub mod compact;
 pub mod error;
 mod header;
 mod index_map;

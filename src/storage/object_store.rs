@@ -8,6 +8,8 @@
 //! Elements are written at explicit positions, so replaying an append is
 //! idempotent. Nothing here is synced except by `sync`, called at
 //! checkpoints; the commit log is what makes a commit durable.
+//! `ObjectFile::open_read_only` and [`CollectionReader`] read a backup's
+//! files for offline tools without ever opening them for writing.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -57,9 +59,27 @@ impl ObjectFile {
     pub fn open(dir: &Path, valid_len: u64) -> Result<ObjectFile> {
         let path = dir.join(OBJECTS_FILE);
         let file = open_rw(&path)?;
+        if Self::checked_len(&file, &path, valid_len)? > valid_len {
+            file.set_len(valid_len)
+                .map_err(|e| io_at(&path, "cutting", e))?;
+        }
+        Ok(Self::with(path, file, valid_len))
+    }
+
+    /// Open `objects.dat` of a backup for reading only: it must hold at
+    /// least `valid_len` bytes, and nothing past them is ever read.
+    pub fn open_read_only(dir: &Path, valid_len: u64) -> Result<ObjectFile> {
+        let path = dir.join(OBJECTS_FILE);
+        let file = File::open(&path).map_err(|e| io_at(&path, "opening", e))?;
+        Self::checked_len(&file, &path, valid_len)?;
+        Ok(Self::with(path, file, valid_len))
+    }
+
+    /// The file's length, at least `valid_len`.
+    fn checked_len(file: &File, path: &Path, valid_len: u64) -> Result<u64> {
         let len = file
             .metadata()
-            .map_err(|e| io_at(&path, "inspecting", e))?
+            .map_err(|e| io_at(path, "inspecting", e))?
             .len();
         if len < valid_len {
             return Err(StorageError::Corrupted(format!(
@@ -67,16 +87,16 @@ impl ObjectFile {
                 path.display()
             )));
         }
-        if len > valid_len {
-            file.set_len(valid_len)
-                .map_err(|e| io_at(&path, "cutting", e))?;
-        }
-        Ok(ObjectFile {
+        Ok(len)
+    }
+
+    fn with(path: PathBuf, file: File, valid_len: u64) -> ObjectFile {
+        ObjectFile {
             path,
             file,
             flushed: valid_len,
             pending: Vec::new(),
-        })
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -273,6 +293,118 @@ impl CollFiles {
     }
 }
 
+/// A collection's two files, borrowed for reading elements.
+struct ElementFiles<'a> {
+    /// The `coll/` directory, for messages.
+    dir: &'a Path,
+    coll: Oid,
+    idx: &'a File,
+    dat: &'a File,
+}
+
+impl ElementFiles<'_> {
+    /// Elements `[start, start + count)` of a collection of length `len`,
+    /// CRC-checked; past the first element, cut where the data would exceed
+    /// `max_bytes`.
+    fn range(&self, len: u64, start: u64, count: u64, max_bytes: u64) -> Result<Vec<Vec<u8>>> {
+        if start >= len || count == 0 {
+            return Ok(Vec::new());
+        }
+        let (dir, coll) = (self.dir, self.coll);
+        let end = len.min(start.saturating_add(count));
+        let first_idx = start.saturating_sub(1);
+        let n = (end - first_idx) as usize;
+        let mut raw = vec![0u8; n * 8];
+        self.idx
+            .read_exact_at(&mut raw, first_idx * 8)
+            .map_err(|e| io_at(&idx_path(dir, coll), "reading", e))?;
+        let ends: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let (mut pos, ends) = if start == 0 {
+            (0, &ends[..])
+        } else {
+            (ends[0], &ends[1..])
+        };
+        let span_start = pos;
+        // Keep at least one element; then stay within `max_bytes`.
+        let keep = 1 + ends[1..]
+            .iter()
+            .take_while(|&&e| e.saturating_sub(span_start) <= max_bytes)
+            .count();
+        let ends = &ends[..keep];
+        let span_end = *ends.last().expect("at least one element");
+        if span_end < span_start {
+            return Err(StorageError::Corrupted(format!(
+                "{}: element offsets go backwards",
+                idx_path(dir, coll).display()
+            )));
+        }
+        let mut data = vec![0u8; (span_end - span_start) as usize];
+        self.dat
+            .read_exact_at(&mut data, span_start)
+            .map_err(|e| io_at(&dat_path(dir, coll), "reading", e))?;
+        let mut out = Vec::with_capacity(ends.len());
+        for (i, &e) in ends.iter().enumerate() {
+            let bad = || {
+                StorageError::Corrupted(format!(
+                    "{}: element {} is damaged",
+                    dat_path(dir, coll).display(),
+                    start + i as u64
+                ))
+            };
+            if e < pos + 4 || e > span_end {
+                return Err(bad());
+            }
+            let rec = &data[(pos - span_start) as usize..(e - span_start) as usize];
+            let crc = u32::from_le_bytes(rec[0..4].try_into().unwrap());
+            if crc32fast::hash(&rec[4..]) != crc {
+                return Err(bad());
+            }
+            out.push(rec[4..].to_vec());
+            pos = e;
+        }
+        Ok(out)
+    }
+}
+
+/// Read-only access to one collection of a backup (offline tools): opens
+/// nothing for writing and never buffers.
+pub struct CollectionReader {
+    dir: PathBuf,
+    coll: Oid,
+    idx: File,
+    dat: File,
+}
+
+impl CollectionReader {
+    /// Open `coll/<coll>.idx` and `.dat` of the repository in `repo_dir`.
+    pub fn open(repo_dir: &Path, coll: Oid) -> Result<CollectionReader> {
+        let dir = repo_dir.join(COLL_DIR);
+        let open = |p: PathBuf| File::open(&p).map_err(|e| io_at(&p, "opening", e));
+        Ok(CollectionReader {
+            idx: open(idx_path(&dir, coll))?,
+            dat: open(dat_path(&dir, coll))?,
+            dir,
+            coll,
+        })
+    }
+
+    /// As [`Collections::range`], and after the first element at most
+    /// about `max_bytes` of element data, so a range of huge elements stays
+    /// small in memory.
+    pub fn range(&self, len: u64, start: u64, count: u64, max_bytes: u64) -> Result<Vec<Vec<u8>>> {
+        ElementFiles {
+            dir: &self.dir,
+            coll: self.coll,
+            idx: &self.idx,
+            dat: &self.dat,
+        }
+        .range(len, start, count, max_bytes)
+    }
+}
+
 impl Collections {
     pub fn open(repo_dir: &Path) -> Result<Collections> {
         let dir = repo_dir.join(COLL_DIR);
@@ -380,59 +512,15 @@ impl Collections {
         if start >= len || count == 0 {
             return Ok(Vec::new());
         }
-        let end = len.min(start.saturating_add(count));
         let dir = self.dir.clone();
         let files = self.files_written(coll)?;
-        let first_idx = start.saturating_sub(1);
-        let n = (end - first_idx) as usize;
-        let mut raw = vec![0u8; n * 8];
-        files
-            .idx
-            .read_exact_at(&mut raw, first_idx * 8)
-            .map_err(|e| io_at(&idx_path(&dir, coll), "reading", e))?;
-        let ends: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let (mut pos, ends) = if start == 0 {
-            (0, &ends[..])
-        } else {
-            (ends[0], &ends[1..])
-        };
-        let span_start = pos;
-        let span_end = *ends.last().expect("at least one element");
-        if span_end < span_start {
-            return Err(StorageError::Corrupted(format!(
-                "{}: element offsets go backwards",
-                idx_path(&dir, coll).display()
-            )));
+        ElementFiles {
+            dir: &dir,
+            coll,
+            idx: &files.idx,
+            dat: &files.dat,
         }
-        let mut data = vec![0u8; (span_end - span_start) as usize];
-        files
-            .dat
-            .read_exact_at(&mut data, span_start)
-            .map_err(|e| io_at(&dat_path(&dir, coll), "reading", e))?;
-        let mut out = Vec::with_capacity(ends.len());
-        for (i, &e) in ends.iter().enumerate() {
-            let bad = || {
-                StorageError::Corrupted(format!(
-                    "{}: element {} is damaged",
-                    dat_path(&dir, coll).display(),
-                    start + i as u64
-                ))
-            };
-            if e < pos + 4 || e > span_end {
-                return Err(bad());
-            }
-            let rec = &data[(pos - span_start) as usize..(e - span_start) as usize];
-            let crc = u32::from_le_bytes(rec[0..4].try_into().unwrap());
-            if crc32fast::hash(&rec[4..]) != crc {
-                return Err(bad());
-            }
-            out.push(rec[4..].to_vec());
-            pos = e;
-        }
-        Ok(out)
+        .range(len, start, count, u64::MAX)
     }
 
     /// Cut a collection's files to `len` elements (recovery).

@@ -203,6 +203,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))?;
+    flock_exclusive(&f, dir, &path)?;
+    Ok(f)
+}
+
+fn flock_exclusive(f: &File, dir: &Path, path: &Path) -> Result<()> {
     // SAFETY: flock on a valid, owned descriptor; no memory is involved.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -212,7 +217,21 @@ fn lock_dir(dir: &Path) -> Result<File> {
         }
         return Err(StorageError::io(format!("locking {}", path.display()), e));
     }
-    Ok(f)
+    Ok(())
+}
+
+/// Take the lock of `dir` without creating its lock file (offline tools
+/// reading a backup): `None` when there is none, i.e. no server ever opened
+/// the directory. `Locked` while a server holds it.
+pub(crate) fn lock_existing(dir: &Path) -> Result<Option<File>> {
+    let path = dir.join(LOCK_FILE);
+    let f = match OpenOptions::new().read(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StorageError::io(format!("opening {}", path.display()), e)),
+    };
+    flock_exclusive(&f, dir, &path)?;
+    Ok(Some(f))
 }
 
 /// Decide how one commit's new objects, puts and appends become ops.

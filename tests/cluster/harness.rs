@@ -525,3 +525,12 @@ impl ServerProc {
         }
     }
 }
+
+impl ServerProc {
+    /// Does the server's log mention `text`?
+    pub fn log_contains(&self, text: &str) -> bool {
+        fs::read_to_string(&self.log)
+            .map(|t| t.contains(text))
+            .unwrap_or(false)
+    }
+}

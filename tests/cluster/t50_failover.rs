@@ -374,3 +374,45 @@ fn t50_an_unknown_outcome_is_resolved_by_its_token_on_the_new_primary() {
     s.require_last_seen();
     assert_eq!(s.collection_len(coll).unwrap(), 1);
 }
+
+#[test]
+fn t50_graceful_stops_leave_the_node_and_a_stopping_primary_hands_over() {
+    let mut c = Cluster::new();
+    let (s1, s2, a1, a2) = pair(&mut c, &[]);
+    let dir = c.root.path().to_path_buf();
+
+    phase!("shutdown of a secondary: it leaves the node at once");
+    let mut admin = c.servers[s2].admin();
+    admin.shutdown(true).unwrap();
+    assert!(c.servers[s2].wait_exit(Duration::from_secs(30)).success());
+    wait_for_members(&a1, &[&a1], Duration::from_secs(5));
+    assert!(c.servers[s1].log_contains("it is shutting down"));
+
+    phase!("it comes back and rejoins");
+    c.servers[s2].start();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+
+    phase!("shutdown of the primary under flood: it hands over first");
+    let mut f = Flood::start(
+        &dir,
+        &[a1.as_str(), a2.as_str()],
+        "h",
+        &["--duration", "120"],
+    );
+    wait_until(Duration::from_secs(30), "flood under way", || {
+        (f.acked().len() >= 200).then_some(())
+    });
+    c.servers[s1].admin().shutdown(true).unwrap();
+    assert!(c.servers[s1].wait_exit(Duration::from_secs(30)).success());
+    wait_until(Duration::from_secs(30), "server2 primary", || {
+        (role(&a2) == ServerRole::Primary).then_some(())
+    });
+    let n = f.acked().len();
+    wait_until(Duration::from_secs(60), "the flood to go on", || {
+        (f.acked().len() >= n + 200).then_some(())
+    });
+    assert!(f.running(), "the flood saw an error during the hand-over");
+    f.kill();
+    wait_for_members(&a2, &[&a2], Duration::from_secs(30));
+    verify_flood(&dump(&a2, "h"), "h", &f.acked(), 1);
+}

@@ -42,6 +42,9 @@ pub use receive::{safe_relative_path, Receiver};
 pub use target::{clear_scratch, prepare_target, remove_scratch, TargetRefusal, SCRATCH_DIR};
 pub use verify::{verify, Problem, Verified};
 
+pub(crate) use copy::incomplete_text;
+pub(crate) use verify::hash_file;
+
 /// Largest piece read or written at once (a copy step may do several).
 pub(crate) const IO_PIECE: usize = 1024 * 1024;
 

@@ -124,7 +124,8 @@ impl fmt::Display for Problem {
     }
 }
 
-fn hash_file(path: &Path) -> std::io::Result<String> {
+/// BLAKE3 of a whole file, lowercase hex.
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<String> {
     let mut f = File::open(path)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; IO_PIECE];

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 
 /// Bytes of a copy that may be on their way to the disk at once.
-pub(crate) const IN_FLIGHT: u64 = 8 * 1024 * 1024;
+pub(crate) const IN_FLIGHT: u64 = 32 * 1024 * 1024;
 
 /// The ranges of one file handed to the disk and not yet waited for.
 #[derive(Default)]

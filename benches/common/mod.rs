@@ -1,0 +1,86 @@
+//! Helpers shared by the process-level benchmarks: real `magma-server`
+//! processes on loopback, killed when dropped.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use magma::client::AdminSession;
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
+pub const CLI: &str = env!("CARGO_BIN_EXE_magma");
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+pub fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
+    let child = Command::new(SERVER)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--listen", addr])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while AdminSession::connect(addr)
+        .and_then(|mut a| a.ping())
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{addr} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+pub fn magma(args: &[&str]) -> String {
+    let out = Command::new(CLI).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "magma {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn members(addr: &str) -> usize {
+    AdminSession::connect(addr)
+        .and_then(|mut a| a.status())
+        .map(|s| s.members.len())
+        .unwrap_or(0)
+}
+
+pub fn wait_members(addr: &str, n: usize, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while members(addr) != n {
+        assert!(start.elapsed() < timeout, "{addr} never listed {n} members");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

@@ -12,8 +12,8 @@
 //!    each, page cache warm for both. Throughput is bytes copied per second
 //!    (cp copies the whole directory, the backup the snapshot's files).
 //! 3. Commit throughput: `magma bench` with 8 clients for 8 s alone, then
-//!    for 8 s while backups run back to back (unlimited, then rate-limited
-//!    through the request to 200 and 100 MB/s), then alone again (drift).
+//!    for 8 s while backups run back to back; three such pairs: unlimited,
+//!    then rate-limited through the request to 200 and 100 MB/s.
 //!
 //! Figures on a virtual disk vary from run to run; each copy figure is the
 //! median of five rounds.
@@ -220,11 +220,13 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let _server = start_server(&live, &addr);
+    println!("load average at the start: {}", load());
     sync_all();
 
     let live_bytes = du(&live);
     let mut cp_rates = Vec::new();
     let mut backup_rates = Vec::new();
+    let mut ratios = Vec::new();
     let settle = || {
         sync_all();
         thread::sleep(Duration::from_secs(1));
@@ -251,21 +253,24 @@ fn main() {
             copied as f64 / MIB as f64,
             rate / MIB as f64
         );
+        ratios.push(rate / cp_rates[round]);
         backup_rates.push(rate);
         fs::remove_dir_all(&to).unwrap();
     }
     println!(
-        "backup/cp throughput (median of {ROUNDS} rounds): {:.0} / {:.0} MiB/s = {:.2}",
+        "backup/cp throughput: medians {:.0} / {:.0} MiB/s = {:.2}; median of the per-round ratios {:.2}",
         median(&backup_rates) / MIB as f64,
         median(&cp_rates) / MIB as f64,
-        median(&backup_rates) / median(&cp_rates)
+        median(&backup_rates) / median(&cp_rates),
+        median(&ratios)
     );
     settle();
 
     let secs = if quick { 3 } else { 8 };
-    let alone = bench_commits(&addr, secs);
-    println!("bench K=8 alone: {alone:.0} commits/s");
     for rate in [None, Some(200_000_000u64), Some(100_000_000)] {
+        settle();
+        let alone = bench_commits(&addr, secs);
+        println!("bench K=8 alone: {alone:.0} commits/s");
         settle();
         let (during, n, share) = bench_during_backups(&addr, tmp.path(), secs, rate);
         println!(
@@ -275,7 +280,12 @@ fn main() {
             during / alone
         );
     }
-    settle();
-    let again = bench_commits(&addr, secs);
-    println!("bench K=8 alone again: {again:.0} commits/s");
+    println!("load average at the end: {}", load());
+}
+
+/// `/proc/loadavg`: the figures mean little on a busy machine.
+fn load() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }

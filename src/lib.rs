@@ -19,14 +19,14 @@
 //!
 //! ```text
 //!  Session (client) --frame--> Session actor --SubmitCommit--> CommitCoordinator
-//!                                                                 | Commit
+//!                                                                 | CommitBatch (the commits
+//!                                                                 v  delivered together)
+//!                         StorageActor: validate, number, log write, apply each
+//!                           | Flush (group)                       | BatchApplied(N, LogSync)
+//!                           v                                     v
+//!     CommitLogActor: one fsync covers every  --durable up to--> CommitCoordinator
+//!     record written before it (group commit)     M >= N          |
 //!                                                                 v
-//!                                 StorageActor: validate, number, log write, apply
-//!                                                                 | Committed(N, LogSync)
-//!                                                                 v
-//!                                 CommitCoordinator --Flush--> CommitLogActor (fsync,
-//!                                     shared by every commit waiting: group commit)
-//!                                                                 | durable up to M >= N
 //!  Session (client) <--frame-- Session actor <--Acknowledged-- CommitCoordinator
 //! ```
 pub mod actors;

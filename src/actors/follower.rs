@@ -151,6 +151,7 @@ impl FollowerActor {
             server_id: self.server_id,
             addr: self.advertise.clone(),
             repository_id: self.repository_id.clone(),
+            for_promotion: false,
         };
         let link = self.link.take();
         let timeout = self.settings.call_timeout;

@@ -4,8 +4,8 @@
 //! | actor | context | owns | does |
 //! |---|---|---|---|
 //! | [`StorageActor`] | sync thread | the `Repository` | applies commits, serves reads, checkpoints, publishes the applied commit number |
-//! | [`CommitLogActor`] | sync thread | nothing | fsyncs the commit log (`Flush`) |
-//! | [`CommitCoordinator`] | async | the commit pipeline, waiters | submits commits, group-flushes, acknowledges |
+//! | [`CommitLogActor`] | sync thread | what its last fsync covered | fsyncs the commit log (`Flush`); one fsync covers every flush queued behind it |
+//! | [`CommitCoordinator`] | async | the commit pipeline, waiters | batches commits for storage, acknowledges each once durable |
 //! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
 //! | [`Session`] | async, one per connection | one TCP connection | decodes requests, routes them, encodes replies |
 //! | [`Controller`] | async | the lifecycle | checkpoint timer, graceful shutdown, fatal stop |
@@ -13,25 +13,28 @@
 //!
 //! A commit under the `group` flush policy (arrows are messages; `=>` is the
 //! reply). Reads go straight from a session to the `StorageActor` and never
-//! wait behind a flush.
+//! wait behind a flush. Per commit that is three thread hand-offs (event
+//! loop → storage thread → commit-log thread → event loop), each shared by
+//! every commit of the same batch.
 //!
 //! ```text
 //!  client        Session          CommitCoordinator       StorageActor        CommitLogActor
 //!    | frame ---->  |                     |                     |                    |
-//!    |              |-- SubmitCommit ---->|                     |                    |
-//!    |              |                     |-- Commit ---------->| number, log write, |
-//!    |              |                     |                     | apply, publish N   |
-//!    |              |                     |<= Committed(N,sync)-|                    |
-//!    |              |                     | waiters += N                             |
-//!    |              |                     |-- Flush(sync) (if none in flight) ------>| fsync
-//!    |              |                     |   (more commits apply and wait meanwhile)|
-//!    |              |                     |<= durable up to M ≥ N -------------------|
-//!    |              |<= Committed(N) -----| reply to every waiter ≤ M;               |
-//!    |<--- frame -- |                     | next Flush at once if more are waiting   |
+//!    |              |-- SubmitCommit ---->| queued; the commits |                    |
+//!    |              |                     | delivered together  |                    |
+//!    |              |                     | form one batch      |                    |
+//!    |              |                     |-- CommitBatch ----->| number, log write, |
+//!    |              |                     |                     | apply each; publish|
+//!    |              |                     |                     |-- Flush(sync) ---->| fsync (covers all
+//!    |              |                     |<= BatchApplied -----|                    |  written before it;
+//!    |              |                     | waiters += N        |                    |  queued flushes run
+//!    |              |                     |<= durable up to M ≥ N -------------------|  back to back)
+//!    |              |<= Committed(N) -----| reply to every waiter ≤ M                |
+//!    |<--- frame -- |                     |                     |                    |
 //! ```
 //!
-//! With `interval:MS` the coordinator replies as soon as `Committed`
-//! arrives, and its timer sends `Flush` every MS.
+//! With `interval:MS` the batch carries no flush: the coordinator replies
+//! as soon as `BatchApplied` arrives, and its timer sends `Flush` every MS.
 //!
 //! Addresses held across actors are narrow (`Recipient<M>`) wherever a test
 //! may plug in a probe; the only shared values are read-only (`SessionEnv`)

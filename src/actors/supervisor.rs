@@ -37,6 +37,7 @@ use crate::actors::broadcast::{
     BroadcastActor, GetReplicaStats, LinkSettings, ReplicaTrouble, StopBroadcast,
 };
 use crate::actors::commit_log::CommitLogActor;
+use crate::actors::commit_log::Flush;
 use crate::actors::coordinator::{
     AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
 };
@@ -49,7 +50,8 @@ use crate::actors::follower::{
 };
 use crate::actors::peer_link::{reachable, PeerLink};
 use crate::actors::storage::{
-    GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode, StorageActor,
+    ApplyRecords, GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode,
+    StorageActor,
 };
 use crate::protocol::{MemberStatus, RequestBody, ResponseBody, ServerRole, WireError};
 use crate::storage::CommitRequest;
@@ -162,20 +164,9 @@ impl NodeSupervisor {
             return;
         };
         match state {
-            FollowState::CatchingUp { primary } => {
-                let member = self
-                    .node
-                    .secondaries()
-                    .any(|m| m.server_id == self.server_id);
-                // A member re-syncing after a gap is still a secondary.
-                let role = if member {
-                    ServerRole::Secondary
-                } else {
-                    ServerRole::CatchingUp
-                };
-                self.publish(role, Some(primary.clone()), None);
-            }
-            FollowState::Streaming { primary } => {
+            FollowState::CatchingUp { primary } | FollowState::Streaming { primary } => {
+                // A member re-syncing after a gap is still a secondary; a
+                // server the primary has not added yet is catching up.
                 let member = self
                     .node
                     .secondaries()
@@ -364,9 +355,25 @@ impl NodeSupervisor {
         }
         let me = self.server_id;
         let storage = self.parts.storage.clone();
+        let flusher = self.parts.flusher.clone();
         let commits = self.parts.commits.clone();
+        let others: Vec<NodeAddr> = new_node
+            .secondaries()
+            .filter(|m| m.server_id != me)
+            .map(|m| m.addr.clone())
+            .collect();
+        let ask = PullAsk {
+            server_id: me,
+            addr: self.parts.advertise.clone(),
+            repository_id: self.repository_id.clone(),
+        };
         Box::pin(
             async move {
+                // A commit the old primary acknowledged may be held by another
+                // secondary and not by us: take it before we number anything.
+                for peer in others {
+                    pull_from_peer(&storage, &flusher, &peer, &ask).await;
+                }
                 // The newest epoch this copy has seen is in its records.
                 let info = storage
                     .send(GetInfo)
@@ -539,8 +546,16 @@ impl NodeSupervisor {
             if same_record(&storage, &mut link, last).await {
                 return Ok(None);
             }
-            // Highest n < last where both hold the same record (0 always).
-            let (mut lo, mut hi) = (0u64, last.saturating_sub(1));
+            // Highest n < last where both hold the same record. Records
+            // older than our log (a copy seeded from the node, or trimmed)
+            // came from the node: they count as common.
+            let oldest = storage
+                .send(GetInfo)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+                .log_start;
+            let (mut lo, mut hi) = (oldest.saturating_sub(1).min(last), last.saturating_sub(1));
             while lo < hi {
                 let mid = lo + (hi - lo).div_ceil(2);
                 if same_record(&storage, &mut link, mid).await {
@@ -789,11 +804,15 @@ impl Handler<ReplicaTrouble> for NodeSupervisor {
 
     fn handle(&mut self, msg: ReplicaTrouble, ctx: &mut Context<Self>) {
         if let Some(e) = msg.newer_epoch {
-            error!(
-                "secondary {} knows a newer epoch {e} than ours {}: another primary exists",
-                msg.addr, self.epoch
-            );
-            self.deposed(e, ctx);
+            // A refusal sent before our own promotion reached that peer can
+            // name an epoch we already hold: only a newer one deposes us.
+            if e > self.epoch {
+                error!(
+                    "secondary {} knows a newer epoch {e} than ours {}: another primary exists",
+                    msg.addr, self.epoch
+                );
+                self.deposed(e, ctx);
+            }
             return;
         }
         self.check_member(msg.server_id, msg.addr, msg.reason, ctx);
@@ -1160,10 +1179,14 @@ impl NodeSupervisor {
         };
         let timeout = Duration::from_millis(500);
         let addr = primary.addr.clone();
+        // One check at a time: commits arriving meanwhile are told to retry,
+        // so two of them can never promote this server twice.
+        self.changing_role = true;
         Box::pin(
             async move { reachable(&addr, timeout).await }
                 .into_actor(self)
                 .then(move |up, act, _| {
+                    act.changing_role = false;
                     if act.is_primary {
                         let done: RoleFuture = Box::pin(fut::ready(Ok(())));
                         return done;
@@ -1486,5 +1509,92 @@ impl Handler<LeaveNode> for NodeSupervisor {
             }
             .into_actor(self),
         )
+    }
+}
+
+/// Who we are, for `catch_up` requests made before a promotion.
+struct PullAsk {
+    server_id: u64,
+    addr: NodeAddr,
+    repository_id: String,
+}
+
+/// Before promoting: if `peer` holds records beyond ours that continue our
+/// log, pull and apply them (durably). A peer that cannot be reached, is
+/// not ahead, or diverged is left alone (logged).
+async fn pull_from_peer(
+    storage: &Addr<StorageActor>,
+    flusher: &Addr<CommitLogActor>,
+    peer: &str,
+    ask: &PullAsk,
+) {
+    let Ok(mut link) = PeerLink::connect(peer, Duration::from_millis(500)).await else {
+        return;
+    };
+    let Ok(Ok(info)) = storage.send(GetInfo).await else {
+        return;
+    };
+    let mut last = info.last_commit;
+    if link.hello.commit <= last {
+        return;
+    }
+    info!(
+        "before promoting: {peer} holds commits {}..={} we lack; pulling them",
+        last + 1,
+        link.hello.commit
+    );
+    loop {
+        let req = RequestBody::CatchUp {
+            from: last + 1,
+            max_count: 10_000,
+            max_bytes: 8 << 20,
+            server_id: ask.server_id,
+            addr: ask.addr.clone(),
+            repository_id: ask.repository_id.clone(),
+            for_promotion: true,
+        };
+        let records = match link.call(req, Duration::from_secs(5)).await {
+            Ok((_, ResponseBody::Records { records, .. })) => records,
+            Ok((_, other)) => {
+                warn!("pulling from {peer} before promoting: unexpected answer {other:?}");
+                return;
+            }
+            Err(e) => {
+                warn!("pulling from {peer} before promoting failed: {e}");
+                return;
+            }
+        };
+        if records.is_empty() {
+            return;
+        }
+        let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
+        let applied = match storage.send(ApplyRecords { bodies }).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                warn!("records from {peer} do not continue our log ({e}); promoting without them");
+                return;
+            }
+            Err(e) => {
+                warn!("storage gone while pulling from {peer}: {e}");
+                return;
+            }
+        };
+        if let Some(sync) = applied.sync {
+            match flusher.send(Flush { sync }).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    warn!("fsync of records pulled from {peer} failed: {e}");
+                    return;
+                }
+                Err(e) => {
+                    warn!("flushing records pulled from {peer}: {e}");
+                    return;
+                }
+            }
+        }
+        if applied.last <= last {
+            return;
+        }
+        last = applied.last;
     }
 }

@@ -154,6 +154,10 @@ pub enum RequestBody {
         /// Where the primary reaches the catching-up server.
         addr: NodeAddr,
         repository_id: String,
+        /// A successor about to promote pulls what another secondary holds
+        /// beyond it; served by secondaries too, and never adds a member.
+        #[serde(default)]
+        for_promotion: bool,
     },
     /// The chain hash of record `number` (0: the genesis hash), to check
     /// whether one log is a prefix of another.

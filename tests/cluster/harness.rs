@@ -534,3 +534,44 @@ impl ServerProc {
             .unwrap_or(false)
     }
 }
+
+/// Wait until every flood acknowledged `more` appends beyond what it had.
+pub fn wait_for_more_acks(floods: &[Flood], more: usize, timeout: Duration, what: &str) {
+    let base: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
+    wait_until(timeout, what, || {
+        floods
+            .iter()
+            .zip(&base)
+            .all(|(f, b)| f.acked().len() >= b + more)
+            .then_some(())
+    });
+}
+
+/// After the primary was killed: a flood whose commit was in flight stops
+/// with an `error: ...` line (outcome unknown); one whose next commit found
+/// the primary gone went to the successor and goes on (it is then killed).
+pub fn stop_or_move_on(floods: &mut [Flood], timeout: Duration) {
+    for f in floods.iter_mut() {
+        let n = f.acked().len();
+        let stopped = wait_until(timeout, "each flooder to stop or move on", || {
+            if !f.running() {
+                Some(true)
+            } else if f.acked().len() > n + 50 {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        if stopped {
+            let end = f.wait(Duration::from_secs(10));
+            assert!(
+                !end.status.success(),
+                "flood {} stopped without an error",
+                f.name
+            );
+            assert!(end.stderr.contains("error: "), "{}", end.stderr);
+        } else {
+            f.kill();
+        }
+    }
+}

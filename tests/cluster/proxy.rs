@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 struct Shared {
-    target: SocketAddr,
+    target: Mutex<SocketAddr>,
     stop: AtomicBool,
     next_id: AtomicU64,
     /// `cut` and the forwarded connections (both ends of each), under one
@@ -53,7 +53,7 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("harness: proxy address: {e}"))
             .to_string();
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             state: Mutex::new(State::default()),
@@ -83,6 +83,14 @@ impl Proxy {
     /// Forward new connections again.
     pub fn heal(&self) {
         self.shared.state.lock().unwrap().cut = false;
+    }
+
+    /// Forward new connections to `target` from now on (a server restarted
+    /// on another port: nobody else needs to know).
+    pub fn set_target(&self, target: &str) {
+        *self.shared.target.lock().unwrap() = target
+            .parse()
+            .unwrap_or_else(|e| panic!("harness: proxy target {target}: {e}"));
     }
 
     /// Connections forwarded right now.
@@ -120,7 +128,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         // Connecting to a dead target fails fast on loopback; the client
         // then sees its connection closed, as behind any TCP proxy.
-        let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(2)) else {
+        let target = *shared.target.lock().unwrap();
+        let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
             continue;
         };
         client.set_nodelay(true).ok();

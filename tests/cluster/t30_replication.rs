@@ -8,8 +8,8 @@ use magma::client::{from_value, Ref, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
-    Cluster, Flood,
+    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members,
+    wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
@@ -125,17 +125,11 @@ fn t30_use_case_1_a_server_started_on_a_backup_catches_up_under_flood_and_joins(
     let mut via2 = Session::connect(&[a2.as_str()]).unwrap();
     assert_eq!(via2.read_server(), Some(a2.as_str()));
     verify_structures(&mut via2);
-    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
-    wait_until(
+    wait_for_more_acks(
+        &floods,
+        200,
         Duration::from_secs(60),
         "200 more acks per flooder after the join",
-        || {
-            floods
-                .iter()
-                .zip(&before)
-                .all(|(f, b)| f.acked().len() >= b + 200)
-                .then_some(())
-        },
     );
     for f in &mut floods {
         assert!(f.running(), "flood {} saw an error", f.name);
@@ -178,14 +172,12 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
     phase!("kill -9 server2: the primary removes it, the flood goes on");
     c.servers[s2].kill();
     wait_for_members(&a1, &[&a1], Duration::from_secs(30));
-    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
-    wait_until(Duration::from_secs(60), "200 more acks per flooder", || {
-        floods
-            .iter()
-            .zip(&before)
-            .all(|(f, b)| f.acked().len() >= b + 200)
-            .then_some(())
-    });
+    wait_for_more_acks(
+        &floods,
+        200,
+        Duration::from_secs(60),
+        "200 more acks per flooder",
+    );
     for f in &mut floods {
         assert!(f.running(), "flood {} saw an error", f.name);
     }
@@ -193,14 +185,12 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
     phase!("restart server2: it catches up and rejoins");
     c.servers[s2].start();
     wait_for_members(&a1, &[&a1, &a2], JOIN);
-    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
-    wait_until(Duration::from_secs(60), "100 more acks per flooder", || {
-        floods
-            .iter()
-            .zip(&before)
-            .all(|(f, b)| f.acked().len() >= b + 100)
-            .then_some(())
-    });
+    wait_for_more_acks(
+        &floods,
+        100,
+        Duration::from_secs(60),
+        "100 more acks per flooder",
+    );
     for f in &mut floods {
         assert!(f.running(), "flood {} saw an error", f.name);
         f.kill();

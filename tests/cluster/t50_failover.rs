@@ -8,8 +8,8 @@ use magma::client::{ConnectOptions, Connection, Ref, Session};
 use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppend, WireRef};
 
 use crate::harness::{
-    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
-    Cluster, Flood,
+    backup, dump, status, stop_or_move_on, verify_flood, wait_for_equal_digests, wait_for_members,
+    wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
@@ -58,38 +58,11 @@ fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
     wait_until(Duration::from_secs(60), "flooders under way", || {
         floods.iter().all(|f| f.acked().len() >= 300).then_some(())
     });
-    let at_kill: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
     c.servers[s1].kill();
     // A commit in flight at the kill surfaces an error (its outcome is
     // unknown) and the flooder stops; a commit sent after it finds the
-    // primary gone and goes to the successor, which takes over: that
-    // flooder goes on, on server2.
-    for (f, n) in floods.iter_mut().zip(at_kill) {
-        let stopped = wait_until(
-            Duration::from_secs(60),
-            "each flooder to stop or move on",
-            || {
-                if !f.running() {
-                    Some(true)
-                } else if f.acked().len() > n + 50 {
-                    Some(false)
-                } else {
-                    None
-                }
-            },
-        );
-        if stopped {
-            let end = f.wait(Duration::from_secs(10));
-            assert!(
-                !end.status.success(),
-                "flood {} stopped without an error",
-                f.name
-            );
-            assert!(end.stderr.contains("error: "), "{}", end.stderr);
-        } else {
-            f.kill();
-        }
-    }
+    // primary gone and goes to the successor, which takes over.
+    stop_or_move_on(&mut floods, Duration::from_secs(60));
     phase!("every acknowledged append is on server2, which becomes primary");
     for f in &floods {
         verify_flood(&dump(&a2, &f.name), &f.name, &f.acked(), 1);
@@ -167,17 +140,11 @@ fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
     wait_until(Duration::from_secs(30), "the swap", || {
         (role(&a1) == ServerRole::Primary && role(&a2) == ServerRole::Secondary).then_some(())
     });
-    let before: Vec<usize> = floods3.iter().map(|f| f.acked().len()).collect();
-    wait_until(
+    wait_for_more_acks(
+        &floods3,
+        300,
         Duration::from_secs(60),
         "flooding goes on after the swap",
-        || {
-            floods3
-                .iter()
-                .zip(&before)
-                .all(|(f, b)| f.acked().len() >= b + 300)
-                .then_some(())
-        },
     );
     for f in &mut floods3 {
         assert!(f.running(), "flood {} saw an error during the swap", f.name);

@@ -6,34 +6,45 @@
 //! What the node guarantees under each fault (default `--sync-replicas 1`,
 //! `group` flush), and what each round checks:
 //!
-//! * **kill -9 of the primary.** Every acknowledged commit is durable on the
-//!   primary and on at least one secondary. The next commit reaching a
-//!   secondary promotes the node's successor (its first secondary) under a
-//!   new epoch; the other secondary follows it. Clients whose commit was in
-//!   flight at the kill see an error (outcome unknown: it may or may not be
-//!   applied, never twice); later commits go to the new primary. The former
-//!   primary, restarted, rejoins as a secondary if its log is a prefix of
-//!   the new primary's; otherwise (it had applied the in-flight commit) it
-//!   is `deposed`, keeps the divergent commits in `divergent-*.records`, and
-//!   the operator re-seeds it (`--join NEW_PRIMARY`) on a fresh directory.
-//! * **kill -9 of a secondary**, restarted at once or after the primary
-//!   removed it: invisible to clients; it catches up and rejoins.
+//! * **kill -9 of the primary.** Every acknowledged commit survives (it was
+//!   durable on the primary and on at least one secondary before the
+//!   acknowledgement). The next commit reaching a secondary promotes the
+//!   node's successor (its first secondary) under a new epoch; the other
+//!   secondary follows it. Clients whose commit was in flight at the kill
+//!   see an error (outcome unknown: applied or not, never twice); later
+//!   commits go to the new primary. The former primary, restarted, rejoins
+//!   as a secondary if its log is a prefix of the new primary's; otherwise
+//!   (it had applied an in-flight commit) it is `deposed`, keeps the
+//!   divergent commits in `divergent-*.records`, and the operator re-seeds
+//!   it on a fresh directory with `--join NEW_PRIMARY`.
+//! * **kill -9 of a secondary**, restarted at once or once the primary
+//!   dropped it: invisible to clients; it catches up and rejoins.
 //! * **`magma take-over` on a secondary**: the roles swap with nothing in
 //!   flight; invisible to clients.
-//! * **network cut of a secondary** (its proxy closes every connection for
-//!   about 2 s, then heals): invisible to clients; the primary drops it
-//!   after the replica timeout and it rejoins by itself once reachable.
+//! * **network cut of a secondary** (its proxy closes every connection to
+//!   it and refuses new ones for 2 s, then heals): invisible to clients;
+//!   the primary drops it after the replica timeout and it rejoins by
+//!   itself. The cut is one-way, as seen from the server: nobody reaches
+//!   it, but its own connections to the others go through their proxies,
+//!   which stay up (one loopback address: a proxy cannot tell callers
+//!   apart), so it may pull records and be re-added, then dropped again.
 //!
 //! After every round: the node is whole again (one primary, the other two
 //! its secondaries, all three listing the same members), every
 //! acknowledged append of every flooder so far is on every server once and
 //! in order, nothing that was never sent is there, and all digests agree.
+//! After a primary kill, what the stopped flooders had acknowledged is
+//! checked on the new primary at once, before anything heals.
 //!
 //! Not tested here: a cut of the **primary**. A partitioned (not dead)
 //! primary is the known non-partition-safe case of this release (status
 //! says `partition_safe: false`): the successor promotes itself while the
 //! old primary goes on, two primaries. Promotion by majority (witnesses)
 //! is future work.
+//!
+//! On failure the panic message names the seed, the round and the fault,
+//! and the whole cluster directory (logs, ack logs, repositories) is kept
+//! in `$TMPDIR/magma-t60-seed-SEED-PID`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -52,7 +63,7 @@ use crate::harness::{
 use crate::phase;
 use crate::proxy::Proxy;
 
-const JOIN: Duration = Duration::from_secs(90);
+const JOIN: Duration = Duration::from_secs(60);
 /// Back to one primary and two secondaries after a fault.
 const WHOLE: Duration = Duration::from_secs(60);
 const BASE_ARGS: &[&str] = &["--replica-timeout-ms", "1000"];
@@ -89,6 +100,43 @@ struct Rig {
     /// Flooders that stopped with an error this round: (name, stderr tail).
     errors: Vec<(String, String)>,
     replaced: usize,
+    seed: u64,
+}
+
+impl Drop for Rig {
+    /// On failure, keep the whole cluster directory (the temporary one
+    /// goes with the cluster): logs, ack logs, flooders' stderr, every
+    /// server's repository and the directories moved aside, for `strings`
+    /// and for starting a server on a copy.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for f in &mut self.c.floods {
+            f.kill();
+        }
+        for s in &mut self.c.servers {
+            s.kill();
+        }
+        let keep = std::env::temp_dir().join(format!(
+            "magma-t60-seed-{}-{}",
+            self.seed,
+            std::process::id()
+        ));
+        let mut dirs = vec![(self.c.root.path().to_path_buf(), keep.clone())];
+        while let Some((from, to)) = dirs.pop() {
+            std::fs::create_dir_all(&to).ok();
+            for e in std::fs::read_dir(&from).into_iter().flatten().flatten() {
+                let (path, target) = (e.path(), to.join(e.file_name()));
+                if path.is_dir() {
+                    dirs.push((path, target));
+                } else {
+                    std::fs::copy(&path, &target).ok();
+                }
+            }
+        }
+        eprintln!("the cluster directory is kept in {}", keep.display());
+    }
 }
 
 fn try_status(addr: &str) -> Option<StatusReport> {
@@ -140,6 +188,54 @@ impl Rig {
 
     fn role(&self, i: usize) -> Option<ServerRole> {
         try_status(&self.addr(i)).map(|s| s.role)
+    }
+
+    /// Start server `i` and wait until it answers. A listen port taken
+    /// meanwhile (the harness picks free ports ahead of time; another
+    /// socket may grab one) is a harness hiccup: pick another port, point
+    /// the proxy there, try again.
+    fn start(&mut self, i: usize) {
+        for attempt in 1..=3 {
+            self.c.servers[i].spawn();
+            let addr = self.addr(i);
+            let serving = wait_until(
+                Duration::from_secs(60),
+                &format!("{} answering on {addr}", self.c.servers[i].name),
+                || {
+                    if !self.c.servers[i].is_running() {
+                        return Some(false);
+                    }
+                    let opts = ConnectOptions {
+                        connect_timeout: Duration::from_millis(500),
+                        read_timeout: Some(Duration::from_secs(5)),
+                        ..ConnectOptions::default()
+                    };
+                    AdminSession::connect_with(&addr, &opts)
+                        .and_then(|mut a| a.ping())
+                        .ok()
+                        .map(|_| true)
+                },
+            );
+            if serving {
+                return;
+            }
+            self.c.servers[i].kill(); // reap
+            let log = std::fs::read_to_string(&self.c.servers[i].log).unwrap_or_default();
+            let last_start = log.rsplit("===== starting").next().unwrap_or_default();
+            if !last_start.contains("Address already in use") || attempt == 3 {
+                panic!(
+                    "harness: {} exited before serving; its last start:\n{last_start}",
+                    self.c.servers[i].name
+                );
+            }
+            let fresh = format!("127.0.0.1:{}", crate::harness::free_port());
+            eprintln!(
+                "harness: {addr} was taken; {} listens on {fresh}",
+                self.c.servers[i].name
+            );
+            self.proxies[i].set_target(&fresh);
+            self.c.servers[i].addr = fresh;
+        }
     }
 
     /// Declare server `name` behind its own proxy, advertising the proxy.
@@ -210,15 +306,74 @@ impl Rig {
             .collect()
     }
 
+    /// Each server's view, one line each, for failure messages.
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.c.servers.iter().enumerate() {
+            let view = match try_status(&s.addr) {
+                Some(st) => {
+                    let members: Vec<String> = st
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let name = (0..self.proxies.len())
+                                .find(|&k| self.proxies[k].addr == m.addr)
+                                .map_or(m.addr.as_str(), |k| self.c.servers[k].name.as_str());
+                            format!("{name}:{:?}", m.role)
+                        })
+                        .collect();
+                    format!(
+                        "{:?} at commit {}, epoch {}, members [{}]",
+                        st.role,
+                        st.commit,
+                        st.epoch,
+                        members.join(", ")
+                    )
+                }
+                None => "no answer".to_string(),
+            };
+            out.push_str(&format!(
+                "\n      {} (via {}): {view}",
+                s.name, self.proxies[i].addr
+            ));
+        }
+        out
+    }
+
+    /// Poll `f` (tending the flooders) until it returns `Some`, at most
+    /// `timeout`; on timeout fail with every server's view.
+    fn wait_node<T>(
+        &mut self,
+        timeout: Duration,
+        why: &str,
+        mut f: impl FnMut(&mut Self) -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            self.tend();
+            if let Some(v) = f(self) {
+                return v;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {why}; the node:{}",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
     /// Every running flooder (or its replacement) got `n` more acks.
     fn wait_progress(&mut self, n: usize, why: &str) {
         let before = self.acks();
-        wait_until(Duration::from_secs(60), why, || {
-            self.tend();
-            self.live
+        self.wait_node(Duration::from_secs(60), why, |r| {
+            r.live
                 .iter()
                 .all(|&i| {
-                    let f = &self.c.floods[i];
+                    let f = &r.c.floods[i];
                     f.acked().len() >= before.get(&f.name).copied().unwrap_or(0) + n
                 })
                 .then_some(())
@@ -255,10 +410,7 @@ impl Rig {
     }
 
     fn wait_whole(&mut self, why: &str) -> usize {
-        wait_until(WHOLE, why, || {
-            self.tend();
-            self.whole()
-        })
+        self.wait_node(WHOLE, why, |r| r.whole())
     }
 
     /// Stop every flooder, then check every acknowledged append of every
@@ -271,18 +423,34 @@ impl Rig {
         let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         wait_for_equal_digests(&refs, Duration::from_secs(30));
         for f in &self.c.floods {
-            let acked = f.acked();
-            for (i, a) in addrs.iter().enumerate() {
-                match dump_opt(a, &f.name) {
-                    Some(elements) => verify_flood(&elements, &f.name, &acked, 1),
-                    None => assert!(
-                        acked.is_empty(),
-                        "{}: collection {} missing with {} acknowledged appends",
-                        self.c.servers[i].name,
-                        f.name,
-                        acked.len()
-                    ),
-                }
+            for i in 0..addrs.len() {
+                self.verify_on(i, f);
+            }
+        }
+    }
+
+    /// Every acknowledged append of `f` is on server `i`, once, in order,
+    /// and nothing it never sent (`f` must have stopped: a running
+    /// flooder's acks would race the dump).
+    fn verify_on(&self, i: usize, f: &Flood) {
+        let acked = f.acked();
+        match dump_opt(&self.addr(i), &f.name) {
+            Some(elements) => verify_flood(&elements, &f.name, &acked, 1),
+            None => assert!(
+                acked.is_empty(),
+                "{}: collection {} missing with {} acknowledged appends",
+                self.c.servers[i].name,
+                f.name,
+                acked.len()
+            ),
+        }
+    }
+
+    /// What every flooder that stopped had acknowledged is on server `i`.
+    fn verify_stopped_on(&self, i: usize) {
+        for (k, f) in self.c.floods.iter().enumerate() {
+            if !self.live.contains(&k) {
+                self.verify_on(i, f);
             }
         }
     }
@@ -290,10 +458,10 @@ impl Rig {
     /// Restart a former primary after the node promoted `new_primary`: it
     /// rejoins, or diverged and the operator re-seeds it. True if diverged.
     fn restart_former_primary(&mut self, p: usize, new_primary: usize) -> bool {
-        self.c.servers[p].start();
+        self.start(p);
         let a = self.addr(p);
         let dir = self.c.servers[p].dir.clone();
-        let diverged = wait_until(JOIN, "the former primary to rejoin or diverge", || {
+        let diverged = self.wait_node(JOIN, "the former primary to rejoin or diverge", |_| {
             let has_file = || {
                 dir.read_dir().ok().is_some_and(|mut d| {
                     d.any(|e| {
@@ -326,7 +494,7 @@ impl Rig {
             self.c.servers[p]
                 .args
                 .extend(["--join".to_string(), np.clone()]);
-            self.c.servers[p].start();
+            self.start(p);
             // Later restarts open the repository it now holds.
             self.c.servers[p].args = base;
         }
@@ -353,7 +521,7 @@ impl Rig {
             self.c.servers[p].name.clone(),
             self.c.servers[s].name.clone(),
         );
-        let what = match fault {
+        let mut what = match fault {
             Fault::KillPrimary => format!("kill -9 the primary {pn}"),
             Fault::KillSecondary if at_once => format!("kill -9 secondary {sn}, restart at once"),
             Fault::KillSecondary => format!("kill -9 secondary {sn}, restart once removed"),
@@ -372,24 +540,41 @@ impl Rig {
                 self.c.servers[p].kill();
                 // The next commit reaching a secondary promotes the
                 // successor; flooders in flight stop and are replaced.
-                let np = wait_until(Duration::from_secs(30), "a secondary to take over", || {
-                    self.tend();
+                let np = self.wait_node(Duration::from_secs(30), "a secondary to take over", |r| {
                     secondaries
                         .iter()
                         .copied()
-                        .find(|&i| self.role(i) == Some(ServerRole::Primary))
+                        .find(|&i| r.role(i) == Some(ServerRole::Primary))
                 });
-                phase!("{} is primary; restart {pn}", self.c.servers[np].name);
-                self.restart_former_primary(p, np);
+                phase!("{} is primary", self.c.servers[np].name);
+                // Before anything heals: what the stopped flooders had
+                // acknowledged is on the new primary.
+                self.verify_stopped_on(np);
+                phase!("restart {pn}");
+                if self.restart_former_primary(p, np) {
+                    what.push_str(" (diverged, re-seeded)");
+                }
             }
             Fault::KillSecondary => {
                 self.c.servers[s].kill();
                 if !at_once {
-                    let (pa, o) = (self.proxy(p), secondaries.iter().find(|&&i| i != s));
-                    let oa = self.proxy(*o.expect("two secondaries"));
-                    wait_for_members(&pa, &[&pa, &oa], Duration::from_secs(30));
+                    let mut want = vec![
+                        self.proxy(p),
+                        self.proxy(secondaries[0] + secondaries[1] - s),
+                    ];
+                    want.sort();
+                    let pa = self.addr(p);
+                    self.wait_node(Duration::from_secs(30), "the primary to drop it", |_| {
+                        let mut got: Vec<String> = try_status(&pa)?
+                            .members
+                            .into_iter()
+                            .map(|m| m.addr)
+                            .collect();
+                        got.sort();
+                        (got == want).then_some(())
+                    });
                 }
-                self.c.servers[s].start();
+                self.start(s);
             }
             Fault::TakeOver => {
                 let out = Command::new(CLI)
@@ -450,11 +635,12 @@ fn run(seed: u64, rounds: usize, at: &RefCell<String>) {
         round: 0,
         errors: Vec::new(),
         replaced: 0,
+        seed,
     };
 
     phase!("three servers, each behind its own proxy");
     let s1 = rig.add("s1", None);
-    rig.c.servers[s1].start();
+    rig.start(s1);
     let a1 = rig.addr(s1);
     let (b2, b3) = (rig.c.root.path().join("b2"), rig.c.root.path().join("b3"));
     backup(&a1, &b2);
@@ -464,10 +650,10 @@ fn run(seed: u64, rounds: usize, at: &RefCell<String>) {
     let (p1, p2, p3) = (rig.proxy(s1), rig.proxy(s2), rig.proxy(s3));
     // One at a time: the node's order (s1, s2, s3), hence the successor,
     // is the same on every run.
-    rig.c.servers[s2].start();
-    wait_for_members(&p1, &[&p1, &p2], JOIN);
-    rig.c.servers[s3].start();
-    wait_for_members(&p1, &[&p1, &p2, &p3], JOIN);
+    rig.start(s2);
+    wait_for_members(&a1, &[&p1, &p2], JOIN);
+    rig.start(s3);
+    wait_for_members(&a1, &[&p1, &p2, &p3], JOIN);
     rig.wait_whole("the node to form");
     let setup = t0.elapsed();
 

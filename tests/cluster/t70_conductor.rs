@@ -11,8 +11,8 @@ use magma::protocol::ServerRole;
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
-    Cluster, Flood, CLI,
+    backup, dump, status, stop_or_move_on, verify_flood, wait_for_equal_digests, wait_for_members,
+    wait_for_more_acks, wait_until, Cluster, Flood, CLI,
 };
 use crate::phase;
 
@@ -117,17 +117,6 @@ fn flood_pair(c: &Cluster, nodes: &[&str], tag: &str) -> Vec<Flood> {
     ]
 }
 
-fn wait_acks(floods: &[Flood], more: usize, what: &str) {
-    let base: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
-    wait_until(Duration::from_secs(60), what, || {
-        floods
-            .iter()
-            .zip(&base)
-            .all(|(f, b)| f.acked().len() >= b + more)
-            .then_some(())
-    });
-}
-
 #[test]
 fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
     let started = Instant::now();
@@ -141,35 +130,20 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
 
     phase!("use case 1: add a server to the node under flood");
     let mut floods = flood_pair(&c, &[&a1], "uc1");
-    wait_acks(&floods, 200, "flooding server");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding server");
     let s2 = c.add_server_on("server2", &early, &[]);
     c.servers[s2].start();
     let a2 = c.servers[s2].addr.clone();
     wait_for_members(&a1, &[&a1, &a2], JOIN);
     verify_structures(&a2);
-    wait_acks(&floods, 200, "flooding the node");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding the node");
     finish(&mut floods, &[&a1, &a2]);
 
     phase!("use case 2: primary failure");
     let mut floods = flood_pair(&c, &[&a1, &a2], "uc2");
-    wait_acks(&floods, 200, "flooding");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding");
     c.servers[s1].kill();
-    for f in floods.iter_mut() {
-        let n = f.acked().len();
-        let stopped = wait_until(Duration::from_secs(60), "flooders stop or move on", || {
-            if !f.running() {
-                Some(true)
-            } else if f.acked().len() > n + 50 {
-                Some(false)
-            } else {
-                None
-            }
-        });
-        if stopped {
-            let end = f.wait(Duration::from_secs(10));
-            assert!(end.stderr.contains("error: "), "{}", end.stderr);
-        }
-    }
+    stop_or_move_on(&mut floods, Duration::from_secs(60));
     let mut probe = Session::connect(&[a1.as_str(), a2.as_str()]).unwrap();
     probe
         .commit(|tx| {
@@ -185,7 +159,7 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
 
     phase!("use case 3: the former primary rejoins");
     let mut floods = flood_pair(&c, &[&a1, &a2], "uc3");
-    wait_acks(&floods, 200, "flooding server2");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding server2");
     c.servers[s1].start();
     let diverged = wait_until(
         JOIN,
@@ -210,7 +184,12 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
         c.servers[s1].start();
     }
     wait_for_members(&a2, &[&a1, &a2], JOIN);
-    wait_acks(&floods, 200, "flooding the reversed node");
+    wait_for_more_acks(
+        &floods,
+        200,
+        Duration::from_secs(60),
+        "flooding the reversed node",
+    );
 
     phase!("use case 4: deliberate swap under flood, then 10 s more");
     magma(&["take-over", "--server", &a1]);
@@ -228,7 +207,7 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
 
     phase!("use case 5: garbage collection without stopping the node");
     let mut floods = flood_pair(&c, &[&a1, &a2], "uc5");
-    wait_acks(&floods, 200, "flooding");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding");
     let full = c.root.path().join("backup-full");
     backup(&a1, &full);
     let compacted = c.root.path().join("compacted");
@@ -246,15 +225,25 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
     c.servers[s2c].start();
     wait_for_members(&a1, &[&a1, &a2], JOIN);
     verify_structures(&a2);
-    wait_acks(&floods, 200, "flooding after the restart");
+    wait_for_more_acks(
+        &floods,
+        200,
+        Duration::from_secs(60),
+        "flooding after the restart",
+    );
     finish(&mut floods, &[&a1, &a2]);
 
     phase!("use case 6: secondary killed while the primary serves");
     let mut floods = flood_pair(&c, &[&a1, &a2], "uc6");
-    wait_acks(&floods, 200, "flooding");
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "flooding");
     c.servers[s2c].kill();
     wait_for_members(&a1, &[&a1], Duration::from_secs(30));
-    wait_acks(&floods, 300, "flooding without server2");
+    wait_for_more_acks(
+        &floods,
+        300,
+        Duration::from_secs(60),
+        "flooding without server2",
+    );
     for f in floods.iter_mut() {
         assert!(
             f.running(),

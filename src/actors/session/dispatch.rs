@@ -141,6 +141,7 @@ impl Session {
                 server_id,
                 addr,
                 repository_id,
+                for_promotion,
             } => later(requests::catch_up(
                 env,
                 requests::CatchUpAsk {
@@ -150,6 +151,7 @@ impl Session {
                     server_id,
                     addr,
                     repository_id,
+                    for_promotion,
                 },
             )),
             RequestBody::Replicate {

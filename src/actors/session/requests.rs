@@ -261,18 +261,17 @@ pub(super) struct CatchUpAsk {
     pub server_id: u64,
     pub addr: String,
     pub repository_id: String,
+    pub for_promotion: bool,
 }
 
 /// Serve a glob of records to a catching-up server; when it brings the
 /// server level, tell the supervisor, which adds it to the node.
 pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
-    {
-        let state = env.state.borrow();
-        if state.role != ServerRole::Primary {
-            return Err(WireError::WrongServer {
-                primary: state.primary.clone(),
-            });
-        }
+    let is_primary = env.state.borrow().role == ServerRole::Primary;
+    if !is_primary && !ask_.for_promotion {
+        return Err(WireError::WrongServer {
+            primary: env.state.borrow().primary.clone(),
+        });
     }
     let info = ask(&env, GetInfo).await?;
     let ours = info.repository_id.to_string();
@@ -295,7 +294,9 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
     let end = ask_.from + records.len() as u64;
     let last = *env.applied.borrow();
     let level = end > last;
-    if level {
+    if ask_.for_promotion {
+        // A successor pulling before it promotes: not a joining server.
+    } else if level {
         env.node.do_send(PeerCaughtUp {
             server_id: ask_.server_id,
             addr: ask_.addr,

@@ -105,7 +105,7 @@ fn yield_cpu() {
 }
 
 /// The nice value of a copy's threads.
-const BACKUP_NICE: libc::c_int = 0;
+const BACKUP_NICE: libc::c_int = 10;
 
 /// Move `n` bytes at `off`: in the kernel while it can, else through `buf`.
 fn move_piece(

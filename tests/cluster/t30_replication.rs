@@ -217,6 +217,18 @@ fn t30_three_servers_stay_identical_and_reads_see_your_writes() {
     c.servers[s3].start();
     let (a2, a3) = (c.servers[s2].addr.clone(), c.servers[s3].addr.clone());
     wait_for_members(&a1, &[&a1, &a2, &a3], JOIN);
+    // Clients read only from servers that say they are secondaries: wait
+    // until both have applied the node change that added them.
+    wait_until(
+        JOIN,
+        "both secondaries to report themselves secondary",
+        || {
+            [&a2, &a3]
+                .iter()
+                .all(|a| status(a).role == magma::protocol::ServerRole::Secondary)
+                .then_some(())
+        },
+    );
 
     phase!("read-your-writes through a secondary with required progress");
     let mut s = Session::connect(&[a1.as_str()]).unwrap();

@@ -13,8 +13,8 @@ use magma::protocol::{ServerRole, WireError};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members, wait_until,
-    Cluster, Flood, CLI,
+    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members,
+    wait_for_more_acks, wait_until, Cluster, Flood, CLI,
 };
 use crate::phase;
 
@@ -266,17 +266,11 @@ fn t40_use_case_5_garbage_collection_without_stopping_the_node() {
     let mut via = Session::connect(&[a2c.as_str()]).unwrap();
     assert_eq!(via.read_server(), Some(a2c.as_str()));
     verify_structures(&mut via, &st, true);
-    let before: Vec<usize> = floods.iter().map(|f| f.acked().len()).collect();
-    wait_until(
+    wait_for_more_acks(
+        &floods,
+        200,
         Duration::from_secs(60),
         "200 more acks per flooder after the rejoin",
-        || {
-            floods
-                .iter()
-                .zip(&before)
-                .all(|(f, b)| f.acked().len() >= b + 200)
-                .then_some(())
-        },
     );
     for f in &mut floods {
         assert!(f.running(), "flood {} saw an error", f.name);

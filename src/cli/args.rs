@@ -336,9 +336,14 @@ pub struct BenchArgs {
         required = true
     )]
     pub node: Vec<String>,
-    /// Number of concurrent clients (threads, one session each).
+    /// Number of concurrent clients, each with one commit in flight.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub clients: u32,
+    /// Drive each client from its own thread with a client-library session
+    /// (measures the library too). By default one event loop drives K
+    /// connections to the primary, as redis-benchmark and pgbench do.
+    #[arg(long)]
+    pub threads: bool,
     /// Seconds to measure for (decimals allowed); set-up is not counted.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Duration,

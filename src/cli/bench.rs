@@ -1,6 +1,10 @@
-//! `magma bench`: K flooding clients in one process (one thread and one
-//! session each, each appending to its own collection `PREFIX-<i>`), timed
-//! together; reports commits per second and per-commit latency.
+//! `magma bench`: K flooding clients in one process, each appending to its
+//! own collection `PREFIX-<i>` with one commit in flight, timed together;
+//! reports commits per second and per-commit latency. Two engines drive the
+//! clients: one event loop with K connections (the default, in
+//! `bench_loop`, the way `redis-benchmark` and `pgbench` load a server) or
+//! K threads with a client-library `Session` each (`--threads`, which also
+//! measures the library and its routing).
 //!
 //! This module owns the measurement: set-up (connect, create collections)
 //! is done before the clock starts, every client starts at the same
@@ -26,6 +30,7 @@ use crate::client::{Session, SessionOptions};
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub node: Vec<String>,
+    pub engine: BenchEngine,
     pub clients: u32,
     pub duration: Duration,
     /// Client i (from 1) appends to `PREFIX-<i>`.
@@ -37,12 +42,23 @@ impl BenchOptions {
     pub fn new(node: Vec<String>, clients: u32, duration: Duration) -> BenchOptions {
         BenchOptions {
             node,
+            engine: BenchEngine::EventLoop,
             clients,
             duration,
             prefix: "bench".to_string(),
             session: SessionOptions::default(),
         }
     }
+}
+
+/// How the K clients are driven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchEngine {
+    /// One thread, K connections to the primary, one commit in flight on
+    /// each.
+    EventLoop,
+    /// K threads, each with its own client-library `Session`.
+    Threads,
 }
 
 /// Latency figures of a run.
@@ -151,6 +167,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, CliError> {
     if opts.clients == 0 {
         return Err(CliError::Usage("bench needs at least one client".into()));
     }
+    match opts.engine {
+        BenchEngine::EventLoop => crate::cli::bench_loop::run(opts),
+        BenchEngine::Threads => run_threads(opts),
+    }
+}
+
+/// The `--threads` engine: one thread and one `Session` per client.
+fn run_threads(opts: &BenchOptions) -> Result<BenchReport, CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), CliError>>();
     let mut gos = Vec::new();
@@ -325,8 +349,11 @@ mod tests {
 
     #[test]
     fn unreachable_node_is_an_error_not_a_zero_report() {
-        let opts = BenchOptions::new(vec!["127.0.0.1:1".into()], 3, d(100));
-        let e = run(&opts).unwrap_err();
-        assert_eq!(e.kind(), "no_server_reachable");
+        let mut opts = BenchOptions::new(vec!["127.0.0.1:1".into()], 3, d(100));
+        for engine in [BenchEngine::EventLoop, BenchEngine::Threads] {
+            opts.engine = engine;
+            let e = run(&opts).unwrap_err();
+            assert_eq!(e.kind(), "no_server_reachable", "{engine:?}");
+        }
     }
 }

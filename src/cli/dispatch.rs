@@ -9,7 +9,7 @@ use std::io::Write;
 
 use crate::cli::admin;
 use crate::cli::args::{Cli, Command};
-use crate::cli::bench::{self, BenchOptions};
+use crate::cli::bench::{self, BenchEngine, BenchOptions};
 use crate::cli::compact;
 use crate::cli::error::CliError;
 use crate::cli::flood::{self, FloodLimit, FloodOptions};
@@ -146,6 +146,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Bench(a) => {
             let opts = BenchOptions {
                 node: a.node,
+                engine: if a.threads {
+                    BenchEngine::Threads
+                } else {
+                    BenchEngine::EventLoop
+                },
                 clients: a.clients,
                 duration: a.duration,
                 prefix: a.prefix,

@@ -27,6 +27,7 @@
 mod admin;
 mod args;
 pub mod bench;
+mod bench_loop;
 mod compact;
 mod dispatch;
 pub mod domain;

@@ -44,13 +44,14 @@ pub struct LinkSettings {
     pub call_timeout: Duration,
 }
 
-/// A new record for the secondary. Sender: the `CommitCoordinator`; may be
-/// dropped (the record is then read back from the log).
+/// New records for the secondary: every record of one applied batch, in
+/// order (one message per batch, so the batch goes out together rather
+/// than its first record alone). Sender: the `CommitCoordinator`; may be
+/// dropped (the records are then read back from the log).
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Broadcast {
-    pub number: CommitNumber,
-    pub body: Arc<Vec<u8>>,
+    pub records: Vec<(CommitNumber, Arc<Vec<u8>>)>,
 }
 
 /// What the secondary made durable. Receiver: the `CommitCoordinator`.
@@ -107,8 +108,10 @@ pub struct BroadcastActor {
     /// Highest record the primary has handed us.
     primary_last: CommitNumber,
     queue: BTreeMap<CommitNumber, Arc<Vec<u8>>>,
-    /// When each sent, unacknowledged record left (for lag in ms).
-    sent: VecDeque<(CommitNumber, Instant)>,
+    /// When each record not yet durable on the secondary was handed to us
+    /// (for lag in ms): lag counts from the commit, not from our send, so
+    /// time spent queued behind the batch in flight or a reconnect counts.
+    handed: VecDeque<(CommitNumber, Instant)>,
     last_send: Instant,
     /// Since when outstanding records wait for an acknowledgement, or the
     /// peer is unreachable.
@@ -152,7 +155,7 @@ impl BroadcastActor {
             durable: next.saturating_sub(1),
             primary_last,
             queue: BTreeMap::new(),
-            sent: VecDeque::new(),
+            handed: VecDeque::new(),
             last_send: Instant::now(),
             stalled_since: None,
             reported_at: None,
@@ -239,9 +242,6 @@ impl BroadcastActor {
         let count = batch.len() as u64;
         let first = self.next;
         self.next += count;
-        if count > 0 {
-            self.sent.push_back((self.next - 1, Instant::now()));
-        }
         self.last_send = Instant::now();
         let request = RequestBody::Replicate {
             epoch: self.epoch,
@@ -294,8 +294,8 @@ impl BroadcastActor {
                     self.next = applied + 1;
                 }
                 self.queue = self.queue.split_off(&(self.durable + 1));
-                while self.sent.front().is_some_and(|(n, _)| *n <= self.durable) {
-                    self.sent.pop_front();
+                while self.handed.front().is_some_and(|(n, _)| *n <= self.durable) {
+                    self.handed.pop_front();
                 }
                 self.refresh_stall();
             }
@@ -314,7 +314,6 @@ impl BroadcastActor {
                 debug!("replication to {}: resend from {from}", self.peer.addr);
                 self.link = Some(link);
                 self.next = from;
-                self.sent.clear();
             }
             Err(LinkError::Server {
                 error: WireError::StaleEpoch { current, .. },
@@ -329,7 +328,6 @@ impl BroadcastActor {
             }
             Err(e) => {
                 self.next = first;
-                self.sent.clear();
                 info!("replication to {}: {e}; reconnecting", self.peer.addr);
                 self.retry_later();
                 if e.is_unreachable() {
@@ -415,11 +413,12 @@ impl BroadcastActor {
 
     fn stats(&self) -> ReplicaStats {
         let lag_ms = self
-            .sent
+            .handed
             .front()
             .map(|(_, t)| t.elapsed().as_millis() as u64)
             .or_else(|| {
-                // Handed to us but not yet sent (disconnected).
+                // Outstanding records we were not handed (read back from
+                // the log after a restart or overflow): since the stall.
                 (self.durable < self.primary_last)
                     .then(|| self.stalled_since.map(|s| s.elapsed().as_millis() as u64))
                     .flatten()
@@ -451,11 +450,21 @@ impl Handler<Broadcast> for BroadcastActor {
     type Result = ();
 
     fn handle(&mut self, msg: Broadcast, ctx: &mut Context<Self>) {
-        if msg.number > self.primary_last {
-            self.primary_last = msg.number;
-        }
-        if msg.number >= self.next && self.queue.len() < MAX_QUEUE {
-            self.queue.insert(msg.number, msg.body);
+        let now = Instant::now();
+        for (number, body) in msg.records {
+            if number > self.primary_last {
+                self.primary_last = number;
+            }
+            if number >= self.next && self.queue.len() < MAX_QUEUE {
+                self.queue.insert(number, body);
+            }
+            // Beyond the cap only the oldest entries matter for the lag.
+            if number > self.durable
+                && self.handed.back().is_none_or(|(n, _)| *n < number)
+                && self.handed.len() < MAX_QUEUE
+            {
+                self.handed.push_back((number, now));
+            }
         }
         self.refresh_stall();
         self.pump(ctx);

@@ -35,6 +35,7 @@ pub fn wire_error(err: &StorageError) -> WireError {
         // Replication sequencing: the request (a record, a range) cannot be
         // accepted as sent; the text says what to resend.
         StorageError::OutOfSequence { .. }
+        | StorageError::NotInRestoreMode
         | StorageError::ChainMismatch { .. }
         | StorageError::StaleEpoch { .. }
         | StorageError::BeyondEnd { .. } => WireError::BadRequest {

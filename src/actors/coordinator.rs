@@ -258,6 +258,7 @@ impl CommitCoordinator {
                         .map(move |res, act, ctx| act.on_flushed(upto, res, ctx))
                         .spawn(ctx);
                 }
+                self.broadcast(&results);
                 for (res, reply) in results.into_iter().zip(replies) {
                     self.on_one_applied(res, reply);
                 }
@@ -267,6 +268,30 @@ impl CommitCoordinator {
             }
         }
         self.check_drained(ctx);
+    }
+
+    /// Hand the batch's applied records to every secondary's link, as one
+    /// message each, before any of them is acknowledged: secondaries get
+    /// them while our own flush runs.
+    fn broadcast(&self, results: &[Result<CommitReply, StorageError>]) {
+        if self.replicas.is_empty() || self.failed.is_some() {
+            return;
+        }
+        let records: Vec<_> = results
+            .iter()
+            .filter_map(|r| match r {
+                Ok(CommitReply::Applied(c)) => Some((c.number, c.body.clone())),
+                _ => None,
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        for r in self.replicas.values() {
+            r.link.do_send(Broadcast {
+                records: records.clone(),
+            });
+        }
     }
 
     /// Answer or park one commit of an applied batch.
@@ -287,15 +312,6 @@ impl CommitCoordinator {
             // Applied, but the log can no longer be made durable.
             let _ = reply.send(Err(internal(reason)));
             return;
-        }
-        // Secondaries get the record while our own flush runs.
-        if let CommitReply::Applied(c) = &done {
-            for r in self.replicas.values() {
-                r.link.do_send(Broadcast {
-                    number: c.number,
-                    body: c.body.clone(),
-                });
-            }
         }
         // No handle: nothing this process wrote needs a sync.
         let must_flush = match done.sync() {

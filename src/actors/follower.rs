@@ -250,7 +250,7 @@ impl FollowerActor {
         let storage = self.storage.clone();
         async move {
             let applied = storage
-                .send(ApplyRecords { bodies })
+                .send(ApplyRecords::plain(bodies))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;

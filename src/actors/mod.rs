@@ -4,7 +4,7 @@
 //! | actor | context | owns | does |
 //! |---|---|---|---|
 //! | [`StorageActor`] | sync thread | the `Repository` | applies commits, serves reads, checkpoints, publishes the applied commit number |
-//! | [`CommitLogActor`] | sync thread | what its last fsync covered | fsyncs the commit log (`Flush`); one fsync covers every flush queued behind it |
+//! | [`CommitLogActor`] | own arbiter thread | what its last fsync covered | fsyncs the commit log (`Flush`); one fsync covers every flush queued behind it |
 //! | [`CommitCoordinator`] | async | the commit pipeline, waiters | batches commits for storage, acknowledges each once durable |
 //! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
 //! | [`Session`] | async, one per connection | one TCP connection | decodes requests, routes them, encodes replies |

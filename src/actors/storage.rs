@@ -19,15 +19,16 @@ use std::sync::Mutex;
 
 use actix::dev::RecipientRequest;
 use actix::prelude::*;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::watch;
 
 use crate::actors::commit_log::Flush;
 use crate::storage::object::references_in;
 use crate::storage::{
     Anchor, CommitRequest, Committed, LogSync, RepoInfo, Repository, StorageError, StoredObject,
+    Unwritten,
 };
-use crate::types::{CommitNumber, Hash, Oid};
+use crate::types::{CommitNumber, Epoch, Hash, Oid};
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
 
@@ -188,7 +189,33 @@ impl Handler<CommitBatch> for StorageActor {
     type Result = BatchApplied;
 
     fn handle(&mut self, msg: CommitBatch, _: &mut SyncContext<Self>) -> Self::Result {
-        let results: Vec<_> = msg.commits.into_iter().map(|r| self.commit(r)).collect();
+        let unwritten: Vec<_> = msg.commits.into_iter().map(|r| self.commit(r)).collect();
+        // One log write for the whole batch; every commit of it is covered
+        // by the handle, so nothing leaves this thread unwritten.
+        let written = self.repo_mut().and_then(|repo| repo.log_sync());
+        if let Err(e) = &written {
+            error!("writing a batch of commits to the log failed: {e}");
+        }
+        let results: Vec<Result<CommitReply>> = unwritten
+            .into_iter()
+            .map(|r| match (r?, &written) {
+                (Pending::Duplicate { number, sync }, _) => {
+                    Ok(CommitReply::Duplicate { number, sync })
+                }
+                (Pending::Applied(u), Ok(Some(sync))) => {
+                    Ok(CommitReply::Applied(u.written(sync.clone())))
+                }
+                (Pending::Applied(_), Ok(None)) => Err(StorageError::Invalid(
+                    "no log segment after a commit was appended".into(),
+                )),
+                // Applied in memory but not in the log: fatal (the
+                // coordinator stops the server), never acknowledged.
+                (Pending::Applied(u), Err(e)) => Err(StorageError::io(
+                    format!("writing commit {} to the log", u.number),
+                    std::io::Error::other(e.to_string()),
+                )),
+            })
+            .collect();
         if let Some(repo) = &self.repo {
             self.publish(repo.info().last_commit);
         }
@@ -207,19 +234,28 @@ impl Handler<CommitBatch> for StorageActor {
     }
 }
 
+/// A commit of a batch before the batch's log write.
+enum Pending {
+    Applied(Unwritten),
+    Duplicate {
+        number: CommitNumber,
+        sync: Option<LogSync>,
+    },
+}
+
 impl StorageActor {
-    fn commit(&mut self, req: CommitRequest) -> Result<CommitReply> {
+    fn commit(&mut self, req: CommitRequest) -> Result<Pending> {
         let repo = self.repo_mut()?;
         if let Some(token) = &req.token {
             if let Some(number) = repo.token_commit(token) {
                 debug!("commit token already committed as {number}: not applied again");
-                return Ok(CommitReply::Duplicate {
+                return Ok(Pending::Duplicate {
                     number,
                     sync: repo.log_sync()?,
                 });
             }
         }
-        Ok(CommitReply::Applied(repo.commit(req)?))
+        Ok(Pending::Applied(repo.commit_unwritten(req)?))
     }
 }
 
@@ -231,10 +267,28 @@ impl StorageActor {
 #[rtype(result = "Result<Applied, StorageError>")]
 pub struct ApplyRecords {
     pub bodies: Vec<Vec<u8>>,
+    /// A `replicate` from the primary of this epoch: refused unless the
+    /// repository is in restore mode (`NotInRestoreMode`) at an epoch not
+    /// newer (`StaleEpoch`). Checked here so the check costs no extra hop.
+    pub from_primary: Option<Epoch>,
+    /// Start a flush of the batch's newest handle right away (the answer
+    /// comes back in [`Applied::flushing`]): one hop less than flushing
+    /// after the reply.
+    pub flush: Option<Recipient<Flush>>,
+}
+
+impl ApplyRecords {
+    /// Apply without checks and without starting a flush.
+    pub fn plain(bodies: Vec<Vec<u8>>) -> Self {
+        ApplyRecords {
+            bodies,
+            from_primary: None,
+            flush: None,
+        }
+    }
 }
 
 /// What [`ApplyRecords`] did.
-#[derive(Debug)]
 pub struct Applied {
     /// Last applied commit number.
     pub last: CommitNumber,
@@ -242,6 +296,19 @@ pub struct Applied {
     pub sync: Option<LogSync>,
     /// The node after the batch, if the batch changed it.
     pub node_changed: Option<crate::types::Node>,
+    /// The flush started for the batch (when asked): its answer to come.
+    pub flushing: Option<RecipientRequest<Flush>>,
+}
+
+impl std::fmt::Debug for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applied")
+            .field("last", &self.last)
+            .field("sync", &self.sync)
+            .field("node_changed", &self.node_changed)
+            .field("flushing", &self.flushing.is_some())
+            .finish()
+    }
 }
 
 impl Handler<ApplyRecords> for StorageActor {
@@ -249,6 +316,19 @@ impl Handler<ApplyRecords> for StorageActor {
 
     fn handle(&mut self, msg: ApplyRecords, _: &mut SyncContext<Self>) -> Self::Result {
         let repo = self.repo_mut()?;
+        if let Some(epoch) = msg.from_primary {
+            let info = repo.info();
+            if epoch < info.epoch {
+                return Err(StorageError::StaleEpoch {
+                    number: 0,
+                    got: epoch,
+                    current: info.epoch,
+                });
+            }
+            if !info.restore_mode {
+                return Err(StorageError::NotInRestoreMode);
+            }
+        }
         let last = repo.info().last_commit;
         let fresh: Vec<&Vec<u8>> = msg
             .bodies
@@ -266,10 +346,15 @@ impl Handler<ApplyRecords> for StorageActor {
         let after = repo.anchor()?.node;
         self.publish(last);
         applied?;
+        let flushing = match (msg.flush, &sync) {
+            (Some(flusher), Some(sync)) => Some(flusher.send(Flush { sync: sync.clone() })),
+            _ => None,
+        };
         Ok(Applied {
             last,
             sync,
             node_changed: (after != before).then_some(after),
+            flushing,
         })
     }
 }

@@ -1568,7 +1568,7 @@ async fn pull_from_peer(
             return;
         }
         let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
-        let applied = match storage.send(ApplyRecords { bodies }).await {
+        let applied = match storage.send(ApplyRecords::plain(bodies)).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 warn!("records from {peer} do not continue our log ({e}); promoting without them");

@@ -409,6 +409,7 @@ impl CommitLog {
 
     /// Append one record body (already checked by the caller to be
     /// `last + 1` on the chain) and write it; not synced.
+    #[cfg(test)]
     pub fn append(&mut self, number: CommitNumber, body: &[u8]) -> Result<LogSync> {
         self.append_buffered(number, body)?;
         self.write_pending()?;

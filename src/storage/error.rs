@@ -62,6 +62,10 @@ pub enum StorageError {
         requested: CommitNumber,
         last: CommitNumber,
     },
+    /// Records from a primary reached a repository that is not a copy
+    /// being kept up to date (a primary takes records from nobody).
+    #[error("this repository is not in restore mode: it takes no records from a primary")]
+    NotInRestoreMode,
     #[error("invalid request: {0}")]
     Invalid(String),
     /// I/O on a backup copy or a snapshot's scratch file, never on the live

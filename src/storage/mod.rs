@@ -39,7 +39,7 @@ pub use object::StoredObject;
 pub use record::{CommitRecord, Op, Payload};
 pub use repository::{
     Anchor, AppendRequest, CommitRequest, Committed, NewRequest, ObjRef, PutRequest, RepoInfo,
-    RepoOptions, Repository, Snapshot, SnapshotFile,
+    RepoOptions, Repository, Snapshot, SnapshotFile, Unwritten,
 };
 
 #[cfg(test)]

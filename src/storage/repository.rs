@@ -96,6 +96,31 @@ pub struct Committed {
     pub sync: LogSync,
 }
 
+/// A commit applied and buffered for the log but not yet written: see
+/// [`Repository::commit_unwritten`].
+#[derive(Clone, Debug)]
+pub struct Unwritten {
+    pub number: CommitNumber,
+    pub body: std::sync::Arc<Vec<u8>>,
+    pub new_oids: Vec<(u64, Oid)>,
+    pub positions: Vec<u64>,
+}
+
+impl Unwritten {
+    /// The commit, once the log holding it was written; `sync` must cover
+    /// it.
+    pub fn written(self, sync: LogSync) -> Committed {
+        debug_assert!(sync.upto() >= self.number);
+        Committed {
+            number: self.number,
+            body: self.body,
+            new_oids: self.new_oids,
+            positions: self.positions,
+            sync,
+        }
+    }
+}
+
 /// The decoded root anchor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Anchor {
@@ -411,6 +436,20 @@ impl Repository {
     /// Validate, assign oids/positions, write the record to the log (not
     /// synced) and apply it. Refused in restore mode.
     pub fn commit(&mut self, req: CommitRequest) -> Result<Committed> {
+        let done = self.commit_unwritten(req)?;
+        let sync = self
+            .log
+            .sync_handle()?
+            .expect("a record was just appended, so a segment is open");
+        Ok(done.written(sync))
+    }
+
+    /// [`Repository::commit`] without writing the log: the record is
+    /// buffered and applied (visible to reads), and the caller must get
+    /// [`Repository::log_sync`] — which writes everything buffered — before
+    /// the commit may be acknowledged or replicated. Lets a batch of commits
+    /// cost one log write instead of one each.
+    pub fn commit_unwritten(&mut self, req: CommitRequest) -> Result<Unwritten> {
         if self.header.restore_mode {
             return Err(StorageError::RestoreMode);
         }
@@ -430,13 +469,12 @@ impl Repository {
             }
         }
         let plan = self.plan(&req)?;
-        let (number, body, sync) = self.append_and_apply(plan.ops, req.token, req.new_epoch)?;
-        Ok(Committed {
+        let (number, body) = self.append_and_apply(plan.ops, req.token, req.new_epoch)?;
+        Ok(Unwritten {
             number,
             body,
             new_oids: plan.new_oids,
             positions: plan.positions,
-            sync,
         })
     }
 
@@ -595,7 +633,7 @@ impl Repository {
         ops: Vec<Op>,
         token: Option<Vec<u8>>,
         new_epoch: Option<Epoch>,
-    ) -> Result<(CommitNumber, Arc<Vec<u8>>, LogSync)> {
+    ) -> Result<(CommitNumber, Arc<Vec<u8>>)> {
         let record = CommitRecord {
             number: self.log.last() + 1,
             epoch: new_epoch.unwrap_or(self.epoch),
@@ -603,10 +641,10 @@ impl Repository {
             payload: Payload { token, ops },
         };
         let body = record.encode();
-        let sync = self.log.append(record.number, &body)?;
+        self.log.append_buffered(record.number, &body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
         self.apply_decoded(&record)?;
-        Ok((record.number, Arc::new(body), sync))
+        Ok((record.number, Arc::new(body)))
     }
 
     /// Apply a record received from the primary (body bytes as logged there):

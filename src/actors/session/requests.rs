@@ -10,7 +10,6 @@ use std::sync::Arc;
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
-use crate::actors::commit_log::Flush;
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
 use crate::actors::coordinator::SubmitCommit;
@@ -327,23 +326,22 @@ pub(super) async fn replicate(
     records: Vec<serde_bytes::ByteBuf>,
     primary_last: CommitNumber,
 ) -> Answer {
-    let info = ask(&env, GetInfo).await?;
-    if epoch < info.epoch {
-        return Err(WireError::StaleEpoch {
-            got: epoch,
-            current: info.epoch,
-        });
-    }
-    if !info.restore_mode {
-        // A primary takes records from nobody (take-over and promotion
-        // come with the failover release).
-        return Err(WireError::WrongServer {
-            primary: Some(env.settings.advertise.clone()),
-        });
-    }
     let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
-    let applied = match env.storage.send(ApplyRecords { bodies }).await {
+    // The storage actor checks epoch and restore mode and starts the fsync
+    // itself: one hop to it and one answer from the flusher, nothing more.
+    let apply = ApplyRecords {
+        bodies,
+        from_primary: Some(epoch),
+        flush: Some(env.flusher.clone().recipient()),
+    };
+    let applied = match env.storage.send(apply).await {
         Ok(Ok(a)) => a,
+        // A primary takes records from nobody.
+        Ok(Err(StorageError::NotInRestoreMode)) => {
+            return Err(WireError::WrongServer {
+                primary: Some(env.settings.advertise.clone()),
+            })
+        }
         Ok(Err(StorageError::OutOfSequence { expected, .. })) => {
             env.node.do_send(NeedResync);
             return Err(WireError::Resend { from: expected });
@@ -357,10 +355,8 @@ pub(super) async fn replicate(
         Ok(Err(e)) => return Err(wire_error(&e)),
         Err(e) => return Err(mailbox_error("the storage actor", e)),
     };
-    let durable = match applied.sync.clone() {
-        Some(sync) => env
-            .flusher
-            .send(Flush { sync })
+    let durable = match applied.flushing {
+        Some(flushing) => flushing
             .await
             .map_err(|e| mailbox_error("the commit-log actor", e))?
             .map_err(|e| {

@@ -23,6 +23,7 @@ use log::{info, warn};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::actors::backup::Pacing;
 use crate::actors::broadcast::LinkSettings;
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
@@ -33,6 +34,7 @@ use crate::protocol::codec::DEFAULT_MAX_FRAME;
 use crate::storage::{RepoOptions, Repository, StorageError};
 use crate::types::{CommitNumber, RepositoryId};
 
+pub use crate::actors::backup::DEFAULT_BUSY_RATE as DEFAULT_BACKUP_BUSY_RATE;
 pub use crate::actors::{FlushPolicy, FlushPolicyError};
 
 /// Default `--listen` address.
@@ -70,6 +72,9 @@ pub struct Config {
     /// Most bytes per second a backup copies or serves (`None`: no limit);
     /// a request may ask for less.
     pub backup_rate: Option<u64>,
+    /// Most bytes per second a backup copies or serves while commits are
+    /// flowing (`None`: never yield to them); `backup_rate` still applies.
+    pub backup_busy_rate: Option<u64>,
     /// A secondary that does not acknowledge (or cannot be reached) for this
     /// long is checked and, if unreachable, removed from the node; a
     /// secondary that hears nothing from its primary for this long re-syncs.
@@ -95,6 +100,7 @@ impl Default for Config {
             max_frame: DEFAULT_MAX_FRAME,
             checkpoint_interval: Duration::from_secs(5),
             backup_rate: None,
+            backup_busy_rate: Some(DEFAULT_BACKUP_BUSY_RATE),
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
             max_log_bytes: RepoOptions::default().max_log_bytes,
             log_segment_bytes: RepoOptions::default().segment_bytes,
@@ -122,6 +128,9 @@ impl Config {
         }
         if self.backup_rate == Some(0) {
             bail!("--backup-rate must be at least 1 byte per second");
+        }
+        if self.backup_busy_rate == Some(0) {
+            bail!("the backup busy rate must be at least 1 byte per second (never yielding is None, --backup-busy-rate 0)");
         }
         Ok(())
     }
@@ -243,7 +252,11 @@ impl Server {
                 me.clone().recipient(),
                 config.dir.clone(),
                 settings.advertise.clone(),
-                config.backup_rate,
+                Pacing {
+                    rate: config.backup_rate,
+                    busy_rate: config.backup_busy_rate,
+                    applied: applied_rx.clone(),
+                },
             )
             .start();
             let env = Arc::new(SessionEnv {

@@ -9,7 +9,7 @@
 //! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
 //! | [`Session`] | async, one per connection | one TCP connection | decodes requests, routes them, encodes replies |
 //! | [`Controller`] | async | the lifecycle | checkpoint timer, graceful shutdown, fatal stop |
-//! | [`BackupActor`] | async | the one backup job (local copy or pull) | snapshot, chunked copy with progress, pause / resume / abort, rate limit |
+//! | [`BackupActor`] | async | the one backup job (local copy or pull) | snapshot, chunked copy with progress, pause / resume / abort, rate limit, yielding to a busy commit path |
 //!
 //! A commit under the `group` flush policy (arrows are messages; `=>` is the
 //! reply). Reads go straight from a session to the `StorageActor` and never

@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use magma::protocol::codec::DEFAULT_MAX_FRAME;
-use magma::server::{self, Config, FlushPolicy, DEFAULT_DIR, DEFAULT_LISTEN};
+use magma::server::{
+    self, Config, FlushPolicy, DEFAULT_BACKUP_BUSY_RATE, DEFAULT_DIR, DEFAULT_LISTEN,
+};
 
 /// Serve a Magma-HA object repository.
 ///
@@ -80,6 +82,17 @@ struct Args {
     #[arg(long, value_name = "BYTES_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
     backup_rate: Option<u64>,
 
+    /// Most bytes per second a backup copies (or serves to `magma backup
+    /// --pull`) while commits are flowing (one was applied within the last
+    /// 100 ms); when they stop, the backup goes back to full speed (or
+    /// --backup-rate). A backup's write stream lengthens every
+    /// commit's fsync, so a busy server keeps most of its commit throughput
+    /// while an idle one still backs up at disk speed. --backup-rate and a
+    /// request's rate still apply; the lowest wins. 0: never yield (full
+    /// speed always). Default: 100 MiB/s.
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = DEFAULT_BACKUP_BUSY_RATE)]
+    backup_busy_rate: u64,
+
     /// Milliseconds after which a secondary that does not acknowledge (or
     /// cannot be reached) is checked and, if this server cannot reach it
     /// either, removed from the node; also how long a secondary waits for
@@ -113,6 +126,7 @@ fn main() {
         max_frame: args.max_frame,
         checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms),
         backup_rate: args.backup_rate,
+        backup_busy_rate: (args.backup_busy_rate > 0).then_some(args.backup_busy_rate),
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         max_log_bytes: args.max_log_bytes,
         log_segment_bytes: args.log_segment_bytes,

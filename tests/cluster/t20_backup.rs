@@ -580,3 +580,92 @@ fn t20_pull_under_flood_verifies_and_resumes_after_the_client_is_killed() {
         c.servers[b].kill();
     }
 }
+
+/// The backup's debug lines about yielding to commits, in order: `true`
+/// when it started yielding, `false` when it went back.
+fn yield_transitions(log: &Path) -> Vec<bool> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            if l.contains("commits are flowing, yielding") {
+                Some(true)
+            } else if l.contains("the commit path is idle") {
+                Some(false)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn t20_a_backup_yields_to_flowing_commits_then_speeds_up_and_verifies() {
+    let mut c = Cluster::new();
+    // The busy rate far below the request's rate, so yielding is visible
+    // on a small repository; no timing is asserted, only the transitions.
+    let s = c.add_server("s1", &["--backup-busy-rate", "100000"]);
+    c.servers[s]
+        .env
+        .push(("RUST_LOG".into(), "info,magma::actors::backup=debug".into()));
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let log = c.servers[s].log.clone();
+    let root = c.root.path().to_path_buf();
+    load_blobs(&addr);
+
+    phase!("a flood; a backup at 1 MB/s yields to it");
+    let mut flood = Flood::start(&root, &[addr.as_str()], "y", &["--duration", "60"]);
+    wait_until(Duration::from_secs(30), "the flood acknowledged", || {
+        (flood.acked().len() >= 20).then_some(())
+    });
+    let target = root.join("yb");
+    let to = target.to_str().unwrap();
+    magma(
+        &root,
+        "start",
+        &[
+            "backup", "--server", &addr, "--to", to, "--detach", "--rate", "1000000",
+        ],
+    )
+    .ok();
+    wait_until(Duration::from_secs(30), "the backup to yield", || {
+        (yield_transitions(&log).first() == Some(&true)).then_some(())
+    });
+    let r = report(&addr);
+    assert_eq!(r.state, BackupState::Running, "{r:?}");
+
+    phase!("the flood stops: the backup goes back to its own rate and completes");
+    flood.kill();
+    let done = wait_until(Duration::from_secs(60), "the backup to complete", || {
+        let r = report(&addr);
+        assert!(
+            matches!(r.state, BackupState::Running | BackupState::Completed),
+            "{r:?}"
+        );
+        (r.state == BackupState::Completed).then_some(r)
+    });
+    assert_eq!(done.bytes_done, done.bytes_total);
+    let transitions = yield_transitions(&log);
+    eprintln!(
+        "backup: {} bytes in {} ms; yielding transitions {transitions:?}",
+        done.bytes_done, done.elapsed_ms
+    );
+    // One line per change of state, never one per chunk: they alternate.
+    assert!(
+        transitions
+            .iter()
+            .enumerate()
+            .all(|(i, &y)| y == (i % 2 == 0)),
+        "{transitions:?}"
+    );
+    assert_eq!(
+        transitions.last(),
+        Some(&false),
+        "the idle commit path was never noticed: {transitions:?}"
+    );
+    assert!(fs::read_to_string(&log)
+        .unwrap()
+        .contains("the commit path is idle, back to 1000000 bytes/s"));
+    magma(&root, "verify", &["verify-backup", to]).ok();
+}

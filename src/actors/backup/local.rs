@@ -18,8 +18,8 @@ use log::{error, info, warn};
 use tokio::sync::oneshot;
 
 use crate::actors::backup::{
-    blocking, effective_rate, AbortBackup, BackupActor, BackupError, Pace, PauseBackup,
-    ResumeBackup, StartBackup, LOCAL_CHUNK,
+    blocking, effective_rate, yield_to_commits, AbortBackup, BackupActor, BackupError, Pace,
+    PauseBackup, ResumeBackup, StartBackup, LOCAL_CHUNK,
 };
 use crate::actors::controller::Fatal;
 use crate::actors::storage::TakeSnapshot;
@@ -168,6 +168,9 @@ impl Handler<StartBackup> for BackupActor {
         };
         let (_, scratch) = self.new_job();
         self.starting = Some(msg.to.clone());
+        // Sample from now: the set-up (a checkpoint) is the first interval,
+        // so the first chunk already knows whether commits are flowing.
+        self.commit_path.reset();
         let target = PathBuf::from(&msg.to);
         let work = set_up(
             self.storage.clone(),
@@ -182,12 +185,16 @@ impl Handler<StartBackup> for BackupActor {
             let copier = SnapshotCopy::new(snapshot, &target, &act.source);
             let job = LocalJob::new(copier, msg.to, scratch, rate);
             info!(
-                "backup to {} started: snapshot commit {}, {} files, {} bytes{}",
+                "backup to {} started: snapshot commit {}, {} files, {} bytes{}{}",
                 job.target,
                 job.snapshot_commit,
                 job.files_total,
                 job.bytes_total,
                 rate.map(|r| format!(", at most {r} bytes/s"))
+                    .unwrap_or_default(),
+                act.busy_rate
+                    .filter(|&b| rate.is_none_or(|r| b < r))
+                    .map(|b| format!(", {b} bytes/s while commits flow"))
                     .unwrap_or_default()
             );
             let report = job.report();
@@ -206,6 +213,8 @@ impl Handler<CopyChunk> for BackupActor {
     type Result = ();
 
     fn handle(&mut self, _: CopyChunk, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let busy = self.commit_path.busy(now);
         let Some(job) = self.local.as_mut() else {
             return;
         };
@@ -220,7 +229,9 @@ impl Handler<CopyChunk> for BackupActor {
         if job.state == BackupState::Paused {
             return;
         }
-        let now = Instant::now();
+        yield_to_commits(&mut job.pace, self.busy_rate, busy, || {
+            format!("backup to {}", job.target)
+        });
         if let Some(wait) = job.pace.wait(now) {
             job.timer = Some(ctx.run_later(wait, |_, ctx| ctx.notify(CopyChunk)));
             return;
@@ -384,6 +395,8 @@ impl Handler<ResumeBackup> for BackupActor {
         };
         if job.state == BackupState::Paused {
             job.state = BackupState::Running;
+            // Commits during the pause count as just now: the first
+            // chunks yield if in doubt (see `CommitActivity::observe`).
             job.pace.reset();
             info!("backup to {} resumed", job.target);
             ctx.notify(CopyChunk);

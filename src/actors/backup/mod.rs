@@ -22,6 +22,14 @@
 //! and the request's own, the lower wins) paces chunks so a backup does not
 //! starve the commit path.
 //!
+//! A job also **yields to a busy commit path**: while the applied commit
+//! number (the `StorageActor`'s watch channel) moved within `BUSY_WINDOW`,
+//! chunks are paced at `--backup-busy-rate` (or the explicit limit, if
+//! lower); when commits stop, the copy goes back to full speed. A backup's
+//! write stream lengthens every commit's fsync and takes CPU from a small
+//! machine, while a fixed cap would slow every backup of an idle server.
+//! The state is sampled between chunks (`CommitPath`), never waited on.
+//!
 //! The last finished job's report is kept for `backup_status`. This actor
 //! never does file I/O inside a handler, never writes into the live
 //! repository directory except its `backup-tmp/` scratch area, and never
@@ -37,12 +45,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use log::info;
+use log::{debug, info};
+use tokio::sync::watch;
 
 use crate::actors::controller::Fatal;
 use crate::actors::storage::TakeSnapshot;
 use crate::protocol::{BackupReport, PullFile, PullSnapshot, WireError};
 use crate::storage::backup::{clear_scratch, TargetRefusal, SCRATCH_DIR};
+use crate::types::CommitNumber;
 
 use local::LocalJob;
 use pull::PullJob;
@@ -56,6 +66,14 @@ const MIN_CHUNK: u64 = 16 * 1024;
 /// A pull job nobody asked anything of for this long is released.
 pub const PULL_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const PULL_SWEEP: Duration = Duration::from_secs(5);
+/// Default `--backup-busy-rate`: where commits/s of 8 clients during a
+/// backup stayed above 0.8x of normal on the development machine.
+pub const DEFAULT_BUSY_RATE: u64 = 100 * 1024 * 1024;
+/// The commit path counts as busy this long after the applied commit
+/// number last moved. Under load commits land every few milliseconds; a
+/// gap this long means the clients stopped (or nearly), and a copy going
+/// back to full speed costs them little.
+const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
 /// Why a backup request is refused or a job could not run.
 #[derive(Debug, thiserror::Error)]
@@ -111,16 +129,36 @@ async fn blocking<T: Send + 'static>(
 /// have had their time. Unused time is not banked beyond the present.
 #[derive(Clone, Debug)]
 struct Pace {
+    /// The explicit limit (request or `--backup-rate`, the lower): always
+    /// applies.
+    limit: Option<u64>,
+    /// The limit of the next chunk: `limit`, or lower while yielding.
     rate: Option<u64>,
+    /// Whether the busy rate binds now (see [`Pace::adapt`]).
+    yielding: bool,
     next: Instant,
 }
 
 impl Pace {
-    fn new(rate: Option<u64>) -> Pace {
+    fn new(limit: Option<u64>) -> Pace {
         Pace {
-            rate,
+            limit,
+            rate: limit,
+            yielding: false,
             next: Instant::now(),
         }
+    }
+
+    /// Set the rate of the next chunk for the commit path's state. Returns
+    /// the new yielding state when it changed (for a log line per change,
+    /// not per chunk). Time already reserved at the old rate stands.
+    fn adapt(&mut self, busy_rate: Option<u64>, commit_path_busy: bool) -> Option<bool> {
+        self.rate = chunk_rate(self.limit, busy_rate, commit_path_busy);
+        let yielding = self.rate != self.limit;
+        (yielding != self.yielding).then(|| {
+            self.yielding = yielding;
+            yielding
+        })
     }
 
     /// How long to wait before the next chunk may start.
@@ -152,15 +190,133 @@ impl Pace {
     }
 }
 
+/// The lower of two optional limits (`None`: no limit).
+fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The lower of two optional rates; `Err` for a zero rate.
 fn effective_rate(requested: Option<u64>, server: Option<u64>) -> Result<Option<u64>, BackupError> {
     if requested == Some(0) {
         return Err(BackupError::BadRate);
     }
-    Ok(match (requested, server) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    })
+    Ok(lower(requested, server))
+}
+
+/// The rate of one chunk: the explicit limit always; while the commit path
+/// is busy, also the busy rate (`None`: never yield).
+fn chunk_rate(
+    explicit: Option<u64>,
+    busy_rate: Option<u64>,
+    commit_path_busy: bool,
+) -> Option<u64> {
+    if commit_path_busy {
+        lower(explicit, busy_rate)
+    } else {
+        explicit
+    }
+}
+
+/// Whether commits are flowing, judged from the applied commit number as
+/// sampled between chunks. Pure: callers supply the number and the instant.
+#[derive(Clone, Debug)]
+struct CommitActivity {
+    seen: CommitNumber,
+    /// When `seen` was observed to have moved; `None` since a reset.
+    moved: Option<Instant>,
+}
+
+impl CommitActivity {
+    fn new(commit: CommitNumber) -> Self {
+        CommitActivity {
+            seen: commit,
+            moved: None,
+        }
+    }
+
+    /// Forget the past: a number that moved long before a job started says
+    /// nothing about now. Called when a job is requested, so the job's
+    /// set-up is the first sampling interval.
+    fn reset(&mut self, commit: CommitNumber) {
+        *self = CommitActivity::new(commit);
+    }
+
+    /// Sample the number at `now`; whether the commit path is busy. A move
+    /// seen now may have happened any time since the last sample: counting
+    /// it as now errs towards yielding.
+    fn observe(&mut self, commit: CommitNumber, now: Instant) -> bool {
+        if commit != self.seen {
+            self.seen = commit;
+            self.moved = Some(now);
+        }
+        self.moved
+            .is_some_and(|t| now.saturating_duration_since(t) < BUSY_WINDOW)
+    }
+}
+
+/// The commit path as a job sees it: the `StorageActor`'s applied commit
+/// number (read without waiting) and its recent activity.
+struct CommitPath {
+    applied: watch::Receiver<CommitNumber>,
+    activity: CommitActivity,
+}
+
+impl CommitPath {
+    fn new(applied: watch::Receiver<CommitNumber>) -> Self {
+        let now = *applied.borrow();
+        CommitPath {
+            applied,
+            activity: CommitActivity::new(now),
+        }
+    }
+
+    fn busy(&mut self, now: Instant) -> bool {
+        let commit = *self.applied.borrow();
+        self.activity.observe(commit, now)
+    }
+
+    fn reset(&mut self) {
+        let commit = *self.applied.borrow();
+        self.activity.reset(commit);
+    }
+}
+
+/// Pace a job's next chunk for the commit path's state; one debug line
+/// when the job starts or stops yielding (never one per chunk).
+fn yield_to_commits(
+    pace: &mut Pace,
+    busy_rate: Option<u64>,
+    commit_path_busy: bool,
+    job: impl FnOnce() -> String,
+) {
+    match pace.adapt(busy_rate, commit_path_busy) {
+        Some(true) => debug!(
+            "{}: commits are flowing, yielding to them at {} bytes/s",
+            job(),
+            pace.rate.unwrap_or_default()
+        ),
+        Some(false) => debug!(
+            "{}: the commit path is idle, back to {}",
+            job(),
+            pace.limit
+                .map_or("full speed".to_string(), |r| format!("{r} bytes/s"))
+        ),
+        None => {}
+    }
+}
+
+/// How the server paces backup jobs.
+pub struct Pacing {
+    /// `--backup-rate`: the most bytes/s at any time (`None`: no limit).
+    pub rate: Option<u64>,
+    /// `--backup-busy-rate`: the most bytes/s while commits flow (`None`:
+    /// never yield).
+    pub busy_rate: Option<u64>,
+    /// The applied commit number, as the `StorageActor` publishes it.
+    pub applied: watch::Receiver<CommitNumber>,
 }
 
 /// Runs backup jobs; see the module doc.
@@ -171,6 +327,8 @@ pub struct BackupActor {
     /// Names this server in manifests.
     source: String,
     default_rate: Option<u64>,
+    busy_rate: Option<u64>,
+    commit_path: CommitPath,
     /// Prefix of this process's scratch directories.
     instance: String,
     /// A job being set up (target checked, snapshot taken): its target.
@@ -183,21 +341,22 @@ pub struct BackupActor {
 
 impl BackupActor {
     /// `live_dir` is the repository directory (scratch area, and the place
-    /// no backup may go); `source` names this server in manifests;
-    /// `default_rate` is `--backup-rate`.
+    /// no backup may go); `source` names this server in manifests.
     pub fn new(
         storage: Recipient<TakeSnapshot>,
         fatal: Recipient<Fatal>,
         live_dir: PathBuf,
         source: String,
-        default_rate: Option<u64>,
+        pacing: Pacing,
     ) -> BackupActor {
         BackupActor {
             storage,
             fatal,
             live_dir,
             source,
-            default_rate,
+            default_rate: pacing.rate,
+            busy_rate: pacing.busy_rate,
+            commit_path: CommitPath::new(pacing.applied),
             instance: format!("{:08x}-", rand::random::<u32>()),
             starting: None,
             local: None,
@@ -396,6 +555,94 @@ mod tests {
         assert_eq!(Pace::new(Some(100)).chunk(LOCAL_CHUNK), MIN_CHUNK);
         assert_eq!(Pace::new(Some(5_000_000)).chunk(LOCAL_CHUNK), 1_000_000);
         assert_eq!(Pace::new(None).chunk(LOCAL_CHUNK), LOCAL_CHUNK);
+    }
+
+    #[test]
+    fn a_busy_commit_path_lowers_the_rate_never_raises_it() {
+        let busy = Some(100);
+        // Idle: the explicit limit alone, whatever the busy rate.
+        assert_eq!(chunk_rate(None, busy, false), None);
+        assert_eq!(chunk_rate(Some(50), busy, false), Some(50));
+        // Busy: the lower of the two.
+        assert_eq!(chunk_rate(None, busy, true), Some(100));
+        assert_eq!(chunk_rate(Some(500), busy, true), Some(100));
+        assert_eq!(chunk_rate(Some(50), busy, true), Some(50));
+        // No busy rate (`--backup-busy-rate 0`): never yields.
+        assert_eq!(chunk_rate(None, None, true), None);
+        assert_eq!(chunk_rate(Some(50), None, true), Some(50));
+    }
+
+    #[test]
+    fn pace_reports_yielding_only_when_it_changes() {
+        let mut p = Pace::new(None);
+        assert_eq!(p.adapt(Some(100), false), None);
+        assert_eq!(p.rate, None);
+        assert_eq!(p.adapt(Some(100), true), Some(true));
+        assert_eq!(p.rate, Some(100));
+        assert_eq!(p.chunk(LOCAL_CHUNK), MIN_CHUNK);
+        assert_eq!(p.adapt(Some(100), true), None, "no news per chunk");
+        assert_eq!(p.adapt(Some(100), false), Some(false));
+        assert_eq!((p.rate, p.chunk(LOCAL_CHUNK)), (None, LOCAL_CHUNK));
+        // An explicit limit below the busy rate: busy or not, no yielding.
+        let mut p = Pace::new(Some(10));
+        assert_eq!(p.adapt(Some(100), true), None);
+        assert_eq!(p.rate, Some(10));
+        // Switching back to full speed drops the pacing wait at once, and
+        // idle time is not banked when yielding starts again.
+        let mut p = Pace::new(None);
+        let t0 = Instant::now();
+        p.adapt(Some(1000), true);
+        p.charge(t0, 1000);
+        assert_eq!(p.wait(t0), Some(Duration::from_secs(1)));
+        p.adapt(Some(1000), false);
+        assert_eq!(p.wait(t0), None);
+        let later = t0 + Duration::from_secs(60);
+        p.adapt(Some(1000), true);
+        assert_eq!(p.wait(later), None);
+        assert_eq!(p.charge(later, 500), later);
+        assert_eq!(p.wait(later), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn the_commit_path_is_busy_for_a_window_after_the_number_moves() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut a = CommitActivity::new(7);
+        assert!(!a.observe(7, t0), "nothing moved since it was created");
+        assert!(a.observe(8, t0 + ms(10)));
+        assert!(a.observe(8, t0 + ms(10) + BUSY_WINDOW - ms(1)));
+        assert!(!a.observe(8, t0 + ms(10) + BUSY_WINDOW));
+        // Commits resume: busy again, and each move extends the window.
+        let t1 = t0 + ms(500);
+        assert!(a.observe(9, t1));
+        let t2 = t1 + BUSY_WINDOW * 3 / 4;
+        assert!(a.observe(12, t2));
+        assert!(a.observe(12, t1 + BUSY_WINDOW), "the window runs from t2");
+        assert!(!a.observe(12, t2 + BUSY_WINDOW));
+        // A reset forgets moves made before a job was requested.
+        let t3 = t2 + BUSY_WINDOW * 2;
+        a.reset(20);
+        assert!(!a.observe(20, t3));
+        // A sample earlier than the last move (clock order) counts as busy.
+        assert!(a.observe(21, t3 + ms(10)));
+        assert!(a.observe(21, t3));
+    }
+
+    #[test]
+    fn the_commit_path_reads_the_storage_watch_without_waiting() {
+        let (tx, rx) = watch::channel(5);
+        let mut path = CommitPath::new(rx);
+        let t0 = Instant::now();
+        assert!(!path.busy(t0));
+        tx.send_replace(6);
+        assert!(path.busy(t0));
+        assert!(!path.busy(t0 + BUSY_WINDOW));
+        tx.send_replace(9);
+        path.reset();
+        assert!(!path.busy(t0 + BUSY_WINDOW));
+        // The storage actor gone (shutdown): the last number stands.
+        drop(tx);
+        assert!(!path.busy(t0 + BUSY_WINDOW * 2));
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! the job's id continues from the offsets it has. The job ends when the
 //! client sends `FinishPull`, when an operator aborts it, at shutdown, or
 //! after [`PULL_IDLE_TIMEOUT`] without a request. Chunk reads run on
-//! blocking threads; the rate limit delays a chunk's reply, never a thread.
+//! blocking threads; the rate limit (and yielding to a busy commit path,
+//! as a local job does) delays a chunk's reply, never a thread. The chunk
+//! size told to the client is fixed at the start, so yielding only spaces
+//! replies out.
 //! While a file is served in one sequential pass, its BLAKE3 is computed on
 //! the way, so the client can check what it stored against what was sent.
 
@@ -18,8 +21,8 @@ use log::{info, warn};
 
 use crate::actors::backup::local::snapshot_failure;
 use crate::actors::backup::{
-    blocking, effective_rate, BackupActor, BackupError, FinishPull, Pace, PullChunk, StartPull,
-    MAX_PULL_CHUNK, PULL_IDLE_TIMEOUT,
+    blocking, effective_rate, yield_to_commits, BackupActor, BackupError, FinishPull, Pace,
+    PullChunk, StartPull, MAX_PULL_CHUNK, PULL_IDLE_TIMEOUT,
 };
 use crate::actors::storage::TakeSnapshot;
 use crate::protocol::{BackupReport, BackupState, PullFile, PullSnapshot};
@@ -201,6 +204,8 @@ impl Handler<StartPull> for BackupActor {
         };
         let (id, scratch) = self.new_job();
         self.starting = Some(format!("pull job {id}"));
+        // Sample from now (see `StartBackup`).
+        self.commit_path.reset();
         let storage = self.storage.clone();
         let fatal = self.fatal.clone();
         let s = scratch.clone();
@@ -267,11 +272,13 @@ impl Handler<PullChunk> for BackupActor {
     type Result = ResponseActFuture<Self, Result<Vec<u8>, BackupError>>;
 
     fn handle(&mut self, msg: PullChunk, _: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        let busy = self.commit_path.busy(now);
+        let busy_rate = self.busy_rate;
         let job = match self.pull_job(msg.id) {
             Ok(j) => j,
             Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        let now = Instant::now();
         job.last_used = now;
         let max_chunk = job.max_chunk;
         let Some(index) = job.files.iter().position(|f| f.path == msg.file) else {
@@ -300,6 +307,7 @@ impl Handler<PullChunk> for BackupActor {
         let source = f.source.clone();
         let path = f.path.clone();
         job.current = Some(path.clone());
+        yield_to_commits(&mut job.pace, busy_rate, busy, || job.label.clone());
         let begin = job.pace.charge(now, len);
         let offset = msg.offset;
         let id = msg.id;

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::actors::backup::Pacing;
-use crate::actors::broadcast::LinkSettings;
+use crate::actors::broadcast::{LinkSettings, ASYNC_COALESCE};
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
     BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome,
@@ -214,6 +214,7 @@ impl Server {
         let link_settings = LinkSettings {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
+            coalesce: (config.sync_replicas == 0).then_some(ASYNC_COALESCE),
         };
         let follow = config.primary.clone();
         let settings = SessionSettings {

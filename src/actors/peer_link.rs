@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::protocol::codec::{decode, encode, read_frame_async, DEFAULT_MAX_FRAME};
@@ -49,7 +49,10 @@ pub struct PeerHello {
 
 pub struct PeerLink {
     addr: String,
-    stream: TcpStream,
+    /// Buffered for reading: a reply's length prefix and body come in with
+    /// one read (requests and replies alternate, so nothing is read ahead
+    /// of its call).
+    stream: BufReader<TcpStream>,
     next_id: u64,
     pub hello: PeerHello,
 }
@@ -81,7 +84,7 @@ impl PeerLink {
         let _ = stream.set_nodelay(true);
         let mut link = PeerLink {
             addr: addr.to_string(),
-            stream,
+            stream: BufReader::new(stream),
             next_id: 1,
             hello: PeerHello {
                 server_id: 0,
@@ -140,7 +143,7 @@ impl PeerLink {
         let frame = encode(&Request { id, body });
         let addr = self.addr.clone();
         let exchange = async {
-            self.stream.write_all(&frame).await?;
+            self.stream.get_mut().write_all(&frame).await?;
             read_frame_async(&mut self.stream, DEFAULT_MAX_FRAME)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))

@@ -2,8 +2,10 @@
 //!
 //! One per secondary member. It receives every new record from the
 //! `CommitCoordinator` ([`Broadcast`], before the primary's own fsync),
-//! sends them in order over one peer connection as `replicate` batches with
-//! exactly one batch in flight, and reports what the secondary made durable
+//! sends them in order over one peer connection as `replicate` batches —
+//! pipelined, at most [`MAX_IN_FLIGHT`] unanswered, replies matched by id;
+//! any failure drops the connection and resends from the first record not
+//! known durable — and reports what the secondary made durable
 //! ([`ReplicaAck`], to the coordinator, which holds back acknowledgements
 //! for `sync-replicas`). Records it does not hold (it started late, its
 //! queue overflowed, or the secondary asked for a resend) are read back from
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use log::{debug, info, warn};
 
-use crate::actors::peer_link::{LinkError, PeerLink};
+use crate::actors::peer_link::{LinkError, PeerLink, PeerPipe, PipeEvent};
 use crate::actors::storage::{ReadRecords, StorageActor};
 use crate::protocol::{RequestBody, ResponseBody, WireError};
 use crate::storage::record::RecordHead;
@@ -33,6 +35,11 @@ const MAX_QUEUE: usize = 100_000;
 const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// Batches sent before the first is answered: while the secondary applies
+/// and fsyncs one, the next is already on its way (it reads on while a
+/// `replicate` is being made durable), so a round trip no longer sits
+/// between its fsyncs.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Timing settings of replication links.
 #[derive(Clone, Copy, Debug)]
@@ -111,7 +118,14 @@ pub struct BroadcastActor {
     acks: Recipient<ReplicaAck>,
     trouble: Recipient<ReplicaTrouble>,
     settings: LinkSettings,
-    link: Option<PeerLink>,
+    /// The connection, split for pipelining (see [`MAX_IN_FLIGHT`]).
+    pipe: Option<PeerPipe>,
+    /// Which connection `LinkEvent`s must come from; bumped on every
+    /// (re)connect and break, so a dead pipe's late events are ignored.
+    generation: u64,
+    /// Requests sent and not yet answered: id, when sent.
+    in_flight: VecDeque<(u64, Instant)>,
+    /// Connecting, or reading records back from the log.
     busy: bool,
     /// Next record number to send.
     next: CommitNumber,
@@ -163,7 +177,9 @@ impl BroadcastActor {
             acks,
             trouble,
             settings,
-            link: None,
+            pipe: None,
+            generation: 0,
+            in_flight: VecDeque::new(),
             busy: false,
             next,
             durable: next.saturating_sub(1),
@@ -183,10 +199,13 @@ impl BroadcastActor {
         if self.busy || Instant::now() < self.retry_at {
             return;
         }
-        let Some(link) = self.link.take() else {
+        if self.pipe.is_none() {
             self.connect(ctx);
             return;
-        };
+        }
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return;
+        }
         // Contiguous records from `next` held in memory.
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -201,7 +220,6 @@ impl BroadcastActor {
         }
         if batch.is_empty() && self.next <= self.primary_last {
             // A gap: read it back from the log.
-            self.link = Some(link);
             self.busy = true;
             let from = self.next;
             self.storage
@@ -229,7 +247,7 @@ impl BroadcastActor {
                                 act.peer.addr
                             );
                             act.report(format!("records from {from} unavailable: {e}"), None);
-                            act.retry_later();
+                            act.break_link();
                         }
                         Err(e) => warn!("replication to {}: storage gone: {e}", act.peer.addr),
                     }
@@ -237,15 +255,19 @@ impl BroadcastActor {
                 .spawn(ctx);
             return;
         }
-        if batch.is_empty() && self.last_send.elapsed() < HEARTBEAT {
-            self.link = Some(link);
+        if batch.is_empty() && (!self.in_flight.is_empty() || self.last_send.elapsed() < HEARTBEAT)
+        {
             return;
         }
         if let (Some(window), false) = (self.settings.coalesce, batch.is_empty()) {
-            let oldest = self.handed.front().map(|(_, t)| *t);
+            let next = self.next;
+            let oldest = self
+                .handed
+                .iter()
+                .find(|(n, _)| *n >= next)
+                .map(|(_, t)| *t);
             let due = oldest.map(|t| t + window);
             if batch.len() < COALESCE_RECORDS && due.is_some_and(|d| d > Instant::now()) {
-                self.link = Some(link);
                 if !self.coalescing {
                     self.coalescing = true;
                     let wait = due.map_or(window, |d| d - Instant::now());
@@ -271,9 +293,6 @@ impl BroadcastActor {
             }
         }
         let count = batch.len() as u64;
-        let first = self.next;
-        self.next += count;
-        self.last_send = Instant::now();
         let request = RequestBody::Replicate {
             epoch: self.epoch,
             primary_id: self.primary_id,
@@ -283,32 +302,31 @@ impl BroadcastActor {
                 .collect(),
             primary_last: self.primary_last,
         };
-        self.busy = true;
-        let timeout = self.settings.call_timeout;
-        async move {
-            let mut link = link;
-            let res = link.call(request, timeout).await;
-            (link, res)
+        let pipe = self.pipe.as_mut().expect("checked above");
+        match pipe.send(request) {
+            Ok(id) => {
+                self.next += count;
+                self.last_send = Instant::now();
+                self.in_flight.push_back((id, self.last_send));
+                // Records that came meanwhile may go as the next batch.
+                self.pump(ctx);
+            }
+            Err(e) => self.on_link_error(e),
         }
-        .into_actor(self)
-        .map(move |(link, res), act, ctx| {
-            act.busy = false;
-            act.on_replicated(link, first, res, ctx);
-            act.pump(ctx);
-        })
-        .spawn(ctx);
     }
 
-    fn on_replicated(
-        &mut self,
-        link: PeerLink,
-        first: CommitNumber,
-        res: Result<(CommitNumber, ResponseBody), LinkError>,
-        _ctx: &mut Context<Self>,
-    ) {
-        match res {
-            Ok((_, ResponseBody::Replicated { applied, durable })) => {
-                self.link = Some(link);
+    /// What the secondary answered to one of our requests.
+    fn on_reply(&mut self, id: u64, body: Result<ResponseBody, LinkError>) {
+        let Some(pos) = self.in_flight.iter().position(|(i, _)| *i == id) else {
+            self.on_link_error(LinkError::Protocol {
+                addr: self.peer.addr.clone(),
+                reason: format!("answer to request {id}, which is not outstanding"),
+            });
+            return;
+        };
+        self.in_flight.remove(pos);
+        match body {
+            Ok(ResponseBody::Replicated { applied, durable }) => {
                 if durable > self.durable {
                     self.durable = durable;
                     // Progress: any stall starts again from now.
@@ -330,42 +348,44 @@ impl BroadcastActor {
                 }
                 self.refresh_stall();
             }
-            Ok((_, other)) => {
+            Ok(other) => {
                 warn!(
                     "replication to {}: unexpected answer {other:?}; reconnecting",
                     self.peer.addr
                 );
-                self.next = first;
-                self.retry_later();
+                self.break_link();
             }
             Err(LinkError::Server {
                 error: WireError::Resend { from },
                 ..
             }) => {
+                // Batches in flight behind this one get the same answer;
+                // records the secondary already has are skipped by it.
                 debug!("replication to {}: resend from {from}", self.peer.addr);
-                self.link = Some(link);
                 self.next = from;
             }
             Err(LinkError::Server {
                 error: WireError::StaleEpoch { current, .. },
                 ..
             }) => {
-                self.next = first;
                 self.report(
                     format!("refuses our epoch {}: it knows {current}", self.epoch),
                     Some(current),
                 );
-                self.retry_later();
+                self.break_link();
             }
-            Err(e) => {
-                self.next = first;
-                info!("replication to {}: {e}; reconnecting", self.peer.addr);
-                self.retry_later();
-                if e.is_unreachable() {
-                    self.stalled_since.get_or_insert_with(Instant::now);
-                    self.report(e.to_string(), None);
-                }
-            }
+            Err(e) => self.on_link_error(e),
+        }
+    }
+
+    /// The link failed: reconnect later, resend what is not durable, and
+    /// tell the supervisor if the peer looks unreachable.
+    fn on_link_error(&mut self, e: LinkError) {
+        info!("replication to {}: {e}; reconnecting", self.peer.addr);
+        self.break_link();
+        if e.is_unreachable() {
+            self.stalled_since.get_or_insert_with(Instant::now);
+            self.report(e.to_string(), None);
         }
     }
 
@@ -380,21 +400,32 @@ impl BroadcastActor {
                 match res {
                     Ok(link) => {
                         debug!("replication link to {} up", act.peer.addr);
-                        act.link = Some(link);
+                        act.generation += 1;
+                        let (me, generation) = (ctx.address(), act.generation);
+                        act.pipe =
+                            Some(link.into_pipe(move |event| {
+                                me.do_send(LinkEvent { generation, event })
+                            }));
                         act.pump(ctx);
                     }
                     Err(e) => {
                         act.stalled_since.get_or_insert_with(Instant::now);
                         act.report(e.to_string(), None);
-                        act.retry_later();
+                        act.break_link();
                     }
                 }
             })
             .spawn(ctx);
     }
 
-    fn retry_later(&mut self) {
-        self.link = None;
+    /// Drop the connection (what it still delivers is ignored), forget
+    /// what was in flight and resend from the first record not known
+    /// durable once reconnected (after a pause).
+    fn break_link(&mut self) {
+        self.pipe = None;
+        self.generation += 1;
+        self.in_flight.clear();
+        self.next = self.durable + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
 
@@ -428,6 +459,15 @@ impl BroadcastActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        if let Some((_, sent)) = self.in_flight.front() {
+            if sent.elapsed() >= self.settings.call_timeout {
+                let after = sent.elapsed();
+                self.on_link_error(LinkError::Timeout {
+                    addr: self.peer.addr.clone(),
+                    after,
+                });
+            }
+        }
         if let Some(since) = self.stalled_since {
             if since.elapsed() >= self.settings.replica_timeout {
                 let reason = format!(
@@ -459,7 +499,7 @@ impl BroadcastActor {
             durable: self.durable,
             lag_commits: self.primary_last.saturating_sub(self.durable),
             lag_ms,
-            connected: self.link.is_some() || self.busy,
+            connected: self.pipe.is_some() || self.busy,
         }
     }
 }
@@ -498,6 +538,30 @@ impl Handler<Broadcast> for BroadcastActor {
             }
         }
         self.refresh_stall();
+        self.pump(ctx);
+    }
+}
+
+/// What the pipelined connection read. Sender: the pipe's reader and
+/// writer tasks (see `PeerLink::into_pipe`).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LinkEvent {
+    generation: u64,
+    event: PipeEvent,
+}
+
+impl Handler<LinkEvent> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LinkEvent, ctx: &mut Context<Self>) {
+        if msg.generation != self.generation {
+            return;
+        }
+        match msg.event {
+            PipeEvent::Reply { id, body, .. } => self.on_reply(id, body.map(|b| *b)),
+            PipeEvent::Broken(e) => self.on_link_error(e),
+        }
         self.pump(ctx);
     }
 }

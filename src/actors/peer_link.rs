@@ -174,10 +174,128 @@ impl PeerLink {
         }
     }
 
+    /// Split the link for pipelining: requests go out in order through
+    /// [`PeerPipe::send`] without waiting for answers; every reply (or the
+    /// link breaking, once) is handed to `deliver` as it is read. Dropping
+    /// the pipe closes the connection.
+    pub fn into_pipe(self, deliver: impl Fn(PipeEvent) + Clone + 'static) -> PeerPipe {
+        let addr = self.addr.clone();
+        // Requests and replies alternated so far: nothing is buffered.
+        let (rd, mut wr) = self.stream.into_inner().into_split();
+        let (out, mut frames) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = {
+            let (deliver, addr) = (deliver.clone(), addr.clone());
+            actix_rt::spawn(async move {
+                while let Some(frame) = frames.recv().await {
+                    if let Err(e) = wr.write_all(&frame).await {
+                        deliver(PipeEvent::Broken(LinkError::Io {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                        return;
+                    }
+                }
+            })
+        };
+        let reader = {
+            let addr = addr.clone();
+            actix_rt::spawn(async move {
+                let mut rd = BufReader::new(rd);
+                loop {
+                    let event = match read_frame_async(&mut rd, DEFAULT_MAX_FRAME).await {
+                        Ok(bytes) => match decode::<Response>(&bytes) {
+                            Ok(r) => PipeEvent::Reply {
+                                id: r.id,
+                                commit: r.commit,
+                                body: match r.body {
+                                    ResponseBody::Error { error, .. } => Err(LinkError::Server {
+                                        addr: addr.clone(),
+                                        error,
+                                    }),
+                                    body => Ok(Box::new(body)),
+                                },
+                            },
+                            Err(e) => PipeEvent::Broken(LinkError::Protocol {
+                                addr: addr.clone(),
+                                reason: e.to_string(),
+                            }),
+                        },
+                        Err(e) => PipeEvent::Broken(LinkError::Io {
+                            addr: addr.clone(),
+                            reason: e.to_string(),
+                        }),
+                    };
+                    let broken = matches!(event, PipeEvent::Broken(_));
+                    deliver(event);
+                    if broken {
+                        return;
+                    }
+                }
+            })
+        };
+        PeerPipe {
+            addr,
+            out,
+            next_id: self.next_id,
+            tasks: [writer, reader],
+            hello: self.hello,
+        }
+    }
+
     pub fn unexpected(&self, expected: &str, got: &ResponseBody) -> LinkError {
         LinkError::Protocol {
             addr: self.addr.clone(),
             reason: format!("expected a {expected} response, got {got:?}"),
+        }
+    }
+}
+
+/// What a pipelined link read.
+#[derive(Debug)]
+pub enum PipeEvent {
+    /// The reply to request `id`; a server error is `Err(LinkError::Server)`.
+    Reply {
+        id: u64,
+        commit: CommitNumber,
+        body: Result<Box<ResponseBody>, LinkError>,
+    },
+    /// The connection failed (read, write or a reply that does not
+    /// decode); nothing more comes from this pipe.
+    Broken(LinkError),
+}
+
+/// A [`PeerLink`] split for pipelining; see [`PeerLink::into_pipe`].
+pub struct PeerPipe {
+    addr: String,
+    out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    next_id: u64,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    pub hello: PeerHello,
+}
+
+impl PeerPipe {
+    /// Queue a request; returns its id (its reply is delivered with it).
+    pub fn send(&mut self, body: RequestBody) -> Result<u64, LinkError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.out
+            .send(encode(&Request { id, body }))
+            .map_err(|_| LinkError::Io {
+                addr: self.addr.clone(),
+                reason: "the connection is closed".into(),
+            })?;
+        Ok(id)
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for PeerPipe {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
         }
     }
 }

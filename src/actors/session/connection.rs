@@ -319,6 +319,13 @@ impl Handler<Inbound> for Session {
                     Flow::Continue
                 }))
             }
+            Routed::Detached(work) => {
+                let env = self.env.clone();
+                ctx.spawn(fut::wrap_future(work).map(move |body, _: &mut Self, _| {
+                    reply(&env, slot, id, body);
+                }));
+                Box::pin(fut::ready(Flow::Continue))
+            }
         }
     }
 }

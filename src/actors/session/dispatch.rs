@@ -30,6 +30,11 @@ pub(super) enum Routed {
     Now(Box<ResponseBody>, After),
     /// Computed by other actors.
     Later(Work),
+    /// Computed by other actors while the session reads on: the reply goes
+    /// out when ready, possibly after later requests' (peers match replies
+    /// by id). Only for `replicate`, which a primary pipelines and whose
+    /// order is fixed when it is routed (see `requests::replicate`).
+    Detached(Work),
 }
 
 /// What the session does once an immediate reply is queued.
@@ -52,6 +57,12 @@ fn refuse(error: WireError) -> Routed {
 
 fn later(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Routed {
     Routed::Later(Box::pin(
+        async move { work.await.unwrap_or_else(error_body) },
+    ))
+}
+
+fn detached(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Routed {
+    Routed::Detached(Box::pin(
         async move { work.await.unwrap_or_else(error_body) },
     ))
 }
@@ -159,7 +170,7 @@ impl Session {
                 primary_id: _,
                 records,
                 primary_last,
-            } => later(requests::replicate(env, epoch, records, primary_last)),
+            } => detached(requests::replicate(env, epoch, records, primary_last)),
             RequestBody::Follow { primary } => later(requests::follow(env, primary)),
             RequestBody::RemoveSecondary { addr } => later(requests::remove(env, addr)),
             RequestBody::Status => later(requests::status(env)),

@@ -15,8 +15,8 @@ use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_obj
 use crate::actors::coordinator::SubmitCommit;
 use crate::actors::session::connection::SessionEnv;
 use crate::actors::storage::{
-    is_closed, ApplyRecords, CollectionLength, CollectionRange, Digest, GetAnchor, GetInfo,
-    GetMeta, ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
+    is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetAnchor,
+    GetInfo, GetMeta, ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
 };
 use crate::actors::supervisor::{
     CommitAtSecondary, Complaint, FollowPrimary, GetMembers, HandOverTo, Leave, NeedResync,
@@ -320,12 +320,16 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
 
 /// Apply a batch the primary streams (or a heartbeat), make it durable,
 /// and say how far this server is.
-pub(super) async fn replicate(
+///
+/// Not `async`: the records go to the storage actor when this is called,
+/// not when the answer is first polled, so batches a primary pipelines on
+/// one connection are applied in the order they came.
+pub(super) fn replicate(
     env: Arc<SessionEnv>,
     epoch: Epoch,
     records: Vec<serde_bytes::ByteBuf>,
     primary_last: CommitNumber,
-) -> Answer {
+) -> impl std::future::Future<Output = Answer> {
     let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
     // The storage actor checks epoch and restore mode and starts the fsync
     // itself: one hop to it and one answer from the flusher, nothing more.
@@ -334,7 +338,16 @@ pub(super) async fn replicate(
         from_primary: Some(epoch),
         flush: Some(env.flusher.clone().recipient()),
     };
-    let applied = match env.storage.send(apply).await {
+    let applying = env.storage.send(apply);
+    async move { replicated(env, applying.await, primary_last).await }
+}
+
+async fn replicated(
+    env: Arc<SessionEnv>,
+    applied: Result<Result<Applied, StorageError>, MailboxError>,
+    primary_last: CommitNumber,
+) -> Answer {
+    let applied = match applied {
         Ok(Ok(a)) => a,
         // A primary takes records from nobody.
         Ok(Err(StorageError::NotInRestoreMode)) => {

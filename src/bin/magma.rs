@@ -9,6 +9,11 @@ use clap::error::ErrorKind as ClapErrorKind;
 
 use magma::cli::{self, Cli, CliError, ErrorLine, EXIT_USAGE};
 
+/// The same allocator as `magma-server`: `magma bench` and `magma flood`
+/// allocate per commit too, and share the machine with the servers.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse_args(std::env::args_os()) {

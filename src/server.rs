@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::actors::backup::Pacing;
-use crate::actors::broadcast::{LinkSettings, ASYNC_COALESCE};
+use crate::actors::broadcast::{LinkSettings, ASYNC_COALESCE, SYNC_IN_FLIGHT};
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
     BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome,
@@ -215,6 +215,11 @@ impl Server {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
             coalesce: (config.sync_replicas == 0).then_some(ASYNC_COALESCE),
+            max_in_flight: if config.sync_replicas == 0 {
+                1
+            } else {
+                SYNC_IN_FLIGHT
+            },
         };
         let follow = config.primary.clone();
         let settings = SessionSettings {

@@ -3,7 +3,7 @@
 //! One per secondary member. It receives every new record from the
 //! `CommitCoordinator` ([`Broadcast`], before the primary's own fsync),
 //! sends them in order over one peer connection as `replicate` batches —
-//! pipelined, at most [`MAX_IN_FLIGHT`] unanswered, replies matched by id;
+//! pipelined, at most `max_in_flight` unanswered, replies matched by id;
 //! any failure drops the connection and resends from the first record not
 //! known durable — and reports what the secondary made durable
 //! ([`ReplicaAck`], to the coordinator, which holds back acknowledgements
@@ -35,11 +35,11 @@ const MAX_QUEUE: usize = 100_000;
 const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(100);
-/// Batches sent before the first is answered: while the secondary applies
+/// Batches in flight under synchronous replication: while the secondary applies
 /// and fsyncs one, the next is already on its way (it reads on while a
 /// `replicate` is being made durable), so a round trip no longer sits
 /// between its fsyncs.
-const MAX_IN_FLIGHT: usize = 4;
+pub const SYNC_IN_FLIGHT: usize = 4;
 
 /// Timing settings of replication links.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +55,10 @@ pub struct LinkSettings {
     /// syscalls and thread wake-ups) for a bounded extra lag. `None` (any
     /// synchronous replication): a batch goes as soon as the link is free.
     pub coalesce: Option<Duration>,
+    /// Batches sent before the first is answered ([`SYNC_IN_FLIGHT`] for
+    /// synchronous replication; 1 for asynchronous, where the round trip
+    /// is what gathers records into batches).
+    pub max_in_flight: usize,
 }
 
 /// [`LinkSettings::coalesce`] under asynchronous replication.
@@ -118,7 +122,7 @@ pub struct BroadcastActor {
     acks: Recipient<ReplicaAck>,
     trouble: Recipient<ReplicaTrouble>,
     settings: LinkSettings,
-    /// The connection, split for pipelining (see [`MAX_IN_FLIGHT`]).
+    /// The connection, split for pipelining (see [`SYNC_IN_FLIGHT`]).
     pipe: Option<PeerPipe>,
     /// Which connection `LinkEvent`s must come from; bumped on every
     /// (re)connect and break, so a dead pipe's late events are ignored.
@@ -203,7 +207,7 @@ impl BroadcastActor {
             self.connect(ctx);
             return;
         }
-        if self.in_flight.len() >= MAX_IN_FLIGHT {
+        if self.in_flight.len() >= self.settings.max_in_flight.max(1) {
             return;
         }
         // Contiguous records from `next` held in memory.

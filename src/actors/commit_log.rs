@@ -30,6 +30,9 @@ use log::trace;
 use crate::storage::LogSync;
 use crate::types::CommitNumber;
 
+/// Mailbox capacity for flushes waiting behind the fsync in progress.
+const FLUSH_QUEUE: usize = 4096;
+
 /// Syncs the commit log; see the module doc.
 #[derive(Default)]
 pub struct CommitLogActor {
@@ -81,8 +84,10 @@ impl Actor for CommitLogActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Flushes queue while one runs; never refuse one for a full mailbox.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // Flushes queue while one runs: at most one per applied batch of
+        // each sender, far below this; a full mailbox would only delay
+        // them. (actix bounds the capacity below usize::MAX.)
+        ctx.set_mailbox_capacity(FLUSH_QUEUE);
     }
 }
 

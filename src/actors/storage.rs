@@ -601,9 +601,15 @@ impl Handler<Checkpoint> for StorageActor {
 
     fn handle(&mut self, _: Checkpoint, _: &mut SyncContext<Self>) -> Self::Result {
         let repo = self.repo_mut()?;
+        let started = std::time::Instant::now();
         let written = repo.maybe_checkpoint()?;
         if written {
-            info!("checkpoint written at commit {}", repo.info().last_commit);
+            // Commits and reads wait meanwhile: the time is worth seeing.
+            info!(
+                "checkpoint written at commit {} in {:.1} ms",
+                repo.info().last_commit,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
         }
         Ok(written)
     }

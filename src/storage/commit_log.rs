@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::storage::error::{Result, StorageError};
 use crate::storage::record::{record_hash, RecordHead};
+use crate::storage::sync::SyncTarget;
 use crate::types::{CommitNumber, Hash};
 
 pub const LOG_DIR: &str = "log";
@@ -520,6 +521,16 @@ impl CommitLog {
             f.sync_data().map_err(|e| io_at(&s.path, "syncing", e))?;
         }
         Ok(())
+    }
+
+    /// Write what is buffered and hand out the current segment for a
+    /// parallel sync (earlier segments were synced when they ended).
+    pub fn sync_target(&mut self) -> Result<Option<SyncTarget>> {
+        self.write_pending()?;
+        match (&self.current, self.segments.last()) {
+            (Some(f), Some(s)) => Ok(Some(SyncTarget::of(f, s.path.clone())?)),
+            _ => Ok(None),
+        }
     }
 
     /// A handle covering everything appended so far.

@@ -31,6 +31,7 @@ pub mod object;
 mod object_store;
 pub mod record;
 mod repository;
+mod sync;
 
 pub use commit_log::LogSync;
 pub use error::StorageError;

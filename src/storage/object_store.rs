@@ -17,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::storage::error::{Result, StorageError};
+use crate::storage::sync::SyncTarget;
 use crate::types::Oid;
 
 pub const OBJECTS_FILE: &str = "objects.dat";
@@ -200,6 +201,12 @@ impl ObjectFile {
         self.file
             .sync_data()
             .map_err(|e| io_at(&self.path, "syncing", e))
+    }
+
+    /// Write what is buffered and hand out the file for a parallel sync.
+    pub fn sync_target(&mut self) -> Result<SyncTarget> {
+        self.write_pending()?;
+        SyncTarget::of(&self.file, self.path.clone())
     }
 
     pub fn path(&self) -> &Path {
@@ -552,6 +559,22 @@ impl Collections {
         let dir = self.dir.clone();
         let f = self.files_written(coll)?;
         Ok((len * 8, f.end_on_disk(&dir, coll, len - 1)?))
+    }
+
+    /// Write every collection changed since the last call and hand out
+    /// its two files for a parallel sync.
+    pub fn dirty_sync_targets(&mut self) -> Result<Vec<SyncTarget>> {
+        let dirty: Vec<Oid> = self.dirty.drain().collect();
+        let mut targets = Vec::with_capacity(dirty.len() * 2);
+        for coll in dirty {
+            let dir = self.dir.clone();
+            if let Some(f) = self.open.get_mut(&coll) {
+                f.write_pending(&dir, coll)?;
+                targets.push(SyncTarget::of(&f.idx, idx_path(&dir, coll))?);
+                targets.push(SyncTarget::of(&f.dat, dat_path(&dir, coll))?);
+            }
+        }
+        Ok(targets)
     }
 
     pub fn sync_dirty(&mut self) -> Result<()> {

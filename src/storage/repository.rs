@@ -864,9 +864,12 @@ impl Repository {
     /// Make everything applied so far durable in the data files and index,
     /// then record it in the header; older log segments may then go.
     pub fn checkpoint(&mut self) -> Result<()> {
-        self.log.sync()?;
-        self.objects.sync()?;
-        self.colls.sync_dirty()?;
+        // Everything the index and header will describe is durable before
+        // either is written; the files are synced together (see `sync`).
+        let mut targets = self.colls.dirty_sync_targets()?;
+        targets.push(self.objects.sync_target()?);
+        targets.extend(self.log.sync_target()?);
+        crate::storage::sync::sync_all(&targets)?;
         let mut entries: Vec<_> = self.overlay.iter().map(|(k, v)| (*k, *v)).collect();
         entries.sort_unstable_by_key(|(k, _)| *k);
         for (oid, e) in &entries {

@@ -220,3 +220,56 @@ fn t10_admin_shutdown_with_and_without_save() {
     assert_eq!(digest(&addr), before);
     verify_flood(&dump(&addr, "g"), "g", &f.acked(), 0);
 }
+
+#[test]
+fn t10_bench_reports_exactly_the_commits_it_made_with_either_engine() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+
+    for (prefix, extra) in [("loop", None), ("threads", Some("--threads"))] {
+        phase!("magma bench, 3 clients, {prefix} engine");
+        let mut args = vec![
+            "bench",
+            "--node",
+            addr.as_str(),
+            "--clients",
+            "3",
+            "--duration",
+            "0.5",
+            "--json",
+            "--name",
+            prefix,
+        ];
+        args.extend(extra);
+        let out = std::process::Command::new(crate::harness::CLI)
+            .args(&args)
+            .output()
+            .expect("run magma bench");
+        assert!(
+            out.status.success(),
+            "magma bench ({prefix}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("bench --json prints one JSON object");
+        let reported = report["commits"].as_u64().expect("commits is a number");
+        assert!(reported > 0, "{prefix}: no commit in 0.5 s: {report}");
+        // Every reported commit is one append, in order, in its client's
+        // collection; nothing else is there.
+        let mut found = 0;
+        for i in 1..=3 {
+            let name = format!("{prefix}-{i}");
+            let elements = dump(&addr, &name);
+            for (k, e) in elements.iter().enumerate() {
+                assert_eq!(e, &format!("{name}-{:09}", k + 1), "{name} element {k}");
+            }
+            found += elements.len() as u64;
+        }
+        assert_eq!(
+            found, reported,
+            "{prefix}: collections hold {found}, bench said {reported}"
+        );
+    }
+}

@@ -4,6 +4,9 @@
 //!
 //! It owns a socket and request ids only; it never retries, never decides
 //! anything: callers own the policy. Every call is bounded by a timeout.
+//! `into_pipe` splits a link for pipelining (the `BroadcastActor`'s
+//! stream of `replicate` batches): there the caller owns the timeouts,
+//! and the pipe only moves frames and hands back what it read.
 
 use std::time::Duration;
 

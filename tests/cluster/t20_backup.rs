@@ -70,6 +70,20 @@ fn magma(dir: &Path, tag: &str, args: &[&str]) -> CliRun {
     }
 }
 
+/// `magma backup --detach` at `rate` bytes/s into `to` (output files
+/// tagged `tag`); must be accepted.
+fn start_detached_backup(root: &Path, tag: &str, addr: &str, to: &str, rate: u64) {
+    let rate = rate.to_string();
+    magma(
+        root,
+        tag,
+        &[
+            "backup", "--server", addr, "--to", to, "--detach", "--rate", &rate,
+        ],
+    )
+    .ok();
+}
+
 fn report(addr: &str) -> BackupReport {
     magma::client::AdminSession::connect(addr)
         .and_then(|mut a| a.backup_status())
@@ -251,14 +265,7 @@ fn t20_refusals_and_abort_leave_the_target_unmistakably_incomplete() {
     phase!("a slow backup (rate from the request)");
     let target = root.join("slow");
     let to = target.to_str().unwrap();
-    magma(
-        &root,
-        "start",
-        &[
-            "backup", "--server", &addr, "--to", to, "--detach", "--rate", "100000",
-        ],
-    )
-    .ok();
+    start_detached_backup(&root, "start", &addr, to, 100000);
     wait_until(Duration::from_secs(30), "the backup copying", || {
         let r = report(&addr);
         (r.state == BackupState::Running && r.bytes_done > 0).then_some(())
@@ -380,14 +387,7 @@ fn t20_refusals_and_abort_leave_the_target_unmistakably_incomplete() {
     phase!("a shutdown aborts a running backup, leaving it marked incomplete");
     let cut = root.join("cut-by-shutdown");
     let cut_to = cut.to_str().unwrap();
-    magma(
-        &root,
-        "cut",
-        &[
-            "backup", "--server", &addr, "--to", cut_to, "--detach", "--rate", "50000",
-        ],
-    )
-    .ok();
+    start_detached_backup(&root, "cut", &addr, cut_to, 50000);
     wait_until(Duration::from_secs(30), "the backup copying", || {
         (report(&addr).bytes_done > 0).then_some(())
     });
@@ -621,14 +621,7 @@ fn t20_a_backup_yields_to_flowing_commits_then_speeds_up_and_verifies() {
     });
     let target = root.join("yb");
     let to = target.to_str().unwrap();
-    magma(
-        &root,
-        "start",
-        &[
-            "backup", "--server", &addr, "--to", to, "--detach", "--rate", "1000000",
-        ],
-    )
-    .ok();
+    start_detached_backup(&root, "start", &addr, to, 1000000);
     wait_until(Duration::from_secs(30), "the backup to yield", || {
         (yield_transitions(&log).first() == Some(&true)).then_some(())
     });

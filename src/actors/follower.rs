@@ -271,7 +271,7 @@ impl FollowerActor {
                     act.applied = last;
                     if let Some(node) = node_changed {
                         act.nodes
-                            .do_send(crate::actors::supervisor::NodeLearned { node });
+                            .do_send(crate::actors::supervisor::NodeLearned { node, at: last });
                     }
                     act.pulled += 1;
                     if level && last >= primary_last {
@@ -343,9 +343,14 @@ impl Handler<PrimaryHeard> for FollowerActor {
         self.last_heard = Instant::now();
         self.applied = self.applied.max(msg.applied);
         if let FollowState::CatchingUp { .. } = self.state {
-            // Streaming found us while we were pulling (e.g. right after
-            // the glob that made us level): the stream takes over.
-            if msg.primary_last <= self.applied + GLOB_RECORDS as u64 && !self.busy {
+            // The primary's stream is being applied while we pull (right
+            // after the glob that made us level, or after a resync that
+            // the stream's own resend already repaired — pipelined
+            // batches behind a gap each report it): the stream takes
+            // over. A glob still in flight is harmless: its records are
+            // skipped as already applied, and it pulls no further once
+            // we are streaming.
+            if msg.primary_last <= self.applied + GLOB_RECORDS as u64 {
                 self.set_state(FollowState::Streaming {
                     primary: self.primary.clone(),
                 });

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::watch;
 
 use crate::actors::broadcast::{
@@ -99,6 +99,10 @@ pub struct NodeSupervisor {
     repository_id: String,
     is_primary: bool,
     node: Node,
+    /// The commit as of which a secondary's `node` was learned from applied
+    /// records: a node learned as of an earlier commit (a catch-up glob
+    /// whose fsync finished after a streamed batch's) never replaces it.
+    node_at: CommitNumber,
     epoch: Epoch,
     last_commit: CommitNumber,
     broadcasters: HashMap<u64, Addr<BroadcastActor>>,
@@ -120,6 +124,7 @@ impl NodeSupervisor {
             repository_id: String::new(),
             is_primary: false,
             node: Node::default(),
+            node_at: 0,
             epoch: Epoch::default(),
             last_commit: 0,
             broadcasters: HashMap::new(),
@@ -994,7 +999,7 @@ impl Handler<Replicated> for NodeSupervisor {
             });
         }
         if let Some(node) = msg.node_changed {
-            self.on_node_applied(node, true, ctx);
+            self.on_node_applied(node, msg.applied, true, ctx);
         }
     }
 }
@@ -1004,20 +1009,38 @@ impl Handler<Replicated> for NodeSupervisor {
 #[rtype(result = "()")]
 pub struct NodeLearned {
     pub node: Node,
+    /// The last commit applied with it (the node is as of this commit).
+    pub at: CommitNumber,
 }
 
 impl Handler<NodeLearned> for NodeSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: NodeLearned, ctx: &mut Context<Self>) {
-        self.on_node_applied(msg.node, false, ctx);
+        self.on_node_applied(msg.node, msg.at, false, ctx);
     }
 }
 
 impl NodeSupervisor {
-    /// A node change reached this secondary's copy. `live`: it came with
-    /// the primary's stream (not from catching up on history).
-    fn on_node_applied(&mut self, node: Node, live: bool, ctx: &mut Context<Self>) {
+    /// A node change reached this secondary's copy, as of commit `at`.
+    /// `live`: it came with the primary's stream (not from catching up on
+    /// history). Catch-up and stream answers can arrive out of order; an
+    /// older node than the one already known is ignored.
+    fn on_node_applied(
+        &mut self,
+        node: Node,
+        at: CommitNumber,
+        live: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if at < self.node_at {
+            debug!(
+                "node as of commit {at} ignored: the node as of {} is already known",
+                self.node_at
+            );
+            return;
+        }
+        self.node_at = at;
         {
             let was_member = self.node.member(self.server_id).is_some();
             let is_member = node.member(self.server_id).is_some();

@@ -241,7 +241,6 @@ impl PeerLink {
             out,
             next_id: self.next_id,
             tasks: [writer, reader],
-            hello: self.hello,
         }
     }
 
@@ -273,7 +272,6 @@ pub struct PeerPipe {
     out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     next_id: u64,
     tasks: [tokio::task::JoinHandle<()>; 2],
-    pub hello: PeerHello,
 }
 
 impl PeerPipe {
@@ -288,10 +286,6 @@ impl PeerPipe {
                 reason: "the connection is closed".into(),
             })?;
         Ok(id)
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 }
 

@@ -577,21 +577,9 @@ impl Collections {
         Ok(targets)
     }
 
+    /// Write and sync every collection changed since the last call.
     pub fn sync_dirty(&mut self) -> Result<()> {
-        let dirty: Vec<Oid> = self.dirty.drain().collect();
-        for coll in dirty {
-            let dir = self.dir.clone();
-            if let Some(f) = self.open.get_mut(&coll) {
-                f.write_pending(&dir, coll)?;
-                f.idx
-                    .sync_data()
-                    .map_err(|e| io_at(&idx_path(&dir, coll), "syncing", e))?;
-                f.dat
-                    .sync_data()
-                    .map_err(|e| io_at(&dat_path(&dir, coll), "syncing", e))?;
-            }
-        }
-        Ok(())
+        crate::storage::sync::sync_all(&self.dirty_sync_targets()?)
     }
 }
 

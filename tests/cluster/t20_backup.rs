@@ -84,6 +84,21 @@ fn start_detached_backup(root: &Path, tag: &str, addr: &str, to: &str, rate: u64
     .ok();
 }
 
+/// Wait (60 s) for the running backup to complete, every byte copied; it
+/// must stay running until then.
+fn wait_completed(addr: &str) -> BackupReport {
+    let done = wait_until(Duration::from_secs(60), "the backup to complete", || {
+        let r = report(addr);
+        assert!(
+            matches!(r.state, BackupState::Running | BackupState::Completed),
+            "{r:?}"
+        );
+        (r.state == BackupState::Completed).then_some(r)
+    });
+    assert_eq!(done.bytes_done, done.bytes_total);
+    done
+}
+
 fn report(addr: &str) -> BackupReport {
     magma::client::AdminSession::connect(addr)
         .and_then(|mut a| a.backup_status())
@@ -457,15 +472,7 @@ fn t20_pause_stops_progress_and_resume_completes_a_backup_equal_to_the_primary()
         "{}",
         resumed.stdout
     );
-    let done = wait_until(Duration::from_secs(60), "the backup to complete", || {
-        let r = report(&addr);
-        assert!(
-            matches!(r.state, BackupState::Running | BackupState::Completed),
-            "{r:?}"
-        );
-        (r.state == BackupState::Completed).then_some(r)
-    });
-    assert_eq!(done.bytes_done, done.bytes_total);
+    wait_completed(&addr);
     magma(&root, "verify", &["verify-backup", to]).ok();
 
     phase!("a quiet primary's backup holds exactly its content");
@@ -630,15 +637,7 @@ fn t20_a_backup_yields_to_flowing_commits_then_speeds_up_and_verifies() {
 
     phase!("the flood stops: the backup goes back to its own rate and completes");
     flood.kill();
-    let done = wait_until(Duration::from_secs(60), "the backup to complete", || {
-        let r = report(&addr);
-        assert!(
-            matches!(r.state, BackupState::Running | BackupState::Completed),
-            "{r:?}"
-        );
-        (r.state == BackupState::Completed).then_some(r)
-    });
-    assert_eq!(done.bytes_done, done.bytes_total);
+    let done = wait_completed(&addr);
     let transitions = yield_transitions(&log);
     eprintln!(
         "backup: {} bytes in {} ms; yielding transitions {transitions:?}",

@@ -55,16 +55,17 @@ fn refuse(error: WireError) -> Routed {
     now(error_body(error), After::Continue)
 }
 
+/// The reply `work` yields, an error becoming its error body.
+fn answer(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Work {
+    Box::pin(async move { work.await.unwrap_or_else(error_body) })
+}
+
 fn later(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Routed {
-    Routed::Later(Box::pin(
-        async move { work.await.unwrap_or_else(error_body) },
-    ))
+    Routed::Later(answer(work))
 }
 
 fn detached(work: impl Future<Output = Result<ResponseBody, WireError>> + 'static) -> Routed {
-    Routed::Detached(Box::pin(
-        async move { work.await.unwrap_or_else(error_body) },
-    ))
+    Routed::Detached(answer(work))
 }
 
 /// Requests only an admin session may send.

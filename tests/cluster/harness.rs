@@ -547,6 +547,23 @@ pub fn wait_for_more_acks(floods: &[Flood], more: usize, timeout: Duration, what
     });
 }
 
+/// End floods that must not have seen an error (`during`: when), wait until
+/// `servers` hold identical content, and check on each of them every
+/// acknowledged append of every flood (one more, unacknowledged, may be
+/// there: the commit in flight at the kill).
+pub fn stop_floods_and_verify(floods: &mut [Flood], servers: &[&str], during: &str) {
+    for f in floods.iter_mut() {
+        assert!(f.running(), "flood {} saw an error {during}", f.name);
+        f.kill();
+    }
+    wait_for_equal_digests(servers, Duration::from_secs(30));
+    for f in floods.iter() {
+        for a in servers {
+            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
+        }
+    }
+}
+
 /// After the primary was killed: a flood whose commit was in flight stops
 /// with an `error: ...` line (outcome unknown); one whose next commit found
 /// the primary gone went to the successor and goes on (it is then killed).

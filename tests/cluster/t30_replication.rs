@@ -8,8 +8,8 @@ use magma::client::{from_value, Ref, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, status, verify_flood, wait_for_equal_digests, wait_for_members,
-    wait_for_more_acks, wait_until, Cluster, Flood,
+    backup, dump, status, stop_floods_and_verify, verify_flood, wait_for_equal_digests,
+    wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
@@ -131,18 +131,9 @@ fn t30_use_case_1_a_server_started_on_a_backup_catches_up_under_flood_and_joins(
         Duration::from_secs(60),
         "200 more acks per flooder after the join",
     );
-    for f in &mut floods {
-        assert!(f.running(), "flood {} saw an error", f.name);
-        f.kill();
-    }
 
     phase!("quiet: identical content, every acknowledged append on both servers");
-    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
-    for f in &floods {
-        for a in [&a1, &a2] {
-            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
-        }
-    }
+    stop_floods_and_verify(&mut floods, &[&a1, &a2], "before or after the join");
     verify_flood(&dump(&a2, "pre"), "pre", &pre.acked(), 0);
     let st = status(&a1);
     let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
@@ -191,16 +182,7 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
         Duration::from_secs(60),
         "100 more acks per flooder",
     );
-    for f in &mut floods {
-        assert!(f.running(), "flood {} saw an error", f.name);
-        f.kill();
-    }
-    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
-    for f in &floods {
-        for a in [&a1, &a2] {
-            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
-        }
-    }
+    stop_floods_and_verify(&mut floods, &[&a1, &a2], "while server2 rejoined");
 }
 
 #[test]

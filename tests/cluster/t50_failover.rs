@@ -8,8 +8,8 @@ use magma::client::{ConnectOptions, Connection, Ref, Session};
 use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppend, WireRef};
 
 use crate::harness::{
-    backup, dump, status, stop_or_move_on, verify_flood, wait_for_equal_digests, wait_for_members,
-    wait_for_more_acks, wait_until, Cluster, Flood,
+    backup, dump, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
+    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
@@ -146,17 +146,8 @@ fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
         Duration::from_secs(60),
         "flooding goes on after the swap",
     );
-    for f in &mut floods3 {
-        assert!(f.running(), "flood {} saw an error during the swap", f.name);
-        f.kill();
-    }
     wait_for_members(&a1, &[&a1, &a2], JOIN);
-    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
-    for f in &floods3 {
-        for a in [&a1, &a2] {
-            verify_flood(&dump(a, &f.name), &f.name, &f.acked(), 1);
-        }
-    }
+    stop_floods_and_verify(&mut floods3, &[&a1, &a2], "during the swap");
     let _ = s2;
 }
 

@@ -4,7 +4,10 @@
 //! 1. `magma bench` K=8 against a primary with one secondary, with
 //!    `--sync-replicas 1 --flush group`, then `--sync-replicas 0 --flush
 //!    interval:1000`; the secondary's lag (status `lag_ms`) is sampled
-//!    every 2 ms during the run and its p50/p99 printed;
+//!    every 2 ms during the run and its p50/p99 printed, with the CPU
+//!    seconds each server used; then the same flags on a primary alone,
+//!    for comparison (on one machine the secondary takes CPU the primary
+//!    and the clients would otherwise have);
 //! 2. catch-up: a secondary started on a backup N commits behind; records
 //!    per second until the primary lists it as a member.
 //!
@@ -18,7 +21,36 @@ use std::time::{Duration, Instant};
 use magma::client::AdminSession;
 
 mod common;
-use common::{magma, percentile, port, server, wait_members};
+use common::{cpu_seconds, magma, percentile, port, server, wait_members};
+
+/// `magma bench` K=8 against `addr` for `secs`: its output lines.
+fn bench(addr: &str, secs: u32) -> String {
+    magma(&[
+        "bench",
+        "--node",
+        addr,
+        "--clients",
+        "8",
+        "--duration",
+        &secs.to_string(),
+    ])
+}
+
+/// The same primary flags without a secondary: what the pair is compared
+/// with (on one machine the secondary competes with the primary for CPU).
+fn alone_run(flags: &[&str], secs: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = port();
+    let p = server(&dir.path().join("p"), &a1, flags);
+    let before = cpu_seconds(p.0.id());
+    let out = bench(&a1, secs);
+    let used = cpu_seconds(p.0.id()) - before;
+    println!("{flags:?}, no secondary, K=8:");
+    for line in out.lines() {
+        println!("  {line}");
+    }
+    println!("  CPU used during the run: primary {used:.1} s");
+}
 
 /// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
 fn pair_run(flags: &[&str], secs: u32) {
@@ -48,15 +80,10 @@ fn pair_run(flags: &[&str], secs: u32) {
             lags
         })
     };
-    let out = magma(&[
-        "bench",
-        "--node",
-        &a1,
-        "--clients",
-        "8",
-        "--duration",
-        &secs.to_string(),
-    ]);
+    let cpu = |p: &common::Proc| cpu_seconds(p.0.id());
+    let (p0, s0) = (cpu(&_p), cpu(&_s));
+    let out = bench(&a1, secs);
+    let (p1, s1) = (cpu(&_p), cpu(&_s));
     stop.store(true, Ordering::Relaxed);
     let mut lags = sampler.join().unwrap();
     lags.sort_unstable();
@@ -70,6 +97,12 @@ fn pair_run(flags: &[&str], secs: u32) {
         percentile(&lags, 50.0),
         percentile(&lags, 99.0),
         lags.last().copied().unwrap_or(0)
+    );
+    println!(
+        "  CPU used during the run: primary {:.1} s, secondary {:.1} s (the machine has {} cores x {secs} s)",
+        p1 - p0,
+        s1 - s0,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 }
 
@@ -106,7 +139,12 @@ fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let secs = if quick { 3 } else { 10 };
     println!("magma replication benchmark (2-core dev machine; clients share it)");
-    pair_run(&["--sync-replicas", "1", "--flush", "group"], secs);
-    pair_run(&["--sync-replicas", "0", "--flush", "interval:1000"], secs);
+    for flags in [
+        ["--sync-replicas", "1", "--flush", "group"],
+        ["--sync-replicas", "0", "--flush", "interval:1000"],
+    ] {
+        pair_run(&flags, secs);
+        alone_run(&flags, secs);
+    }
     catch_up(if quick { 50_000 } else { 1_000_000 });
 }

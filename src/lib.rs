@@ -13,7 +13,8 @@
 //! | [`actors`] | the server's actor system | storage, protocol |
 //! | [`server`] | configuration, start-up, signals | actors |
 //! | [`client`] | sessions, failover, admin sessions | protocol |
-//! | [`cli`] | the `magma` command-line tool | client |
+//! | [`pull`] | pulling a backup over the protocol into a local directory | client, storage |
+//! | [`cli`] | the `magma` command-line tool | client, pull |
 //!
 //! A commit (a "PUT") from an application to the disk:
 //!
@@ -33,6 +34,7 @@ pub mod actors;
 pub mod cli;
 pub mod client;
 pub mod protocol;
+pub mod pull;
 pub mod server;
 pub mod storage;
 pub mod types;

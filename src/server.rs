@@ -346,13 +346,13 @@ async fn pull_for_join(from: &str, dir: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir(dir)
             .with_context(|| format!("cannot use {} for --join", dir.display()))?;
     }
-    let opts = crate::cli::pull::PullOptions {
+    let opts = crate::pull::PullOptions {
         server: from.to_string(),
         to: dir.to_path_buf(),
         rate: None,
-        progress: false,
+        progress: indicatif::ProgressBar::hidden(),
     };
-    let summary = actix_rt::task::spawn_blocking(move || crate::cli::pull::run(&opts))
+    let summary = actix_rt::task::spawn_blocking(move || crate::pull::run(&opts))
         .await
         .map_err(|e| anyhow!("pulling the backup panicked: {e}"))?
         .map_err(|e| anyhow!("--join {from}: pulling a backup failed: {e}"))?;

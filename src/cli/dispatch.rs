@@ -14,9 +14,9 @@ use crate::cli::compact;
 use crate::cli::error::CliError;
 use crate::cli::flood::{self, FloodLimit, FloodOptions};
 use crate::cli::inspect;
-use crate::cli::pull::{self, PullOptions};
 use crate::cli::status;
 use crate::client::SessionOptions;
+use crate::pull::{self, PullOptions};
 
 /// Run `cli`, writing its output to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
@@ -36,7 +36,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     server: a.server.clone(),
                     to: a.to.into(),
                     rate: a.rate,
-                    progress: true,
+                    progress: admin::byte_bar(0),
                 };
                 let summary = pull::run(&opts)?;
                 return say(&summary.to_string());

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use crate::client::ClientError;
 use crate::protocol::WireError;
+use crate::pull::PullError;
 
 /// The command did what was asked.
 pub const EXIT_OK: i32 = 0;
@@ -115,6 +116,22 @@ impl CliError {
         match self {
             CliError::Client { source, .. } => Some(source),
             _ => None,
+        }
+    }
+}
+
+/// A pull reports through the CLI's own kinds (`backup`, `invalid_backup`,
+/// `io`, or the client error's kind), as every other command does.
+impl From<PullError> for CliError {
+    fn from(e: PullError) -> Self {
+        match e {
+            PullError::Client { server, source } => CliError::Client {
+                server: Some(server),
+                source,
+            },
+            PullError::Io { path, source } => CliError::Io { path, source },
+            PullError::Backup(m) => CliError::Backup(m),
+            PullError::InvalidBackup(m) => CliError::InvalidBackup(m),
         }
     }
 }

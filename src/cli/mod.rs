@@ -16,13 +16,13 @@
 //! | `inspect` | `magma digest` and `magma dump`: reads from one server |
 //! | `admin` | shutdown, backups, follow, take-over, remove, verify-backup |
 //! | `compact` | `magma compact`: offline garbage collection of a backup |
-//! | `pull` | `magma backup --pull`: resumable streaming of a snapshot to here |
 //!
 //! The CLI is a client like any other: it speaks to servers only through
 //! `crate::client`, never through the server's actors, and it never hides a
 //! failure (an unanswered commit is reported as unknown). The only storage
 //! code it uses is `storage::backup`, to write and check backup directories
-//! on this machine (`--pull`, `verify-backup`), and `storage::compact`.
+//! on this machine (`verify-backup`), and `storage::compact`; `backup --pull`
+//! is `crate::pull`, shared with `magma-server --join`.
 
 mod admin;
 mod args;
@@ -34,7 +34,6 @@ pub mod domain;
 mod error;
 pub mod flood;
 pub mod inspect;
-pub mod pull;
 pub mod status;
 
 pub use args::{

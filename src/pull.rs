@@ -1,5 +1,10 @@
-//! `magma backup --pull`: stream a server's snapshot into a directory on
-//! this machine, resumably, and check it like `verify-backup`.
+//! Pulling a backup over the protocol: stream a server's snapshot into a
+//! directory on this machine, resumably, and check it like
+//! `verify-backup`. Used by `magma backup --pull` and by `magma-server
+//! --join` (a new member's first copy); it sits between the client library
+//! (an `AdminSession`) and `storage::backup` (what is written and how it is
+//! checked), and knows nothing of either caller: errors are [`PullError`]s
+//! and progress goes to a bar the caller supplies (hidden for a server).
 //!
 //! The server keeps the snapshot as a pull job (id, file list, idle
 //! timeout). This module fetches each file in order, chunk by chunk,
@@ -9,13 +14,14 @@
 //!
 //! * a broken connection is retried here (reconnect, continue from the
 //!   offsets on disk);
-//! * a killed command, run again with the same --to, continues the same job;
+//! * a killed pull, run again into the same directory, continues the same
+//!   job;
 //! * if the server no longer has the job (finished, expired, restarted),
 //!   the files are removed and the pull starts over, once, cleanly.
 //!
 //! At the end the checksums the server computed over what it sent are
 //! compared with the local ones, the backup is sealed (header, manifest
-//! last) and verified. This module never writes outside --to, never trusts
+//! last) and verified. This module never writes outside its target, never trusts
 //! a file path from the server without checking it, and never leaves a
 //! manifest on a directory whose files it has not verified.
 
@@ -27,13 +33,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::admin::byte_bar;
-use crate::cli::error::CliError;
 use crate::client::{AdminSession, ClientError};
 use crate::protocol::{PullFile, PullSnapshot, WireError};
 use crate::storage::backup::{
-    read_marker, safe_relative_path, seal, write_marker, Receiver, Verified, INCOMPLETE_FILE,
-    MANIFEST_FILE,
+    read_marker, safe_relative_path, seal, verify, write_marker, Receiver, Verified,
+    INCOMPLETE_FILE, MANIFEST_FILE,
 };
 use crate::types::RepositoryId;
 
@@ -42,14 +46,50 @@ pub const STATE_FILE: &str = "PULL-STATE";
 /// Reconnection attempts in a row before giving up.
 const RECONNECTS: u32 = 6;
 
-/// What `magma backup --pull` was asked to do.
+/// What a pull was asked to do.
 #[derive(Clone, Debug)]
 pub struct PullOptions {
     pub server: String,
     pub to: PathBuf,
     pub rate: Option<u64>,
-    /// Draw a progress bar (on a terminal).
-    pub progress: bool,
+    /// Shows bytes fetched of the total, and the current file: the pull sets
+    /// its length and position. `ProgressBar::hidden()` shows nothing.
+    pub progress: indicatif::ProgressBar,
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// A call to the server failed (after the reconnections allowed).
+    #[error("{server}: {source}")]
+    Client {
+        server: String,
+        #[source]
+        source: ClientError,
+    },
+    /// A local file could not be written or read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pull cannot go on: the target is not an interrupted pull, the
+    /// server lost the job twice, the server's checksums differ, ...
+    #[error("{0}")]
+    Backup(String),
+    /// The pulled copy, sealed, does not verify.
+    #[error("{0}")]
+    InvalidBackup(String),
+}
+
+impl PullError {
+    fn at(server: &str) -> impl FnOnce(ClientError) -> PullError + '_ {
+        move |source| PullError::Client {
+            server: server.to_string(),
+            source,
+        }
+    }
 }
 
 /// A finished pull.
@@ -103,14 +143,14 @@ struct PullState {
     snapshot: PullSnapshot,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
-    move |source| CliError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PullError + '_ {
+    move |source| PullError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn write_state(dir: &Path, state: &PullState) -> Result<(), CliError> {
+fn write_state(dir: &Path, state: &PullState) -> Result<(), PullError> {
     let path = dir.join(STATE_FILE);
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let text = serde_json::to_vec_pretty(state).expect("pull state serializes");
@@ -119,14 +159,14 @@ fn write_state(dir: &Path, state: &PullState) -> Result<(), CliError> {
 }
 
 /// What the target directory holds before we start.
-fn existing_state(dir: &Path) -> Result<Option<PullState>, CliError> {
+fn existing_state(dir: &Path) -> Result<Option<PullState>, PullError> {
     match fs::read_dir(dir) {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(dir)(e)),
         Ok(_) => {}
     }
     if dir.join(MANIFEST_FILE).exists() {
-        return Err(CliError::Backup(format!(
+        return Err(PullError::Backup(format!(
             "{} already holds a complete backup (it has a {MANIFEST_FILE}); pull into a new directory",
             dir.display()
         )));
@@ -134,7 +174,7 @@ fn existing_state(dir: &Path) -> Result<Option<PullState>, CliError> {
     let path = dir.join(STATE_FILE);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            CliError::Backup(format!(
+            PullError::Backup(format!(
                 "{} is damaged ({e}); remove {} to pull again",
                 path.display(),
                 dir.display()
@@ -146,7 +186,7 @@ fn existing_state(dir: &Path) -> Result<Option<PullState>, CliError> {
             } else {
                 "already exists and is not an interrupted pull; a backup goes into a new directory"
             };
-            Err(CliError::Backup(format!("{} {why}", dir.display())))
+            Err(PullError::Backup(format!("{} {why}", dir.display())))
         }
         Err(e) => Err(io_err(&path)(e)),
     }
@@ -176,8 +216,8 @@ struct Link {
 }
 
 impl Link {
-    fn new(server: &str) -> Result<Link, CliError> {
-        let session = AdminSession::connect(server).map_err(CliError::at(server))?;
+    fn new(server: &str) -> Result<Link, PullError> {
+        let session = AdminSession::connect(server).map_err(PullError::at(server))?;
         Ok(Link {
             server: server.to_string(),
             session: Some(session),
@@ -221,7 +261,7 @@ impl Link {
 }
 
 /// Remove what a lost job left, keeping the directory and its marker.
-fn wipe(dir: &Path, state: &PullState) -> Result<(), CliError> {
+fn wipe(dir: &Path, state: &PullState) -> Result<(), PullError> {
     for f in &state.snapshot.files {
         if let Some(rel) = safe_relative_path(&f.path) {
             let p = dir.join(rel);
@@ -235,14 +275,14 @@ fn wipe(dir: &Path, state: &PullState) -> Result<(), CliError> {
     Ok(())
 }
 
-fn start_job(link: &mut Link, opts: &PullOptions) -> Result<PullState, CliError> {
+fn start_job(link: &mut Link, opts: &PullOptions) -> Result<PullState, PullError> {
     let to = opts.to.display().to_string();
     let snapshot = link
         .call(|s| s.backup_pull_start(opts.rate, Some(&to)))
-        .map_err(CliError::at(&opts.server))?;
+        .map_err(PullError::at(&opts.server))?;
     for f in &snapshot.files {
         if safe_relative_path(&f.path).is_none() {
-            return Err(CliError::Backup(format!(
+            return Err(PullError::Backup(format!(
                 "{} named an unsafe file path {:?}; refusing to write it",
                 opts.server, f.path
             )));
@@ -264,7 +304,7 @@ fn fetch_all(
     state: &PullState,
     bar: &indicatif::ProgressBar,
     fetched: &mut u64,
-) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, CliError> {
+) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, PullError> {
     let snap = &state.snapshot;
     let server = state.server.clone();
     let mut entries = Vec::with_capacity(snap.files.len());
@@ -280,10 +320,10 @@ fn fetch_all(
                     log::warn!("pull from {server}: {e}");
                     return Ok(None);
                 }
-                Err(e) => return Err(CliError::at(&server)(e)),
+                Err(e) => return Err(PullError::at(&server)(e)),
             };
             if data.is_empty() {
-                return Err(CliError::Backup(format!(
+                return Err(PullError::Backup(format!(
                     "{server} sent no bytes of {} at offset {offset} (of {})",
                     f.path, f.size
                 )));
@@ -301,7 +341,7 @@ fn fetch_all(
 fn compare(
     local: &[crate::storage::backup::ManifestFile],
     server: &[PullFile],
-) -> Result<(), CliError> {
+) -> Result<(), PullError> {
     let mut bad = Vec::new();
     for s in server {
         let Some(l) = local.iter().find(|l| l.path == s.path) else {
@@ -326,7 +366,7 @@ fn compare(
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(CliError::Backup(format!(
+        Err(PullError::Backup(format!(
             "the pulled files do not match what the server sent: {}",
             bad.join("; ")
         )))
@@ -334,7 +374,7 @@ fn compare(
 }
 
 /// Run a pull; see the module doc.
-pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
+pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
     let started = Instant::now();
     let dir = opts.to.as_path();
     let earlier = existing_state(dir)?;
@@ -349,7 +389,7 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
                 "This directory is an INCOMPLETE Magma backup: a `magma backup --pull` is in progress.\n\
                  state: pulling\nreason: run the same command again to continue\n",
             )
-            .map_err(|e| CliError::Backup(e.to_string()))?;
+            .map_err(|e| PullError::Backup(e.to_string()))?;
             start_job(&mut link, opts)?
         }
     };
@@ -357,11 +397,9 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
     let mut fetched = 0;
     let entries = loop {
         let total: u64 = state.snapshot.files.iter().map(|f| f.size).sum();
-        let bar = if opts.progress {
-            byte_bar(total)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar = &opts.progress;
+        bar.reset();
+        bar.set_length(total);
         let have: u64 = state
             .snapshot
             .files
@@ -372,23 +410,23 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
             })
             .sum();
         bar.set_position(have);
-        match fetch_all(&mut link, dir, &state, &bar, &mut fetched)? {
+        match fetch_all(&mut link, dir, &state, bar, &mut fetched)? {
             Some(entries) => {
                 bar.finish_and_clear();
                 break entries;
             }
             None if !restarted => {
-                bar.abandon();
-                eprintln!(
+                log::warn!(
                     "{} no longer has pull job {}: starting over",
-                    opts.server, state.snapshot.id
+                    opts.server,
+                    state.snapshot.id
                 );
                 wipe(dir, &state)?;
                 state = start_job(&mut link, opts)?;
                 restarted = true;
             }
             None => {
-                return Err(CliError::Backup(format!(
+                return Err(PullError::Backup(format!(
                     "{} lost the pull job twice; giving up (the directory stays incomplete)",
                     opts.server
                 )))
@@ -405,7 +443,7 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
             opts.server,
             snap.id
         ),
-        Err(e) => return Err(CliError::at(&opts.server)(e)),
+        Err(e) => return Err(PullError::at(&opts.server)(e)),
     }
     let repository_id = parse_repository_id(&snap.repository_id)?;
     let state_path = dir.join(STATE_FILE);
@@ -418,8 +456,11 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
         snap.snapshot_commit,
         &opts.server,
     )
-    .map_err(|e| CliError::Backup(e.to_string()))?;
-    let verified = crate::cli::admin::verify_backup(dir)?;
+    .map_err(|e| PullError::Backup(e.to_string()))?;
+    let verified = verify(dir).map_err(|problems| {
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        PullError::InvalidBackup(format!("{}: {}", dir.display(), all.join("; ")))
+    })?;
     debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
     Ok(PullSummary {
         server: opts.server.clone(),
@@ -433,8 +474,8 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, CliError> {
     })
 }
 
-fn parse_repository_id(hex: &str) -> Result<RepositoryId, CliError> {
-    let bad = || CliError::Backup(format!("the server sent a malformed repository id {hex:?}"));
+fn parse_repository_id(hex: &str) -> Result<RepositoryId, PullError> {
+    let bad = || PullError::Backup(format!("the server sent a malformed repository id {hex:?}"));
     if hex.len() != 32 {
         return Err(bad());
     }

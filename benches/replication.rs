@@ -56,11 +56,11 @@ fn alone_run(flags: &[&str], secs: u32) {
 fn pair_run(flags: &[&str], secs: u32) {
     let dir = tempfile::tempdir().unwrap();
     let (a1, a2) = (port(), port());
-    let _p = server(&dir.path().join("p"), &a1, flags);
+    let p = server(&dir.path().join("p"), &a1, flags);
     magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
     let b = dir.path().join("b");
     magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
-    let _s = server(&b, &a2, &[]);
+    let s = server(&b, &a2, &[]);
     wait_members(&a1, 2, Duration::from_secs(60));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -81,9 +81,9 @@ fn pair_run(flags: &[&str], secs: u32) {
         })
     };
     let cpu = |p: &common::Proc| cpu_seconds(p.0.id());
-    let (p0, s0) = (cpu(&_p), cpu(&_s));
+    let (p0, s0) = (cpu(&p), cpu(&s));
     let out = bench(&a1, secs);
-    let (p1, s1) = (cpu(&_p), cpu(&_s));
+    let (p1, s1) = (cpu(&p), cpu(&s));
     stop.store(true, Ordering::Relaxed);
     let mut lags = sampler.join().unwrap();
     lags.sort_unstable();

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::client::{AdminSession, ClientError};
 use crate::protocol::{PullFile, PullSnapshot, WireError};
 use crate::storage::backup::{
-    read_marker, safe_relative_path, seal, verify, write_marker, Receiver, Verified,
-    INCOMPLETE_FILE, MANIFEST_FILE,
+    describe_problems, read_marker, safe_relative_path, seal, verify, write_marker, Receiver,
+    Verified, INCOMPLETE_FILE, MANIFEST_FILE,
 };
 use crate::types::RepositoryId;
 
@@ -386,7 +386,8 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
             write_marker(
                 dir,
-                "This directory is an INCOMPLETE Magma backup: a `magma backup --pull` is in progress.\n\
+                "This directory is an INCOMPLETE Magma backup: a pull (`magma backup --pull` or \
+                 `magma-server --join`) is in progress.\n\
                  state: pulling\nreason: run the same command again to continue\n",
             )
             .map_err(|e| PullError::Backup(e.to_string()))?;
@@ -457,10 +458,8 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
         &opts.server,
     )
     .map_err(|e| PullError::Backup(e.to_string()))?;
-    let verified = verify(dir).map_err(|problems| {
-        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        PullError::InvalidBackup(format!("{}: {}", dir.display(), all.join("; ")))
-    })?;
+    let verified = verify(dir)
+        .map_err(|problems| PullError::InvalidBackup(describe_problems(dir, &problems)))?;
     debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
     Ok(PullSummary {
         server: opts.server.clone(),

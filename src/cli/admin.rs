@@ -20,7 +20,7 @@ use crate::cli::error::CliError;
 use crate::cli::status::{backup_line, backup_state_name};
 use crate::client::AdminSession;
 use crate::protocol::{BackupReport, BackupState};
-use crate::storage::backup::{verify, Verified};
+use crate::storage::backup::{describe_problems, verify, Verified};
 
 /// How often a followed backup job is polled.
 const BACKUP_POLL: Duration = Duration::from_millis(200);
@@ -118,10 +118,7 @@ pub fn backup_resume(server: &str) -> Result<BackupReport, CliError> {
 
 /// Check the backup in `dir` (see `magma verify-backup --help`).
 pub fn verify_backup(dir: &Path) -> Result<Verified, CliError> {
-    verify(dir).map_err(|problems| {
-        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        CliError::InvalidBackup(format!("{}: {}", dir.display(), all.join("; ")))
-    })
+    verify(dir).map_err(|problems| CliError::InvalidBackup(describe_problems(dir, &problems)))
 }
 
 /// Make `server` a warm backup of `primary`.

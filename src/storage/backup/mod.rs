@@ -40,7 +40,7 @@ pub use manifest::{
 };
 pub use receive::{safe_relative_path, Receiver};
 pub use target::{clear_scratch, prepare_target, remove_scratch, TargetRefusal, SCRATCH_DIR};
-pub use verify::{verify, Problem, Verified};
+pub use verify::{describe_problems, verify, Problem, Verified};
 
 pub(crate) use copy::incomplete_text;
 pub(crate) use verify::hash_file;

@@ -170,6 +170,12 @@ fn present_files(dir: &Path) -> BTreeSet<String> {
     out
 }
 
+/// One line naming `dir` and every problem `verify` found in it.
+pub fn describe_problems(dir: &Path, problems: &[Problem]) -> String {
+    let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    format!("{}: {}", dir.display(), all.join("; "))
+}
+
 /// Check the backup in `dir`; see the module doc.
 pub fn verify(dir: &Path) -> Result<Verified, Vec<Problem>> {
     if let Err(e) = fs::read_dir(dir) {

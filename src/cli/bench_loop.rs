@@ -25,7 +25,8 @@ use crate::cli::domain;
 use crate::cli::error::CliError;
 use crate::cli::flood::element;
 use crate::client::{ClientError, Session};
-use crate::protocol::codec::{decode, encode, read_frame_async, DEFAULT_MAX_FRAME};
+use crate::protocol::codec::{encode, read_frame_async, DEFAULT_MAX_FRAME};
+use crate::protocol::direct::decode_response;
 use crate::protocol::messages::{
     CommitBody, Request, RequestBody, Response, ResponseBody, SessionRole, WireAppend, WireRef,
     PROTOCOL_VERSION,
@@ -173,7 +174,7 @@ impl Client {
         let reply = read_frame_async(&mut self.reader, DEFAULT_MAX_FRAME)
             .await
             .map_err(|e| CliError::client(ClientError::from_protocol(&self.addr, e)))?;
-        let resp: Response = decode(&reply)
+        let resp: Response = decode_response(&reply)
             .map_err(|e| CliError::client(ClientError::from_protocol(&self.addr, e)))?;
         if resp.id != id {
             return Err(self.violation(format!("reply id {} to request {id}", resp.id)));

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::client::error::{ClientError, Result};
 use crate::protocol::codec::{self, DEFAULT_MAX_FRAME};
+use crate::protocol::direct;
 use crate::protocol::{
     RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError, PROTOCOL_VERSION,
 };
@@ -239,7 +240,7 @@ impl Connection {
             self.broken = true;
             ClientError::from_protocol(&self.addr, e)
         })?;
-        codec::decode::<Response>(&body).map_err(|e| {
+        direct::decode_response(&body).map_err(|e| {
             self.broken = true;
             ClientError::from_protocol(&self.addr, e)
         })

@@ -5,6 +5,7 @@
 //! it never does socket I/O policy, never imports actix or storage.
 
 pub mod codec;
+pub mod direct;
 pub mod error;
 pub mod messages;
 

@@ -34,6 +34,7 @@ use crate::actors::listener::SessionClosed;
 use crate::actors::session::dispatch::{After, Routed};
 use crate::actors::storage::StorageActor;
 use crate::protocol::codec::{self, read_frame_async};
+use crate::protocol::direct;
 use crate::protocol::{ProtocolError, Request, Response, ResponseBody, SessionRole, WireError};
 use crate::types::CommitNumber;
 
@@ -274,7 +275,7 @@ impl Handler<Inbound> for Session {
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
-        let request: Request = match codec::decode(&body) {
+        let request: Request = match direct::decode_request(&body) {
             Ok(r) => r,
             Err(e) => {
                 let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);

@@ -7,7 +7,8 @@
 //!    every 2 ms during the run and its p50/p99 printed, with the CPU
 //!    seconds each server used; then the same flags on a primary alone,
 //!    for comparison (on one machine the secondary takes CPU the primary
-//!    and the clients would otherwise have);
+//!    and the clients would otherwise have); then the asynchronous pair
+//!    again with `--async-batch-delay-us 2000` (fewer, larger batches);
 //! 2. catch-up: a secondary started on a backup N commits behind; records
 //!    per second until the primary lists it as a member.
 //!
@@ -146,5 +147,17 @@ fn main() {
         pair_run(&flags, secs);
         alone_run(&flags, secs);
     }
+    // Fewer, larger batches: less CPU and fewer fsyncs for more lag.
+    pair_run(
+        &[
+            "--sync-replicas",
+            "0",
+            "--flush",
+            "interval:1000",
+            "--async-batch-delay-us",
+            "2000",
+        ],
+        secs,
+    );
     catch_up(if quick { 50_000 } else { 1_000_000 });
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::actors::backup::Pacing;
-use crate::actors::broadcast::{LinkSettings, ASYNC_COALESCE, SYNC_IN_FLIGHT};
+use crate::actors::broadcast::{LinkSettings, SYNC_IN_FLIGHT};
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
     BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome,
@@ -35,6 +35,7 @@ use crate::storage::{RepoOptions, Repository, StorageError};
 use crate::types::{CommitNumber, RepositoryId};
 
 pub use crate::actors::backup::DEFAULT_BUSY_RATE as DEFAULT_BACKUP_BUSY_RATE;
+pub use crate::actors::broadcast::ASYNC_COALESCE as DEFAULT_ASYNC_BATCH_DELAY;
 pub use crate::actors::{FlushPolicy, FlushPolicyError};
 
 /// Default `--listen` address.
@@ -59,6 +60,11 @@ pub struct Config {
     /// Secondaries that must hold a commit durably before it is
     /// acknowledged (at most as many as the node has; 0: asynchronous).
     pub sync_replicas: u32,
+    /// With `sync_replicas` 0: how long a batch for a secondary may wait
+    /// for more records before it is sent (zero: as soon as the link is
+    /// free). Longer means fewer, larger batches (less CPU and fewer fsyncs
+    /// on both servers) for more lag.
+    pub async_batch_delay: Duration,
     /// Follow this primary (beWarmBackupFor) instead of the one the
     /// repository's node names.
     pub primary: Option<String>,
@@ -95,6 +101,7 @@ impl Default for Config {
             advertise: None,
             flush: FlushPolicy::Group,
             sync_replicas: 1,
+            async_batch_delay: DEFAULT_ASYNC_BATCH_DELAY,
             primary: None,
             join: None,
             max_frame: DEFAULT_MAX_FRAME,
@@ -214,7 +221,8 @@ impl Server {
         let link_settings = LinkSettings {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
-            coalesce: (config.sync_replicas == 0).then_some(ASYNC_COALESCE),
+            coalesce: (config.sync_replicas == 0 && !config.async_batch_delay.is_zero())
+                .then_some(config.async_batch_delay),
             max_in_flight: if config.sync_replicas == 0 {
                 1
             } else {

@@ -485,6 +485,21 @@ pub fn wait_for_members(primary: &str, members: &[&str], timeout: Duration) {
     );
 }
 
+/// s1 primary and s2 joined from a backup of it, both started with `args`;
+/// returns their indices and addresses once s2 is a member.
+pub fn pair(c: &mut Cluster, args: &[&str]) -> (usize, usize, String, String) {
+    let s1 = c.add_server("s1", args);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("b2");
+    backup(&a1, &b);
+    let s2 = c.add_server_on("s2", &b, args);
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], Duration::from_secs(90));
+    (s1, s2, a1, a2)
+}
+
 /// Wait until every server prints the same digest line.
 pub fn wait_for_equal_digests(addrs: &[&str], timeout: Duration) -> String {
     wait_until(timeout, &format!("equal digests on {addrs:?}"), || {

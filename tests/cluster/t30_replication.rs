@@ -8,7 +8,7 @@ use magma::client::{from_value, Ref, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, status, stop_floods_and_verify, verify_flood, wait_for_equal_digests,
+    backup, dump, pair, status, stop_floods_and_verify, verify_flood, wait_for_equal_digests,
     wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
@@ -349,6 +349,40 @@ fn t30_with_sync_replicas_an_acknowledged_commit_survives_the_primary_killed() {
     assert!(!end.status.success());
     // Every acknowledged append is on the secondary.
     verify_flood(&dump(&a2, "s"), "s", &f.acked(), 1);
+}
+
+#[test]
+fn t30_asynchronous_replication_delivers_everything_with_any_batch_delay() {
+    // 0: each batch goes as soon as the previous one is acknowledged;
+    // 20 ms: every batch waits far longer than a commit takes, so records
+    // pile up into large batches.
+    for delay in ["0", "20000"] {
+        phase!("--sync-replicas 0 --async-batch-delay-us {delay}: two floods");
+        let mut c = Cluster::new();
+        let args = ["--sync-replicas", "0", "--async-batch-delay-us", delay];
+        let (_, _, a1, a2) = pair(&mut c, &args);
+        let dir = c.root.path().to_path_buf();
+        let mut floods = vec![
+            Flood::start(&dir, &[a1.as_str()], "f1", &["--duration", "120"]),
+            Flood::start(&dir, &[a1.as_str()], "f2", &["--duration", "120"]),
+        ];
+        wait_for_more_acks(&floods, 400, Duration::from_secs(60), "400 acks per flood");
+        stop_floods_and_verify(&mut floods, &[&a1, &a2], "with asynchronous replication");
+        let st = status(&a1);
+        let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
+        assert_eq!(m2.lag_commits, 0, "{st:?}");
+    }
+    let out = magma_server(&["--async-batch-delay-us", "100001"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--async-batch-delay-us"), "{err}");
+}
+
+fn magma_server(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_magma-server"))
+        .args(args)
+        .output()
+        .expect("run magma-server")
 }
 
 fn magma(args: &[&str]) -> std::process::Output {

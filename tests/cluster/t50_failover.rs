@@ -8,26 +8,12 @@ use magma::client::{ConnectOptions, Connection, Ref, Session};
 use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppend, WireRef};
 
 use crate::harness::{
-    backup, dump, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
+    backup, dump, pair, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
     wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
 const JOIN: Duration = Duration::from_secs(90);
-
-/// s1 primary and s2 joined from a backup; returns their addresses.
-fn pair(c: &mut Cluster, args: &[&str]) -> (usize, usize, String, String) {
-    let s1 = c.add_server("s1", args);
-    c.servers[s1].start();
-    let a1 = c.servers[s1].addr.clone();
-    let b = c.root.path().join("b2");
-    backup(&a1, &b);
-    let s2 = c.add_server_on("s2", &b, args);
-    c.servers[s2].start();
-    let a2 = c.servers[s2].addr.clone();
-    wait_for_members(&a1, &[&a1, &a2], JOIN);
-    (s1, s2, a1, a2)
-}
 
 fn role(addr: &str) -> ServerRole {
     status(addr).role

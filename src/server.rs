@@ -36,6 +36,10 @@ use crate::types::{CommitNumber, RepositoryId};
 
 pub use crate::actors::backup::DEFAULT_BUSY_RATE as DEFAULT_BACKUP_BUSY_RATE;
 pub use crate::actors::broadcast::ASYNC_COALESCE as DEFAULT_ASYNC_BATCH_DELAY;
+
+/// Longest `async_batch_delay` accepted, in microseconds: beyond it the lag
+/// it adds would rival the replica timeout.
+pub const MAX_ASYNC_BATCH_DELAY_US: u64 = 100_000;
 pub use crate::actors::{FlushPolicy, FlushPolicyError};
 
 /// Default `--listen` address.
@@ -122,6 +126,12 @@ impl Config {
         }
         if self.replica_timeout.is_zero() {
             bail!("--replica-timeout must be positive");
+        }
+        if self.async_batch_delay > Duration::from_micros(MAX_ASYNC_BATCH_DELAY_US) {
+            bail!(
+                "--async-batch-delay-us {}: at most {MAX_ASYNC_BATCH_DELAY_US}",
+                self.async_batch_delay.as_micros()
+            );
         }
         if self.max_frame == 0 || self.max_frame > u32::MAX as u64 {
             bail!(

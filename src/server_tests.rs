@@ -401,3 +401,15 @@ fn a_repository_in_restore_mode_serves_reads_and_refuses_commits() {
     );
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn an_async_batch_delay_beyond_the_limit_is_refused_by_name() {
+    let at = |us| Config {
+        async_batch_delay: Duration::from_micros(us),
+        ..Config::default()
+    };
+    assert!(at(MAX_ASYNC_BATCH_DELAY_US).validate().is_ok());
+    assert!(at(0).validate().is_ok());
+    let err = at(MAX_ASYNC_BATCH_DELAY_US + 1).validate().unwrap_err();
+    assert!(err.to_string().contains("--async-batch-delay-us"), "{err}");
+}

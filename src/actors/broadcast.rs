@@ -61,7 +61,8 @@ pub struct LinkSettings {
     pub max_in_flight: usize,
 }
 
-/// [`LinkSettings::coalesce`] under asynchronous replication.
+/// [`LinkSettings::coalesce`] under asynchronous replication, unless the
+/// operator sets another (`--async-batch-delay-us`).
 pub const ASYNC_COALESCE: Duration = Duration::from_micros(500);
 /// A batch this large goes at once, coalescing or not.
 const COALESCE_RECORDS: usize = 512;

@@ -15,7 +15,7 @@ use magma::protocol::codec::DEFAULT_MAX_FRAME;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use magma::server::{
     self, Config, FlushPolicy, DEFAULT_ASYNC_BATCH_DELAY, DEFAULT_BACKUP_BUSY_RATE, DEFAULT_DIR,
-    DEFAULT_LISTEN,
+    DEFAULT_LISTEN, MAX_ASYNC_BATCH_DELAY_US,
 };
 
 /// Serve a Magma-HA object repository.
@@ -67,7 +67,7 @@ struct Args {
     /// machine — at the price of that much more replication lag. 0: send as
     /// soon as the previous batch is acknowledged.
     #[arg(long, value_name = "US", default_value_t = DEFAULT_ASYNC_BATCH_DELAY.as_micros() as u64,
-          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_ASYNC_BATCH_DELAY_US))]
     async_batch_delay_us: u64,
 
     /// Follow this primary as a warm backup (beWarmBackupFor) instead of the

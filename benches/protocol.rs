@@ -13,7 +13,7 @@ use std::hint::black_box;
 use magma::protocol::codec;
 use magma::protocol::direct::{decode_request, decode_response};
 use magma::protocol::{
-    CommitBody, Request, RequestBody, Response, ResponseBody, WireAppend, WireRef,
+    CommitBody, ProtocolError, Request, RequestBody, Response, ResponseBody, WireAppend, WireRef,
 };
 
 fn decoding(c: &mut Criterion) {
@@ -44,22 +44,33 @@ fn decoding(c: &mut Criterion) {
         codec::decode::<Request>(request).unwrap()
     );
 
-    let mut g = c.benchmark_group("commit request");
-    g.bench_function("generic", |b| {
-        b.iter(|| codec::decode::<Request>(black_box(request)).unwrap())
-    });
-    g.bench_function("direct", |b| {
-        b.iter(|| decode_request(black_box(request)).unwrap())
-    });
-    g.finish();
+    compare(
+        c,
+        "commit request",
+        request,
+        codec::decode::<Request>,
+        decode_request,
+    );
+    compare(
+        c,
+        "committed reply",
+        reply,
+        codec::decode::<Response>,
+        decode_response,
+    );
+}
 
-    let mut g = c.benchmark_group("committed reply");
-    g.bench_function("generic", |b| {
-        b.iter(|| codec::decode::<Response>(black_box(reply)).unwrap())
-    });
-    g.bench_function("direct", |b| {
-        b.iter(|| decode_response(black_box(reply)).unwrap())
-    });
+/// One criterion group: the generic decoder against the direct one.
+fn compare<T>(
+    c: &mut Criterion,
+    name: &str,
+    body: &[u8],
+    generic: fn(&[u8]) -> Result<T, ProtocolError>,
+    direct: fn(&[u8]) -> Result<T, ProtocolError>,
+) {
+    let mut g = c.benchmark_group(name);
+    g.bench_function("generic", |b| b.iter(|| generic(black_box(body)).unwrap()));
+    g.bench_function("direct", |b| b.iter(|| direct(black_box(body)).unwrap()));
     g.finish();
 }
 

@@ -372,17 +372,13 @@ fn t30_asynchronous_replication_delivers_everything_with_any_batch_delay() {
         let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
         assert_eq!(m2.lag_commits, 0, "{st:?}");
     }
-    let out = magma_server(&["--async-batch-delay-us", "100001"]);
+    let out = std::process::Command::new(crate::harness::SERVER)
+        .args(["--async-batch-delay-us", "100001"])
+        .output()
+        .expect("run magma-server");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--async-batch-delay-us"), "{err}");
-}
-
-fn magma_server(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_magma-server"))
-        .args(args)
-        .output()
-        .expect("run magma-server")
 }
 
 fn magma(args: &[&str]) -> std::process::Output {

@@ -1286,6 +1286,7 @@ impl Handler<HandOverTo> for NodeSupervisor {
         };
         self.changing_role = true;
         let commits = self.parts.commits.clone();
+        let applied = self.parts.applied.clone();
         info!("handing over to {}: commits paused", target.addr);
         Box::pin(
             async move {
@@ -1294,8 +1295,13 @@ impl Handler<HandOverTo> for NodeSupervisor {
                     let p = commits.send(Pause { on: true }).await.ok();
                     let s = b.send(GetReplicaStats).await.ok();
                     if let (Some(p), Some(s)) = (p, s) {
-                        if p.idle && s.durable >= p.durable {
-                            return Ok(p.durable);
+                        // Idle: every commit is applied and acknowledged.
+                        // Under `interval:MS` acknowledged commits may not
+                        // be durable here yet, so the mark is the last
+                        // applied commit, not this server's durable one.
+                        let last = (*applied.borrow()).max(p.durable);
+                        if p.idle && s.durable >= last {
+                            return Ok(last);
                         }
                     }
                     if start.elapsed() > HAND_OVER_WAIT {

@@ -1,9 +1,12 @@
 //! Replication benchmark: real `magma-server` processes on loopback.
 //!
-//! `cargo bench --bench replication` (add `-- quick` for a short run):
-//! 1. `magma bench` K=8 against a primary with one secondary, with
-//!    `--sync-replicas 1 --flush group`, then `--sync-replicas 0 --flush
-//!    interval:1000`; the secondary's lag (status `lag_ms`) is sampled
+//! `cargo bench --bench replication` (add `-- quick` for a short run, and
+//! `sync`, `async` or `catch-up` to run only those parts; set
+//! `MAGMA_BENCH_BIN_DIR` to run the servers and CLI of another build):
+//! 1. `magma bench` K=8 against a primary with one secondary, both servers
+//!    started with the same flags: `--sync-replicas 1 --flush group`, then
+//!    `--sync-replicas 0 --flush interval:1000`; the secondary's lag (status
+//!    `lag_ms`) is sampled
 //!    every 2 ms during the run and its p50/p99 printed, with the CPU
 //!    seconds each server used; then the same flags on a primary alone,
 //!    for comparison (on one machine the secondary takes CPU the primary
@@ -61,7 +64,8 @@ fn pair_run(flags: &[&str], secs: u32) {
     magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
     let b = dir.path().join("b");
     magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
-    let s = server(&b, &a2, &[]);
+    // The secondary may become primary: it runs with the same settings.
+    let s = server(&b, &a2, flags);
     wait_members(&a1, 2, Duration::from_secs(60));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -137,27 +141,40 @@ fn catch_up(behind: u64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let parts = ["sync", "async", "catch-up"];
+    let named: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| parts.contains(a))
+        .collect();
+    let run = |part: &str| named.is_empty() || named.contains(&part);
     let secs = if quick { 3 } else { 10 };
     println!("magma replication benchmark (2-core dev machine; clients share it)");
-    for flags in [
-        ["--sync-replicas", "1", "--flush", "group"],
-        ["--sync-replicas", "0", "--flush", "interval:1000"],
-    ] {
-        pair_run(&flags, secs);
-        alone_run(&flags, secs);
+    let sync = ["--sync-replicas", "1", "--flush", "group"];
+    let asynchronous = ["--sync-replicas", "0", "--flush", "interval:1000"];
+    for (part, flags) in [("sync", sync), ("async", asynchronous)] {
+        if run(part) {
+            pair_run(&flags, secs);
+            alone_run(&flags, secs);
+        }
     }
-    // Fewer, larger batches: less CPU and fewer fsyncs for more lag.
-    pair_run(
-        &[
-            "--sync-replicas",
-            "0",
-            "--flush",
-            "interval:1000",
-            "--async-batch-delay-us",
-            "2000",
-        ],
-        secs,
-    );
-    catch_up(if quick { 50_000 } else { 1_000_000 });
+    if run("async") {
+        // Fewer, larger batches: less CPU and fewer fsyncs for more lag.
+        pair_run(
+            &[
+                "--sync-replicas",
+                "0",
+                "--flush",
+                "interval:1000",
+                "--async-batch-delay-us",
+                "2000",
+            ],
+            secs,
+        );
+    }
+    if run("catch-up") {
+        catch_up(if quick { 50_000 } else { 1_000_000 });
+    }
 }

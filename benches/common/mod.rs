@@ -12,6 +12,16 @@ use magma::client::AdminSession;
 pub const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
 pub const CLI: &str = env!("CARGO_BIN_EXE_magma");
 
+/// The binary `name` (`SERVER` or `CLI`), or the one of that file name in
+/// `MAGMA_BENCH_BIN_DIR` when set: the same benchmark against another build
+/// (e.g. the previous commit's `target/release`, copied aside).
+fn binary(name: &str) -> std::path::PathBuf {
+    match std::env::var_os("MAGMA_BENCH_BIN_DIR") {
+        Some(dir) => Path::new(&dir).join(Path::new(name).file_name().unwrap()),
+        None => name.into(),
+    }
+}
+
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
@@ -27,7 +37,7 @@ pub fn port() -> String {
 }
 
 pub fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
-    let child = Command::new(SERVER)
+    let child = Command::new(binary(SERVER))
         .arg("--dir")
         .arg(dir)
         .args(["--listen", addr])
@@ -52,7 +62,7 @@ pub fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
 }
 
 pub fn magma(args: &[&str]) -> String {
-    let out = Command::new(CLI).args(args).output().unwrap();
+    let out = Command::new(binary(CLI)).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "magma {args:?}: {}",

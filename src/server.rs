@@ -31,6 +31,7 @@ use crate::actors::{
     RequestShutdown, SessionEnv, SessionSettings, StorageActor,
 };
 use crate::protocol::codec::DEFAULT_MAX_FRAME;
+use crate::protocol::ReplicateAck;
 use crate::storage::{RepoOptions, Repository, StorageError};
 use crate::types::{CommitNumber, RepositoryId};
 
@@ -238,6 +239,11 @@ impl Server {
             } else {
                 SYNC_IN_FLIGHT
             },
+            ack: if config.sync_replicas == 0 {
+                ReplicateAck::Applied
+            } else {
+                ReplicateAck::Durable
+            },
         };
         let follow = config.primary.clone();
         let settings = SessionSettings {
@@ -287,6 +293,7 @@ impl Server {
                 backup: backup.clone(),
                 storage: storage.clone(),
                 commits: coordinator.clone().recipient(),
+                durability: coordinator.clone().recipient(),
                 shutdown: me.clone().recipient(),
                 fatal: me.recipient(),
                 applied: applied_rx,

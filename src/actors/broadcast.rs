@@ -12,6 +12,10 @@
 //! the log. When idle it sends empty batches as heartbeats, so lag is
 //! measured, not guessed.
 //!
+//! Batches ask to be answered once durable (synchronous replication) or
+//! once applied (asynchronous, [`LinkSettings::ack`]); lag counts to the
+//! last record acknowledged as applied; heartbeats ask for durability.
+//!
 //! It never decides membership: when the secondary cannot be reached or
 //! stops acknowledging for `replica_timeout`, it tells the `NodeSupervisor`
 //! ([`ReplicaTrouble`]), which verifies and decides.
@@ -25,7 +29,7 @@ use log::{debug, info, warn};
 
 use crate::actors::peer_link::{LinkError, PeerLink, PeerPipe, PipeEvent};
 use crate::actors::storage::{ReadRecords, StorageActor};
-use crate::protocol::{RequestBody, ResponseBody, WireError};
+use crate::protocol::{ReplicateAck, RequestBody, ResponseBody, WireError};
 use crate::storage::record::RecordHead;
 use crate::types::{CommitNumber, Epoch, Member};
 
@@ -59,6 +63,13 @@ pub struct LinkSettings {
     /// synchronous replication; 1 for asynchronous, where the round trip
     /// is what gathers records into batches).
     pub max_in_flight: usize,
+    /// When the secondary answers a batch of records: `durable` for
+    /// synchronous replication (the coordinator counts those answers);
+    /// `applied` for asynchronous, so the secondary's fsyncs neither pace
+    /// the stream nor count as lag. Heartbeats always ask for `durable`,
+    /// so what the secondary holds durably (what retention, take-over and
+    /// hand-over go by) is known within a heartbeat once the stream pauses.
+    pub ack: ReplicateAck,
 }
 
 /// [`LinkSettings::coalesce`] under asynchronous replication, unless the
@@ -109,6 +120,10 @@ pub struct GetReplicaStats;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
+    /// What the secondary acknowledged as applied (and, under synchronous
+    /// replication, durable); lag counts from here.
+    pub applied: CommitNumber,
+    /// What the secondary holds durably.
     pub durable: CommitNumber,
     pub lag_commits: u64,
     pub lag_ms: u64,
@@ -134,13 +149,17 @@ pub struct BroadcastActor {
     busy: bool,
     /// Next record number to send.
     next: CommitNumber,
+    /// Highest record the secondary acknowledged as applied.
+    acked: CommitNumber,
+    /// Highest record the secondary acknowledged as durable (≤ `acked`).
     durable: CommitNumber,
     /// Highest record the primary has handed us.
     primary_last: CommitNumber,
     queue: BTreeMap<CommitNumber, Arc<Vec<u8>>>,
-    /// When each record not yet durable on the secondary was handed to us
-    /// (for lag in ms): lag counts from the commit, not from our send, so
-    /// time spent queued behind the batch in flight or a reconnect counts.
+    /// When each record not yet acknowledged by the secondary was handed to
+    /// us (for lag in ms): lag counts from the commit, not from our send,
+    /// so time spent queued behind the batch in flight or a reconnect
+    /// counts.
     handed: VecDeque<(CommitNumber, Instant)>,
     last_send: Instant,
     /// Since when outstanding records wait for an acknowledgement, or the
@@ -187,6 +206,7 @@ impl BroadcastActor {
             in_flight: VecDeque::new(),
             busy: false,
             next,
+            acked: next.saturating_sub(1),
             durable: next.saturating_sub(1),
             primary_last,
             queue: BTreeMap::new(),
@@ -298,6 +318,11 @@ impl BroadcastActor {
             }
         }
         let count = batch.len() as u64;
+        let ack = if batch.is_empty() {
+            ReplicateAck::Durable
+        } else {
+            self.settings.ack
+        };
         let request = RequestBody::Replicate {
             epoch: self.epoch,
             primary_id: self.primary_id,
@@ -306,6 +331,7 @@ impl BroadcastActor {
                 .map(|b| serde_bytes::ByteBuf::from(b.as_ref().clone()))
                 .collect(),
             primary_last: self.primary_last,
+            ack,
         };
         let pipe = self.pipe.as_mut().expect("checked above");
         match pipe.send(request) {
@@ -332,11 +358,14 @@ impl BroadcastActor {
         self.in_flight.remove(pos);
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
-                if durable > self.durable {
-                    self.durable = durable;
+                if applied > self.acked {
+                    self.acked = applied;
                     // Progress: any stall starts again from now.
                     self.stalled_since = None;
                     self.reported_at = None;
+                }
+                if durable > self.durable {
+                    self.durable = durable;
                     self.acks.do_send(ReplicaAck {
                         server_id: self.peer.server_id,
                         durable,
@@ -347,8 +376,11 @@ impl BroadcastActor {
                 if applied + 1 > self.next {
                     self.next = applied + 1;
                 }
-                self.queue = self.queue.split_off(&(self.durable + 1));
-                while self.handed.front().is_some_and(|(n, _)| *n <= self.durable) {
+                // Records it applied but has not made durable yet are not
+                // kept: should it need them again, they are read back
+                // from the log.
+                self.queue = self.queue.split_off(&(self.acked + 1));
+                while self.handed.front().is_some_and(|(n, _)| *n <= self.acked) {
                     self.handed.pop_front();
                 }
                 self.refresh_stall();
@@ -431,12 +463,13 @@ impl BroadcastActor {
         self.generation += 1;
         self.in_flight.clear();
         self.next = self.durable + 1;
+        self.acked = self.durable;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
 
     /// Outstanding records not acknowledged: since when?
     fn refresh_stall(&mut self) {
-        if self.durable >= self.primary_last {
+        if self.acked >= self.primary_last {
             self.stalled_since = None;
             self.reported_at = None;
         } else if self.stalled_since.is_none() {
@@ -477,9 +510,9 @@ impl BroadcastActor {
             if since.elapsed() >= self.settings.replica_timeout {
                 let reason = format!(
                     "no acknowledgement beyond {} for {:?} ({} outstanding)",
-                    self.durable,
+                    self.acked,
                     since.elapsed(),
-                    self.primary_last.saturating_sub(self.durable)
+                    self.primary_last.saturating_sub(self.acked)
                 );
                 self.report(reason, None);
             }
@@ -495,14 +528,15 @@ impl BroadcastActor {
             .or_else(|| {
                 // Outstanding records we were not handed (read back from
                 // the log after a restart or overflow): since the stall.
-                (self.durable < self.primary_last)
+                (self.acked < self.primary_last)
                     .then(|| self.stalled_since.map(|s| s.elapsed().as_millis() as u64))
                     .flatten()
             })
             .unwrap_or(0);
         ReplicaStats {
+            applied: self.acked,
             durable: self.durable,
-            lag_commits: self.primary_last.saturating_sub(self.durable),
+            lag_commits: self.primary_last.saturating_sub(self.acked),
             lag_ms,
             connected: self.pipe.is_some() || self.busy,
         }
@@ -535,7 +569,7 @@ impl Handler<Broadcast> for BroadcastActor {
                 self.queue.insert(number, body);
             }
             // Beyond the cap only the oldest entries matter for the lag.
-            if number > self.durable
+            if number > self.acked
                 && self.handed.back().is_none_or(|(n, _)| *n < number)
                 && self.handed.len() < MAX_QUEUE
             {

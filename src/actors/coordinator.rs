@@ -636,6 +636,39 @@ impl Handler<RemoveReplica> for CommitCoordinator {
     }
 }
 
+/// A secondary applied records streamed with `ack: applied` and answers
+/// before they are fsynced: make them durable under this server's flush
+/// policy (a flush at once under `group`, the interval timer under
+/// `interval:MS`), without anyone waiting. Answers what is known durable
+/// now. Sender: `replicate` requests.
+#[derive(Message)]
+#[rtype(result = "Result<CommitNumber, WireError>")]
+pub struct NoteReplicated {
+    /// The handle [`crate::actors::storage::Applied::sync`] of the batch.
+    pub sync: Option<LogSync>,
+}
+
+impl Handler<NoteReplicated> for CommitCoordinator {
+    type Result = Result<CommitNumber, WireError>;
+
+    fn handle(&mut self, msg: NoteReplicated, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(reason) = &self.failed {
+            return Err(WireError::Internal {
+                reason: reason.clone(),
+            });
+        }
+        if let Some(sync) = &msg.sync {
+            self.note_sync(sync);
+        }
+        if self.policy == FlushPolicy::Group {
+            self.start_flush(ctx);
+        }
+        // Shutting down: flush now rather than at the next interval.
+        self.check_drained(ctx);
+        Ok(self.durable)
+    }
+}
+
 impl Handler<ReplicaAck> for CommitCoordinator {
     type Result = ();
 

@@ -110,6 +110,8 @@ struct Rig {
     requested: Arc<Mutex<Vec<CommitNumber>>>,
     flushed: Arc<Mutex<Vec<CommitNumber>>>,
     fatal: mpsc::UnboundedReceiver<String>,
+    /// The log file the fake storage's handles refer to.
+    file: Arc<std::fs::File>,
 }
 
 fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
@@ -117,7 +119,7 @@ fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
     let batches = Arc::new(Mutex::new(Vec::new()));
     let storage = FakeStorage {
         last: 0,
-        file,
+        file: file.clone(),
         batches: batches.clone(),
     }
     .start();
@@ -146,6 +148,7 @@ fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
         requested,
         flushed,
         fatal,
+        file,
     }
 }
 
@@ -390,4 +393,79 @@ async fn group_flushes_queue_behind_the_one_in_flight() {
     assert_eq!(first.await.unwrap().unwrap().number, 1);
     assert_eq!(second.await.unwrap().unwrap().number, 2);
     assert_eq!(*rig.flushed.lock().unwrap(), [1, 2]);
+}
+
+/// What a secondary's `replicate` (answered once applied) tells the
+/// coordinator: records up to `upto` were written.
+fn replicated(rig: &Rig, upto: CommitNumber) -> NoteReplicated {
+    NoteReplicated {
+        sync: Some(LogSync::new(rig.file.clone(), upto)),
+    }
+}
+
+#[actix::test]
+async fn replicated_records_are_flushed_at_once_under_group_without_waiting() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(50), false);
+    // Answered before the 50 ms flush it started ends: nothing durable yet.
+    let durable = rig.coordinator.send(replicated(&rig, 5)).await.unwrap();
+    assert_eq!(durable, Ok(0));
+    assert_eq!(*rig.requested.lock().unwrap(), [5]);
+    wait_until("the flush up to 5", || *rig.flushed.lock().unwrap() == [5]).await;
+    let durable = rig.coordinator.send(replicated(&rig, 7)).await.unwrap();
+    assert_eq!(durable, Ok(5));
+    wait_until("the flush up to 7", || {
+        rig.flushed.lock().unwrap().last() == Some(&7)
+    })
+    .await;
+}
+
+#[actix::test]
+async fn replicated_records_wait_for_the_interval_timer_or_the_drain() {
+    let rig = rig(FlushPolicy::Interval(100), Duration::from_millis(1), false);
+    let durable = rig.coordinator.send(replicated(&rig, 4)).await.unwrap();
+    assert_eq!(durable, Ok(0));
+    assert!(
+        rig.requested.lock().unwrap().is_empty(),
+        "only the timer flushes"
+    );
+    wait_until("a timer flush up to 4", || {
+        rig.flushed.lock().unwrap().last() == Some(&4)
+    })
+    .await;
+    let known = rig
+        .coordinator
+        .send(NoteReplicated { sync: None })
+        .await
+        .unwrap();
+    assert_eq!(known, Ok(4));
+
+    let rig = self::rig(
+        FlushPolicy::Interval(60_000),
+        Duration::from_millis(1),
+        false,
+    );
+    rig.coordinator
+        .send(replicated(&rig, 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rig.coordinator.send(Drain).await.unwrap(), Ok(3));
+    assert_eq!(rig.flushed.lock().unwrap().last(), Some(&3));
+}
+
+#[actix::test]
+async fn a_failed_fsync_of_replicated_records_is_fatal() {
+    let mut rig = rig(FlushPolicy::Group, Duration::from_millis(1), true);
+    rig.coordinator
+        .send(replicated(&rig, 2))
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = rig.fatal.recv().await.unwrap();
+    assert!(reason.contains("injected fsync failure"), "{reason}");
+    let later = rig.coordinator.send(replicated(&rig, 3)).await.unwrap();
+    assert!(
+        matches!(later, Err(WireError::Internal { .. })),
+        "{later:?}"
+    );
 }

@@ -58,7 +58,7 @@ pub mod supervisor;
 pub use backup::{BackupActor, StopBackups};
 pub use commit_log::{CommitLogActor, Flush};
 pub use controller::{Controlled, Controller, Fatal, Outcome, RequestShutdown};
-pub use coordinator::{Acknowledged, CommitCoordinator, Drain, SubmitCommit};
+pub use coordinator::{Acknowledged, CommitCoordinator, Drain, NoteReplicated, SubmitCommit};
 pub use flush_policy::{FlushPolicy, FlushPolicyError};
 pub use listener::{Listener, SessionClosed, StopAccepting};
 pub use session::{Session, SessionEnv, SessionSettings};

@@ -1114,7 +1114,7 @@ impl Handler<GetMembers> for NodeSupervisor {
                     (last, 0, 0)
                 } else if let Some(b) = links.get(&m.server_id) {
                     match b.send(GetReplicaStats).await {
-                        Ok(s) => (s.durable, s.lag_commits, s.lag_ms),
+                        Ok(s) => (s.applied, s.lag_commits, s.lag_ms),
                         Err(_) => (0, 0, 0),
                     }
                 } else if is_primary {
@@ -1511,7 +1511,7 @@ impl Handler<LeaveNode> for NodeSupervisor {
                 let current = b
                     .send(GetReplicaStats)
                     .await
-                    .is_ok_and(|s| last.saturating_sub(s.durable) <= CURRENT_LAG);
+                    .is_ok_and(|s| last.saturating_sub(s.applied) <= CURRENT_LAG);
                 if !current {
                     warn!(
                         "stopping without a hand-over: the successor {} is not current",

@@ -140,4 +140,55 @@ mod tests {
         let map = v.as_map().expect("a request is a map");
         assert!(map.iter().any(|(k, _)| k.as_str() == Some("id")));
     }
+
+    /// A `replicate` from a primary that predates `ack` asks for what it
+    /// always got: an answer once the records are durable.
+    #[test]
+    fn replicate_without_ack_means_durable() {
+        use crate::protocol::messages::ReplicateAck;
+        let body = rmpv::Value::Map(vec![
+            ("type".into(), "replicate".into()),
+            (
+                "epoch".into(),
+                rmpv::Value::Map(vec![("term".into(), 3.into()), ("server".into(), 1.into())]),
+            ),
+            ("primary_id".into(), 7.into()),
+            ("records".into(), rmpv::Value::Array(vec![])),
+            ("primary_last".into(), 10.into()),
+        ]);
+        let request = rmpv::Value::Map(vec![("id".into(), 1.into()), ("body".into(), body)]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &request).unwrap();
+        let decoded: Request = decode(&bytes).unwrap();
+        match decoded.body {
+            RequestBody::Replicate { ack, .. } => assert_eq!(ack, ReplicateAck::Durable),
+            other => panic!("decoded {other:?}"),
+        }
+        let applied = Request {
+            id: 2,
+            body: RequestBody::Replicate {
+                epoch: crate::types::Epoch { term: 3, server: 1 },
+                primary_id: 7,
+                records: vec![],
+                primary_last: 10,
+                ack: ReplicateAck::Applied,
+            },
+        };
+        let frame = encode(&applied);
+        let v = rmpv::decode::read_value(&mut &frame[4..]).unwrap();
+        let body = &v
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("body"))
+            .unwrap()
+            .1;
+        let ack = body
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("ack"));
+        assert_eq!(ack.and_then(|(_, v)| v.as_str()), Some("applied"));
+        assert_eq!(decode::<Request>(&frame[4..]).unwrap(), applied);
+    }
 }

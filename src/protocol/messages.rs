@@ -183,7 +183,26 @@ pub enum RequestBody {
         primary_id: u64,
         records: Vec<serde_bytes::ByteBuf>,
         primary_last: CommitNumber,
+        /// When to answer; absent means `durable`.
+        #[serde(default)]
+        ack: ReplicateAck,
     },
+}
+
+/// When a secondary answers a `replicate`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicateAck {
+    /// Once the records are applied and fsynced: what synchronous
+    /// replication (`--sync-replicas` N > 0) waits for.
+    #[default]
+    Durable,
+    /// Once the records are applied (visible to reads, and in the
+    /// secondary's page cache, so they survive its process being killed);
+    /// they become durable under the secondary's own `--flush` policy. For
+    /// asynchronous replication, where nobody waits for the secondary: its
+    /// fsyncs then neither pace the stream nor count as lag.
+    Applied,
 }
 
 /// A reference inside a commit: an existing object, or a new object of the

@@ -30,6 +30,23 @@ fn probe_commit(addrs: &[&str]) -> u64 {
     .number
 }
 
+/// `magma take-over --server new`: succeeds, and `new` becomes the primary
+/// with `old` its secondary.
+fn take_over(new: &str, old: &str) {
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["take-over", "--server", new])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "take-over failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(30), "the swap", || {
+        (role(new) == ServerRole::Primary && role(old) == ServerRole::Secondary).then_some(())
+    });
+}
+
 #[test]
 fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
     let mut c = Cluster::new();
@@ -114,18 +131,7 @@ fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
     });
 
     phase!("use case 4: take-over under flood; clients notice nothing");
-    let out = std::process::Command::new(crate::harness::CLI)
-        .args(["take-over", "--server", &a1])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "take-over failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_until(Duration::from_secs(30), "the swap", || {
-        (role(&a1) == ServerRole::Primary && role(&a2) == ServerRole::Secondary).then_some(())
-    });
+    take_over(&a1, &a2);
     wait_for_more_acks(
         &floods3,
         300,
@@ -359,4 +365,35 @@ fn t50_graceful_stops_leave_the_node_and_a_stopping_primary_hands_over() {
     f.kill();
     wait_for_members(&a2, &[&a2], Duration::from_secs(30));
     verify_flood(&dump(&a2, "h"), "h", &f.acked(), 1);
+}
+
+#[test]
+fn t50_an_asynchronous_take_over_waits_until_the_secondary_holds_everything_durably() {
+    // With `--sync-replicas 0` the secondary answers batches once applied;
+    // with a 60 s flush interval only the primary's heartbeats (which ask
+    // for durability) make them durable before the timer does. The
+    // hand-over waits for durability: it must get it within its bound,
+    // under flood, and lose nothing.
+    let mut c = Cluster::new();
+    let (_, _, a1, a2) = pair(
+        &mut c,
+        &["--sync-replicas", "0", "--flush", "interval:60000"],
+    );
+    let dir = c.root.path().to_path_buf();
+    let mut floods = vec![
+        Flood::start(&dir, &[&a1, &a2], "t1", &["--duration", "120"]),
+        Flood::start(&dir, &[&a1, &a2], "t2", &["--duration", "120"]),
+    ];
+    wait_for_more_acks(&floods, 300, Duration::from_secs(60), "300 acks per flood");
+
+    phase!("take-over by server2 under flood");
+    take_over(&a2, &a1);
+    wait_for_more_acks(
+        &floods,
+        300,
+        Duration::from_secs(60),
+        "flooding goes on after the swap",
+    );
+    wait_for_members(&a2, &[&a2, &a1], JOIN);
+    stop_floods_and_verify(&mut floods, &[&a2, &a1], "across the take-over");
 }

@@ -71,8 +71,12 @@ pub struct SessionEnv {
     pub node: Addr<crate::actors::supervisor::NodeSupervisor>,
     /// Role and primary, published by the `NodeSupervisor`.
     pub state: watch::Receiver<crate::actors::supervisor::ServerState>,
-    /// Makes replicated records durable before they are acknowledged.
+    /// Makes replicated records durable before they are acknowledged
+    /// (`ack: durable`).
     pub flusher: Addr<crate::actors::commit_log::CommitLogActor>,
+    /// Makes replicated records durable under this server's flush policy
+    /// after they are acknowledged (`ack: applied`).
+    pub durability: Recipient<crate::actors::NoteReplicated>,
 }
 
 /// One connection; see the module doc.

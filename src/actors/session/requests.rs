@@ -12,7 +12,7 @@ use actix::prelude::*;
 
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
-use crate::actors::coordinator::SubmitCommit;
+use crate::actors::coordinator::{NoteReplicated, SubmitCommit};
 use crate::actors::session::connection::SessionEnv;
 use crate::actors::storage::{
     is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetAnchor,
@@ -24,7 +24,8 @@ use crate::actors::supervisor::{
     Replicated as SupervisorReplicated, TakeOverNow,
 };
 use crate::protocol::{
-    CommitBody, MemberStatus, ResponseBody, ServerRole, StatusReport, WireError, PROTOCOL_VERSION,
+    CommitBody, MemberStatus, ReplicateAck, ResponseBody, ServerRole, StatusReport, WireError,
+    PROTOCOL_VERSION,
 };
 use crate::storage::{RepoInfo, StorageError};
 use crate::types::{hex, CommitNumber, Epoch, Oid};
@@ -318,7 +319,8 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
     })
 }
 
-/// Apply a batch the primary streams (or a heartbeat), make it durable,
+/// Apply a batch the primary streams (or a heartbeat), make it durable
+/// (before answering with `ack: durable`, after it with `ack: applied`),
 /// and say how far this server is.
 ///
 /// Not `async`: the records go to the storage actor when this is called,
@@ -329,23 +331,28 @@ pub(super) fn replicate(
     epoch: Epoch,
     records: Vec<serde_bytes::ByteBuf>,
     primary_last: CommitNumber,
+    ack: ReplicateAck,
 ) -> impl std::future::Future<Output = Answer> {
     let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
-    // The storage actor checks epoch and restore mode and starts the fsync
-    // itself: one hop to it and one answer from the flusher, nothing more.
+    // The storage actor checks epoch and restore mode and, when the answer
+    // waits for durability, starts the fsync itself: one hop to it and one
+    // answer from the flusher, nothing more. The fsync covers everything
+    // written so far, so a `durable` heartbeat also makes earlier batches
+    // acknowledged as `applied` durable.
     let apply = ApplyRecords {
         bodies,
         from_primary: Some(epoch),
-        flush: Some(env.flusher.clone().recipient()),
+        flush: (ack == ReplicateAck::Durable).then(|| env.flusher.clone().recipient()),
     };
     let applying = env.storage.send(apply);
-    async move { replicated(env, applying.await, primary_last).await }
+    async move { replicated(env, applying.await, primary_last, ack).await }
 }
 
 async fn replicated(
     env: Arc<SessionEnv>,
     applied: Result<Result<Applied, StorageError>, MailboxError>,
     primary_last: CommitNumber,
+    ack: ReplicateAck,
 ) -> Answer {
     let applied = match applied {
         Ok(Ok(a)) => a,
@@ -369,6 +376,13 @@ async fn replicated(
         Err(e) => return Err(mailbox_error("the storage actor", e)),
     };
     let durable = match applied.flushing {
+        // The coordinator flushes under our policy and says what is
+        // durable so far.
+        None if ack == ReplicateAck::Applied => env
+            .durability
+            .send(NoteReplicated { sync: applied.sync })
+            .await
+            .map_err(|e| mailbox_error("the commit coordinator", e))??,
         Some(flushing) => flushing
             .await
             .map_err(|e| mailbox_error("the commit-log actor", e))?
@@ -380,6 +394,8 @@ async fn replicated(
                     reason: format!("fsync failed: {e}"),
                 }
             })?,
+        // Nothing was ever written by this process: what it holds was on
+        // disk when it started.
         None => applied.last,
     };
     env.node.do_send(SupervisorReplicated {

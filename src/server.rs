@@ -228,7 +228,7 @@ impl Server {
         let (applied_tx, applied_rx) = watch::channel(info.last_commit);
         let (state_tx, state_rx) = watch::channel(ServerState::starting());
         let storage = StorageActor::start(repo, applied_tx);
-        let log = CommitLogActor::start();
+        let log = CommitLogActor::start(info.last_commit);
         let link_settings = LinkSettings {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),

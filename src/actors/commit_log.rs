@@ -41,13 +41,20 @@ pub struct CommitLogActor {
     synced: Option<(LogSync, CommitNumber)>,
     /// Why an fsync failed, once one did.
     failed: Option<String>,
+    /// The highest commit known durable: the last one on disk at start,
+    /// then the highest an fsync covered (for status).
+    durable: CommitNumber,
 }
 
 impl CommitLogActor {
     /// Start the flushing thread (stopped with the actix system).
-    pub fn start() -> Addr<CommitLogActor> {
+    /// `durable`: the last commit on disk when the repository was opened.
+    pub fn start(durable: CommitNumber) -> Addr<CommitLogActor> {
         let thread = Arbiter::new();
-        CommitLogActor::start_in_arbiter(&thread.handle(), |_| CommitLogActor::default())
+        CommitLogActor::start_in_arbiter(&thread.handle(), move |_| CommitLogActor {
+            durable,
+            ..CommitLogActor::default()
+        })
     }
 
     fn flush(&mut self, sync: LogSync) -> std::io::Result<CommitNumber> {
@@ -70,6 +77,7 @@ impl CommitLogActor {
                     started.elapsed()
                 );
                 self.synced = Some((sync, durable));
+                self.durable = self.durable.max(durable);
                 Ok(durable)
             }
             Err(e) => {
@@ -109,6 +117,20 @@ impl Handler<Flush> for CommitLogActor {
     }
 }
 
+/// The highest commit known durable on this server. Sender: status
+/// (answered once the fsync in progress, if any, is done).
+#[derive(Message)]
+#[rtype(result = "CommitNumber")]
+pub struct GetDurable;
+
+impl Handler<GetDurable> for CommitLogActor {
+    type Result = CommitNumber;
+
+    fn handle(&mut self, _: GetDurable, _: &mut Context<Self>) -> CommitNumber {
+        self.durable
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,16 +156,18 @@ mod tests {
         assert_eq!(log.flush(second).unwrap(), n, "answered without a sync");
         let third = append(&mut repo);
         assert_eq!(log.flush(third).unwrap(), n + 1);
+        assert_eq!(log.durable, n + 1);
         // A handle of another log is never taken as covered.
         let other = std::sync::Arc::new(tempfile::tempfile().unwrap());
         assert_eq!(log.flush(LogSync::new(other, 2)).unwrap(), 2);
+        assert_eq!(log.durable, n + 1, "what status reports never goes back");
     }
 
     #[test]
     fn after_a_failed_fsync_every_flush_fails() {
         let mut log = CommitLogActor {
-            synced: None,
             failed: Some("injected".into()),
+            ..CommitLogActor::default()
         };
         let file = std::sync::Arc::new(tempfile::tempfile().unwrap());
         let err = log.flush(LogSync::new(file, 1)).unwrap_err();

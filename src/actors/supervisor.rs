@@ -36,8 +36,8 @@ use tokio::sync::watch;
 use crate::actors::broadcast::{
     BroadcastActor, GetReplicaStats, LinkSettings, ReplicaTrouble, StopBroadcast,
 };
-use crate::actors::commit_log::CommitLogActor;
 use crate::actors::commit_log::Flush;
+use crate::actors::commit_log::{CommitLogActor, GetDurable};
 use crate::actors::coordinator::{
     AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
 };
@@ -1102,6 +1102,7 @@ impl Handler<GetMembers> for NodeSupervisor {
         let last = self.last();
         let is_primary = self.is_primary;
         let links: HashMap<u64, Addr<BroadcastActor>> = self.broadcasters.clone();
+        let flusher = self.parts.flusher.clone();
         Box::pin(async move {
             let mut out = Vec::new();
             for m in node.members {
@@ -1110,22 +1111,24 @@ impl Handler<GetMembers> for NodeSupervisor {
                     MemberRole::Secondary => ServerRole::Secondary,
                     MemberRole::Witness => ServerRole::Witness,
                 };
-                let (commit, lag_commits, lag_ms) = if m.server_id == me {
-                    (last, 0, 0)
+                let (commit, durable, lag_commits, lag_ms) = if m.server_id == me {
+                    let durable = flusher.send(GetDurable).await.unwrap_or(0);
+                    (last, durable.min(last), 0, 0)
                 } else if let Some(b) = links.get(&m.server_id) {
                     match b.send(GetReplicaStats).await {
-                        Ok(s) => (s.applied, s.lag_commits, s.lag_ms),
-                        Err(_) => (0, 0, 0),
+                        Ok(s) => (s.applied, s.durable, s.lag_commits, s.lag_ms),
+                        Err(_) => (0, 0, 0, 0),
                     }
                 } else if is_primary {
-                    (0, last, 0)
+                    (0, 0, last, 0)
                 } else {
-                    (0, 0, 0)
+                    (0, 0, 0, 0)
                 };
                 out.push(MemberStatus {
                     addr: m.addr,
                     role,
                     commit,
+                    durable,
                     lag_commits,
                     lag_ms,
                 });

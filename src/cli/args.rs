@@ -62,7 +62,7 @@ pub enum Command {
     /// e.g. "3.1f"; `epoch_term` and `epoch_server` give its parts as
     /// numbers), `repository`, `server_id`, `addr`, `partition_safe`,
     /// `flush`, `sync_replicas`, `members` (each `addr`, `role`, `commit`,
-    /// `lag_commits`, `lag_ms`) and `backup` (null or the job: `state`,
+    /// `durable`, `lag_commits`, `lag_ms`) and `backup` (null or the job: `state`,
     /// `target`, `current_file`, `bytes_done`, `bytes_total`, ...).
     Status(StatusArgs),
 

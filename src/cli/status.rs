@@ -47,6 +47,7 @@ pub fn to_json(r: &StatusReport) -> Value {
                 "addr": m.addr,
                 "role": role_name(m.role),
                 "commit": m.commit,
+                "durable": m.durable,
                 "lag_commits": m.lag_commits,
                 "lag_ms": m.lag_ms,
             })
@@ -121,8 +122,8 @@ pub fn to_table(r: &StatusReport) -> String {
 }
 
 fn members_table(r: &StatusReport) -> String {
-    let header = ["ADDR", "ROLE", "COMMIT", "LAG_COMMITS", "LAG_MS"];
-    let rows: Vec<[String; 5]> = r
+    let header = ["ADDR", "ROLE", "COMMIT", "DURABLE", "LAG_COMMITS", "LAG_MS"];
+    let rows: Vec<[String; 6]> = r
         .members
         .iter()
         .map(|m| {
@@ -130,6 +131,7 @@ fn members_table(r: &StatusReport) -> String {
                 m.addr.clone(),
                 role_name(m.role).to_string(),
                 m.commit.to_string(),
+                m.durable.to_string(),
                 m.lag_commits.to_string(),
                 m.lag_ms.to_string(),
             ]
@@ -142,25 +144,24 @@ fn members_table(r: &StatusReport) -> String {
         }
     }
     let mut out = String::new();
-    let mut push = |cells: [&str; 5]| {
-        let _ = writeln!(
-            out,
-            "  {:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
-            cells[0],
-            cells[1],
-            cells[2],
-            cells[3],
-            cells[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3],
-            w4 = widths[4],
-        );
+    let mut push = |cells: [&str; 6]| {
+        out.push(' ');
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            // Names to the left, numbers to the right.
+            if i < 2 {
+                let _ = write!(out, " {cell:<w$}");
+            } else {
+                let _ = write!(out, "  {cell:>w$}");
+            }
+            if i == 0 {
+                out.push(' ');
+            }
+        }
+        out.push('\n');
     };
     push(header);
     for row in &rows {
-        push([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        push(row.each_ref().map(String::as_str));
     }
     if rows.is_empty() {
         out.push_str("  (none known)\n");
@@ -235,6 +236,7 @@ mod tests {
                     addr: "127.0.0.1:20001".into(),
                     role: ServerRole::Primary,
                     commit: 1234,
+                    durable: 1234,
                     lag_commits: 0,
                     lag_ms: 0,
                 },
@@ -242,6 +244,7 @@ mod tests {
                     addr: "127.0.0.1:20002".into(),
                     role: ServerRole::CatchingUp,
                     commit: 1200,
+                    durable: 1100,
                     lag_commits: 34,
                     lag_ms: 120,
                 },
@@ -283,6 +286,7 @@ mod tests {
         assert_eq!(m["addr"], "127.0.0.1:20002");
         assert_eq!(m["role"], "catching-up");
         assert_eq!(m["commit"], 1200);
+        assert_eq!(m["durable"], 1100);
         assert_eq!(m["lag_commits"], 34);
         assert_eq!(m["lag_ms"], 120);
         assert_eq!(j["members"].as_array().unwrap().len(), 2);
@@ -323,6 +327,8 @@ mod tests {
         let lines: Vec<&str> = t.lines().skip_while(|l| *l != "members").collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[1].contains("ADDR") && lines[1].contains("LAG_MS"));
+        assert!(lines[1].contains("COMMIT  DURABLE"), "{t}");
+        assert!(lines[3].contains(" 1200     1100 "), "{t}");
         assert!(lines[3].contains("catching-up") && lines[3].trim_end().ends_with("120"));
         assert_eq!(lines[2].len(), lines[3].len(), "{t}");
     }

@@ -392,7 +392,14 @@ pub enum ServerRole {
 pub struct MemberStatus {
     pub addr: NodeAddr,
     pub role: ServerRole,
+    /// The last commit the member applied (for a secondary: acknowledged
+    /// to the primary); 0 when the answering server does not know.
     pub commit: CommitNumber,
+    /// The last commit the member holds durably (≤ `commit`; behind it
+    /// under `interval:MS` flushing or asynchronous replication); 0 when
+    /// unknown. Absent from servers that predate it.
+    #[serde(default)]
+    pub durable: CommitNumber,
     pub lag_commits: u64,
     pub lag_ms: u64,
 }

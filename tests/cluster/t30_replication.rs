@@ -371,6 +371,19 @@ fn t30_asynchronous_replication_delivers_everything_with_any_batch_delay() {
         let st = status(&a1);
         let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
         assert_eq!(m2.lag_commits, 0, "{st:?}");
+        // The secondary answered once applied; the heartbeats that follow
+        // ask for durability, so the primary learns it holds everything.
+        wait_until(
+            Duration::from_secs(10),
+            "everything durable on both",
+            || {
+                let st = status(&a1);
+                st.members
+                    .iter()
+                    .all(|m| m.commit == st.commit && m.durable == st.commit)
+                    .then_some(())
+            },
+        );
     }
     let out = std::process::Command::new(crate::harness::SERVER)
         .args(["--async-batch-delay-us", "100001"])

@@ -5,7 +5,8 @@
 //!   primary to the first acknowledged commit on the new primary (the
 //!   client's next commit goes to the successor, which takes over);
 //! * the longest pause between two acknowledged commits of a committing
-//!   client while `magma take-over` swaps the roles.
+//!   client while `magma take-over` swaps the roles (with the default
+//!   settings, then with asynchronous replication and interval flushing).
 //!
 //! Medians and maxima over the runs are printed.
 
@@ -85,19 +86,20 @@ impl Drop for Committer {
     }
 }
 
-fn pair(dir: &std::path::Path) -> (Proc, Proc, String, String) {
+/// A primary and a secondary joined from its backup, both with `flags`.
+fn pair(dir: &std::path::Path, flags: &[&str]) -> (Proc, Proc, String, String) {
     let (a1, a2) = (port(), port());
-    let p = server(&dir.join("p"), &a1, &[]);
+    let p = server(&dir.join("p"), &a1, flags);
     let b = dir.join("b");
     magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
-    let s = server(&b, &a2, &[]);
+    let s = server(&b, &a2, flags);
     wait_members(&a1, 2, Duration::from_secs(60));
     (p, s, a1, a2)
 }
 
 fn failover_once() -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, _s, a1, a2) = pair(dir.path());
+    let (mut p, _s, a1, a2) = pair(dir.path(), &[]);
     let c = Committer::start(vec![a1.clone(), a2.clone()]);
     c.wait_for(200, Duration::from_secs(30));
     let t0 = Instant::now();
@@ -113,9 +115,9 @@ fn failover_once() -> Duration {
     }
 }
 
-fn take_over_pause() -> Duration {
+fn take_over_pause(flags: &[&str]) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let (_p, _s, a1, a2) = pair(dir.path());
+    let (_p, _s, a1, a2) = pair(dir.path(), flags);
     let c = Committer::start(vec![a1.clone(), a2.clone()]);
     c.wait_for(200, Duration::from_secs(30));
     let before = c.acks().len();
@@ -152,6 +154,11 @@ fn main() {
     );
     summary(
         "longest commit pause during a take-over",
-        (0..runs).map(|_| take_over_pause()).collect(),
+        (0..runs).map(|_| take_over_pause(&[])).collect(),
+    );
+    let asynchronous = ["--sync-replicas", "0", "--flush", "interval:1000"];
+    summary(
+        "the same with `--sync-replicas 0 --flush interval:1000`",
+        (0..runs).map(|_| take_over_pause(&asynchronous)).collect(),
     );
 }

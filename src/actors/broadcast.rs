@@ -113,6 +113,13 @@ pub struct ReplicaTrouble {
 #[rtype(result = "()")]
 pub struct StopBroadcast;
 
+/// Ask the secondary what it holds durably as soon as the link is free
+/// (an empty batch asking for `durable`), rather than at the next
+/// heartbeat. Sender: the supervisor, while a hand-over waits for it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProbeDurable;
+
 /// Lag figures for status. Sender: the supervisor.
 #[derive(Message)]
 #[rtype(result = "ReplicaStats")]
@@ -173,6 +180,9 @@ pub struct BroadcastActor {
     /// A pump is scheduled for when the oldest waiting record's coalescing
     /// window ends.
     coalescing: bool,
+    /// [`ProbeDurable`] asked; cleared by the next request asking for
+    /// `durable`.
+    probe: bool,
 }
 
 impl BroadcastActor {
@@ -217,6 +227,7 @@ impl BroadcastActor {
             retry_at: Instant::now(),
             drop_once,
             coalescing: false,
+            probe: false,
         }
     }
 
@@ -280,8 +291,8 @@ impl BroadcastActor {
                 .spawn(ctx);
             return;
         }
-        if batch.is_empty() && (!self.in_flight.is_empty() || self.last_send.elapsed() < HEARTBEAT)
-        {
+        let heartbeat_due = self.probe || self.last_send.elapsed() >= HEARTBEAT;
+        if batch.is_empty() && (!self.in_flight.is_empty() || !heartbeat_due) {
             return;
         }
         if let (Some(window), false) = (self.settings.coalesce, batch.is_empty()) {
@@ -336,6 +347,9 @@ impl BroadcastActor {
         let pipe = self.pipe.as_mut().expect("checked above");
         match pipe.send(request) {
             Ok(id) => {
+                if ack == ReplicateAck::Durable {
+                    self.probe = false;
+                }
                 self.next += count;
                 self.last_send = Instant::now();
                 self.in_flight.push_back((id, self.last_send));
@@ -552,6 +566,15 @@ impl Actor for BroadcastActor {
             self.peer.addr, self.peer.server_id, self.next
         );
         ctx.run_interval(Duration::from_millis(20), |act, ctx| act.tick(ctx));
+        self.pump(ctx);
+    }
+}
+
+impl Handler<ProbeDurable> for BroadcastActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ProbeDurable, ctx: &mut Context<Self>) {
+        self.probe = true;
         self.pump(ctx);
     }
 }

@@ -34,7 +34,7 @@ use log::{debug, error, info, warn};
 use tokio::sync::watch;
 
 use crate::actors::broadcast::{
-    BroadcastActor, GetReplicaStats, LinkSettings, ReplicaTrouble, StopBroadcast,
+    BroadcastActor, GetReplicaStats, LinkSettings, ProbeDurable, ReplicaTrouble, StopBroadcast,
 };
 use crate::actors::commit_log::Flush;
 use crate::actors::commit_log::{CommitLogActor, GetDurable};
@@ -1305,6 +1305,11 @@ impl Handler<HandOverTo> for NodeSupervisor {
                         let last = (*applied.borrow()).max(p.durable);
                         if p.idle && s.durable >= last {
                             return Ok(last);
+                        }
+                        if p.idle {
+                            // Under asynchronous replication the secondary
+                            // answers once applied: ask it now.
+                            b.do_send(ProbeDurable);
                         }
                     }
                     if start.elapsed() > HAND_OVER_WAIT {

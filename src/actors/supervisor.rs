@@ -36,8 +36,7 @@ use tokio::sync::watch;
 use crate::actors::broadcast::{
     BroadcastActor, GetReplicaStats, LinkSettings, ProbeDurable, ReplicaTrouble, StopBroadcast,
 };
-use crate::actors::commit_log::Flush;
-use crate::actors::commit_log::{CommitLogActor, GetDurable};
+use crate::actors::commit_log::{CommitLogActor, Flush, GetDurable};
 use crate::actors::coordinator::{
     AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
 };

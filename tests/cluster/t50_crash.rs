@@ -4,7 +4,7 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::harness::{dump, verify_flood, wait_until, Cluster, Flood};
+use crate::harness::{dump, pair, status, verify_flood, wait_until, Cluster, Flood};
 use crate::phase;
 
 #[test]
@@ -110,4 +110,48 @@ fn t50_damaged_files_on_start_up_are_reported_clearly() {
     phase!("restored files: the server serves everything again");
     c.servers[s].start();
     verify_flood(&dump(&addr, "d"), "d", &f.acked(), 0);
+}
+
+#[test]
+fn t50_kill9_of_an_asynchronous_secondary_keeps_what_it_acknowledged_as_applied() {
+    // With --sync-replicas 0 a secondary answers once a batch is applied
+    // and written to its log, before any fsync. With a 10-minute flush
+    // interval, no checkpoint, and a flood that leaves no room for
+    // heartbeats (which would ask for an fsync), what it acknowledges
+    // stays unsynced; after SIGKILL it must still hold all of it (the
+    // records are in the kernel's page cache, which outlives the process).
+    let mut c = Cluster::new();
+    let args = [
+        "--sync-replicas",
+        "0",
+        "--flush",
+        "interval:600000",
+        "--checkpoint-interval-ms",
+        "600000",
+    ];
+    let (s1, s2, a1, a2) = pair(&mut c, &args);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "a", &["--duration", "120"]);
+
+    phase!("the secondary acknowledges records it has not made durable");
+    let acknowledged = wait_until(
+        Duration::from_secs(60),
+        "300 commits acknowledged by the secondary beyond what it fsynced",
+        || {
+            let st = status(&a1);
+            let m = st.members.iter().find(|m| m.addr == a2)?;
+            (m.commit > m.durable + 300).then_some(m.commit)
+        },
+    );
+
+    phase!("kill -9 the secondary, then the primary; the secondary restarts alone");
+    c.servers[s2].kill();
+    f.kill();
+    c.servers[s1].kill();
+    c.servers[s2].start();
+    let holds = status(&a2).commit;
+    assert!(
+        holds >= acknowledged,
+        "the secondary acknowledged commit {acknowledged} as applied but holds {holds} after a restart"
+    );
 }

@@ -5,7 +5,8 @@
 //! sends them in order over one peer connection as `replicate` batches —
 //! pipelined, at most `max_in_flight` unanswered, replies matched by id;
 //! any failure drops the connection and resends from the first record not
-//! known durable — and reports what the secondary made durable
+//! acknowledged (a secondary that lost records asks for them) — and
+//! reports what the secondary made durable
 //! ([`ReplicaAck`], to the coordinator, which holds back acknowledgements
 //! for `sync-replicas`). Records it does not hold (it started late, its
 //! queue overflowed, or the secondary asked for a resend) are read back from
@@ -470,14 +471,16 @@ impl BroadcastActor {
     }
 
     /// Drop the connection (what it still delivers is ignored), forget
-    /// what was in flight and resend from the first record not known
-    /// durable once reconnected (after a pause).
+    /// what was in flight and resend from the first record not
+    /// acknowledged once reconnected (after a pause). Not from the first
+    /// one not durable: under asynchronous replication that may be far
+    /// back, and its records no longer held in memory; a secondary that
+    /// restarted without them answers `resend` with what it needs.
     fn break_link(&mut self) {
         self.pipe = None;
         self.generation += 1;
         self.in_flight.clear();
-        self.next = self.durable + 1;
-        self.acked = self.durable;
+        self.next = self.acked + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
 

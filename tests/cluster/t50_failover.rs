@@ -373,11 +373,19 @@ fn t50_an_asynchronous_take_over_waits_until_the_secondary_holds_everything_dura
     // with a 60 s flush interval only the primary's heartbeats (which ask
     // for durability) make them durable before the timer does. The
     // hand-over waits for durability: it must get it within its bound,
-    // under flood, and lose nothing.
+    // under flood, and lose nothing. Batches wait up to 100 ms for
+    // company, so at the pause records are still held on the primary.
     let mut c = Cluster::new();
     let (_, _, a1, a2) = pair(
         &mut c,
-        &["--sync-replicas", "0", "--flush", "interval:60000"],
+        &[
+            "--sync-replicas",
+            "0",
+            "--flush",
+            "interval:60000",
+            "--async-batch-delay-us",
+            "100000",
+        ],
     );
     let dir = c.root.path().to_path_buf();
     let mut floods = vec![

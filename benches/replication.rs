@@ -16,7 +16,9 @@
 //!    per second until the primary lists it as a member.
 //!
 //! The figures depend on the machine (say which when quoting them); the
-//! bench clients share it with the servers.
+//! bench clients share it with the servers. The servers' directories are
+//! temporary directories: `TMPDIR` chooses the file system (e.g. tmpfs, to
+//! see what the disk's fsyncs cost).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -228,7 +228,8 @@ impl Server {
         let (applied_tx, applied_rx) = watch::channel(info.last_commit);
         let (state_tx, state_rx) = watch::channel(ServerState::starting());
         let storage = StorageActor::start(repo, applied_tx);
-        let log = CommitLogActor::start(info.last_commit);
+        let (durable_tx, durable_rx) = watch::channel(info.last_commit);
+        let log = CommitLogActor::start(durable_tx);
         let link_settings = LinkSettings {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
@@ -271,6 +272,7 @@ impl Server {
                 commits: coordinator.clone(),
                 state: state_tx,
                 applied: applied_rx.clone(),
+                durable: durable_rx,
                 advertise: settings.advertise.clone(),
                 dir: config.dir.clone(),
                 follow,

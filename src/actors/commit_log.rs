@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use log::trace;
+use tokio::sync::watch;
 
 use crate::storage::LogSync;
 use crate::types::CommitNumber;
@@ -41,18 +42,20 @@ pub struct CommitLogActor {
     synced: Option<(LogSync, CommitNumber)>,
     /// Why an fsync failed, once one did.
     failed: Option<String>,
-    /// The highest commit known durable: the last one on disk at start,
-    /// then the highest an fsync covered (for status).
-    durable: CommitNumber,
+    /// The highest commit known durable, published for status: the last
+    /// one on disk at start, then the highest an fsync covered. A channel,
+    /// not a message, so status answers even while an fsync hangs.
+    durable: Option<watch::Sender<CommitNumber>>,
 }
 
 impl CommitLogActor {
-    /// Start the flushing thread (stopped with the actix system).
-    /// `durable`: the last commit on disk when the repository was opened.
-    pub fn start(durable: CommitNumber) -> Addr<CommitLogActor> {
+    /// Start the flushing thread (stopped with the actix system),
+    /// publishing on `durable` (which starts at the last commit on disk
+    /// when the repository was opened).
+    pub fn start(durable: watch::Sender<CommitNumber>) -> Addr<CommitLogActor> {
         let thread = Arbiter::new();
         CommitLogActor::start_in_arbiter(&thread.handle(), move |_| CommitLogActor {
-            durable,
+            durable: Some(durable),
             ..CommitLogActor::default()
         })
     }
@@ -77,7 +80,9 @@ impl CommitLogActor {
                     started.elapsed()
                 );
                 self.synced = Some((sync, durable));
-                self.durable = self.durable.max(durable);
+                if let Some(tx) = &self.durable {
+                    crate::actors::publish_newer(tx, durable);
+                }
                 Ok(durable)
             }
             Err(e) => {
@@ -117,20 +122,6 @@ impl Handler<Flush> for CommitLogActor {
     }
 }
 
-/// The highest commit known durable on this server. Sender: status
-/// (answered once the fsync in progress, if any, is done).
-#[derive(Message)]
-#[rtype(result = "CommitNumber")]
-pub struct GetDurable;
-
-impl Handler<GetDurable> for CommitLogActor {
-    type Result = CommitNumber;
-
-    fn handle(&mut self, _: GetDurable, _: &mut Context<Self>) -> CommitNumber {
-        self.durable
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,17 +141,25 @@ mod tests {
         let mut repo = Repository::create(dir.path(), 1, "127.0.0.1:1").unwrap();
         let first = append(&mut repo);
         let second = append(&mut repo);
-        let mut log = CommitLogActor::default();
+        let (tx, durable) = watch::channel(0);
+        let mut log = CommitLogActor {
+            durable: Some(tx),
+            ..CommitLogActor::default()
+        };
         let n = second.upto();
         assert_eq!(log.flush(first).unwrap(), n, "the first sync covers both");
         assert_eq!(log.flush(second).unwrap(), n, "answered without a sync");
         let third = append(&mut repo);
         assert_eq!(log.flush(third).unwrap(), n + 1);
-        assert_eq!(log.durable, n + 1);
+        assert_eq!(*durable.borrow(), n + 1);
         // A handle of another log is never taken as covered.
         let other = std::sync::Arc::new(tempfile::tempfile().unwrap());
         assert_eq!(log.flush(LogSync::new(other, 2)).unwrap(), 2);
-        assert_eq!(log.durable, n + 1, "what status reports never goes back");
+        assert_eq!(
+            *durable.borrow(),
+            n + 1,
+            "what status reports never goes back"
+        );
     }
 
     #[test]

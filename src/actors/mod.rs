@@ -38,7 +38,8 @@
 //!
 //! Addresses held across actors are narrow (`Recipient<M>`) wherever a test
 //! may plug in a probe; the only shared values are read-only (`SessionEnv`)
-//! and the single-writer `watch` channel of the applied commit number.
+//! and the single-writer `watch` channels of the applied commit number
+//! (the `StorageActor`'s) and of the durable one (the `CommitLogActor`'s).
 
 pub mod backup;
 pub mod broadcast;
@@ -63,3 +64,18 @@ pub use flush_policy::{FlushPolicy, FlushPolicyError};
 pub use listener::{Listener, SessionClosed, StopAccepting};
 pub use session::{Session, SessionEnv, SessionSettings};
 pub use storage::{CommitReply, StorageActor};
+
+/// Publish `number` on a commit-number channel if it is newer: readers
+/// never see the number go back, and are not woken for an older one.
+pub(crate) fn publish_newer(
+    tx: &tokio::sync::watch::Sender<crate::types::CommitNumber>,
+    number: crate::types::CommitNumber,
+) {
+    tx.send_if_modified(|c| {
+        let newer = number > *c;
+        if newer {
+            *c = number;
+        }
+        newer
+    });
+}

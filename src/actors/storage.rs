@@ -70,13 +70,7 @@ impl StorageActor {
     }
 
     fn publish(&self, number: CommitNumber) {
-        self.commits.send_if_modified(|c| {
-            let newer = number > *c;
-            if newer {
-                *c = number;
-            }
-            newer
-        });
+        crate::actors::publish_newer(&self.commits, number);
     }
 
     /// The object `oid` first, then every object reachable from it through

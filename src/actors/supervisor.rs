@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use crate::actors::broadcast::{
     BroadcastActor, GetReplicaStats, LinkSettings, ProbeDurable, ReplicaTrouble, StopBroadcast,
 };
-use crate::actors::commit_log::{CommitLogActor, Flush, GetDurable};
+use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::coordinator::{
     AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
 };
@@ -84,6 +84,8 @@ pub struct SupervisorParts {
     pub state: watch::Sender<ServerState>,
     /// The last applied commit, published by the `StorageActor`.
     pub applied: watch::Receiver<CommitNumber>,
+    /// The last durable commit, published by the `CommitLogActor`.
+    pub durable: watch::Receiver<CommitNumber>,
     pub advertise: NodeAddr,
     /// The repository directory (divergent commits are kept there).
     pub dir: std::path::PathBuf,
@@ -1101,7 +1103,7 @@ impl Handler<GetMembers> for NodeSupervisor {
         let last = self.last();
         let is_primary = self.is_primary;
         let links: HashMap<u64, Addr<BroadcastActor>> = self.broadcasters.clone();
-        let flusher = self.parts.flusher.clone();
+        let durable_here = (*self.parts.durable.borrow()).min(last);
         Box::pin(async move {
             let mut out = Vec::new();
             for m in node.members {
@@ -1111,8 +1113,7 @@ impl Handler<GetMembers> for NodeSupervisor {
                     MemberRole::Witness => ServerRole::Witness,
                 };
                 let (commit, durable, lag_commits, lag_ms) = if m.server_id == me {
-                    let durable = flusher.send(GetDurable).await.unwrap_or(0);
-                    (last, durable.min(last), 0, 0)
+                    (last, durable_here, 0, 0)
                 } else if let Some(b) = links.get(&m.server_id) {
                     match b.send(GetReplicaStats).await {
                         Ok(s) => (s.applied, s.durable, s.lag_commits, s.lag_ms),

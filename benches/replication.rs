@@ -18,7 +18,9 @@
 //! The figures depend on the machine (say which when quoting them); the
 //! bench clients share it with the servers. The servers' directories are
 //! temporary directories: `TMPDIR` chooses the file system (e.g. tmpfs, to
-//! see what the disk's fsyncs cost).
+//! see what the disk's fsyncs cost); `MAGMA_BENCH_SECONDARY_DIR` puts the
+//! secondary's directory on another one than the primary's (to see whose
+//! fsyncs a figure waits for).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,13 +60,26 @@ fn alone_run(flags: &[&str], secs: u32) {
     println!("  CPU used during the run: primary {used:.1} s");
 }
 
+/// A temporary directory under `MAGMA_BENCH_SECONDARY_DIR`, when set: where
+/// the pair's secondary keeps its repository.
+fn secondary_dir() -> Option<tempfile::TempDir> {
+    let base = std::env::var_os("MAGMA_BENCH_SECONDARY_DIR")?;
+    Some(tempfile::tempdir_in(&base).unwrap_or_else(|e| {
+        panic!("MAGMA_BENCH_SECONDARY_DIR {base:?}: cannot make a directory there: {e}")
+    }))
+}
+
 /// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
 fn pair_run(flags: &[&str], secs: u32) {
     let dir = tempfile::tempdir().unwrap();
     let (a1, a2) = (port(), port());
     let p = server(&dir.path().join("p"), &a1, flags);
     magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
-    let b = dir.path().join("b");
+    let elsewhere = secondary_dir();
+    let b = elsewhere
+        .as_ref()
+        .map_or(dir.path(), |d| d.path())
+        .join("b");
     magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
     // The secondary may become primary: it runs with the same settings.
     let s = server(&b, &a2, flags);
@@ -95,6 +110,9 @@ fn pair_run(flags: &[&str], secs: u32) {
     let mut lags = sampler.join().unwrap();
     lags.sort_unstable();
     println!("{flags:?}, one secondary, K=8:");
+    if let Some(d) = &elsewhere {
+        println!("  secondary's directory under {}", d.path().display());
+    }
     for line in out.lines() {
         println!("  {line}");
     }

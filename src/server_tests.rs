@@ -413,3 +413,75 @@ fn an_async_batch_delay_beyond_the_limit_is_refused_by_name() {
     let err = at(MAX_ASYNC_BATCH_DELAY_US + 1).validate().unwrap_err();
     assert!(err.to_string().contains("--async-batch-delay-us"), "{err}");
 }
+
+/// A secondary answering a batch once applied (`ack: applied`) reports as
+/// durable what its commit-log actor last made durable, whoever asked for
+/// that flush: here a `durable` heartbeat, which its commit coordinator
+/// (keeping the interval policy's flushes) never hears of.
+#[test]
+fn an_applied_answer_reports_what_the_commit_log_made_durable() {
+    use crate::protocol::ReplicateAck;
+    use crate::storage::{CommitRequest, Repository};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.flush = crate::actors::FlushPolicy::Interval(600_000);
+    let mut primary = Repository::create(&tmp.path().join("primary"), 7, "127.0.0.1:1").unwrap();
+    primary
+        .snapshot(&tmp.path().join("scratch"))
+        .unwrap()
+        .copy_to(&cfg.dir)
+        .unwrap();
+    let base = primary.info().last_commit;
+    for i in 0..5 {
+        primary
+            .commit(CommitRequest {
+                meta: vec![(format!("k{i}"), Some(vec![0xc0]))],
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    let bodies: Vec<serde_bytes::ByteBuf> = primary
+        .read_records(base + 1, 100, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .map(serde_bytes::ByteBuf::from)
+        .collect();
+    assert_eq!(bodies.len(), 5);
+    let (epoch, last) = (primary.info().epoch, primary.info().last_commit);
+
+    let server = spawn(cfg).unwrap();
+    // Restore or catching up (from a primary that is not there): either
+    // takes streamed records.
+    let mut peer = Conn::raw(server.local_addr());
+    match peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION)).body {
+        ResponseBody::Hello { role, .. } => assert_ne!(role, ServerRole::Primary),
+        other => panic!("hello: {other:?}"),
+    }
+    let mut replicate = |records: &[serde_bytes::ByteBuf], ack| match peer
+        .call(RequestBody::Replicate {
+            epoch,
+            primary_id: 7,
+            records: records.to_vec(),
+            primary_last: last,
+            ack,
+        })
+        .body
+    {
+        ResponseBody::Replicated { applied, durable } => (applied, durable),
+        other => panic!("replicate: {other:?}"),
+    };
+    // Applied, not flushed: the interval is ten minutes.
+    assert_eq!(
+        replicate(&bodies[..3], ReplicateAck::Applied),
+        (base + 3, base)
+    );
+    // A heartbeat asking for durability flushes everything written.
+    assert_eq!(replicate(&[], ReplicateAck::Durable), (base + 3, base + 3));
+    // The next applied batch says so too.
+    assert_eq!(
+        replicate(&bodies[3..], ReplicateAck::Applied),
+        (base + 5, base + 3)
+    );
+    server.shutdown(true).unwrap();
+}

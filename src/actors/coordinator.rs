@@ -639,23 +639,23 @@ impl Handler<RemoveReplica> for CommitCoordinator {
 /// A secondary applied records streamed with `ack: applied` and answers
 /// before they are fsynced: make them durable under this server's flush
 /// policy (a flush at once under `group`, the interval timer under
-/// `interval:MS`), without anyone waiting. Answers what is known durable
-/// now. Sender: `replicate` requests.
+/// `interval:MS`), without anyone waiting. Sender: `replicate` requests,
+/// which report what is durable from the `CommitLogActor`'s channel, not
+/// from here: no answer, so nothing waits on this actor's mailbox. After a
+/// failed fsync nothing is flushed again (the server is stopping).
 #[derive(Message)]
-#[rtype(result = "Result<CommitNumber, WireError>")]
+#[rtype(result = "()")]
 pub struct NoteReplicated {
     /// The handle [`crate::actors::storage::Applied::sync`] of the batch.
     pub sync: Option<LogSync>,
 }
 
 impl Handler<NoteReplicated> for CommitCoordinator {
-    type Result = Result<CommitNumber, WireError>;
+    type Result = ();
 
-    fn handle(&mut self, msg: NoteReplicated, ctx: &mut Context<Self>) -> Self::Result {
-        if let Some(reason) = &self.failed {
-            return Err(WireError::Internal {
-                reason: reason.clone(),
-            });
+    fn handle(&mut self, msg: NoteReplicated, ctx: &mut Context<Self>) {
+        if self.failed.is_some() {
+            return;
         }
         if let Some(sync) = &msg.sync {
             self.note_sync(sync);
@@ -665,7 +665,6 @@ impl Handler<NoteReplicated> for CommitCoordinator {
         }
         // Shutting down: flush now rather than at the next interval.
         self.check_drained(ctx);
-        Ok(self.durable)
     }
 }
 

@@ -77,6 +77,9 @@ pub struct SessionEnv {
     /// Makes replicated records durable under this server's flush policy
     /// after they are acknowledged (`ack: applied`).
     pub durability: Recipient<crate::actors::NoteReplicated>,
+    /// The last durable commit, published by the `CommitLogActor`: what an
+    /// `ack: applied` answer reports as durable.
+    pub durable: watch::Receiver<CommitNumber>,
 }
 
 /// One connection; see the module doc.

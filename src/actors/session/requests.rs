@@ -376,13 +376,13 @@ async fn replicated(
         Err(e) => return Err(mailbox_error("the storage actor", e)),
     };
     let durable = match applied.flushing {
-        // The coordinator flushes under our policy and says what is
-        // durable so far.
-        None if ack == ReplicateAck::Applied => env
-            .durability
-            .send(NoteReplicated { sync: applied.sync })
-            .await
-            .map_err(|e| mailbox_error("the commit coordinator", e))??,
+        // The coordinator flushes under our policy; what is durable so far
+        // is what the commit-log actor last published.
+        None if ack == ReplicateAck::Applied => {
+            env.durability
+                .do_send(NoteReplicated { sync: applied.sync });
+            *env.durable.borrow()
+        }
         Some(flushing) => flushing
             .await
             .map_err(|e| mailbox_error("the commit-log actor", e))?

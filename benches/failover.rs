@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use magma::client::{Ref, Session};
 
 mod common;
-use common::{magma, port, server, wait_members, Proc};
+use common::{magma, pair};
 
 /// A client committing one append at a time; every acknowledgement's time
 /// and server is recorded. On an error it reconnects and goes on.
@@ -86,20 +86,9 @@ impl Drop for Committer {
     }
 }
 
-/// A primary and a secondary joined from its backup, both with `flags`.
-fn pair(dir: &std::path::Path, flags: &[&str]) -> (Proc, Proc, String, String) {
-    let (a1, a2) = (port(), port());
-    let p = server(&dir.join("p"), &a1, flags);
-    let b = dir.join("b");
-    magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
-    let s = server(&b, &a2, flags);
-    wait_members(&a1, 2, Duration::from_secs(60));
-    (p, s, a1, a2)
-}
-
 fn failover_once() -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, _s, a1, a2) = pair(dir.path(), &[]);
+    let (mut p, _s, a1, a2) = pair(&dir.path().join("p"), &dir.path().join("b"), &[]);
     let c = Committer::start(vec![a1.clone(), a2.clone()]);
     c.wait_for(200, Duration::from_secs(30));
     let t0 = Instant::now();
@@ -117,7 +106,7 @@ fn failover_once() -> Duration {
 
 fn take_over_pause(flags: &[&str]) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let (_p, _s, a1, a2) = pair(dir.path(), flags);
+    let (_p, _s, a1, a2) = pair(&dir.path().join("p"), &dir.path().join("b"), flags);
     let c = Committer::start(vec![a1.clone(), a2.clone()]);
     c.wait_for(200, Duration::from_secs(30));
     let before = c.acks().len();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use magma::client::AdminSession;
 
 mod common;
-use common::{cpu_seconds, magma, percentile, port, server, wait_members};
+use common::{cpu_seconds, magma, pair, percentile, port, server, wait_members};
 
 /// `magma bench` K=8 against `addr` for `secs`: its output lines.
 fn bench(addr: &str, secs: u32) -> String {
@@ -72,18 +72,12 @@ fn secondary_dir() -> Option<tempfile::TempDir> {
 /// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
 fn pair_run(flags: &[&str], secs: u32) {
     let dir = tempfile::tempdir().unwrap();
-    let (a1, a2) = (port(), port());
-    let p = server(&dir.path().join("p"), &a1, flags);
-    magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
     let elsewhere = secondary_dir();
     let b = elsewhere
         .as_ref()
         .map_or(dir.path(), |d| d.path())
         .join("b");
-    magma(&["backup", "--server", &a1, "--to", b.to_str().unwrap()]);
-    // The secondary may become primary: it runs with the same settings.
-    let s = server(&b, &a2, flags);
-    wait_members(&a1, 2, Duration::from_secs(60));
+    let (p, s, a1, a2) = pair(&dir.path().join("p"), &b, flags);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();

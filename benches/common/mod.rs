@@ -87,6 +87,26 @@ pub fn wait_members(addr: &str, n: usize, timeout: Duration) -> Duration {
     start.elapsed()
 }
 
+/// A primary in `primary_dir` and a secondary joined from its backup in
+/// `backup_dir`, both started with `flags` (a secondary may become the
+/// primary); a few commits first, so the backup holds some. Returns both
+/// servers and their addresses.
+pub fn pair(primary_dir: &Path, backup_dir: &Path, flags: &[&str]) -> (Proc, Proc, String, String) {
+    let (a1, a2) = (port(), port());
+    let p = server(primary_dir, &a1, flags);
+    magma(&["flood", "--node", &a1, "--name", "seed", "--count", "10"]);
+    magma(&[
+        "backup",
+        "--server",
+        &a1,
+        "--to",
+        backup_dir.to_str().unwrap(),
+    ]);
+    let s = server(backup_dir, &a2, flags);
+    wait_members(&a1, 2, Duration::from_secs(60));
+    (p, s, a1, a2)
+}
+
 /// CPU time (user + system, seconds) a process has used so far, from
 /// `/proc/PID/stat`: shows how much of the shared machine each server took.
 pub fn cpu_seconds(pid: u32) -> f64 {

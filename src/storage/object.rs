@@ -103,25 +103,28 @@ pub fn references_in(bytes: &[u8]) -> Result<Vec<Oid>> {
     Ok(out)
 }
 
-/// True when the encoded value may hold a temporary reference.
-fn may_hold_temp_refs(bytes: &[u8]) -> bool {
-    bytes.iter().any(|b| matches!(b, 0xd7 | 0xc7))
-}
-
-/// Rewrite temporary references through `temp_to_oid`. Unknown temporary ids
-/// are an error naming the id.
-pub fn resolve_temp_refs(bytes: Vec<u8>, temp_to_oid: &HashMap<u64, Oid>) -> Result<Vec<u8>> {
-    if !may_hold_temp_refs(&bytes) {
-        return Ok(bytes);
-    }
-    let mut v = decode_value(&bytes)?;
+/// A value as a commit sends it, made ready to store: it must be one
+/// MessagePack value, every reference extension in it must hold 8 bytes,
+/// and every temporary reference is rewritten through `temp_to_oid`
+/// (unknown temporary ids are an error naming the id). Checked in full at
+/// commit, so that nothing stored can later fail a deep read, a digest or
+/// a compaction.
+pub fn checked_value(bytes: &[u8], temp_to_oid: &HashMap<u64, Oid>) -> Result<Vec<u8>> {
+    let mut v = decode_value(bytes)?;
     let mut changed = false;
     rewrite(&mut v, temp_to_oid, &mut changed)?;
-    Ok(if changed { encode_value(&v) } else { bytes })
+    Ok(if changed {
+        encode_value(&v)
+    } else {
+        bytes.to_vec()
+    })
 }
 
 fn rewrite(v: &mut Value, map: &HashMap<u64, Oid>, changed: &mut bool) -> Result<()> {
     match v {
+        Value::Ext(REF_EXT, data) => {
+            ext_id(REF_EXT, data)?;
+        }
         Value::Ext(TEMP_REF_EXT, data) => {
             let temp = ext_id(TEMP_REF_EXT, data)?;
             let oid = *map.get(&temp).ok_or_else(|| {
@@ -171,10 +174,37 @@ mod tests {
     fn resolves_temporary_references() {
         let v = Value::Array(vec![Value::Ext(TEMP_REF_EXT, 3u64.to_be_bytes().to_vec())]);
         let map = HashMap::from([(3u64, 42u64)]);
-        let out = resolve_temp_refs(encode_value(&v), &map).unwrap();
+        let out = checked_value(&encode_value(&v), &map).unwrap();
         assert_eq!(references_in(&out).unwrap(), vec![42]);
         let missing = HashMap::new();
-        assert!(resolve_temp_refs(encode_value(&v), &missing).is_err());
+        assert!(checked_value(&encode_value(&v), &missing).is_err());
+    }
+
+    #[test]
+    fn a_committed_value_with_a_short_reference_is_refused_whatever_its_marker() {
+        let map = HashMap::from([(3u64, 42u64)]);
+        // Payloads of 1, 2, 4 and 16 bytes use the fixext markers d4..d8,
+        // 3 bytes the ext8 marker c7: none may be stored.
+        for len in [1usize, 2, 3, 4, 16] {
+            for tag in [REF_EXT, TEMP_REF_EXT] {
+                let v = Value::Map(vec![(Value::from("r"), Value::Ext(tag, vec![0; len]))]);
+                let err = checked_value(&encode_value(&v), &map).unwrap_err();
+                assert!(
+                    err.to_string().contains("must hold 8 bytes"),
+                    "ext {tag} of {len} bytes: {err}"
+                );
+            }
+        }
+        // Other extension types are the application's own business.
+        let other = encode_value(&Value::Ext(7, vec![1, 2, 3, 4]));
+        assert_eq!(checked_value(&other, &map).unwrap(), other);
+        // A value without temporary references is stored byte for byte.
+        let plain = encode_value(&Value::Array(vec![ref_value(9), Value::from("x")]));
+        assert_eq!(checked_value(&plain, &map).unwrap(), plain);
+        assert!(
+            checked_value(&[0x92, 0x01], &map).is_err(),
+            "truncated array"
+        );
     }
 
     #[test]

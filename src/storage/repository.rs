@@ -22,7 +22,7 @@ use crate::storage::error::{Result, StorageError};
 use crate::storage::header::{Header, HEADER_FILE};
 use crate::storage::index_map::{IndexEntry, IndexMap, FLAG_COLLECTION, INDEX_FILE};
 use crate::storage::object::{
-    decode_value, encode_value, ref_value, references_in, resolve_temp_refs, StoredObject,
+    checked_value, decode_value, encode_value, ref_value, references_in, StoredObject,
     ANCHOR_CLASS, COLLECTION_CLASS, REF_EXT,
 };
 use crate::storage::object_store::{
@@ -540,10 +540,7 @@ impl Repository {
                 }),
             }
         };
-        let checked = |value: &[u8]| -> Result<Vec<u8>> {
-            decode_value(value)?;
-            resolve_temp_refs(value.to_vec(), &temp_to_oid)
-        };
+        let checked = |value: &[u8]| checked_value(value, &temp_to_oid);
         let mut ops = Vec::with_capacity(req.news.len() + req.puts.len() + req.appends.len() + 1);
         let mut new_oids = Vec::with_capacity(req.news.len());
         for n in &req.news {

@@ -85,6 +85,50 @@ fn commit_read_and_restart() {
 }
 
 #[test]
+fn a_reference_of_the_wrong_size_is_refused_at_commit_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = new_repo(dir.path());
+    let (root, coll) = setup_root_with_collection(&mut repo);
+    let before = repo.info().last_commit;
+    // A 4-byte type-1 extension (marker d6): before the full check at
+    // commit it was stored, and every later digest and deep read failed.
+    let short_ref = encode_value(&Value::Map(vec![(
+        Value::from("r"),
+        Value::Ext(super::object::REF_EXT, vec![0, 0, 0, 42]),
+    )]));
+    let short_temp = encode_value(&Value::Ext(TEMP_REF_EXT, vec![0, 0, 0, 1]));
+    for value in [short_ref, short_temp] {
+        let err = repo
+            .commit(CommitRequest {
+                news: vec![NewRequest {
+                    temp_id: 1,
+                    class: "D".into(),
+                    value: value.clone(),
+                }],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Invalid(_)), "{err}");
+        let err = repo
+            .commit(CommitRequest {
+                appends: vec![AppendRequest {
+                    coll: ObjRef::Oid(coll),
+                    value,
+                }],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Invalid(_)), "{err}");
+    }
+    assert_eq!(repo.info().last_commit, before);
+    repo.digest().unwrap();
+    assert_eq!(
+        references_in(&repo.get(root).unwrap().unwrap().value).unwrap(),
+        vec![coll]
+    );
+}
+
+#[test]
 fn stale_versions_reject_the_whole_commit_naming_every_object() {
     let dir = tempfile::tempdir().unwrap();
     let mut repo = new_repo(dir.path());

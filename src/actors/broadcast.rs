@@ -218,7 +218,8 @@ impl BroadcastActor {
             busy: false,
             next,
             acked: next.saturating_sub(1),
-            durable: next.saturating_sub(1),
+            // Known only once the secondary says (see `AddReplica`).
+            durable: 0,
             primary_last,
             queue: BTreeMap::new(),
             handed: VecDeque::new(),
@@ -390,6 +391,21 @@ impl BroadcastActor {
                 // after reconnecting overlaps what it has).
                 if applied + 1 > self.next {
                     self.next = applied + 1;
+                }
+                // Nothing else outstanding, yet it lacks records counted as
+                // sent: a stream started at our last record + 1 (after a
+                // restart or a promotion) to a secondary that never got the
+                // last ones. Without new commits nothing else would bring
+                // them: send them again from what it has.
+                if self.in_flight.is_empty() && applied + 1 < self.next {
+                    info!(
+                        "replication to {}: it holds up to {applied}, not {}: sending again from {}",
+                        self.peer.addr,
+                        self.next - 1,
+                        applied + 1
+                    );
+                    self.next = applied + 1;
+                    self.acked = applied;
                 }
                 // Records it applied but has not made durable yet are not
                 // kept: should it need them again, they are read back

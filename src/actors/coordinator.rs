@@ -595,12 +595,19 @@ impl Handler<Fence> for CommitCoordinator {
 
 /// A secondary joined the node: stream every new record to `link` and
 /// count its acknowledgements. Sender: the `NodeSupervisor`.
+///
+/// The replica counts as holding nothing until its first [`ReplicaAck`]:
+/// where its stream starts says nothing of what it holds (a joining server
+/// is credited before its last glob arrives; after a restart or a
+/// promotion it may lack records this server has), and a commit counted
+/// as replicated on such credit — a resent token answered `Duplicate`, a
+/// commit waiting for another secondary — would be acknowledged without
+/// the copy `sync-replicas` promises.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AddReplica {
     pub server_id: u64,
     pub link: Recipient<Broadcast>,
-    pub durable: CommitNumber,
 }
 
 impl Handler<AddReplica> for CommitCoordinator {
@@ -611,7 +618,7 @@ impl Handler<AddReplica> for CommitCoordinator {
             msg.server_id,
             Replica {
                 link: msg.link,
-                durable: msg.durable,
+                durable: 0,
             },
         );
     }

@@ -210,7 +210,6 @@ impl NodeSupervisor {
         self.parts.commits.do_send(AddReplica {
             server_id,
             link: b.clone().recipient(),
-            durable: next.saturating_sub(1),
         });
         self.broadcasters.insert(server_id, b);
     }

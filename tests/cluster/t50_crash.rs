@@ -4,6 +4,9 @@
 use std::fs;
 use std::time::Duration;
 
+use magma::client::{Ref, Session, SessionOptions};
+use magma::protocol::{CommitBody, WireAppend, WireRef};
+
 use crate::harness::{dump, pair, status, verify_flood, wait_until, Cluster, Flood};
 use crate::phase;
 
@@ -154,4 +157,86 @@ fn t50_kill9_of_an_asynchronous_secondary_keeps_what_it_acknowledged_as_applied(
         holds >= acknowledged,
         "the secondary acknowledged commit {acknowledged} as applied but holds {holds} after a restart"
     );
+}
+
+/// A session to `addrs` whose calls give up after `secs` seconds.
+fn impatient_session(addrs: &[&str], secs: u64) -> Session {
+    let mut opts = SessionOptions::default();
+    opts.connect.read_timeout = Some(Duration::from_secs(secs));
+    opts.reroute_timeout = Duration::from_secs(secs);
+    Session::connect_with(addrs, opts).unwrap()
+}
+
+#[test]
+fn t50_a_restarted_primary_acknowledges_a_resent_commit_only_once_its_secondary_holds_it() {
+    // A long replica timeout: the frozen secondary stays a member, so
+    // every commit here must wait for it.
+    let args = ["--sync-replicas", "1", "--replica-timeout-ms", "60000"];
+    let mut c = Cluster::new();
+    let (s1, s2, a1, a2) = pair(&mut c, &args);
+    let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    let coll = s
+        .commit(|tx| {
+            let coll = tx.create_collection();
+            tx.set_root(coll);
+        })
+        .unwrap()
+        .new_oids[0]
+        .1;
+    let body = CommitBody {
+        token: Some(b"resend-after-restart".to_vec()),
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll),
+            value: rmpv::Value::from("once"),
+        }],
+        ..Default::default()
+    };
+
+    phase!("the secondary hangs; a commit is applied on the primary alone, unacknowledged");
+    c.servers[s2].freeze();
+    let err = impatient_session(&[&a1], 2)
+        .commit_body(body.clone())
+        .unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+
+    phase!("kill -9 the primary and restart it while the secondary still hangs");
+    c.servers[s1].kill();
+    c.servers[s1].start();
+
+    phase!("the resent commit is a duplicate on the primary: it must still wait for the secondary");
+    match impatient_session(&[&a1], 3).commit_body(body.clone()) {
+        Err(e) if e.is_outcome_unknown() => {}
+        other => panic!(
+            "a commit the secondary does not hold was acknowledged (or failed otherwise): {other:?}"
+        ),
+    }
+
+    phase!("the secondary wakes up, gets the record, and the resend is acknowledged once");
+    c.servers[s2].thaw();
+    let number = Session::connect(&[a1.as_str()])
+        .unwrap()
+        .commit_status(body.token.as_deref().unwrap())
+        .unwrap()
+        .expect("the primary applied the first attempt");
+    wait_until(
+        Duration::from_secs(30),
+        "the secondary to hold it durably",
+        || {
+            status(&a1)
+                .members
+                .iter()
+                .any(|m| m.addr == a2 && m.durable >= number)
+                .then_some(())
+        },
+    );
+    let again = Session::connect(&[a1.as_str()])
+        .unwrap()
+        .commit_body(body)
+        .unwrap();
+    assert_eq!(again.number, number);
+    for addr in [&a1, &a2] {
+        let mut r = Session::connect(&[addr.as_str()]).unwrap();
+        r.require_last_seen();
+        assert_eq!(r.collection_len(Ref(coll)).unwrap(), 1, "on {addr}");
+    }
 }

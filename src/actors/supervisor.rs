@@ -1160,7 +1160,8 @@ async fn same_record(storage: &Addr<StorageActor>, link: &mut PeerLink, n: Commi
 
 /// A commit reached this secondary (the seed's rule). Reply `Ok` when this
 /// server is (now) the primary and the commit may go on; otherwise where
-/// the client should send it. Sender: `commit` requests.
+/// the client should send it. Sender: `commit` and `commit_status`
+/// requests.
 #[derive(Message)]
 #[rtype(result = "Result<(), WireError>")]
 pub struct CommitAtSecondary;

@@ -25,9 +25,12 @@ pub enum ClientError {
     },
     /// A commit was sent but no outcome came back (the connection broke or
     /// timed out, or the server failed internally): it may or may not have
-    /// been applied. Sending the same commit body again with the same
-    /// `token` (see `Session::commit_body`) is safe and returns the original
-    /// outcome if it was applied.
+    /// been applied. `Session::commit_status(&token)` tells whether it was.
+    /// Resending is safe only with this `token` in the body
+    /// (`body.token = Some(token)`; a body given its own token before the
+    /// first call already has it): a body sent without one got a random
+    /// token inside `Session::commit_body`, and resending that body as it
+    /// was would make a new token and may apply the commit twice.
     #[error("outcome of commit with token {} is unknown ({addr}): {cause}", hex(.token))]
     OutcomeUnknown {
         token: Vec<u8>,

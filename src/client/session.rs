@@ -14,13 +14,18 @@
 //!   same idempotency token, pausing when the node still names the same
 //!   server, within `SessionOptions::reroute_timeout` (`restore_mode` from
 //!   the only primary the node knows is returned at once);
-//! * a commit that could not be sent at all is resent only if re-learning
-//!   the node finds a different primary; otherwise the network error
-//!   reaches the application, as the design requires when a primary dies.
+//! * a commit that could not be sent at all is resent once after
+//!   re-learning the node: to a different primary if the node names one,
+//!   else to the node's successor, which pings the primary and takes over
+//!   if it is gone; with neither, the network error reaches the
+//!   application (the commit was not applied).
 //!
 //! A commit that was sent but got no reply is never retried here: it is
-//! `ClientError::OutcomeUnknown`, carrying its token so the application may
-//! resend the same body.
+//! `ClientError::OutcomeUnknown`, carrying its token. The application
+//! resolves it with `commit_status(token)`, which is routed exactly as a
+//! commit is (one helper, `ask_primary`, serves both), so it reaches the
+//! successor when the primary died and makes it take over. Being a query,
+//! a `commit_status` sent without a reply is resent like one never sent.
 //!
 //! Telling the primary about a secondary that failed (so that it verifies
 //! and removes it) is not part of this module yet: the session only moves
@@ -113,6 +118,16 @@ fn leaves_outcome_unknown(e: &ClientError) -> bool {
             e,
             ClientError::Protocol { .. } | ClientError::Server(WireError::Internal { .. })
         )
+}
+
+/// What becomes of a request to the primary that was sent but got no
+/// answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// A commit: it may have been applied, so it is never resent here.
+    OutcomeUnknown,
+    /// A query: asking again changes nothing, so it is resent.
+    Resend,
 }
 
 /// Largest `count` asked of a server in one collection range request.
@@ -360,11 +375,17 @@ impl Session {
         })
     }
 
-    /// Commit a body as given. A body without a token gets 16 random bytes;
+    /// Commit a body as given. A body without a token gets 16 random bytes
+    /// (inside this call: the caller's copy of the body stays without one);
     /// every attempt of this call sends the same token, so the primary
-    /// applies the commit at most once. To learn the fate of a commit that
-    /// ended in [`ClientError::OutcomeUnknown`], call this again with the
-    /// same body and token.
+    /// applies the commit at most once.
+    ///
+    /// To learn the fate of a commit that ended in
+    /// [`ClientError::OutcomeUnknown`], ask [`Session::commit_status`] with
+    /// the error's `token`, or resend the body carrying that token
+    /// (`body.token = Some(token)`), or give the body a token of your own
+    /// before the first call. Resending a body that had no token makes a
+    /// new random one: that commit may then be applied twice.
     pub fn commit_body(&mut self, mut body: CommitBody) -> Result<CommitOutcome> {
         let token = body
             .token
@@ -372,10 +393,63 @@ impl Session {
             .clone();
         let expects = (!body.news.is_empty(), !body.appends.is_empty());
         let request = RequestBody::Commit(body);
+        let result = match self.ask_primary(&request, Unanswered::OutcomeUnknown) {
+            Ok((resp, addr)) => self.committed(resp, &addr, expects),
+            Err(CallFailure { sent: true, error }) if leaves_outcome_unknown(&error) => {
+                let addr = self.router.commit_server().unwrap_or_default().to_string();
+                self.router.forget_commit_target();
+                Err(ClientError::OutcomeUnknown {
+                    token,
+                    addr,
+                    cause: Box::new(error),
+                })
+            }
+            Err(CallFailure { error, .. }) => Err(error),
+        };
+        self.router.prune();
+        result
+    }
+
+    /// Was a commit with this token applied? `Some(number)` if so, `None`
+    /// if the primary knows no such token (never applied, or older than the
+    /// tokens it remembers); resolves a
+    /// [`ClientError::OutcomeUnknown`]. Routed as a commit is, so it also
+    /// works when the primary died: the successor that receives it takes
+    /// over, and knows the tokens of every commit it replicated. Being a
+    /// query, it is resent (once, after re-learning the node) when it was
+    /// sent and no answer came.
+    pub fn commit_status(&mut self, token: &[u8]) -> Result<Option<CommitNumber>> {
+        let request = RequestBody::CommitStatus {
+            token: token.to_vec(),
+        };
+        let result = match self.ask_primary(&request, Unanswered::Resend) {
+            Ok((resp, addr)) => {
+                self.router.observe(&resp);
+                match resp.body {
+                    ResponseBody::TokenStatus { number } => Ok(number),
+                    other => Err(unexpected(&addr, "token_status", &other)),
+                }
+            }
+            Err(CallFailure { error, .. }) => Err(error),
+        };
+        self.router.prune();
+        result
+    }
+
+    /// Send `request` to the primary and return its answer and the address
+    /// that gave it, re-routing as the module doc says. A request sent
+    /// without an answer comes back as a failure with `sent: true` when
+    /// `unanswered` is [`Unanswered::OutcomeUnknown`]; with
+    /// [`Unanswered::Resend`] it is treated like one never sent.
+    fn ask_primary(
+        &mut self,
+        request: &RequestBody,
+        unanswered: Unanswered,
+    ) -> std::result::Result<(Response, String), CallFailure> {
         let deadline = Instant::now() + self.reroute_timeout;
         let mut pause = Duration::from_millis(20);
         let mut relearned = false;
-        let result = loop {
+        loop {
             let sent = self
                 .router
                 .commit_connection()
@@ -383,52 +457,48 @@ impl Session {
                 .and_then(|idx| {
                     let conn = self.router.conn(idx);
                     let addr = conn.addr().to_string();
-                    conn.call_tracked(&request).map(|resp| (resp, addr))
+                    conn.call_tracked(request).map(|resp| (resp, addr))
                 });
             match sent {
-                Ok((resp, addr)) => break self.committed(resp, &addr, expects),
+                Ok(answered) => return Ok(answered),
                 Err(CallFailure { sent: false, error }) => {
-                    if let Err(e) = self.reroute_unsent(error, &mut relearned) {
-                        break Err(e);
+                    if let Err(error) = self.reroute_unsent(error, &mut relearned) {
+                        return Err(CallFailure { sent: false, error });
                     }
                 }
                 Err(CallFailure { error, .. }) if commit_reroutes(&error) => {
                     if Instant::now() >= deadline {
-                        break Err(error);
+                        return Err(CallFailure { sent: true, error });
                     }
                     let same_server = self.reroute(&error);
                     if same_server && matches!(error, ClientError::Server(WireError::RestoreMode)) {
                         // A backup in restore mode stays one until an
                         // operator acts: waiting would not help.
-                        break Err(error);
+                        return Err(CallFailure { sent: true, error });
                     }
                     if same_server {
                         thread::sleep(pause);
                         pause = (pause * 2).min(Duration::from_millis(500));
                     }
                 }
-                Err(CallFailure { error, .. }) if leaves_outcome_unknown(&error) => {
-                    let addr = self.router.commit_server().unwrap_or_default().to_string();
-                    self.router.forget_commit_target();
-                    break Err(ClientError::OutcomeUnknown {
-                        token,
-                        addr,
-                        cause: Box::new(error),
-                    });
+                Err(CallFailure { sent: true, error })
+                    if unanswered == Unanswered::Resend && error.is_network() =>
+                {
+                    if let Err(error) = self.reroute_unsent(error, &mut relearned) {
+                        return Err(CallFailure { sent: true, error });
+                    }
                 }
-                Err(CallFailure { error, .. }) => break Err(error),
+                Err(failure) => return Err(failure),
             }
-        };
-        self.router.prune();
-        result
+        }
     }
 
-    /// Follow a refusal that says the commit belongs elsewhere. True when
-    /// the next attempt goes to the same server (or none is known), so the
-    /// caller should pause first.
+    /// Follow a refusal that says the request belongs on another primary.
+    /// True when the next attempt goes to the same server (or none is
+    /// known), so the caller should pause first.
     fn reroute(&mut self, error: &ClientError) -> bool {
         let before = self.router.commit_server().map(str::to_string);
-        log::debug!("commit to {before:?} re-routed: {error}");
+        log::debug!("request to {before:?} re-routed: {error}");
         match error {
             ClientError::Server(WireError::WrongServer {
                 primary: Some(primary),
@@ -446,10 +516,11 @@ impl Session {
         after.is_none() || after == before
     }
 
-    /// A commit that was not sent: resend it, once, to another primary if
-    /// re-learning the node names one; else to the node's successor (its
-    /// first secondary), which pings the primary and, finding it gone,
-    /// takes over (the seed's rule) or names the primary to use.
+    /// A request that was not sent (or a query not answered): resend it,
+    /// once, to another primary if re-learning the node names one; else to
+    /// the node's successor (its first secondary), which pings the primary
+    /// and, finding it gone, takes over (the seed's rule) or names the
+    /// primary to use.
     fn reroute_unsent(&mut self, error: ClientError, relearned: &mut bool) -> Result<()> {
         if *relearned {
             return Err(error);
@@ -476,7 +547,7 @@ impl Session {
                 match successor {
                     Some(s) => {
                         log::info!(
-                            "primary {failed_addr:?} unreachable: sending the commit to {s}"
+                            "primary {failed_addr:?} unreachable: sending to the successor {s}"
                         );
                         self.router.redirect_commits(&s);
                         Ok(())
@@ -484,22 +555,6 @@ impl Session {
                     None => Err(error),
                 }
             }
-        }
-    }
-
-    /// Was a commit with this token applied? Asks the primary; resolves a
-    /// [`ClientError::OutcomeUnknown`] (also after a failover: the new
-    /// primary knows the tokens of every commit it replicated).
-    pub fn commit_status(&mut self, token: &[u8]) -> Result<Option<CommitNumber>> {
-        let idx = self.router.commit_connection()?;
-        let addr = self.router.conn(idx).addr().to_string();
-        let resp = self.router.conn(idx).call(RequestBody::CommitStatus {
-            token: token.to_vec(),
-        })?;
-        self.router.observe(&resp);
-        match resp.body {
-            ResponseBody::TokenStatus { number } => Ok(number),
-            other => Err(unexpected(&addr, "token_status", &other)),
         }
     }
 

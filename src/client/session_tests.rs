@@ -1,6 +1,6 @@
 //! Session behaviour against fake servers (threads speaking the protocol):
 //! routing, read failover, `behind` retries, commit redirects, unknown
-//! outcomes. The real cluster suite lives in `tests/cluster/`.
+//! outcomes and resolving them with `commit_status`. The real cluster suite lives in `tests/cluster/`.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -508,4 +508,44 @@ fn an_answer_to_a_resent_token_is_marked_replayed() {
         tx.put(Ref(1), 1, "C", &0u8);
     });
     assert!(!out.unwrap().replayed, "a put-only commit cannot tell");
+}
+
+fn is_status(b: &RequestBody) -> bool {
+    matches!(b, RequestBody::CommitStatus { .. })
+}
+
+/// Answers `commit_status` with `number`.
+fn token_status(number: Option<u64>) -> impl Fn(&RequestBody) -> Option<Option<ResponseBody>> {
+    move |b| is_status(b).then_some(Some(ResponseBody::TokenStatus { number }))
+}
+
+#[test]
+fn commit_status_with_the_primary_dead_goes_to_the_successor() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), token_status(None)));
+    s.serve(standard(node, s.addr.clone(), token_status(Some(7))));
+    let mut session = Session::connect_with(&[&p.addr, &s.addr], options()).unwrap();
+    assert_eq!(session.commit_server(), Some(p.addr.as_str()));
+    p.kill();
+    assert_eq!(session.commit_status(b"t").unwrap(), Some(7));
+    assert_eq!(session.commit_server(), Some(s.addr.as_str()));
+    assert_eq!((p.count(is_status), s.count(is_status)), (0, 1));
+}
+
+#[test]
+fn an_unanswered_status_is_resent_but_an_unanswered_commit_is_not() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    // The primary takes every request for itself and never answers one.
+    p.serve(standard(node.clone(), p.addr.clone(), |b| {
+        (is_commit(b) || is_status(b)).then_some(None)
+    }));
+    s.serve(standard(node, s.addr.clone(), token_status(Some(7))));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let err = session.append(Ref(9), &"x").unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err:?}");
+    assert_eq!((p.count(is_commit), s.count(is_commit)), (1, 0));
+    assert_eq!(session.commit_status(b"t").unwrap(), Some(7));
+    assert_eq!((p.count(is_status), s.count(is_status)), (1, 1));
 }

@@ -175,19 +175,22 @@ pub(super) async fn meta(
     })
 }
 
+/// A request for the primary reached this secondary. The seed's rule: ping
+/// the primary; if it is gone, the successor takes over. `Ok` when this
+/// server is (now) the primary and may answer; else where to go instead.
+async fn orphan_check(env: &SessionEnv) -> Result<(), WireError> {
+    env.node
+        .send(CommitAtSecondary)
+        .await
+        .map_err(|e| mailbox_error("the node supervisor", e))?
+}
+
 pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
     let role = env.state.borrow().role;
     match role {
         ServerRole::Primary => {}
         ServerRole::Restore => return Err(WireError::RestoreMode),
-        ServerRole::Secondary => {
-            // The seed's rule: ping the primary; if it is gone, the
-            // successor takes over and this commit goes on there.
-            env.node
-                .send(CommitAtSecondary)
-                .await
-                .map_err(|e| mailbox_error("the node supervisor", e))??;
-        }
+        ServerRole::Secondary => orphan_check(&env).await?,
         _ => {
             return Err(WireError::WrongServer {
                 primary: env.state.borrow().primary.clone(),
@@ -428,11 +431,20 @@ pub(super) async fn remove(env: Arc<SessionEnv>, addr: String) -> Answer {
 }
 
 /// Was a commit with this token applied? (resolves an unknown outcome)
+///
+/// Asked most when the primary died with the commit in flight, so a
+/// secondary does what a commit at a secondary does: the orphan check,
+/// answering itself once it is primary.
 pub(super) async fn commit_status(env: Arc<SessionEnv>, token: Vec<u8>) -> Answer {
-    if env.state.borrow().role != ServerRole::Primary {
-        return Err(WireError::WrongServer {
-            primary: env.state.borrow().primary.clone(),
-        });
+    let role = env.state.borrow().role;
+    match role {
+        ServerRole::Primary => {}
+        ServerRole::Secondary => orphan_check(&env).await?,
+        _ => {
+            return Err(WireError::WrongServer {
+                primary: env.state.borrow().primary.clone(),
+            })
+        }
     }
     let number = ask(&env, TokenCommit { token }).await?;
     Ok(ResponseBody::TokenStatus { number })

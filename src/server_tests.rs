@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rmpv::Value;
 
 use super::*;
+use crate::actors::session::MAX_RANGE_BYTES;
 use crate::protocol::codec::{self, read_frame, write_frame};
 use crate::protocol::{
     CommitBody, Request, RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireAppend,
@@ -178,7 +179,11 @@ fn serves_commits_and_reads_and_survives_a_restart() {
         })
         .body
     {
-        ResponseBody::Elements { start: 1, values } => {
+        ResponseBody::Elements {
+            start: 1,
+            values,
+            len: Some(5),
+        } => {
             assert_eq!(values, vec![Value::from("e2"), Value::from("e3")])
         }
         other => panic!("range: {other:?}"),
@@ -483,5 +488,60 @@ fn an_applied_answer_reports_what_the_commit_log_made_durable() {
         replicate(&bodies[3..], ReplicateAck::Applied),
         (base + 5, base + 3)
     );
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn a_range_of_large_elements_is_cut_by_bytes_and_names_the_length_to_page_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 2 << 20,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (_, coll) = make_root_with_collection(&mut app);
+    // 24 elements of 1 MiB: one reply of them all would be a 24 MiB frame,
+    // beyond every client's default limit.
+    let big = |i: usize| format!("{i:02}{}", "x".repeat(1 << 20));
+    for i in 0..24 {
+        append(&mut app, coll, &big(i));
+    }
+    let mut got = Vec::new();
+    let mut replies = 0;
+    while got.len() < 24 {
+        replies += 1;
+        assert!(replies <= 24, "no progress after {} elements", got.len());
+        match app
+            .call(RequestBody::CollectionRange {
+                coll,
+                start: got.len() as u64,
+                count: 1000,
+                required_progress: None,
+            })
+            .body
+        {
+            ResponseBody::Elements { start, values, len } => {
+                assert_eq!(start, got.len() as u64);
+                assert_eq!(len, Some(24));
+                assert!(!values.is_empty());
+                let bytes: usize = values.iter().map(|v| v.as_str().unwrap().len()).sum();
+                assert!(
+                    values.len() == 1 || bytes as u64 <= MAX_RANGE_BYTES + (1 << 20) + 2,
+                    "{} elements, {bytes} bytes in one reply",
+                    values.len()
+                );
+                got.extend(values);
+            }
+            other => panic!("range: {other:?}"),
+        }
+    }
+    assert!(
+        replies >= 5,
+        "24 MiB in {replies} replies of at most ~5 MiB"
+    );
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(v.as_str().unwrap(), big(i));
+    }
     server.shutdown(true).unwrap();
 }

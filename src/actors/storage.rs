@@ -489,22 +489,24 @@ impl Handler<ReadRoot> for StorageActor {
     }
 }
 
-/// Up to `count` encoded elements of a large collection from `start`.
+/// The length of a large collection and up to `count` of its encoded
+/// elements from `start`, past the first no more than about `max_bytes`.
 /// Sender: sessions.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<Vec<u8>>, StorageError>")]
+#[rtype(result = "Result<(u64, Vec<Vec<u8>>), StorageError>")]
 pub struct CollectionRange {
     pub coll: Oid,
     pub start: u64,
     pub count: u64,
+    pub max_bytes: u64,
 }
 
 impl Handler<CollectionRange> for StorageActor {
-    type Result = Result<Vec<Vec<u8>>, StorageError>;
+    type Result = Result<(u64, Vec<Vec<u8>>), StorageError>;
 
     fn handle(&mut self, msg: CollectionRange, _: &mut SyncContext<Self>) -> Self::Result {
         self.repo_mut()?
-            .collection_range(msg.coll, msg.start, msg.count)
+            .collection_page(msg.coll, msg.start, msg.count, msg.max_bytes)
     }
 }
 

@@ -75,7 +75,7 @@ pub fn for_each_element(
             })
             .map_err(at)?;
         let values = match resp.body {
-            ResponseBody::Elements { start, values } if start == next && !values.is_empty() => {
+            ResponseBody::Elements { start, values, .. } if start == next && !values.is_empty() => {
                 values
             }
             other => {

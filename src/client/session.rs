@@ -299,8 +299,9 @@ impl Session {
     }
 
     /// Up to `count` elements of a large collection from index `start`
-    /// (fewer at its end). A server reply carries at most 65 536 elements;
-    /// longer ranges are fetched page by page.
+    /// (fewer at its end). A server reply carries at most 65 536 elements
+    /// and, past the first, about 4 MiB of them; longer ranges are fetched
+    /// page by page.
     pub fn collection_range(
         &mut self,
         coll: impl Into<Oid>,
@@ -318,13 +319,18 @@ impl Session {
                 count: ask,
                 required_progress,
             })?;
-            let values = match resp.body {
-                ResponseBody::Elements { values, .. } => values,
+            let (values, len) = match resp.body {
+                ResponseBody::Elements { values, len, .. } => (values, len),
                 other => return Err(self.unexpected_read("elements", &other)),
             };
-            // The protocol caps a reply at 65 536 elements, never lower: a
-            // shorter reply than asked is the end of the collection.
-            let end = (values.len() as u64) < ask;
+            let end = match len {
+                // A reply may stop short by count or by bytes: the
+                // collection's length says where the end is.
+                Some(len) => values.is_empty() || from + values.len() as u64 >= len,
+                // An older server cuts a reply only at 65 536 elements: a
+                // shorter reply than asked is the end of the collection.
+                None => (values.len() as u64) < ask,
+            };
             out.extend(values);
             if end {
                 break;

@@ -410,7 +410,7 @@ fn with_no_server_left_a_commit_gets_a_network_error_and_was_not_applied() {
 }
 
 #[test]
-fn long_ranges_are_paged_and_a_short_page_ends_them() {
+fn long_ranges_are_paged_and_a_short_page_from_an_older_server_ends_them() {
     let (mut p, mut s) = (Fake::bind(), Fake::bind());
     let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
     const LEN: u64 = 70_000;
@@ -420,6 +420,7 @@ fn long_ranges_are_paged_and_a_short_page_ends_them() {
             Some(Some(ResponseBody::Elements {
                 start: *start,
                 values: (*start..end).map(Value::from).collect(),
+                len: None,
             }))
         }
         _ => None,
@@ -433,6 +434,34 @@ fn long_ranges_are_paged_and_a_short_page_ends_them() {
     let is_range = |b: &RequestBody| matches!(b, RequestBody::CollectionRange { .. });
     assert_eq!(s.count(is_range) + p.count(is_range), 2);
     assert_eq!(session.collection_range(Ref(7), 10, 3).unwrap().len(), 3);
+}
+
+#[test]
+fn a_reply_cut_short_by_bytes_is_paged_on_to_the_length_it_names() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    const LEN: u64 = 2_500;
+    // Like a server whose byte budget holds 1 000 of these elements.
+    let ranges = |b: &RequestBody| match b {
+        RequestBody::CollectionRange { start, count, .. } => {
+            let end = (start + count.min(&1_000)).min(LEN);
+            Some(Some(ResponseBody::Elements {
+                start: *start,
+                values: (*start..end).map(Value::from).collect(),
+                len: Some(LEN),
+            }))
+        }
+        _ => None,
+    };
+    p.serve(standard(node.clone(), p.addr.clone(), ranges));
+    s.serve(standard(node, s.addr.clone(), ranges));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    let all: Vec<u64> = session.collection_range_as(Ref(7), 0, u64::MAX).unwrap();
+    assert_eq!(all, (0..LEN).collect::<Vec<_>>());
+    let is_range = |b: &RequestBody| matches!(b, RequestBody::CollectionRange { .. });
+    assert_eq!(s.count(is_range) + p.count(is_range), 3);
+    let some: Vec<u64> = session.collection_range_as(Ref(7), 900, 200).unwrap();
+    assert_eq!(some, (900..1_100).collect::<Vec<_>>());
 }
 
 #[test]

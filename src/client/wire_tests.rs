@@ -286,6 +286,7 @@ fn responses_round_trip_with_references_inside_values() {
         ResponseBody::Elements {
             start: 0,
             values: vec![ext(1, 3), Value::from("a")],
+            len: Some(9),
         },
         ResponseBody::Meta {
             value: Some(ext(1, 4)),

@@ -306,6 +306,12 @@ pub enum ResponseBody {
     Elements {
         start: u64,
         values: Vec<rmpv::Value>,
+        /// The collection's length when it was read: a reply may stop
+        /// short of it (by count or by bytes) and the client pages on.
+        /// Absent from servers that predate it, whose replies were short
+        /// only at the end.
+        #[serde(default)]
+        len: Option<u64>,
     },
     Meta {
         value: Option<rmpv::Value>,

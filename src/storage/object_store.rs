@@ -514,8 +514,16 @@ impl Collections {
         Ok(())
     }
 
-    /// Elements `[start, start + count)` of a collection of length `len`.
-    pub fn range(&mut self, coll: Oid, len: u64, start: u64, count: u64) -> Result<Vec<Vec<u8>>> {
+    /// Elements `[start, start + count)` of a collection of length `len`;
+    /// past the first element, cut where the data would exceed `max_bytes`.
+    pub fn range(
+        &mut self,
+        coll: Oid,
+        len: u64,
+        start: u64,
+        count: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<Vec<u8>>> {
         if start >= len || count == 0 {
             return Ok(Vec::new());
         }
@@ -527,7 +535,7 @@ impl Collections {
             idx: &files.idx,
             dat: &files.dat,
         }
-        .range(len, start, count, u64::MAX)
+        .range(len, start, count, max_bytes)
     }
 
     /// Cut a collection's files to `len` elements (recovery).
@@ -617,23 +625,26 @@ mod tests {
         for i in 0..100u64 {
             c.write(7, i, format!("v{i}").as_bytes()).unwrap();
         }
-        let got = c.range(7, 100, 10, 5).unwrap();
+        let got = c.range(7, 100, 10, 5, u64::MAX).unwrap();
         assert_eq!(
             got,
             (10..15)
                 .map(|i| format!("v{i}").into_bytes())
                 .collect::<Vec<_>>()
         );
-        assert_eq!(c.range(7, 100, 0, 1).unwrap(), vec![b"v0".to_vec()]);
-        assert_eq!(c.range(7, 100, 98, 50).unwrap().len(), 2);
-        assert!(c.range(7, 100, 100, 5).unwrap().is_empty());
+        assert_eq!(
+            c.range(7, 100, 0, 1, u64::MAX).unwrap(),
+            vec![b"v0".to_vec()]
+        );
+        assert_eq!(c.range(7, 100, 98, 50, u64::MAX).unwrap().len(), 2);
+        assert!(c.range(7, 100, 100, 5, u64::MAX).unwrap().is_empty());
         // Idempotent rewrite of an element at its position.
         c.write(7, 99, b"v99").unwrap();
         c.truncate(7, 50).unwrap();
         assert_eq!(c.lengths(7, 50).unwrap().0, 400);
         c.write(7, 50, b"new").unwrap();
         assert_eq!(
-            c.range(7, 51, 49, 2).unwrap(),
+            c.range(7, 51, 49, 2, u64::MAX).unwrap(),
             vec![b"v49".to_vec(), b"new".to_vec()]
         );
         assert_eq!(c.existing().unwrap(), vec![7]);

@@ -826,8 +826,20 @@ impl Repository {
     }
 
     pub fn collection_range(&mut self, coll: Oid, start: u64, count: u64) -> Result<Vec<Vec<u8>>> {
+        Ok(self.collection_page(coll, start, count, u64::MAX)?.1)
+    }
+
+    /// The collection's length, and its elements `[start, start + count)`
+    /// cut, past the first, where their data would exceed `max_bytes`.
+    pub fn collection_page(
+        &mut self,
+        coll: Oid,
+        start: u64,
+        count: u64,
+        max_bytes: u64,
+    ) -> Result<(u64, Vec<Vec<u8>>)> {
         let len = self.collection_len(coll)?;
-        self.colls.range(coll, len, start, count)
+        Ok((len, self.colls.range(coll, len, start, count, max_bytes)?))
     }
 
     pub fn anchor(&mut self) -> Result<Anchor> {
@@ -955,7 +967,9 @@ impl Repository {
                 hasher.update(&len.to_le_bytes());
                 let mut at = 0;
                 while at < len {
-                    for v in self.colls.range(oid, len, at, 4096)? {
+                    // Pages of at most 4096 elements and about 8 MiB: a digest
+                    // of huge elements stays small in memory.
+                    for v in self.colls.range(oid, len, at, 4096, 8 << 20)? {
                         hasher.update(&(v.len() as u64).to_le_bytes());
                         hasher.update(&v);
                         push_refs(&v, &mut queue)?;

@@ -18,3 +18,4 @@ mod dispatch;
 mod requests;
 
 pub use connection::{CloseSession, Inbound, Session, SessionEnv, SessionSettings};
+pub use requests::MAX_RANGE_BYTES;

@@ -34,6 +34,11 @@ type Answer = Result<ResponseBody, WireError>;
 
 /// Most elements one `collection_range` reply carries; a client pages on.
 pub const MAX_RANGE: u64 = 65_536;
+/// Past its first element, a `collection_range` reply carries at most this
+/// much element data, so that it stays far below any client's frame limit
+/// (16 MiB by default) and one request cannot make the storage thread read
+/// gigabytes of large elements.
+pub const MAX_RANGE_BYTES: u64 = 4 << 20;
 
 /// Ask the storage actor; map its error once, reporting fatal ones.
 async fn ask<M, T>(env: &SessionEnv, msg: M) -> Result<T, WireError>
@@ -152,14 +157,26 @@ pub(super) async fn collection_range(
     required: Option<CommitNumber>,
 ) -> Answer {
     reach(&env, required).await?;
-    let count = count.min(MAX_RANGE);
-    let raw = ask(&env, CollectionRange { coll, start, count }).await?;
+    let (len, raw) = ask(
+        &env,
+        CollectionRange {
+            coll,
+            start,
+            count: count.min(MAX_RANGE),
+            max_bytes: MAX_RANGE_BYTES,
+        },
+    )
+    .await?;
     let values = raw
         .iter()
         .enumerate()
         .map(|(i, v)| wire_value(&format!("element {} of {coll}", start + i as u64), v))
         .collect::<Result<_, _>>()?;
-    Ok(ResponseBody::Elements { start, values })
+    Ok(ResponseBody::Elements {
+        start,
+        values,
+        len: Some(len),
+    })
 }
 
 pub(super) async fn meta(

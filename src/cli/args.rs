@@ -171,14 +171,17 @@ pub enum Command {
 
     /// Measure throughput and commit latency with K flooding clients.
     ///
-    /// Runs K threads in this process, each with its own session appending
-    /// to its own collection PREFIX-<i> (i from 1), one commit per append.
-    /// Prints commits/s and commit latency p50/p99/max in milliseconds;
-    /// with --json, a JSON object (`clients`, `duration_s`, `commits`,
-    /// `commits_per_sec`, `latency_ms` {`p50`, `p99`, `max`, `mean`}).
-    /// Latency is measured per commit around the blocking call; percentiles
-    /// are nearest-rank over every sample. The first error of any client
-    /// ends the run and is reported instead of figures.
+    /// Runs K clients in this process, each appending to its own collection
+    /// PREFIX-<i> (i from 1), one commit per append, one commit in flight.
+    /// By default one event loop drives K connections to the primary (as
+    /// redis-benchmark and pgbench do); --threads gives each client its own
+    /// thread and client-library session. Prints commits/s and commit
+    /// latency p50/p99/max in milliseconds; with --json, a JSON object
+    /// (`clients`, `duration_s`, `commits`, `commits_per_sec`, `latency_ms`
+    /// {`p50`, `p99`, `max`, `mean`}). Latency is measured per commit from
+    /// its send to its reply; percentiles are nearest-rank over every
+    /// sample. The first error of any client ends the run and is reported
+    /// instead of figures; so does a client without a reply for 30 s.
     Bench(BenchArgs),
 
     /// Print "<commit> <hex digest of the content>" of one server.

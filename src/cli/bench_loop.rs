@@ -11,8 +11,13 @@
 //! connection that said hello as an application, its reply checked for id
 //! and type. It never pipelines, never retries and never reports figures
 //! from a run in which any reply was an error: a load generator that hides
-//! failures would measure nothing.
+//! failures would measure nothing. Every wait is bounded by the session
+//! options' timeouts: connecting by `connect_timeout`, and a client with no
+//! reply for `read_timeout` ends the run with a network error (a hung
+//! server must not hang the benchmark); the check is a watchdog ticking
+//! beside the clients, so the commit path carries no timer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +37,24 @@ use crate::protocol::messages::{
     PROTOCOL_VERSION,
 };
 use crate::types::Oid;
+
+/// How often the watchdog looks for a client waiting too long.
+const WATCHDOG_TICK: Duration = Duration::from_millis(250);
+/// Beyond the connect timeout, for the hello's answer.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+/// A client's reply time once it has stopped.
+const FINISHED: u64 = u64::MAX;
+
+/// A wait on `addr` took longer than the session options allow.
+fn timed_out(addr: &str, what: &str) -> CliError {
+    CliError::client(ClientError::Io {
+        addr: addr.to_string(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer in time while {what}"),
+        ),
+    })
+}
 
 /// Run the benchmark on one thread; see the module doc.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, CliError> {
@@ -61,14 +84,23 @@ async fn drive(
     colls: Vec<(String, Oid)>,
 ) -> Result<BenchReport, CliError> {
     // Every connection is open and greeted before the clock starts.
+    let limits = &opts.session.connect;
     let mut conns = Vec::with_capacity(colls.len());
     for (name, coll) in colls {
-        conns.push(Client::connect(primary, name, coll).await?);
+        let connecting = Client::connect(primary, name, coll);
+        let client = tokio::time::timeout(limits.connect_timeout + REPLY_GRACE, connecting)
+            .await
+            .map_err(|_| timed_out(primary, "connecting and saying hello"))??;
+        conns.push(client);
     }
+    // Per client: when its last reply came, in ms since `epoch`.
+    let epoch = Instant::now();
+    let replied: Vec<Arc<AtomicU64>> = conns.iter().map(|_| Arc::default()).collect();
     let barrier = Arc::new(Barrier::new(conns.len() + 1));
     let mut tasks = tokio::task::JoinSet::new();
     let start_slot = Arc::new(std::sync::OnceLock::<Instant>::new());
-    for client in conns {
+    for (mut client, replied) in conns.into_iter().zip(&replied) {
+        client.replied = Some((epoch, Arc::clone(replied)));
         let barrier = Arc::clone(&barrier);
         let start_slot = Arc::clone(&start_slot);
         let duration = opts.duration;
@@ -78,7 +110,10 @@ async fn drive(
                 .get()
                 .expect("start is set before the barrier opens")
                 + duration;
-            client.flood(deadline).await
+            client.note_reply();
+            let outcome = client.flood(deadline).await;
+            client.finished();
+            outcome
         });
     }
     let start = Instant::now();
@@ -90,7 +125,28 @@ async fn drive(
     let mut samples = Vec::new();
     let mut end = start;
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    let mut watchdog = tokio::time::interval(WATCHDOG_TICK);
+    loop {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => joined,
+                None => break,
+            },
+            _ = watchdog.tick() => {
+                if let (Some(limit), None) = (limits.read_timeout, &first_error) {
+                    let now = epoch.elapsed().as_millis() as u64;
+                    let stalled = replied.iter().any(|r| {
+                        let at = r.load(Ordering::Relaxed);
+                        at != FINISHED && now.saturating_sub(at) > limit.as_millis() as u64
+                    });
+                    if stalled {
+                        first_error = Some(timed_out(primary, "waiting for a commit's reply"));
+                        tasks.abort_all();
+                    }
+                }
+                continue;
+            }
+        };
         match joined {
             Ok(Ok((mut lat, last))) => {
                 samples.append(&mut lat);
@@ -126,6 +182,9 @@ struct Client {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: tokio::net::tcp::OwnedWriteHalf,
     next_id: u64,
+    /// Where the watchdog reads when this client last got a reply: (its
+    /// epoch, ms since then).
+    replied: Option<(Instant, Arc<AtomicU64>)>,
 }
 
 impl Client {
@@ -146,6 +205,7 @@ impl Client {
             reader: BufReader::new(r),
             writer: w,
             next_id: 0,
+            replied: None,
         };
         let hello = RequestBody::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -174,6 +234,7 @@ impl Client {
         let reply = read_frame_async(&mut self.reader, DEFAULT_MAX_FRAME)
             .await
             .map_err(|e| CliError::client(ClientError::from_protocol(&self.addr, e)))?;
+        self.note_reply();
         let resp: Response = decode_response(&reply)
             .map_err(|e| CliError::client(ClientError::from_protocol(&self.addr, e)))?;
         if resp.id != id {
@@ -189,7 +250,7 @@ impl Client {
 
     /// Append until `deadline`; the latency of each commit and when the
     /// last one ended.
-    async fn flood(mut self, deadline: Instant) -> Result<(Vec<Duration>, Instant), CliError> {
+    async fn flood(&mut self, deadline: Instant) -> Result<(Vec<Duration>, Instant), CliError> {
         let mut latencies = Vec::new();
         let mut last = Instant::now();
         let mut seq = 0u64;
@@ -214,6 +275,20 @@ impl Client {
         Ok((latencies, last))
     }
 
+    /// Tell the watchdog this client is alive.
+    fn note_reply(&self) {
+        if let Some((epoch, at)) = &self.replied {
+            at.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Tell the watchdog this client has stopped waiting.
+    fn finished(&self) {
+        if let Some((_, at)) = &self.replied {
+            at.store(FINISHED, Ordering::Relaxed);
+        }
+    }
+
     fn unexpected(&self, body: &ResponseBody) -> CliError {
         self.violation(format!("unexpected reply {body:?}"))
     }
@@ -223,5 +298,66 @@ impl Client {
             addr: self.addr.clone(),
             reason,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::protocol::codec::{read_frame, write_frame};
+    use crate::protocol::messages::ServerRole;
+
+    /// A "server" that greets every connection and then never answers.
+    fn hung_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    while let Ok(frame) = read_frame(&mut stream, DEFAULT_MAX_FRAME) {
+                        let req: Request = crate::protocol::codec::decode(&frame).unwrap();
+                        if let RequestBody::Hello { .. } = req.body {
+                            let hello = ResponseBody::Hello {
+                                protocol_version: PROTOCOL_VERSION,
+                                server_id: 1,
+                                repository_id: "r".into(),
+                                role: ServerRole::Primary,
+                                node: Default::default(),
+                                epoch: Default::default(),
+                            };
+                            let resp = Response {
+                                id: req.id,
+                                commit: 1,
+                                body: hello,
+                            };
+                            write_frame(&mut stream, &resp).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_server_that_stops_answering_ends_the_run_with_a_network_error() {
+        let addr = hung_server();
+        let mut opts = BenchOptions::new(vec![addr.clone()], 2, Duration::from_secs(60));
+        opts.session.connect.read_timeout = Some(Duration::from_millis(500));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let colls = vec![("bench-1".to_string(), 5), ("bench-2".to_string(), 6)];
+        let began = Instant::now();
+        let err = runtime
+            .block_on(drive(&opts, &addr, colls))
+            .expect_err("no commit was ever answered");
+        assert_eq!(err.kind(), "network", "{err}");
+        assert!(err.to_string().contains(&addr), "{err}");
+        // Ended by the watchdog, long before the 60 s run would have.
+        assert!(began.elapsed() < Duration::from_secs(30));
     }
 }

@@ -18,8 +18,9 @@ no_server_reachable, protocol, unavailable, wrong_server, shutting_down,
 backup, invalid_backup, compact, unknown_object, not_a_collection, io, not_found,
 incompatible_root, usage, ... (the client's error kind or the server's error code).
 
-Exit codes: 0 success; 1 error; 2 usage error, or the feature is
-unavailable (not in this release, or refused by the server as unavailable).";
+Exit codes: 0 success; 1 error (including a server's `unavailable`:
+cannot be served now, retry later); 2 usage error, or the feature is not
+in this release.";
 
 /// Operate a Magma-HA node: status, backups, membership, shutdown, and the
 /// flooding clients used to test and measure it.

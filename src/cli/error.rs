@@ -18,8 +18,9 @@ use crate::pull::PullError;
 pub const EXIT_OK: i32 = 0;
 /// The command failed (network, server refusal, I/O, ...).
 pub const EXIT_ERROR: i32 = 1;
-/// Usage error, or the feature is unavailable (not in this release, or the
-/// server answered `unavailable`).
+/// Usage error, or the feature is not available in this release. A server
+/// answering `unavailable` (cannot serve it now: retry later) is a failure
+/// like any other, exit 1: scripts retry on 1 and fix their call on 2.
 pub const EXIT_USAGE: i32 = 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +106,8 @@ impl CliError {
 
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> i32 {
-        match self.kind() {
-            "usage" | "unavailable" => EXIT_USAGE,
+        match self {
+            CliError::Usage(_) | CliError::Unavailable(_) => EXIT_USAGE,
             _ => EXIT_ERROR,
         }
     }
@@ -179,15 +180,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_unavailable_is_exit_2_with_its_reason() {
+    fn server_unavailable_is_a_failure_to_retry_not_a_usage_error() {
         let e = CliError::at("h:1")(ClientError::Server(WireError::Unavailable {
-            reason: "backups arrive later".into(),
+            reason: "cannot reach the primary".into(),
         }));
         assert_eq!(e.kind(), "unavailable");
-        assert_eq!(e.exit_code(), EXIT_USAGE);
+        assert_eq!(e.exit_code(), EXIT_ERROR);
         assert_eq!(
             ErrorLine(&e).to_string(),
-            "error: unavailable: backups arrive later (server h:1)"
+            "error: unavailable: cannot reach the primary (server h:1)"
+        );
+        let local = CliError::Unavailable("not in this release".into());
+        assert_eq!(
+            (local.kind(), local.exit_code()),
+            ("unavailable", EXIT_USAGE)
         );
     }
 

@@ -176,17 +176,52 @@ fn rest_is_zero(file: &File, offset: u64, file_len: u64) -> std::io::Result<bool
     Ok(true)
 }
 
+/// Where [`CommitLog::open_with_history`] starts: the checkpoint the
+/// repository's files describe, and the first record to hand to `history`.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    pub checkpoint: CommitNumber,
+    pub checkpoint_hash: Hash,
+    pub history_from: CommitNumber,
+}
+
 impl CommitLog {
     /// Open (creating `log/` if needed) and scan from `checkpoint`: every
     /// record after it is checked against the chain and handed to `replay`.
-    /// A torn tail of the last segment is cut and synced.
+    /// A torn tail of the last segment is cut and synced. (Tests; the
+    /// repository opens with its history.)
+    #[cfg(test)]
     pub fn open(
         repo_dir: &Path,
         checkpoint: CommitNumber,
         checkpoint_hash: Hash,
         segment_bytes: u64,
+        replay: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<CommitLog> {
+        let start = Start {
+            checkpoint,
+            checkpoint_hash,
+            history_from: checkpoint + 1,
+        };
+        CommitLog::open_with_history(repo_dir, start, segment_bytes, |_| Ok(()), replay)
+    }
+
+    /// [`CommitLog::open`], and before the replay, every record still kept
+    /// from `start.history_from` up to the checkpoint is handed to
+    /// `history` (already applied; read for what the repository remembers
+    /// beyond the checkpoint, such as idempotency tokens).
+    pub fn open_with_history(
+        repo_dir: &Path,
+        start: Start,
+        segment_bytes: u64,
+        mut history: impl FnMut(&[u8]) -> Result<()>,
         mut replay: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<CommitLog> {
+        let Start {
+            checkpoint,
+            checkpoint_hash,
+            history_from,
+        } = start;
         let dir = repo_dir.join(LOG_DIR);
         fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
         let mut segments = Vec::new();
@@ -219,22 +254,25 @@ impl CommitLog {
             last_hash: checkpoint_hash,
             segment_bytes,
         };
-        log.scan_from_checkpoint(checkpoint, &mut replay)?;
+        log.scan_from_checkpoint(checkpoint, history_from, &mut history, &mut replay)?;
         Ok(log)
     }
 
     fn scan_from_checkpoint(
         &mut self,
         checkpoint: CommitNumber,
+        history_from: CommitNumber,
+        history: &mut impl FnMut(&[u8]) -> Result<()>,
         replay: &mut impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
-        // Segments wholly before the checkpoint are not read at open.
-        let start = self
+        // Segments wholly before the checkpoint (and before the history
+        // asked for) are not read at open.
+        let holds_next = self
             .segments
             .iter()
             .rposition(|s| s.first <= checkpoint + 1)
             .unwrap_or(0);
-        if let Some(first_seg) = self.segments.get(start) {
+        if let Some(first_seg) = self.segments.get(holds_next) {
             if first_seg.first > checkpoint + 1 {
                 return Err(StorageError::Corrupted(format!(
                     "commit log starts at {} but the checkpoint is {checkpoint}: records {}..{} are missing",
@@ -244,6 +282,15 @@ impl CommitLog {
                 )));
             }
         }
+        // The segment holding `history_from`, or the earliest kept one if
+        // the history starts before every segment.
+        let start = match self.segments.get(..=holds_next) {
+            Some(upto) => upto
+                .iter()
+                .rposition(|s| s.first <= history_from)
+                .unwrap_or(0),
+            None => 0,
+        };
         let count = self.segments.len();
         for i in start..count {
             let is_last = i + 1 == count;
@@ -298,9 +345,8 @@ impl CommitLog {
                             replay(&body)?;
                             self.last = number;
                             self.last_hash = record_hash(&body);
-                        } else if number == checkpoint {
-                            let h = record_hash(&body);
-                            if h != self.last_hash {
+                        } else {
+                            if number == checkpoint && record_hash(&body) != self.last_hash {
                                 return Err(StorageError::CorruptRecord {
                                     file: path.clone(),
                                     offset,
@@ -308,6 +354,9 @@ impl CommitLog {
                                         "record {number} does not match the checkpoint's hash"
                                     ),
                                 });
+                            }
+                            if number >= history_from {
+                                history(&body)?;
                             }
                         }
                         offsets.push(offset);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rmpv::Value;
 
-use crate::storage::commit_log::{CommitLog, LogSync, DEFAULT_SEGMENT_BYTES, LOG_DIR};
+use crate::storage::commit_log::{CommitLog, LogSync, Start, DEFAULT_SEGMENT_BYTES, LOG_DIR};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::header::{Header, HEADER_FILE};
 use crate::storage::index_map::{IndexEntry, IndexMap, FLAG_COLLECTION, INDEX_FILE};
@@ -266,6 +266,13 @@ struct Plan {
     positions: Vec<u64>,
 }
 
+/// The first record whose idempotency token must survive a restart: the
+/// last `max_tokens` records up to `checkpoint` (the ones after it are
+/// replayed anyway). The log keeps them, within `max_log_bytes`.
+fn token_history_from(checkpoint: CommitNumber, max_tokens: usize) -> CommitNumber {
+    (checkpoint + 1).saturating_sub(max_tokens as u64).max(1)
+}
+
 impl Repository {
     /// Create a new repository in `dir` (must be absent or empty) with an
     /// anchor whose node has this server as its only (primary) member at `addr`.
@@ -362,12 +369,28 @@ impl Repository {
             let len = index.get(coll)?.map(|e| e.coll_len).unwrap_or(0);
             colls.truncate(coll, len)?;
         }
+        // Tokens of the records the checkpoint already covers are read
+        // back from the log too (`trim_log` keeps them): a commit applied
+        // just before a checkpoint and a kill is still recognised when its
+        // client resends it, never applied twice.
+        let mut history = Vec::new();
         let mut pending = Vec::new();
-        let log = CommitLog::open(
+        let start = Start {
+            checkpoint: header.checkpoint,
+            checkpoint_hash: header.checkpoint_hash,
+            history_from: token_history_from(header.checkpoint, opts.max_tokens),
+        };
+        let log = CommitLog::open_with_history(
             dir,
-            header.checkpoint,
-            header.checkpoint_hash,
+            start,
             opts.segment_bytes,
+            |body| {
+                let record = CommitRecord::decode(body)?;
+                if let Some(token) = record.payload.token {
+                    history.push((token, record.number));
+                }
+                Ok(())
+            },
             |body| {
                 pending.push(body.to_vec());
                 Ok(())
@@ -392,6 +415,9 @@ impl Repository {
             retain_from: 1,
             opts,
         };
+        for (token, number) in history {
+            repo.remember_token(token, number);
+        }
         let replayed = pending.len();
         for body in pending {
             let record = CommitRecord::decode(&body)?;
@@ -906,7 +932,10 @@ impl Repository {
     }
 
     fn trim_log(&mut self) -> Result<()> {
-        let keep = self.retain_from.min(self.header.checkpoint + 1);
+        let keep = self.retain_from.min(token_history_from(
+            self.header.checkpoint,
+            self.opts.max_tokens,
+        ));
         self.log.remove_before(keep)?;
         // The bound wins over what secondaries asked for.
         while self.log.disk_bytes() > self.opts.max_log_bytes {

@@ -410,6 +410,62 @@ fn records_off_the_chain_or_from_old_epochs_are_refused() {
     assert_eq!(replica.info().epoch, base.epoch.next(5));
 }
 
+fn tokened(repo: &mut Repository, coll: u64, token: &str) -> Result<Committed, StorageError> {
+    repo.commit(CommitRequest {
+        token: Some(token.as_bytes().to_vec()),
+        appends: vec![AppendRequest {
+            coll: ObjRef::Oid(coll),
+            value: s(token),
+        }],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn tokens_of_checkpointed_commits_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    // Small segments: the checkpoint trims the log, yet keeps the records
+    // of the last `max_tokens` commits.
+    let opts = RepoOptions {
+        segment_bytes: 1024,
+        max_tokens: 40,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&path, 1, "a:1", opts.clone()).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    let mut numbers = Vec::new();
+    for i in 0..100 {
+        numbers.push(
+            tokened(&mut repo, coll, &format!("t{i:03}"))
+                .unwrap()
+                .number,
+        );
+    }
+    // No secondary needs anything (as a server says once its secondaries
+    // hold everything).
+    repo.retain_from(u64::MAX).unwrap();
+    repo.checkpoint().unwrap();
+    assert!(repo.info().log_start > 1, "the checkpoint trimmed the log");
+    let after = tokened(&mut repo, coll, "after").unwrap().number;
+    // A kill: no checkpoint at close, only what the log holds.
+    repo.sync().unwrap();
+    drop(repo);
+
+    let repo = Repository::open_with(&path, opts).unwrap();
+    for (i, number) in numbers.iter().enumerate().skip(61) {
+        assert_eq!(
+            repo.token_commit(format!("t{i:03}").as_bytes()),
+            Some(*number),
+            "token t{i:03}, covered by the checkpoint"
+        );
+    }
+    assert_eq!(repo.token_commit(b"after"), Some(after));
+    assert_eq!(repo.token_commit(b"t000"), None, "beyond the 40 remembered");
+    // The storage actor answers a resent token from `token_commit`
+    // (`CommitReply::Duplicate`) instead of applying it again.
+}
+
 #[test]
 fn catch_up_reads_report_a_truncated_log() {
     let dir = tempfile::tempdir().unwrap();

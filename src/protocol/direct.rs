@@ -14,6 +14,30 @@
 //! recognise — another variant, `"type"` not first, extra top-level keys,
 //! a field they cannot read — goes to the generic decoder, so the result
 //! (value or error) is always what [`codec::decode`] gives. Owns no I/O.
+//!
+//! Reading the fields straight from the bytes is not by itself the same
+//! grammar: rmp-serde is more lenient than serde reading its buffered copy.
+//! Read against rmp-serde 1.3.1 and serde 1.0.229, for the types of these
+//! two messages they part in three places, all about the shape around a
+//! value, never a leaf:
+//!
+//! - a sequence, tuple or struct asked of a `bin`: rmp-serde reads its bytes
+//!   as a sequence of integers, the buffered copy refuses it;
+//! - a field or variant name written as a `u16` or `u32` integer: rmp-serde
+//!   takes it as the index, the buffered copy only a `u8` or `u64` one;
+//! - an enum written as an array of one: rmp-serde reads the variant from it
+//!   and the variant's value from whatever follows.
+//!
+//! Integers, floats, strings, byte strings, options, `rmpv::Value` and
+//! ignored fields are taken and refused alike. So the walk that bounds the
+//! body before decoding it (`tagged`) also checks the shape of each field:
+//! an array wherever a `Vec` or tuple is read, a map with string keys
+//! wherever a struct is, a map of one entry with a string key wherever an
+//! enum is. Both readers take those markers alike; any other marker there
+//! goes to the generic decoder. Our encoder writes exactly these, so its
+//! messages stay on the direct path. The checks (`commit_field`,
+//! `committed_field`) mirror `messages.rs` by hand; the retyping property
+//! tests below catch a field left out.
 
 use serde::Deserialize;
 
@@ -55,7 +79,7 @@ fn direct_request(body: &[u8]) -> Option<Request> {
             Some(())
         }
         b"body" => {
-            let fields = tagged(rd, b"commit")?;
+            let fields = tagged(rd, b"commit", commit_field)?;
             request_body = Some(RequestBody::Commit(rmp_serde::from_slice(fields).ok()?));
             Some(())
         }
@@ -79,7 +103,8 @@ fn direct_response(body: &[u8]) -> Option<Response> {
             Some(())
         }
         b"body" => {
-            let f: CommittedFields = rmp_serde::from_slice(tagged(rd, b"committed")?).ok()?;
+            let fields = tagged(rd, b"committed", committed_field)?;
+            let f: CommittedFields = rmp_serde::from_slice(fields).ok()?;
             response_body = Some(ResponseBody::Committed {
                 number: f.number,
                 new_oids: f.new_oids,
@@ -97,7 +122,7 @@ fn direct_response(body: &[u8]) -> Option<Response> {
 }
 
 /// The most top-level fields a hot message has (`id`, `commit`, `body`).
-const TOP_FIELDS: u32 = 3;
+const TOP_FIELDS: usize = 3;
 
 /// Walk the top-level map of `body`, handing each key and the reader
 /// positioned at its value to `field`, which must consume the value. `None`
@@ -108,13 +133,13 @@ fn each_top_field(
     mut field: impl FnMut(&[u8], &mut &[u8]) -> Option<()>,
 ) -> Option<()> {
     let mut rd = body;
-    let len = rmp::decode::read_map_len(&mut rd).ok()?;
+    let len = map_len(&mut rd)?;
     // The hot messages have two or three top-level fields; the length is
     // untrusted input, so it must not size an allocation.
     if len > TOP_FIELDS {
         return None;
     }
-    let mut seen: Vec<&[u8]> = Vec::with_capacity(TOP_FIELDS as usize);
+    let mut seen: Vec<&[u8]> = Vec::with_capacity(TOP_FIELDS);
     for _ in 0..len {
         let key = read_str(&mut rd)?;
         if seen.contains(&key) {
@@ -127,19 +152,93 @@ fn each_top_field(
 }
 
 /// The bytes of the value at `rd`, advancing `rd` past it, if it is a map
-/// whose first entry is `"type": tag`, whose keys are all strings and in
+/// whose first entry is `"type": tag`, whose keys are all strings, in
 /// which no other key is `"type"` (the generic decoder refuses a repeated
-/// tag; the struct would ignore it).
-fn tagged<'a>(rd: &mut &'a [u8], tag: &[u8]) -> Option<&'a [u8]> {
+/// tag; the struct would ignore it) and whose other values `field` skips.
+fn tagged<'a>(
+    rd: &mut &'a [u8],
+    tag: &[u8],
+    field: impl Fn(&[u8], &mut &[u8]) -> Option<()>,
+) -> Option<&'a [u8]> {
     let start = *rd;
-    let len = rmp::decode::read_map_len(rd).ok()?;
+    let len = map_len(rd)?;
     (len > 0 && read_str(rd)? == b"type" && read_str(rd)? == tag).then_some(())?;
     for _ in 1..len {
-        (read_str(rd)? != b"type").then_some(())?;
-        skip_value(rd, 0)?;
+        let key = read_str(rd)?;
+        (key != b"type").then_some(())?;
+        field(key, rd)?;
     }
     Some(&start[..start.len() - rd.len()])
 }
+
+/// Skip one field of a commit body, if it has the shape both readers read
+/// alike (see the module doc); mirrors `CommitBody`. `token`, and any key
+/// the struct ignores, read alike whatever their marker.
+fn commit_field(key: &[u8], rd: &mut &[u8]) -> Option<()> {
+    match key {
+        // `Vec<WirePut>`, `Vec<WireNew>`: structs of leaves.
+        b"puts" | b"news" => array(rd, |rd| strukt(rd, |_, rd| skip_value(rd, 2))),
+        // `Vec<WireAppend>`: `coll` is a `WireRef`.
+        b"appends" => array(rd, |rd| {
+            strukt(rd, |key, rd| match key {
+                b"coll" => enum_value(rd, 2),
+                _ => skip_value(rd, 2),
+            })
+        }),
+        // `Option<WireRef>`.
+        b"set_root" => match rd.split_first() {
+            Some((&NIL, rest)) => {
+                *rd = rest;
+                Some(())
+            }
+            _ => enum_value(rd, 0),
+        },
+        // `Vec<(String, Option<rmpv::Value>)>`.
+        b"meta" => array(rd, |rd| array(rd, |rd| skip_value(rd, 2))),
+        _ => skip_value(rd, 0),
+    }
+}
+
+/// The same for a `committed` reply; mirrors [`CommittedFields`].
+fn committed_field(key: &[u8], rd: &mut &[u8]) -> Option<()> {
+    match key {
+        // `Vec<(u64, Oid)>`.
+        b"new_oids" => array(rd, |rd| array(rd, |rd| skip_value(rd, 2))),
+        // `Vec<u64>`.
+        b"positions" => array(rd, |rd| skip_value(rd, 1)),
+        _ => skip_value(rd, 0),
+    }
+}
+
+/// A `Vec` or tuple: an array (not a bin), each element skipped by `item`.
+/// The count is untrusted, but every element consumes at least one byte.
+fn array(rd: &mut &[u8], mut item: impl FnMut(&mut &[u8]) -> Option<()>) -> Option<()> {
+    for _ in 0..array_len(rd)? {
+        item(rd)?;
+    }
+    Some(())
+}
+
+/// A struct: a map (not an array, not a bin) whose keys are strings, each
+/// value skipped by `field`.
+fn strukt(rd: &mut &[u8], mut field: impl FnMut(&[u8], &mut &[u8]) -> Option<()>) -> Option<()> {
+    for _ in 0..map_len(rd)? {
+        let key = read_str(rd)?;
+        field(key, rd)?;
+    }
+    Some(())
+}
+
+/// An enum of newtype variants (`WireRef`): a map of one entry whose key is
+/// a string (not an array, not an integer).
+fn enum_value(rd: &mut &[u8], depth: usize) -> Option<()> {
+    (map_len(rd)? == 1).then_some(())?;
+    read_str(rd)?;
+    skip_value(rd, depth + 1)
+}
+
+/// The MessagePack marker of nil.
+const NIL: u8 = 0xc0;
 
 /// Nesting deeper than this is left to the generic decoder (which has its
 /// own limit), so a hostile frame cannot exhaust the stack here.
@@ -192,9 +291,44 @@ fn read_len(rd: &mut &[u8], n: usize) -> Option<usize> {
     Some(b.iter().fold(0usize, |acc, &x| acc << 8 | x as usize))
 }
 
+/// The length of the array at `rd` (`None` if it is not one), advancing
+/// `rd` past its head. These small readers, rather than rmp's, keep the
+/// walk cheap: it runs on every commit.
+fn array_len(rd: &mut &[u8]) -> Option<usize> {
+    match read_marker(rd)? {
+        m @ 0x90..=0x9f => Some(usize::from(m & 0x0f)),
+        0xdc => read_len(rd, 2),
+        0xdd => read_len(rd, 4),
+        _ => None,
+    }
+}
+
+/// The length of the map at `rd` (`None` if it is not one), advancing `rd`
+/// past its head.
+fn map_len(rd: &mut &[u8]) -> Option<usize> {
+    match read_marker(rd)? {
+        m @ 0x80..=0x8f => Some(usize::from(m & 0x0f)),
+        0xde => read_len(rd, 2),
+        0xdf => read_len(rd, 4),
+        _ => None,
+    }
+}
+
+fn read_marker(rd: &mut &[u8]) -> Option<u8> {
+    let (&marker, rest) = rd.split_first()?;
+    *rd = rest;
+    Some(marker)
+}
+
 /// A string of the message, borrowed, advancing `rd` past it.
 fn read_str<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = rmp::decode::read_str_len(rd).ok()? as usize;
+    let len = match read_marker(rd)? {
+        m @ 0xa0..=0xbf => usize::from(m & 0x1f),
+        0xd9 => read_len(rd, 1)?,
+        0xda => read_len(rd, 2)?,
+        0xdb => read_len(rd, 4)?,
+        _ => return None,
+    };
     let (s, rest) = (rd.get(..len)?, rd.get(len..)?);
     *rd = rest;
     Some(s)
@@ -362,6 +496,386 @@ mod tests {
             let body = damaged(body_of(&response), at, byte, how);
             prop_assert!(same_outcome(&decode_response(&body), &codec::decode(&body)));
         }
+    }
+
+    /// How a test writes non-negative integers: rmpv's shortest form, or
+    /// one fixed width wherever the value fits. A client may write every
+    /// integer as a u64; the two decoders must agree on all of these.
+    #[derive(Clone, Copy, Debug)]
+    enum Ints {
+        Shortest,
+        U16,
+        U32,
+        U64,
+        I64,
+    }
+
+    fn ints() -> impl Strategy<Value = Ints> {
+        prop::sample::select(vec![
+            Ints::Shortest,
+            Ints::U16,
+            Ints::U32,
+            Ints::U64,
+            Ints::I64,
+        ])
+    }
+
+    fn encode_with(v: &Value, ints: Ints, out: &mut Vec<u8>) {
+        use rmp::encode as e;
+        match (v, v.as_u64(), ints) {
+            (_, Some(u), Ints::U16) if u <= u16::MAX as u64 => e::write_u16(out, u as u16).unwrap(),
+            (_, Some(u), Ints::U32) if u <= u32::MAX as u64 => e::write_u32(out, u as u32).unwrap(),
+            (_, Some(u), Ints::U64) => e::write_u64(out, u).unwrap(),
+            (_, Some(u), Ints::I64) if u <= i64::MAX as u64 => e::write_i64(out, u as i64).unwrap(),
+            (Value::Array(items), ..) => {
+                e::write_array_len(out, items.len() as u32).unwrap();
+                items.iter().for_each(|i| encode_with(i, ints, out));
+            }
+            (Value::Map(entries), ..) => {
+                e::write_map_len(out, entries.len() as u32).unwrap();
+                for (k, v) in entries {
+                    encode_with(k, ints, out);
+                    encode_with(v, ints, out);
+                }
+            }
+            _ => rmpv::encode::write_value(out, v).unwrap(),
+        }
+    }
+
+    fn encoded(v: &Value, ints: Ints) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_with(v, ints, &mut out);
+        out
+    }
+
+    /// The ways to retype one node of a well-formed message that a lenient
+    /// decoder might still read: the spots where rmp-serde reading the
+    /// bytes and serde reading its buffered copy could part.
+    const RETYPINGS: u8 = 10;
+
+    fn retypes(v: &Value, how: u8) -> bool {
+        match how {
+            0 => v.is_array(),
+            1 | 2 => v.is_map(),
+            3 | 4 => v.as_map().is_some_and(|m| m.len() == 1),
+            5 => v.as_map().is_some_and(|m| !m.is_empty()),
+            6 => v.is_str(),
+            7 => v.is_bin(),
+            8 => v.is_number(),
+            _ => !v.is_nil(),
+        }
+    }
+
+    fn retype(v: &mut Value, how: u8) {
+        let old = std::mem::replace(v, Value::Nil);
+        *v = match (how, old) {
+            // An array as a bin of the same length (its small integers
+            // kept): `[5, 7]` -> bin `05 07`.
+            (0, Value::Array(items)) => Value::Binary(
+                items
+                    .iter()
+                    .map(|i| i.as_u64().map_or(0, |u| u as u8))
+                    .collect(),
+            ),
+            (1, Value::Map(_)) => Value::Binary(vec![]),
+            // A struct as the array of its fields' values.
+            (2, Value::Map(m)) => Value::Array(m.into_iter().map(|(_, v)| v).collect()),
+            // An enum `{variant: value}` as `[variant]` or `[variant, value]`.
+            (3, Value::Map(mut m)) => Value::Array(vec![m.remove(0).0]),
+            (4, Value::Map(mut m)) => {
+                let (k, v) = m.remove(0);
+                Value::Array(vec![k, v])
+            }
+            // Field names as field indices (fields are written in order).
+            (5, Value::Map(m)) => Value::Map(
+                m.into_iter()
+                    .enumerate()
+                    .map(|(i, (_, v))| (Value::from(i), v))
+                    .collect(),
+            ),
+            (6, Value::String(s)) => Value::Binary(s.as_bytes().to_vec()),
+            (7, Value::Binary(b)) => Value::Array(b.into_iter().map(Value::from).collect()),
+            (8, n) => Value::F64(n.as_f64().unwrap_or(0.5)),
+            _ => Value::Nil,
+        }
+    }
+
+    /// Retype the `nth` node (pre-order, map keys included) that `how`
+    /// applies to; false if there are not that many.
+    fn retype_nth(v: &mut Value, how: u8, nth: &mut usize) -> bool {
+        if retypes(v, how) {
+            if *nth == 0 {
+                retype(v, how);
+                return true;
+            }
+            *nth -= 1;
+        }
+        match v {
+            Value::Array(items) => items.iter_mut().any(|i| retype_nth(i, how, nth)),
+            Value::Map(m) => m
+                .iter_mut()
+                .any(|(k, v)| retype_nth(k, how, nth) || retype_nth(v, how, nth)),
+            _ => false,
+        }
+    }
+
+    fn count_retypable(v: &Value, how: u8) -> usize {
+        usize::from(retypes(v, how))
+            + match v {
+                Value::Array(items) => items.iter().map(|i| count_retypable(i, how)).sum(),
+                Value::Map(m) => m
+                    .iter()
+                    .map(|(k, v)| count_retypable(k, how) + count_retypable(v, how))
+                    .sum(),
+                _ => 0,
+            }
+    }
+
+    /// `body` with one node retyped by `how`, written with `ints`; `None`
+    /// if no node of `body` can be retyped that way.
+    fn retyped(body: &[u8], how: u8, pick: usize, ints: Ints) -> Option<Vec<u8>> {
+        let mut v = rmpv::decode::read_value(&mut &body[..]).unwrap();
+        let count = count_retypable(&v, how);
+        (count > 0).then_some(())?;
+        assert!(retype_nth(&mut v, how, &mut (pick % count)));
+        Some(encoded(&v, ints))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, .. ProptestConfig::default() })]
+
+        #[test]
+        fn a_commit_request_with_any_integer_widths_takes_the_direct_path(
+            id: u64, commit in commit_body(), ints in ints(),
+        ) {
+            let body = body_of(&Request { id, body: RequestBody::Commit(commit) });
+            let v = rmpv::decode::read_value(&mut &body[..]).unwrap();
+            let body = encoded(&v, ints);
+            prop_assert_eq!(direct_request(&body), Some(codec::decode(&body).unwrap()));
+        }
+
+        #[test]
+        fn a_committed_reply_with_any_integer_widths_takes_the_direct_path(
+            response in committed(), ints in ints(),
+        ) {
+            let v = rmpv::decode::read_value(&mut &body_of(&response)[..]).unwrap();
+            let body = encoded(&v, ints);
+            prop_assert_eq!(direct_response(&body), Some(codec::decode(&body).unwrap()));
+        }
+
+        #[test]
+        fn a_retyped_commit_request_decodes_as_the_generic_decoder_says(
+            id: u64, commit in commit_body(), how in 0..RETYPINGS, pick: usize, ints in ints(),
+        ) {
+            let request = Request { id, body: RequestBody::Commit(commit) };
+            if let Some(body) = retyped(&body_of(&request), how, pick, ints) {
+                let (direct, generic) = (decode_request(&body), codec::decode(&body));
+                prop_assert!(same_outcome(&direct, &generic), "{:?} vs {:?}", direct, generic);
+            }
+        }
+
+        #[test]
+        fn a_retyped_committed_reply_decodes_as_the_generic_decoder_says(
+            response in committed(), how in 0..RETYPINGS, pick: usize, ints in ints(),
+        ) {
+            if let Some(body) = retyped(&body_of(&response), how, pick, ints) {
+                let (direct, generic) = (decode_response(&body), codec::decode(&body));
+                prop_assert!(same_outcome(&direct, &generic), "{:?} vs {:?}", direct, generic);
+            }
+        }
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    /// The reviewer's frame: a commit whose `puts` is an empty bin. rmp-serde
+    /// reads a bin as a sequence when asked for one; serde's buffered copy
+    /// of the body does not.
+    #[test]
+    fn a_bin_for_the_puts_is_refused_as_the_generic_decoder_refuses_it() {
+        let body = hex(
+            "82 a2 69 64 01 a4 62 6f 64 79 83 a4 74 79 70 65 a6 63 6f 6d 6d 69 74 \
+             a4 70 75 74 73 c4 00 a7 61 70 70 65 6e 64 73 91 82 a4 63 6f 6c 6c 81 \
+             a3 6f 69 64 07 a5 76 61 6c 75 65 a1 78",
+        );
+        let generic = codec::decode::<Request>(&body);
+        assert!(generic.is_err(), "{generic:?}");
+        assert_eq!(direct_request(&body), None);
+        assert!(same_outcome(&decode_request(&body), &generic));
+    }
+
+    fn coll(variant: Value) -> Value {
+        Value::Map(vec![(variant, Value::from(5))])
+    }
+
+    fn append_with(coll: Value, value_key: Value) -> Value {
+        Value::Array(vec![Value::Map(vec![
+            (Value::from("coll"), coll),
+            (value_key, Value::from("x")),
+        ])])
+    }
+
+    /// Each field of a commit body, ill-typed in each way rmp-serde
+    /// forgives; the outcome must be the generic decoder's, value or error.
+    #[test]
+    fn ill_typed_commit_fields_decode_as_the_generic_decoder_says() {
+        let bin0 = || Value::Binary(vec![]);
+        let oid = || Value::from("oid");
+        let cases: Vec<(&str, Value, Ints)> = vec![
+            ("puts", bin0(), Ints::Shortest),
+            ("news", bin0(), Ints::Shortest),
+            ("appends", bin0(), Ints::Shortest),
+            ("meta", bin0(), Ints::Shortest),
+            ("meta", Value::Array(vec![bin0()]), Ints::Shortest),
+            ("appends", Value::Array(vec![bin0()]), Ints::Shortest),
+            // An enum as an array: `[variant, value]`, and `[variant]`
+            // followed by a value rmp-serde takes for the variant's.
+            (
+                "appends",
+                append_with(Value::Array(vec![oid(), 5.into()]), "value".into()),
+                Ints::Shortest,
+            ),
+            (
+                "set_root",
+                Value::Array(vec![oid(), 5.into()]),
+                Ints::Shortest,
+            ),
+            ("set_root", Value::Array(vec![oid()]), Ints::Shortest),
+            // Field and variant names as indices, in each integer width.
+            (
+                "appends",
+                append_with(coll(0.into()), "value".into()),
+                Ints::Shortest,
+            ),
+            (
+                "appends",
+                append_with(coll(0.into()), "value".into()),
+                Ints::U16,
+            ),
+            (
+                "appends",
+                append_with(coll(0.into()), "value".into()),
+                Ints::U32,
+            ),
+            (
+                "appends",
+                append_with(coll(0.into()), "value".into()),
+                Ints::U64,
+            ),
+            (
+                "appends",
+                append_with(coll(oid()), 1.into()),
+                Ints::Shortest,
+            ),
+            ("appends", append_with(coll(oid()), 1.into()), Ints::U16),
+            ("appends", append_with(coll(oid()), 1.into()), Ints::U32),
+            ("appends", append_with(coll(oid()), 1.into()), Ints::U64),
+            ("appends", append_with(coll(oid()), 1.into()), Ints::I64),
+            // Names as bins, a struct as an array, a string as a bin.
+            (
+                "appends",
+                append_with(
+                    coll(Value::Binary(b"oid".to_vec())),
+                    Value::Binary(b"value".to_vec()),
+                ),
+                Ints::Shortest,
+            ),
+            (
+                "appends",
+                Value::Array(vec![Value::Array(vec![coll(oid()), "x".into()])]),
+                Ints::Shortest,
+            ),
+            (
+                "puts",
+                Value::Array(vec![Value::Map(vec![
+                    ("oid".into(), 1.into()),
+                    ("expected_version".into(), 0.into()),
+                    ("class".into(), Value::Binary(b"c".to_vec())),
+                    ("value".into(), Value::Ext(1, vec![0; 8])),
+                ])]),
+                Ints::Shortest,
+            ),
+            (
+                "meta",
+                Value::Array(vec![Value::Array(vec![
+                    Value::Binary(b"k".to_vec()),
+                    Value::F32(1.5),
+                ])]),
+                Ints::Shortest,
+            ),
+            // Integers as floats, tokens of each kind.
+            (
+                "set_root",
+                Value::Map(vec![(oid(), Value::F64(5.0))]),
+                Ints::Shortest,
+            ),
+            ("set_root", coll(Value::F64(0.0)), Ints::Shortest),
+            ("token", Value::from("abc"), Ints::Shortest),
+            (
+                "token",
+                Value::Array(vec![1.into(), 300.into()]),
+                Ints::Shortest,
+            ),
+            ("token", Value::Array(vec![1.into(), 2.into()]), Ints::U16),
+            ("token", 7.into(), Ints::Shortest),
+        ];
+        let mut parted = Vec::new();
+        for (field, value, ints) in cases {
+            let mut entries = vec![("type", Value::from("commit")), (field, value.clone())];
+            if field != "appends" {
+                entries.push(one_append());
+            }
+            let v = rmpv::decode::read_value(&mut &commit_map(entries, None)[..]).unwrap();
+            let body = encoded(&v, ints);
+            let (direct, generic) = (decode_request(&body), codec::decode::<Request>(&body));
+            if !same_outcome(&direct, &generic) {
+                parted.push(format!(
+                    "{field}: {value} ({ints:?}): {direct:?} vs {generic:?}"
+                ));
+            }
+        }
+        assert!(parted.is_empty(), "{parted:#?}");
+    }
+
+    /// The same for the fields of a `committed` reply.
+    #[test]
+    fn ill_typed_committed_fields_decode_as_the_generic_decoder_says() {
+        let cases: Vec<(&str, Value)> = vec![
+            ("new_oids", Value::Binary(vec![])),
+            ("new_oids", Value::Array(vec![Value::Binary(vec![3, 9])])),
+            ("positions", Value::Binary(vec![])),
+            ("positions", Value::Binary(vec![4, 5, 6])),
+            ("positions", Value::Array(vec![Value::F64(4.0)])),
+            ("number", Value::F64(4.0)),
+        ];
+        let mut parted = Vec::new();
+        for (field, value) in cases {
+            let mut fields = vec![
+                (Value::from("type"), Value::from("committed")),
+                ("number".into(), 9.into()),
+                ("new_oids".into(), Value::Array(vec![])),
+                ("positions".into(), Value::Array(vec![4.into()])),
+            ];
+            fields
+                .iter_mut()
+                .find(|(k, _)| k.as_str() == Some(field))
+                .unwrap()
+                .1 = value.clone();
+            let top = Value::Map(vec![
+                ("id".into(), 7.into()),
+                ("commit".into(), 9.into()),
+                ("body".into(), Value::Map(fields)),
+            ]);
+            let body = encoded(&top, Ints::Shortest);
+            let (direct, generic) = (decode_response(&body), codec::decode::<Response>(&body));
+            if !same_outcome(&direct, &generic) {
+                parted.push(format!("{field}: {value}: {direct:?} vs {generic:?}"));
+            }
+        }
+        assert!(parted.is_empty(), "{parted:#?}");
     }
 
     /// A commit request written by hand, entries in the order given.

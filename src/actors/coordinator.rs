@@ -111,6 +111,12 @@ pub struct CommitCoordinator {
     /// A take-over is draining this primary: new commits are refused with
     /// `unavailable` (clients retry with the same token).
     paused: bool,
+    /// This server stepped down ([`Fence`]) and is not primary again yet
+    /// ([`Lead`]): commits are refused with `wrong_server`.
+    fenced: bool,
+    /// Bumped by every [`Fence`]: a batch sent to storage before it is
+    /// never acknowledged, whatever its flush and replicas say.
+    fence_gen: u64,
     drained: Vec<oneshot::Sender<Result<CommitNumber, String>>>,
     /// Secondaries in the node, by server id: their link and what they
     /// hold durably.
@@ -148,6 +154,8 @@ impl CommitCoordinator {
             failed: None,
             draining: false,
             paused: false,
+            fenced: false,
+            fence_gen: 0,
             drained: Vec::new(),
             replicas: HashMap::new(),
             sync_replicas: 0,
@@ -211,6 +219,7 @@ impl CommitCoordinator {
             return;
         }
         self.applying += replies.len();
+        let gen = self.fence_gen;
         let batch = CommitBatch {
             commits: requests,
             // Group: storage starts the batch's flush itself (one hop less).
@@ -219,7 +228,7 @@ impl CommitCoordinator {
         self.storage
             .send(batch)
             .into_actor(self)
-            .map(move |res, act, ctx| act.on_applied(res, replies, ctx))
+            .map(move |res, act, ctx| act.on_applied(res, replies, gen, ctx))
             .spawn(ctx);
     }
 
@@ -227,6 +236,7 @@ impl CommitCoordinator {
         &mut self,
         res: Result<BatchApplied, MailboxError>,
         replies: Vec<Reply>,
+        gen: u64,
         ctx: &mut Context<Self>,
     ) {
         self.applying -= replies.len();
@@ -258,9 +268,12 @@ impl CommitCoordinator {
                         .map(move |res, act, ctx| act.on_flushed(upto, res, ctx))
                         .spawn(ctx);
                 }
-                self.broadcast(&results);
+                let fenced = gen != self.fence_gen;
+                if !fenced {
+                    self.broadcast(&results);
+                }
                 for (res, reply) in results.into_iter().zip(replies) {
-                    self.on_one_applied(res, reply);
+                    self.on_one_applied(res, reply, fenced);
                 }
                 if self.policy == FlushPolicy::Group {
                     self.start_flush(ctx);
@@ -295,7 +308,12 @@ impl CommitCoordinator {
     }
 
     /// Answer or park one commit of an applied batch.
-    fn on_one_applied(&mut self, res: Result<CommitReply, StorageError>, reply: Reply) {
+    fn on_one_applied(
+        &mut self,
+        res: Result<CommitReply, StorageError>,
+        reply: Reply,
+        fenced: bool,
+    ) {
         let done = match res {
             Ok(done) => done,
             Err(e) => {
@@ -321,6 +339,12 @@ impl CommitCoordinator {
             }
             None => false,
         };
+        if fenced {
+            // Applied here after this server stepped down: the new
+            // primary decides whether it exists.
+            let _ = reply.send(Err(internal("this server is no longer the primary")));
+            return;
+        }
         let must_replicate = done.number() > self.replicated_upto();
         let ack = Acknowledged::from(done);
         if (self.policy == FlushPolicy::Group && must_flush) || must_replicate {
@@ -481,6 +505,9 @@ impl Handler<SubmitCommit> for CommitCoordinator {
                 })
             });
         }
+        if self.fenced {
+            return Box::pin(async { Err(WireError::WrongServer { primary: None }) });
+        }
         let (tx, rx) = oneshot::channel();
         if self.queued.is_empty() {
             // Runs once the mailbox is drained: every commit delivered
@@ -570,9 +597,11 @@ impl Handler<Pause> for CommitCoordinator {
     }
 }
 
-/// This server is no longer primary: stop streaming, and answer every
-/// commit still waiting with an unknown outcome (the new primary decides).
-/// Sender: the `NodeSupervisor`.
+/// This server is no longer primary: stop streaming, answer every commit
+/// still waiting with an unknown outcome (the new primary decides), and
+/// acknowledge nothing more until [`Lead`]: commits not yet sent to
+/// storage, and later ones, get `wrong_server` (not applied); those being
+/// applied get an unknown outcome. Sender: the `NodeSupervisor`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Fence {
@@ -583,13 +612,32 @@ impl Handler<Fence> for CommitCoordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Fence, ctx: &mut Context<Self>) {
+        self.fenced = true;
+        self.fence_gen += 1;
         self.replicas.clear();
         for (_, batch) in std::mem::take(&mut self.waiters) {
             for (_, reply) in batch {
                 let _ = reply.send(Err(internal(&msg.reason)));
             }
         }
+        for (_, reply) in std::mem::take(&mut self.queued) {
+            let _ = reply.send(Err(WireError::WrongServer { primary: None }));
+        }
         self.check_drained(ctx);
+    }
+}
+
+/// This server is primary (again): take commits. Sender: the
+/// `NodeSupervisor`, before anything it commits as the new primary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Lead;
+
+impl Handler<Lead> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, _: Lead, _: &mut Context<Self>) {
+        self.fenced = false;
     }
 }
 

@@ -452,3 +452,26 @@ async fn a_failed_fsync_of_replicated_records_is_fatal() {
     rig.coordinator.send(replicated(&rig, 3)).await.unwrap();
     assert_eq!(*rig.requested.lock().unwrap(), [2]);
 }
+
+#[actix::test]
+async fn after_a_fence_nothing_is_acknowledged_until_lead() {
+    let rig = rig(FlushPolicy::Group, Duration::from_millis(30), false);
+    // Delivered before the fence: on their way through the pipeline.
+    let before: Vec<_> = (0..3).map(|_| rig.coordinator.send(append())).collect();
+    rig.coordinator.do_send(Fence {
+        reason: "deposed".into(),
+    });
+    let after = rig.coordinator.send(append()).await.unwrap();
+    assert_eq!(after, Err(WireError::WrongServer { primary: None }));
+    for res in before {
+        match res.await.unwrap() {
+            Ok(ack) => panic!("commit {} acknowledged after the fence", ack.number),
+            Err(WireError::WrongServer { .. } | WireError::Internal { .. }) => {}
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    rig.coordinator.do_send(Lead);
+    let led = rig.coordinator.send(append()).await.unwrap().unwrap();
+    let durable = rig.flushed.lock().unwrap().iter().copied().max();
+    assert!(durable >= Some(led.number));
+}

@@ -38,7 +38,7 @@ use crate::actors::broadcast::{
 };
 use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::coordinator::{
-    AddReplica, CommitCoordinator, Fence, Pause, RemoveReplica, SubmitCommit,
+    AddReplica, CommitCoordinator, Fence, Lead, Pause, RemoveReplica, SubmitCommit,
 };
 use crate::actors::failover::{
     on_commit_at_secondary, on_restart_as_primary, promoted_node, swapped_node, CommitOnSecondary,
@@ -408,6 +408,8 @@ impl NodeSupervisor {
                 let epoch = current.max(act.epoch).next(me);
                 warn!("promoted to primary under epoch {epoch}: {why}");
                 act.is_primary = true;
+                // Before the epoch commit below, which must be taken.
+                act.parts.commits.do_send(Lead);
                 act.epoch = epoch;
                 act.follow_state = None;
                 act.publish(ServerRole::Primary, Some(act.parts.advertise.clone()), None);
@@ -519,6 +521,7 @@ impl NodeSupervisor {
 
     fn serve_as_primary(&mut self, ctx: &mut Context<Self>) {
         self.is_primary = true;
+        self.parts.commits.do_send(Lead);
         self.publish(
             ServerRole::Primary,
             Some(self.parts.advertise.clone()),

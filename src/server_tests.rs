@@ -545,3 +545,79 @@ fn a_range_of_large_elements_is_cut_by_bytes_and_names_the_length_to_page_to() {
     }
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_resend_of_other_records_than_those_held_is_refused_not_acknowledged() {
+    use crate::protocol::ReplicateAck;
+    use crate::storage::{CommitRequest, Repository};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let mut primary = Repository::create(&tmp.path().join("primary"), 7, "127.0.0.1:1").unwrap();
+    primary
+        .snapshot(&tmp.path().join("scratch"))
+        .unwrap()
+        .copy_to(&cfg.dir)
+        .unwrap();
+    // A second history from the same base: what a server that promoted
+    // without some of our records would stream.
+    primary
+        .snapshot(&tmp.path().join("scratch2"))
+        .unwrap()
+        .copy_to(&tmp.path().join("other"))
+        .unwrap();
+    let mut other = Repository::open(&tmp.path().join("other")).unwrap();
+    other.set_restore_mode(false).unwrap();
+    let base = primary.info().last_commit;
+    let records = |repo: &mut Repository, tag: &str| -> Vec<serde_bytes::ByteBuf> {
+        for i in 0..3 {
+            repo.commit(CommitRequest {
+                meta: vec![(format!("{tag}{i}"), Some(vec![0xc0]))],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        repo.read_records(base + 1, 100, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(serde_bytes::ByteBuf::from)
+            .collect()
+    };
+    let ours = records(&mut primary, "a");
+    let theirs = records(&mut other, "b");
+    let epoch = primary.info().epoch;
+
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    let mut replicate = |records: &[serde_bytes::ByteBuf]| {
+        peer.call(RequestBody::Replicate {
+            epoch,
+            primary_id: 7,
+            records: records.to_vec(),
+            primary_last: base + 3,
+            ack: ReplicateAck::Durable,
+        })
+        .body
+    };
+    assert!(matches!(
+        replicate(&ours),
+        ResponseBody::Replicated { applied, .. } if applied == base + 3
+    ));
+    // The same numbers again, resent: fine.
+    assert!(matches!(
+        replicate(&ours[1..]),
+        ResponseBody::Replicated { applied, .. } if applied == base + 3
+    ));
+    // Other records under numbers we hold: never "applied".
+    for overlap in [&theirs[..], &theirs[..2]] {
+        match replicate(overlap) {
+            ResponseBody::Error {
+                error: WireError::Diverged { .. },
+                ..
+            } => {}
+            other => panic!("a diverged resend was answered {other:?}"),
+        }
+    }
+    server.shutdown(true).unwrap();
+}

@@ -98,7 +98,8 @@ pub struct ReplicaAck {
 }
 
 /// The secondary cannot be reached or stopped acknowledging (or refused
-/// our epoch). Receiver: the `NodeSupervisor`, which verifies.
+/// our epoch, or holds another history). Receiver: the `NodeSupervisor`,
+/// which verifies.
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct ReplicaTrouble {
@@ -107,6 +108,9 @@ pub struct ReplicaTrouble {
     pub reason: String,
     /// The secondary answered with a newer epoch: we are deposed.
     pub newer_epoch: Option<Epoch>,
+    /// The secondary holds other records than ours under this number: it
+    /// can never acknowledge ours, and no check would change that.
+    pub diverged: Option<CommitNumber>,
 }
 
 /// Stop streaming (the member left the node). Sender: the supervisor.
@@ -442,6 +446,23 @@ impl BroadcastActor {
                 );
                 self.break_link();
             }
+            Err(LinkError::Server {
+                error: WireError::Diverged { number },
+                ..
+            }) => {
+                warn!(
+                    "replication to {}: it holds other records than ours at commit {number}",
+                    self.peer.addr
+                );
+                self.trouble.do_send(ReplicaTrouble {
+                    server_id: self.peer.server_id,
+                    addr: self.peer.addr.clone(),
+                    reason: format!("it holds other records than ours at commit {number}"),
+                    newer_epoch: None,
+                    diverged: Some(number),
+                });
+                self.break_link();
+            }
             Err(e) => self.on_link_error(e),
         }
     }
@@ -526,6 +547,7 @@ impl BroadcastActor {
             addr: self.peer.addr.clone(),
             reason,
             newer_epoch,
+            diverged: None,
         });
     }
 

@@ -323,15 +323,39 @@ impl Handler<ApplyRecords> for StorageActor {
                 return Err(StorageError::NotInRestoreMode);
             }
         }
-        let last = repo.info().last_commit;
+        let info = repo.info();
+        let last = info.last_commit;
+        let number_of = |b: &[u8]| crate::storage::record::RecordHead::parse(b).map(|h| h.number);
+        // Records already held (a resend overlapping what we have) are
+        // skipped, but never taken on trust: answering `applied: last` to
+        // a batch of other records than ours would count them as held
+        // here. The newest held one must be ours, byte for byte (its hash
+        // covers every record before it).
+        let newest_held = msg
+            .bodies
+            .iter()
+            .filter_map(|b| Some((number_of(b).ok()?, b)))
+            .filter(|(n, _)| *n <= last && *n > 0)
+            .max_by_key(|(n, _)| *n);
+        if let Some((number, body)) = newest_held {
+            let ours = if number == last {
+                Some(info.last_hash)
+            } else {
+                // Beyond the retained log it cannot be compared: the
+                // chain check of the next new record still applies.
+                repo.read_records(number, 1, 1)
+                    .ok()
+                    .and_then(|r| r.into_iter().next())
+                    .map(|b| crate::storage::record::record_hash(&b))
+            };
+            if ours.is_some_and(|h| h != crate::storage::record::record_hash(body)) {
+                return Err(StorageError::ChainMismatch { number });
+            }
+        }
         let fresh: Vec<&Vec<u8>> = msg
             .bodies
             .iter()
-            .filter(|b| {
-                crate::storage::record::RecordHead::parse(b)
-                    .map(|h| h.number > last)
-                    .unwrap_or(true)
-            })
+            .filter(|b| number_of(b).map(|n| n > last).unwrap_or(true))
             .collect();
         let before = repo.anchor()?.node;
         let applied = repo.apply_records(&fresh);

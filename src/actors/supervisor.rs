@@ -823,6 +823,14 @@ impl Handler<ReplicaTrouble> for NodeSupervisor {
             }
             return;
         }
+        if msg.diverged.is_some() {
+            // Waiting would not help: it can never acknowledge our
+            // records, and commits waiting for it complete once it is out.
+            if self.is_primary {
+                self.remove_member(msg.server_id, &msg.reason, ctx);
+            }
+            return;
+        }
         self.check_member(msg.server_id, msg.addr, msg.reason, ctx);
     }
 }

@@ -621,3 +621,67 @@ fn a_resend_of_other_records_than_those_held_is_refused_not_acknowledged() {
     }
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 2 << 20,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let mut oids = Vec::new();
+    for i in 0..10 {
+        let body = CommitBody {
+            news: vec![WireNew {
+                temp_id: 1,
+                class: "Blob".into(),
+                value: Value::from(format!("{i}{}", "x".repeat(1 << 20))),
+            }],
+            ..CommitBody::default()
+        };
+        match app.call(RequestBody::Commit(body)).body {
+            ResponseBody::Committed { new_oids, .. } => oids.push(new_oids[0].1),
+            other => panic!("commit: {other:?}"),
+        }
+    }
+    let refs = oids
+        .iter()
+        .map(|o| Value::Ext(crate::storage::object::REF_EXT, o.to_be_bytes().to_vec()))
+        .collect();
+    let body = CommitBody {
+        news: vec![WireNew {
+            temp_id: 1,
+            class: "Index".into(),
+            value: Value::Array(refs),
+        }],
+        ..CommitBody::default()
+    };
+    let index = match app.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+        other => panic!("commit: {other:?}"),
+    };
+    // 10 MiB reachable at depth 1: the reply stops after about 4 MiB.
+    let got = match app
+        .call(RequestBody::Read {
+            oid: index,
+            depth: 1,
+            required_progress: Default::default(),
+        })
+        .body
+    {
+        ResponseBody::Objects { objects } => objects,
+        other => panic!("read: {other:?}"),
+    };
+    assert_eq!(got[0].oid, index, "the object asked for comes first");
+    assert!(
+        (2..=5).contains(&got.len()),
+        "{} objects in one reply",
+        got.len()
+    );
+    for (obj, oid) in got[1..].iter().zip(&oids) {
+        assert_eq!(obj.oid, *oid, "breadth first, in reference order");
+    }
+    server.shutdown(true).unwrap();
+}

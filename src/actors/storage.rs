@@ -73,32 +73,49 @@ impl StorageActor {
         crate::actors::publish_newer(&self.commits, number);
     }
 
-    /// The object `oid` first, then every object reachable from it through
-    /// at most `depth` references, each once, breadth first. A reference to
-    /// an object that does not exist is skipped (a dangling reference is the
-    /// application's business, not a failed read).
+    /// The object `oid` first, then objects reachable from it through at
+    /// most `depth` references, each once, breadth first, until about
+    /// [`MAX_GRAPH_BYTES`] of them are read: a deep read of a large graph
+    /// neither holds the storage thread for long nor makes a reply beyond
+    /// a client's frame limit (the client reads on from what it got). A
+    /// reference to an object that does not exist is skipped (a dangling
+    /// reference is the application's business, not a failed read).
     fn read_graph(&self, oid: Oid, depth: u32) -> Result<Vec<StoredObject>> {
         let repo = self.repo()?;
         let first = repo.get(oid)?.ok_or(StorageError::UnknownObject(oid))?;
         let mut seen = HashSet::from([oid]);
+        let mut bytes = 0usize;
         let mut queue = VecDeque::from([(first, 0u32)]);
         let mut out = Vec::new();
-        while let Some((obj, level)) = queue.pop_front() {
-            if level < depth {
-                for r in references_in(&obj.value)? {
-                    if seen.insert(r) {
-                        match repo.get(r)? {
-                            Some(child) => queue.push_back((child, level + 1)),
-                            None => debug!("object {} references missing object {r}", obj.oid),
+        'read: while let Some((obj, level)) = queue.pop_front() {
+            let refs = if level < depth {
+                references_in(&obj.value)?
+            } else {
+                Vec::new()
+            };
+            out.push(obj);
+            for r in refs {
+                if seen.insert(r) {
+                    match repo.get(r)? {
+                        Some(child) => {
+                            bytes += child.value.len() + child.class.len();
+                            if bytes > MAX_GRAPH_BYTES {
+                                break 'read;
+                            }
+                            queue.push_back((child, level + 1));
                         }
+                        None => debug!("object {oid} reaches a missing object {r}"),
                     }
                 }
             }
-            out.push(obj);
         }
+        out.extend(queue.into_iter().map(|(obj, _)| obj));
         Ok(out)
     }
 }
+
+/// Past the first object, a read to a depth returns about this much.
+pub const MAX_GRAPH_BYTES: usize = 4 << 20;
 
 const CLOSED: &str = "serving a request after the repository was closed";
 

@@ -216,7 +216,8 @@ impl Session {
     }
 
     /// The domain root first, then the objects it reaches within `depth`
-    /// references; empty when no root was set.
+    /// references (as [`Session::read_with_depth`]); empty when no root
+    /// was set.
     pub fn root_with_depth(&mut self, depth: u32) -> Result<Vec<Object>> {
         let resp = self.read_request(|required_progress| RequestBody::ReadRoot {
             depth,
@@ -245,7 +246,8 @@ impl Session {
     }
 
     /// An object first, then the objects it reaches within `depth`
-    /// references.
+    /// references, breadth first; the server stops after about 4 MiB of
+    /// them, so read any further ones with more calls.
     pub fn read_with_depth(&mut self, oid: impl Into<Oid>, depth: u32) -> Result<Vec<Object>> {
         let oid = oid.into();
         let resp = self.read_request(|required_progress| RequestBody::Read {

@@ -491,15 +491,22 @@ fn an_applied_answer_reports_what_the_commit_log_made_durable() {
     server.shutdown(true).unwrap();
 }
 
+/// A server taking commits of up to 2 MiB, and an application connection
+/// to it.
+fn serving_large_values(dir: &std::path::Path) -> (ServerThread, Conn) {
+    let server = spawn(Config {
+        max_frame: 2 << 20,
+        ..config(dir)
+    })
+    .unwrap();
+    let app = Conn::open(server.local_addr(), SessionRole::Application);
+    (server, app)
+}
+
 #[test]
 fn a_range_of_large_elements_is_cut_by_bytes_and_names_the_length_to_page_to() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = spawn(Config {
-        max_frame: 2 << 20,
-        ..config(tmp.path())
-    })
-    .unwrap();
-    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (server, mut app) = serving_large_values(tmp.path());
     let (_, coll) = make_root_with_collection(&mut app);
     // 24 elements of 1 MiB: one reply of them all would be a 24 MiB frame,
     // beyond every client's default limit.
@@ -625,12 +632,7 @@ fn a_resend_of_other_records_than_those_held_is_refused_not_acknowledged() {
 #[test]
 fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = spawn(Config {
-        max_frame: 2 << 20,
-        ..config(tmp.path())
-    })
-    .unwrap();
-    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (server, mut app) = serving_large_values(tmp.path());
     let mut oids = Vec::new();
     for i in 0..10 {
         let body = CommitBody {

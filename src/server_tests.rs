@@ -423,20 +423,31 @@ fn an_async_batch_delay_beyond_the_limit_is_refused_by_name() {
 /// durable what its commit-log actor last made durable, whoever asked for
 /// that flush: here a `durable` heartbeat, which its commit coordinator
 /// (keeping the interval policy's flushes) never hears of.
+/// A new repository (server id 7) under `tmp`, and a backup of it at
+/// `backup`: a server started there takes the repository's records.
+fn primary_with_backup_at(
+    tmp: &std::path::Path,
+    backup: &std::path::Path,
+) -> crate::storage::Repository {
+    let mut primary =
+        crate::storage::Repository::create(&tmp.join("primary"), 7, "127.0.0.1:1").unwrap();
+    primary
+        .snapshot(&tmp.join("scratch"))
+        .unwrap()
+        .copy_to(backup)
+        .unwrap();
+    primary
+}
+
 #[test]
 fn an_applied_answer_reports_what_the_commit_log_made_durable() {
     use crate::protocol::ReplicateAck;
-    use crate::storage::{CommitRequest, Repository};
+    use crate::storage::CommitRequest;
 
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path());
     cfg.flush = crate::actors::FlushPolicy::Interval(600_000);
-    let mut primary = Repository::create(&tmp.path().join("primary"), 7, "127.0.0.1:1").unwrap();
-    primary
-        .snapshot(&tmp.path().join("scratch"))
-        .unwrap()
-        .copy_to(&cfg.dir)
-        .unwrap();
+    let mut primary = primary_with_backup_at(tmp.path(), &cfg.dir);
     let base = primary.info().last_commit;
     for i in 0..5 {
         primary
@@ -560,12 +571,7 @@ fn a_resend_of_other_records_than_those_held_is_refused_not_acknowledged() {
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let mut primary = Repository::create(&tmp.path().join("primary"), 7, "127.0.0.1:1").unwrap();
-    primary
-        .snapshot(&tmp.path().join("scratch"))
-        .unwrap()
-        .copy_to(&cfg.dir)
-        .unwrap();
+    let mut primary = primary_with_backup_at(tmp.path(), &cfg.dir);
     // A second history from the same base: what a server that promoted
     // without some of our records would stream.
     primary

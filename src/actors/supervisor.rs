@@ -37,6 +37,7 @@ use crate::actors::broadcast::{
     BroadcastActor, GetReplicaStats, LinkSettings, ProbeDurable, ReplicaTrouble, StopBroadcast,
 };
 use crate::actors::commit_log::{CommitLogActor, Flush};
+use crate::actors::convert::{mailbox_error, wire_error};
 use crate::actors::coordinator::{
     AddReplica, CommitCoordinator, Fence, Lead, Pause, RemoveReplica, SubmitCommit,
 };
@@ -52,6 +53,7 @@ use crate::actors::storage::{
     ApplyRecords, GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode,
     StorageActor,
 };
+use crate::client::response_type;
 use crate::protocol::{MemberStatus, RequestBody, ResponseBody, ServerRole, WireError};
 use crate::storage::CommitRequest;
 use crate::types::{CommitNumber, Epoch, Hash, Member, MemberRole, Node, NodeAddr};
@@ -942,38 +944,60 @@ impl Handler<FollowPrimary> for NodeSupervisor {
         }
         let timeout = self.parts.settings.call_timeout;
         let target = msg.primary.clone();
+        let storage = self.parts.storage.clone();
         Box::pin(
-            async move { PeerLink::connect(&target, timeout).await }
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    let link = res.map_err(|e| WireError::Unavailable {
-                        reason: format!("cannot reach {}: {e}", msg.primary),
-                    })?;
-                    let h = &link.hello;
-                    if h.repository_id != act.repository_id {
-                        return Err(WireError::RepositoryMismatch {
-                            expected: act.repository_id.clone(),
-                            got: h.repository_id.clone(),
-                        });
-                    }
-                    if h.role != ServerRole::Primary {
-                        return Err(WireError::WrongServer {
-                            primary: h.node.primary().map(|p| p.addr.clone()),
-                        });
-                    }
-                    if h.commit < act.last() {
+            async move {
+                let info = storage.send(GetInfo).await;
+                (info, PeerLink::connect(&target, timeout).await)
+            }
+            .into_actor(self)
+            .map(move |(info, res), act, ctx| {
+                // Only a backup (restore mode) takes records as they
+                // come. A deposed primary holds commits of its own:
+                // streaming to it would fail on every batch, and
+                // whether its log is a prefix of the new primary's is
+                // what a restart checks.
+                match info {
+                    Ok(Ok(i)) if i.restore_mode => {}
+                    Ok(Ok(_)) => {
                         return Err(WireError::Unavailable {
-                            reason: format!(
-                                "{} is at commit {}, behind this server's {}",
-                                msg.primary,
-                                h.commit,
-                                act.last()
-                            ),
-                        });
+                            reason: "this server is not a backup (not in restore mode): it \
+                                         served as a primary; restart it on its directory to \
+                                         rejoin, or start it on a new backup"
+                                .into(),
+                        })
                     }
-                    act.start_following(msg.primary.clone(), ctx);
-                    Ok(())
-                }),
+                    Ok(Err(e)) => return Err(wire_error(&e)),
+                    Err(e) => return Err(mailbox_error("the storage actor", e)),
+                }
+                let link = res.map_err(|e| WireError::Unavailable {
+                    reason: format!("cannot reach {}: {e}", msg.primary),
+                })?;
+                let h = &link.hello;
+                if h.repository_id != act.repository_id {
+                    return Err(WireError::RepositoryMismatch {
+                        expected: act.repository_id.clone(),
+                        got: h.repository_id.clone(),
+                    });
+                }
+                if h.role != ServerRole::Primary {
+                    return Err(WireError::WrongServer {
+                        primary: h.node.primary().map(|p| p.addr.clone()),
+                    });
+                }
+                if h.commit < act.last() {
+                    return Err(WireError::Unavailable {
+                        reason: format!(
+                            "{} is at commit {}, behind this server's {}",
+                            msg.primary,
+                            h.commit,
+                            act.last()
+                        ),
+                    });
+                }
+                act.start_following(msg.primary.clone(), ctx);
+                Ok(())
+            }),
         )
     }
 }
@@ -1298,6 +1322,13 @@ impl Handler<HandOverTo> for NodeSupervisor {
                 reason: "only a secondary of this node can take over".into(),
             })));
         };
+        if self.changing_role {
+            // Two hand-overs draining at once would both succeed: two
+            // servers promoted, this one following only the last.
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: "another hand-over or role change is in progress; retry".into(),
+            })));
+        }
         self.changing_role = true;
         let commits = self.parts.commits.clone();
         let applied = self.parts.applied.clone();
@@ -1416,7 +1447,10 @@ impl Handler<TakeOverNow> for NodeSupervisor {
                 {
                     Ok((_, ResponseBody::HandedOver { last })) => Ok(last),
                     Ok((_, other)) => Err(WireError::Internal {
-                        reason: format!("unexpected answer to hand_over: {other:?}"),
+                        reason: format!(
+                            "unexpected answer to hand_over: a `{}` response",
+                            response_type(&other)
+                        ),
                     }),
                     Err(crate::actors::peer_link::LinkError::Server { error, .. }) => Err(error),
                     Err(e) => Err(WireError::Unavailable {

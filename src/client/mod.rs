@@ -37,6 +37,7 @@
 
 mod admin;
 mod connection;
+pub(crate) use connection::response_type;
 mod error;
 mod router;
 mod routing;

@@ -220,6 +220,17 @@ fn t50_a_diverged_former_primary_keeps_its_commits_in_a_file_and_merges_nothing(
         ..Default::default()
     }));
     assert!(r.is_err(), "a deposed server must refuse commits");
+    // Nor can it be made to follow: it holds commits of its own.
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["follow", "--server", &a1, "--primary", &a2])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: unavailable: ") && err.contains("not a backup"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -454,6 +454,9 @@ impl Collections {
     fn files(&mut self, coll: Oid) -> Result<&mut CollFiles> {
         if !self.open.contains_key(&coll) {
             if self.open.len() >= MAX_OPEN_COLLECTIONS {
+                // Closing files drops their buffers: everything buffered
+                // is written and synced first (every collection with
+                // buffered elements is dirty, see `write`).
                 self.sync_dirty()?;
                 self.open.clear();
             }
@@ -466,8 +469,13 @@ impl Collections {
     /// Write element `index` (the caller guarantees `index` ≤ current
     /// length, so elements are dense).
     pub fn write(&mut self, coll: Oid, index: u64, value: &[u8]) -> Result<()> {
-        self.dirty.insert(coll);
         let crc = crc32fast::hash(value).to_le_bytes();
+        // Opened first: opening may close (and sync) the others, which
+        // takes their dirty marks; this one's must outlive that, or its
+        // buffered element would be neither written at the checkpoint nor
+        // kept when its files are closed.
+        self.files(coll)?;
+        self.dirty.insert(coll);
         let f = self.files(coll)?;
         if index == f.len {
             f.end += (4 + value.len()) as u64;

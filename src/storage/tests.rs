@@ -59,6 +59,43 @@ fn append(repo: &mut Repository, coll: u64, v: &str) -> Committed {
 }
 
 #[test]
+fn appends_to_more_collections_than_stay_open_are_all_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let mut repo = Repository::create(&path, 1, "a:1").unwrap();
+    // Far more collections than the store keeps open (256), appended to
+    // round robin, so files are closed and reopened under buffered data.
+    let made = repo
+        .commit(CommitRequest {
+            news: (1..=600)
+                .map(|t| NewRequest {
+                    temp_id: t,
+                    class: COLLECTION_CLASS.into(),
+                    value: encode_value(&Value::Nil),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap();
+    let colls: Vec<u64> = made.new_oids.iter().map(|(_, o)| *o).collect();
+    for round in 0..2 {
+        for (i, c) in colls.iter().enumerate() {
+            append(&mut repo, *c, &format!("{i}-{round}"));
+        }
+    }
+    repo.checkpoint().unwrap();
+    drop(repo);
+    let mut repo = Repository::open(&path).unwrap();
+    for (i, c) in colls.iter().enumerate() {
+        assert_eq!(
+            repo.collection_range(*c, 0, 10).unwrap(),
+            vec![s(&format!("{i}-0")), s(&format!("{i}-1"))],
+            "collection {i}"
+        );
+    }
+}
+
+#[test]
 fn commit_read_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (root, coll) = {

@@ -124,33 +124,44 @@ impl IndexMap {
             .metadata()
             .map_err(|e| StorageError::io(ctx("inspecting"), e))?
             .len();
-        let capacity = if len == 0 {
+        if len == 0 {
             let size = HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN;
             file.set_len(size)
                 .map_err(|e| StorageError::io(ctx("sizing"), e))?;
-            INITIAL_CAPACITY
-        } else {
-            if len < HEAD_LEN || !(len - HEAD_LEN).is_multiple_of(ENTRY_LEN) {
-                return Err(StorageError::Corrupted(format!(
-                    "{} has impossible length {len}",
-                    path.display()
-                )));
-            }
-            (len - HEAD_LEN) / ENTRY_LEN
-        };
+        } else if len < HEAD_LEN || !(len - HEAD_LEN).is_multiple_of(ENTRY_LEN) {
+            return Err(StorageError::Corrupted(format!(
+                "{} has impossible length {len}",
+                path.display()
+            )));
+        }
+        let by_len = (len.max(HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN) - HEAD_LEN) / ENTRY_LEN;
         // SAFETY: the file is exclusively ours (repository flock), it is
         // never truncated while mapped, and the mapping lives in `self`,
         // which hands out no references that outlive a `&self` borrow.
         let mut map =
             unsafe { MmapMut::map_mut(&file) }.map_err(|e| StorageError::io(ctx("mapping"), e))?;
-        if len == 0 {
-            map[0..HEAD_LEN as usize].copy_from_slice(&head_bytes(capacity));
-        } else if map[0..HEAD_LEN as usize] != head_bytes(capacity) {
+        // The head names the capacity. A file longer than that is a
+        // growth cut short by a crash (`grow` sizes the file before it
+        // writes the new head): the extra entries were never in use. An
+        // all-zero file is a creation cut short the same way.
+        let head = &map[0..HEAD_LEN as usize];
+        let named = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let capacity = if head == head_bytes(named)
+            && named
+                .checked_mul(ENTRY_LEN)
+                .and_then(|b| b.checked_add(HEAD_LEN))
+                .is_some_and(|need| need <= map.len() as u64)
+        {
+            named
+        } else if map.iter().all(|&b| b == 0) {
+            map[0..HEAD_LEN as usize].copy_from_slice(&head_bytes(by_len));
+            by_len
+        } else {
             return Err(StorageError::Corrupted(format!(
                 "{} has a bad head (magic, capacity or checksum)",
                 path.display()
             )));
-        }
+        };
         Ok(IndexMap {
             path,
             file,
@@ -178,11 +189,18 @@ impl IndexMap {
     }
 
     fn grow(&mut self, min_capacity: u64) -> Result<()> {
+        let ctx = |what: &str| format!("{what} {}", self.path.display());
+        // The file may already be longer than the head says (a growth cut
+        // short by a crash): never shrink it while it is mapped.
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(|e| StorageError::io(ctx("inspecting"), e))?
+            .len();
         let mut capacity = self.capacity.max(INITIAL_CAPACITY);
-        while capacity < min_capacity {
+        while capacity < min_capacity || HEAD_LEN + capacity * ENTRY_LEN < file_len {
             capacity *= 2;
         }
-        let ctx = |what: &str| format!("{what} {}", self.path.display());
         self.map
             .flush()
             .map_err(|e| StorageError::io(ctx("flushing"), e))?;
@@ -322,6 +340,58 @@ mod tests {
         assert_eq!(ro.get(1).unwrap(), None);
         assert_eq!(ro.get(u64::MAX / 64).unwrap(), None);
         assert_eq!(ro.count(), 4);
+    }
+
+    #[test]
+    fn a_growth_or_creation_cut_short_by_a_crash_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(INDEX_FILE);
+        let entry = IndexEntry {
+            loc: 9,
+            version: 2,
+            coll_len: 0,
+            flags: 0,
+        };
+        {
+            let mut idx = IndexMap::open(dir.path()).unwrap();
+            idx.set(7, &entry).unwrap();
+            idx.flush().unwrap();
+        }
+        // `grow` sized the file, then died before writing the new head.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(HEAD_LEN + 4 * INITIAL_CAPACITY * ENTRY_LEN)
+            .unwrap();
+        drop(f);
+        let mut idx = IndexMap::open(dir.path()).unwrap();
+        assert_eq!(idx.capacity(), INITIAL_CAPACITY);
+        assert_eq!(idx.get(7).unwrap(), Some(entry));
+        // Growing again never shrinks the longer file.
+        idx.set(INITIAL_CAPACITY + 1, &entry).unwrap();
+        idx.flush().unwrap();
+        drop(idx);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() >= HEAD_LEN + 4 * INITIAL_CAPACITY * ENTRY_LEN
+        );
+        let idx = IndexMap::open(dir.path()).unwrap();
+        assert_eq!(idx.get(INITIAL_CAPACITY + 1).unwrap(), Some(entry));
+        assert_eq!(idx.get(7).unwrap(), Some(entry));
+        drop(idx);
+
+        // Creation sized the file and died before writing the head.
+        let fresh = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(fresh.path().join(INDEX_FILE)).unwrap();
+        f.set_len(HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN).unwrap();
+        drop(f);
+        assert_eq!(IndexMap::open(fresh.path()).unwrap().get(7).unwrap(), None);
+
+        // A zeroed head over entries in use is damage, not a fresh index.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[..HEAD_LEN as usize].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            IndexMap::open(dir.path()),
+            Err(StorageError::Corrupted(_))
+        ));
     }
 
     #[test]

@@ -10,6 +10,14 @@
 //! here at checkpoints and keeps newer ones in memory, so what the OS
 //! writes back early can never describe a commit the log may lose.
 //!
+//! A checkpoint's entries land in the map before the header names the new
+//! checkpoint, so a crash in between would leave entries the old header
+//! does not describe (pointing past the objects file it keeps, or naming a
+//! newer anchor than its replay starts from). [`IndexMap::set_checkpoint`]
+//! first writes the entries it replaces to `DIR/index.undo` (synced), and
+//! [`IndexMap::recover`] puts them back at open unless the header reached
+//! that checkpoint: the map always matches the header.
+//!
 //! Soundness invariants of the mapping (checked by construction):
 //! - the repository directory is held under an exclusive `flock`, so no
 //!   other process maps or truncates this file;
@@ -31,6 +39,9 @@ use crate::storage::error::{Result, StorageError};
 use crate::types::Oid;
 
 pub const INDEX_FILE: &str = "index.map";
+/// The entries a checkpoint in progress replaces (see the module doc).
+pub const UNDO_FILE: &str = "index.undo";
+const UNDO_MAGIC: &[u8; 8] = b"MAGUNDO1";
 const MAGIC: &[u8; 8] = b"MAGIDX01";
 const HEAD_LEN: u64 = 64;
 const ENTRY_LEN: u64 = 32;
@@ -217,6 +228,110 @@ impl IndexMap {
         Ok(())
     }
 
+    /// The raw bytes of `oid`'s entry (zeros when absent).
+    fn raw(&self, oid: Oid) -> [u8; ENTRY_LEN as usize] {
+        let mut b = [0u8; ENTRY_LEN as usize];
+        if oid < self.capacity {
+            let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+            b.copy_from_slice(&self.map[at..at + ENTRY_LEN as usize]);
+        }
+        b
+    }
+
+    fn set_raw(&mut self, oid: Oid, bytes: &[u8; ENTRY_LEN as usize]) -> Result<()> {
+        if oid >= self.capacity {
+            if bytes.iter().all(|&b| b == 0) {
+                return Ok(());
+            }
+            self.grow(oid + 1)?;
+        }
+        let at = (HEAD_LEN + oid * ENTRY_LEN) as usize;
+        self.map[at..at + ENTRY_LEN as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Write the entries of checkpoint `target` and flush them, having
+    /// first saved the ones they replace (synced) for [`IndexMap::recover`].
+    /// The caller writes the header, then calls [`IndexMap::checkpointed`].
+    pub fn set_checkpoint(&mut self, target: u64, entries: &[(Oid, IndexEntry)]) -> Result<()> {
+        let dir = self.path.parent().expect("index.map is in a directory");
+        let undo = dir.join(UNDO_FILE);
+        let ctx = |what: &str| format!("{what} {}", undo.display());
+        let mut bytes = Vec::with_capacity(28 + entries.len() * (8 + ENTRY_LEN as usize));
+        bytes.extend_from_slice(UNDO_MAGIC);
+        bytes.extend_from_slice(&target.to_le_bytes());
+        bytes.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        for (oid, _) in entries {
+            bytes.extend_from_slice(&oid.to_le_bytes());
+            bytes.extend_from_slice(&self.raw(*oid));
+        }
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let mut f = File::create(&undo).map_err(|e| StorageError::io(ctx("creating"), e))?;
+        std::io::Write::write_all(&mut f, &bytes)
+            .map_err(|e| StorageError::io(ctx("writing"), e))?;
+        f.sync_all()
+            .map_err(|e| StorageError::io(ctx("syncing"), e))?;
+        crate::storage::header::sync_dir(dir)?;
+        for (oid, e) in entries {
+            self.set(*oid, e)?;
+        }
+        self.flush()
+    }
+
+    /// The header names the checkpoint [`IndexMap::set_checkpoint`] wrote:
+    /// its saved entries are no longer needed.
+    pub fn checkpointed(&self) -> Result<()> {
+        let dir = self.path.parent().expect("index.map is in a directory");
+        let undo = dir.join(UNDO_FILE);
+        match std::fs::remove_file(&undo) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io(format!("removing {}", undo.display()), e)),
+        }
+    }
+
+    /// At open: if a checkpoint was cut short (the header names an older
+    /// one than the saved entries were replaced for), put them back.
+    /// Returns how many entries were restored.
+    pub fn recover(&mut self, checkpoint: u64) -> Result<usize> {
+        let dir = self.path.parent().expect("index.map is in a directory");
+        let undo = dir.join(UNDO_FILE);
+        let bytes = match std::fs::read(&undo) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(StorageError::io(format!("reading {}", undo.display()), e)),
+        };
+        let rec = 8 + ENTRY_LEN as usize;
+        let body_len = bytes.len().saturating_sub(4);
+        let whole = bytes.len() >= 28
+            && &bytes[0..8] == UNDO_MAGIC
+            && crc32fast::hash(&bytes[..body_len]).to_le_bytes()[..] == bytes[body_len..]
+            && u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"))
+                .checked_mul(rec as u64)
+                .is_some_and(|n| n == (body_len - 24) as u64);
+        // A torn save was never followed by a change to the map (it is
+        // synced first): nothing to undo.
+        let target = u64::from_le_bytes(
+            bytes
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 8]),
+        );
+        let mut restored = 0;
+        if whole && checkpoint < target {
+            for r in bytes[24..body_len].chunks_exact(rec) {
+                let oid = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+                let old: [u8; ENTRY_LEN as usize] = r[8..].try_into().expect("32 bytes");
+                self.set_raw(oid, &old)?;
+                restored += 1;
+            }
+            self.flush()?;
+        }
+        self.checkpointed()?;
+        Ok(restored)
+    }
+
     /// msync: make every `set` so far durable.
     pub fn flush(&self) -> Result<()> {
         self.map
@@ -392,6 +507,40 @@ mod tests {
             IndexMap::open(dir.path()),
             Err(StorageError::Corrupted(_))
         ));
+    }
+
+    #[test]
+    fn a_checkpoint_is_undone_unless_the_header_reached_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = |loc| IndexEntry {
+            loc,
+            version: loc,
+            coll_len: 0,
+            flags: 0,
+        };
+        let mut idx = IndexMap::open(dir.path()).unwrap();
+        idx.set_checkpoint(3, &[(1, e(1))]).unwrap();
+        idx.checkpointed().unwrap();
+        // Entries 1 (changed) and 9000 (new, past the capacity: the map
+        // grows) of checkpoint 5, cut short before its header.
+        idx.set_checkpoint(5, &[(1, e(2)), (9000, e(3))]).unwrap();
+        drop(idx);
+        let mut idx = IndexMap::open(dir.path()).unwrap();
+        assert_eq!(idx.recover(3).unwrap(), 2);
+        assert_eq!(idx.get(1).unwrap(), Some(e(1)));
+        assert_eq!(idx.get(9000).unwrap(), None);
+        assert!(!dir.path().join(UNDO_FILE).exists());
+        // Cut short after its header: kept.
+        idx.set_checkpoint(5, &[(1, e(2))]).unwrap();
+        drop(idx);
+        let mut idx = IndexMap::open(dir.path()).unwrap();
+        assert_eq!(idx.recover(5).unwrap(), 0);
+        assert_eq!(idx.get(1).unwrap(), Some(e(2)));
+        // A torn save (the crash came while writing it): nothing had
+        // changed yet, nothing is undone.
+        std::fs::write(dir.path().join(UNDO_FILE), &b"MAGUNDO1\x07"[..]).unwrap();
+        assert_eq!(idx.recover(1).unwrap(), 0);
+        assert_eq!(idx.get(1).unwrap(), Some(e(2)));
     }
 
     #[test]

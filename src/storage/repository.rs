@@ -202,6 +202,10 @@ pub struct Repository {
     dir: PathBuf,
     _lock: File,
     opts: RepoOptions,
+    /// Tests: the next checkpoint stops after writing the index, as a
+    /// kill -9 before the header is renamed would.
+    #[cfg(test)]
+    pub(crate) crash_before_header: bool,
     header: Header,
     log: CommitLog,
     index: IndexMap,
@@ -360,7 +364,15 @@ impl Repository {
             header.server_id = rand::random::<u64>() | 1;
             header.write(dir)?;
         }
-        let index = IndexMap::open(dir)?;
+        let mut index = IndexMap::open(dir)?;
+        let restored = index.recover(header.checkpoint)?;
+        if restored > 0 {
+            log::warn!(
+                "{}: a checkpoint was cut short; {restored} index entries put back as of checkpoint {}",
+                dir.display(),
+                header.checkpoint
+            );
+        }
         let objects = ObjectFile::open(dir, header.objects_len)?;
         let mut colls = Collections::open(dir)?;
         // Cut collection files to their checkpointed lengths; later
@@ -414,6 +426,8 @@ impl Repository {
             last_checkpoint: Instant::now(),
             retain_from: 1,
             opts,
+            #[cfg(test)]
+            crash_before_header: false,
         };
         for (token, number) in history {
             repo.remember_token(token, number);
@@ -907,10 +921,14 @@ impl Repository {
         crate::storage::sync::sync_all(&targets)?;
         let mut entries: Vec<_> = self.overlay.iter().map(|(k, v)| (*k, *v)).collect();
         entries.sort_unstable_by_key(|(k, _)| *k);
-        for (oid, e) in &entries {
-            self.index.set(*oid, e)?;
+        // Undoable until the header below names this checkpoint.
+        self.index.set_checkpoint(self.log.last(), &entries)?;
+        #[cfg(test)]
+        if self.crash_before_header {
+            return Err(StorageError::Invalid(
+                "test: crashed before the header".into(),
+            ));
         }
-        self.index.flush()?;
         let mut h = self.header.clone();
         h.epoch = self.epoch;
         h.checkpoint = self.log.last();
@@ -918,6 +936,7 @@ impl Repository {
         h.objects_len = self.objects.len();
         h.next_oid = self.next_oid;
         h.write(&self.dir)?;
+        self.index.checkpointed()?;
         self.header = h;
         self.overlay.clear();
         self.log_bytes_since_checkpoint = 0;

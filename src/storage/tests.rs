@@ -59,6 +59,40 @@ fn append(repo: &mut Repository, coll: u64, v: &str) -> Committed {
 }
 
 #[test]
+fn a_checkpoint_cut_short_before_its_header_is_undone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let mut repo = Repository::create(&path, 1, "a:1").unwrap();
+    repo.checkpoint().unwrap();
+    // Changes the anchor (root and meta are read, modified and written
+    // back at replay) and appends past the last checkpoint.
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    append(&mut repo, coll, "a");
+    repo.commit(CommitRequest {
+        meta: vec![("k".into(), Some(s("v")))],
+        ..Default::default()
+    })
+    .unwrap();
+    let before = repo.digest().unwrap();
+    repo.crash_before_header = true;
+    assert!(repo.checkpoint().is_err());
+    repo.sync().unwrap();
+    drop(repo);
+    assert!(path.join(super::index_map::UNDO_FILE).exists());
+
+    let mut repo = Repository::open(&path).unwrap();
+    assert_eq!(repo.digest().unwrap(), before);
+    assert!(!path.join(super::index_map::UNDO_FILE).exists());
+    // And the next checkpoint completes and leaves nothing to undo.
+    append(&mut repo, coll, "b");
+    repo.checkpoint().unwrap();
+    assert!(!path.join(super::index_map::UNDO_FILE).exists());
+    let after = repo.digest().unwrap();
+    drop(repo);
+    assert_eq!(Repository::open(&path).unwrap().digest().unwrap(), after);
+}
+
+#[test]
 fn appends_to_more_collections_than_stay_open_are_all_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");

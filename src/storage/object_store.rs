@@ -348,6 +348,21 @@ impl ElementFiles<'_> {
                 idx_path(dir, coll).display()
             )));
         }
+        // A damaged offset must be an error naming the file, not an
+        // allocation of whatever size it claims.
+        let dat_len = self
+            .dat
+            .metadata()
+            .map_err(|e| io_at(&dat_path(dir, coll), "inspecting", e))?
+            .len();
+        if span_end > dat_len {
+            return Err(StorageError::Corrupted(format!(
+                "{}: element {} ends at offset {span_end}, past the end of {} ({dat_len} bytes)",
+                idx_path(dir, coll).display(),
+                start + ends.len() as u64 - 1,
+                dat_path(dir, coll).display()
+            )));
+        }
         let mut data = vec![0u8; (span_end - span_start) as usize];
         self.dat
             .read_exact_at(&mut data, span_start)
@@ -556,6 +571,20 @@ impl Collections {
         } else {
             f.end_on_disk(&dir, coll, len - 1)?
         };
+        let on_disk = f
+            .dat
+            .metadata()
+            .map_err(|e| io_at(&dat_path(&dir, coll), "inspecting", e))?
+            .len();
+        if dat_len > on_disk {
+            // Cutting "to" a damaged offset would grow the file instead.
+            return Err(StorageError::Corrupted(format!(
+                "{}: element {} ends at offset {dat_len}, past the end of {} ({on_disk} bytes)",
+                idx_path(&dir, coll).display(),
+                len - 1,
+                dat_path(&dir, coll).display()
+            )));
+        }
         f.idx
             .set_len(len * 8)
             .map_err(|e| io_at(&idx_path(&dir, coll), "cutting", e))?;
@@ -656,5 +685,28 @@ mod tests {
             vec![b"v49".to_vec(), b"new".to_vec()]
         );
         assert_eq!(c.existing().unwrap(), vec![7]);
+    }
+
+    #[test]
+    fn a_damaged_element_offset_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Collections::open(dir.path()).unwrap();
+        for i in 0..3u64 {
+            c.write(7, i, b"v").unwrap();
+        }
+        c.sync_dirty().unwrap();
+        drop(c);
+        let idx = idx_path(&dir.path().join(COLL_DIR), 7);
+        let mut bytes = std::fs::read(&idx).unwrap();
+        bytes[0..8].copy_from_slice(&0x0000_4000_0000_0000u64.to_le_bytes());
+        std::fs::write(&idx, &bytes).unwrap();
+        let mut c = Collections::open(dir.path()).unwrap();
+        for err in [
+            c.range(7, 3, 0, 1, u64::MAX).unwrap_err(),
+            c.truncate(7, 1).unwrap_err(),
+        ] {
+            assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
+            assert!(err.to_string().contains("7.idx"), "{err}");
+        }
     }
 }

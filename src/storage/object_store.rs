@@ -236,6 +236,15 @@ pub struct Collections {
     dirty: HashSet<Oid>,
 }
 
+/// The length of an open element file, for checking offsets read from
+/// its `.idx` against it.
+fn file_len(file: &File, path: &Path) -> Result<u64> {
+    Ok(file
+        .metadata()
+        .map_err(|e| io_at(path, "inspecting", e))?
+        .len())
+}
+
 pub fn idx_path(dir: &Path, coll: Oid) -> PathBuf {
     dir.join(format!("{coll}.idx"))
 }
@@ -350,11 +359,7 @@ impl ElementFiles<'_> {
         }
         // A damaged offset must be an error naming the file, not an
         // allocation of whatever size it claims.
-        let dat_len = self
-            .dat
-            .metadata()
-            .map_err(|e| io_at(&dat_path(dir, coll), "inspecting", e))?
-            .len();
+        let dat_len = file_len(self.dat, &dat_path(dir, coll))?;
         if span_end > dat_len {
             return Err(StorageError::Corrupted(format!(
                 "{}: element {} ends at offset {span_end}, past the end of {} ({dat_len} bytes)",
@@ -571,11 +576,7 @@ impl Collections {
         } else {
             f.end_on_disk(&dir, coll, len - 1)?
         };
-        let on_disk = f
-            .dat
-            .metadata()
-            .map_err(|e| io_at(&dat_path(&dir, coll), "inspecting", e))?
-            .len();
+        let on_disk = file_len(&f.dat, &dat_path(&dir, coll))?;
         if dat_len > on_disk {
             // Cutting "to" a damaged offset would grow the file instead.
             return Err(StorageError::Corrupted(format!(

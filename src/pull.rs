@@ -21,7 +21,9 @@
 //!
 //! At the end the checksums the server computed over what it sent are
 //! compared with the local ones, the backup is sealed (header, manifest
-//! last) and verified. This module never writes outside its target, never trusts
+//! last) and verified. A copy the server cannot confirm (its answer to the
+//! finish was lost) is pulled again, never sealed on local checksums alone;
+//! a copy that does not match is removed. This module never writes outside its target, never trusts
 //! a file path from the server without checking it, and never leaves a
 //! manifest on a directory whose files it has not verified.
 
@@ -373,6 +375,39 @@ fn compare(
     }
 }
 
+/// End the job and compare the server's checksums with the files held:
+/// `Ok(None)` when the server no longer has the job. Local checksums
+/// alone are never enough to seal a copy (a partial file damaged on disk
+/// between two runs hashes "correctly"), so a job that cannot be confirmed
+/// is pulled again. On a mismatch the files are removed and `PULL-STATE`
+/// kept: the job is over on the server, so running the same command again
+/// starts a clean pull instead of sealing the bad copy.
+fn finish(
+    link: &mut Link,
+    dir: &Path,
+    state: &PullState,
+    entries: Vec<crate::storage::backup::ManifestFile>,
+) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, PullError> {
+    let server = &state.server;
+    let server_files = match link.call(|s| s.backup_pull_finish(state.snapshot.id)) {
+        Ok(files) => files,
+        Err(e) if is_lost_job(&e) => {
+            log::warn!("pull from {server}: {e}; the copy cannot be checked against it");
+            return Ok(None);
+        }
+        Err(e) => return Err(PullError::at(server)(e)),
+    };
+    if let Err(mismatch) = compare(&entries, &server_files) {
+        return Err(match wipe(dir, state) {
+            Ok(()) => PullError::Backup(format!(
+                "{mismatch}; the pulled files were removed: run the same command again to pull afresh"
+            )),
+            Err(e) => PullError::Backup(format!("{mismatch}; removing the pulled files failed: {e}")),
+        });
+    }
+    Ok(Some(entries))
+}
+
 /// Run a pull; see the module doc.
 pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
     let started = Instant::now();
@@ -411,7 +446,11 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
             })
             .sum();
         bar.set_position(have);
-        match fetch_all(&mut link, dir, &state, bar, &mut fetched)? {
+        let confirmed = match fetch_all(&mut link, dir, &state, bar, &mut fetched)? {
+            Some(entries) => finish(&mut link, dir, &state, entries)?,
+            None => None,
+        };
+        match confirmed {
             Some(entries) => {
                 bar.finish_and_clear();
                 break entries;
@@ -435,17 +474,6 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
         }
     };
     let snap = &state.snapshot;
-    match link.call(|s| s.backup_pull_finish(snap.id)) {
-        Ok(server_files) => compare(&entries, &server_files)?,
-        // The job ended anyway (e.g. the finish was answered but the answer
-        // lost): the local checksums and the verification below still hold.
-        Err(e) if is_lost_job(&e) => log::warn!(
-            "{}: could not release pull job {} ({e}); relying on local checksums",
-            opts.server,
-            snap.id
-        ),
-        Err(e) => return Err(PullError::at(&opts.server)(e)),
-    }
     let repository_id = parse_repository_id(&snap.repository_id)?;
     let state_path = dir.join(STATE_FILE);
     fs::remove_file(&state_path).map_err(io_err(&state_path))?;
@@ -531,6 +559,89 @@ mod tests {
         let back = existing_state(tmp.path()).unwrap().unwrap();
         assert_eq!(back.snapshot, state.snapshot);
         assert_eq!(back.server, "h:1");
+    }
+
+    /// A server on a fresh repository and the options of a pull from it.
+    fn serving(tmp: &Path) -> (crate::server::ServerThread, PullOptions) {
+        let server = crate::server::spawn(crate::server::Config {
+            dir: tmp.join("repo"),
+            listen: "127.0.0.1:0".into(),
+            ..crate::server::Config::default()
+        })
+        .unwrap();
+        let opts = PullOptions {
+            server: server.local_addr().to_string(),
+            to: tmp.join("copy"),
+            rate: None,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        (server, opts)
+    }
+
+    /// What `run` leaves before its first fetch: the marker and the job.
+    fn begin(opts: &PullOptions) -> (Link, PullState) {
+        fs::create_dir_all(&opts.to).unwrap();
+        write_marker(&opts.to, "a pull in a test\n").unwrap();
+        let mut link = Link::new(&opts.server).unwrap();
+        let state = start_job(&mut link, opts).unwrap();
+        (link, state)
+    }
+
+    #[test]
+    fn a_copy_that_does_not_match_the_server_is_removed_and_pulled_afresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        // A pull killed half-way through its largest file...
+        let (mut link, state) = begin(&opts);
+        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
+        assert!(big.size >= 2, "{:?}", state.snapshot.files);
+        let first = link
+            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
+            .unwrap();
+        let mut rx = Receiver::open(&opts.to, &big.path, big.size).unwrap();
+        rx.write(&first).unwrap();
+        drop((rx, link));
+        // ...whose partial file is damaged on disk before it runs again: the
+        // local hash covers the damage, the server's does not.
+        let path = opts.to.join(&big.path);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+
+        let e = run(&opts).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}: BLAKE3", big.path)), "{e}");
+        assert!(e.contains("run the same command again"), "{e}");
+        assert!(!path.exists(), "the damaged copy is removed");
+        assert!(!opts.to.join(MANIFEST_FILE).exists());
+
+        // The job ended at the failed finish: the second run starts over and
+        // seals only what the server confirmed.
+        let again = run(&opts).unwrap();
+        assert!(again.restarted, "{again}");
+        assert_eq!(fs::read(&path).unwrap()[0], first[0]);
+        server.shutdown(true).unwrap();
+    }
+
+    #[test]
+    fn a_pull_whose_finish_went_unseen_is_pulled_again_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        // Every file fetched and the job finished, but the answer lost
+        // (the process killed while it was on its way).
+        let (mut link, state) = begin(&opts);
+        let bar = indicatif::ProgressBar::hidden();
+        let mut fetched = 0;
+        assert!(fetch_all(&mut link, &opts.to, &state, &bar, &mut fetched)
+            .unwrap()
+            .is_some());
+        link.call(|s| s.backup_pull_finish(state.snapshot.id))
+            .unwrap();
+        drop(link);
+
+        let summary = run(&opts).unwrap();
+        assert!(summary.restarted, "{summary}");
+        assert!(summary.fetched > 0, "{summary}");
+        server.shutdown(true).unwrap();
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::actors::failover::{
 use crate::actors::follower::{
     FollowState, FollowerActor, FollowerReport, PrimaryHeard, Resync, StopFollowing,
 };
-use crate::actors::peer_link::{reachable, PeerLink};
+use crate::actors::peer_link::{reachable, LinkError, PeerLink};
 use crate::actors::storage::{
     ApplyRecords, GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode,
     StorageActor,
@@ -553,7 +553,7 @@ impl NodeSupervisor {
                 .await
                 .map_err(|e| e.to_string())?;
             // Fast path: our whole log is a prefix of theirs.
-            if same_record(&storage, &mut link, last).await {
+            if same_record(&storage, &mut link, last).await? {
                 return Ok(None);
             }
             // Highest n < last where both hold the same record. Records
@@ -568,7 +568,7 @@ impl NodeSupervisor {
             let (mut lo, mut hi) = (oldest.saturating_sub(1).min(last), last.saturating_sub(1));
             while lo < hi {
                 let mid = lo + (hi - lo).div_ceil(2);
-                if same_record(&storage, &mut link, mid).await {
+                if same_record(&storage, &mut link, mid).await? {
                     lo = mid;
                 } else {
                     hi = mid - 1;
@@ -1172,25 +1172,39 @@ impl Handler<GetMembers> for NodeSupervisor {
     }
 }
 
-/// Do we and the peer behind `link` hold the same record `n`? (Unknown
-/// counts as different: the caller then looks further back.)
-async fn same_record(storage: &Addr<StorageActor>, link: &mut PeerLink, n: CommitNumber) -> bool {
-    let mine: Option<Hash> = storage
+/// Do we and the peer behind `link` hold the same record `n`? A record
+/// the peer does not hold (beyond its end, trimmed) counts as different:
+/// the caller then looks further back. Anything else that stops the
+/// comparison (the link, a timeout, a failing storage on either side) is an
+/// error, never evidence of divergence: the caller retries.
+async fn same_record(
+    storage: &Addr<StorageActor>,
+    link: &mut PeerLink,
+    n: CommitNumber,
+) -> Result<bool, String> {
+    let mine: Hash = storage
         .send(RecordHashOf { number: n })
         .await
-        .ok()
-        .and_then(|r| r.ok());
-    let theirs = match link
+        .map_err(|e| format!("our storage is gone ({e})"))?
+        .map_err(|e| format!("our record {n}: {e}"))?;
+    match link
         .call(
             RequestBody::RecordHash { number: n },
             Duration::from_secs(5),
         )
         .await
     {
-        Ok((_, ResponseBody::RecordHash { hash, .. })) => Some(hash),
-        _ => None,
-    };
-    matches!((mine, theirs), (Some(a), Some(b)) if a[..] == b[..])
+        Ok((_, ResponseBody::RecordHash { hash, .. })) => Ok(hash[..] == mine[..]),
+        Err(LinkError::Server {
+            error: WireError::BadRequest { .. } | WireError::LogTruncated { .. },
+            ..
+        }) => Ok(false),
+        Ok((_, other)) => Err(format!(
+            "record_hash {n} answered with {}",
+            response_type(&other)
+        )),
+        Err(e) => Err(format!("record_hash {n}: {e}")),
+    }
 }
 
 /// A commit reached this secondary (the seed's rule). Reply `Ok` when this
@@ -1452,7 +1466,7 @@ impl Handler<TakeOverNow> for NodeSupervisor {
                             response_type(&other)
                         ),
                     }),
-                    Err(crate::actors::peer_link::LinkError::Server { error, .. }) => Err(error),
+                    Err(LinkError::Server { error, .. }) => Err(error),
                     Err(e) => Err(WireError::Unavailable {
                         reason: e.to_string(),
                     }),
@@ -1680,3 +1694,7 @@ async fn pull_from_peer(
         last = applied.last;
     }
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

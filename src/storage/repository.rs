@@ -221,6 +221,11 @@ pub struct Repository {
     log_bytes_since_checkpoint: u64,
     last_checkpoint: Instant,
     retain_from: CommitNumber,
+    /// The first record a server started from this process's newest backup
+    /// will pull (its snapshot commit + 1): kept, within `max_log_bytes`,
+    /// so a backup that took long is not useless by the time it is
+    /// started. Not persisted: a restart forgets it.
+    backup_from: CommitNumber,
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
@@ -425,6 +430,7 @@ impl Repository {
             log_bytes_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             retain_from: 1,
+            backup_from: CommitNumber::MAX,
             opts,
             #[cfg(test)]
             crash_before_header: false,
@@ -951,10 +957,13 @@ impl Repository {
     }
 
     fn trim_log(&mut self) -> Result<()> {
-        let keep = self.retain_from.min(token_history_from(
-            self.header.checkpoint,
-            self.opts.max_tokens,
-        ));
+        let keep = self
+            .retain_from
+            .min(self.backup_from)
+            .min(token_history_from(
+                self.header.checkpoint,
+                self.opts.max_tokens,
+            ));
         self.log.remove_before(keep)?;
         // The bound wins over what secondaries asked for.
         while self.log.disk_bytes() > self.opts.max_log_bytes {
@@ -1032,7 +1041,9 @@ impl Repository {
     /// Checkpoint and capture a consistent view; `scratch` receives a copy of
     /// the index made at that instant. Every other file of the snapshot is a
     /// prefix that later commits never rewrite, so it may be copied while
-    /// commits go on.
+    /// commits go on. From then on the log is kept from the snapshot's
+    /// commit on (within `max_log_bytes`), whatever secondaries need, so a
+    /// server started from the backup can catch up.
     pub fn snapshot(&mut self, scratch: &Path) -> Result<Snapshot> {
         self.checkpoint()?;
         fs::create_dir_all(scratch)
@@ -1070,6 +1081,7 @@ impl Repository {
                 });
             }
         }
+        self.backup_from = self.header.checkpoint + 1;
         Ok(Snapshot {
             commit: self.header.checkpoint,
             repository_id: self.header.repository_id,

@@ -538,6 +538,40 @@ fn tokens_of_checkpointed_commits_survive_a_crash() {
 }
 
 #[test]
+fn the_log_a_backup_needs_to_catch_up_is_kept_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RepoOptions {
+        segment_bytes: 2048,
+        max_log_bytes: 64 * 1024,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&dir.path().join("r"), 1, "a:1", opts).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    let snap = repo.snapshot(&dir.path().join("scratch")).unwrap();
+    // Commits go on while the backup is copied; the secondaries hold them
+    // all, so they alone would let every checkpointed record go.
+    for i in 0..300 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.retain_from(u64::MAX).unwrap();
+    repo.checkpoint().unwrap();
+    let got = repo.read_records(snap.commit + 1, 10, 1 << 20).unwrap();
+    assert_eq!(got.len(), 10, "a server started from the backup catches up");
+
+    // The bound still wins: a backup never makes the log grow without end.
+    for i in 0..3000 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.checkpoint().unwrap();
+    assert!(repo.log_disk_bytes() <= 64 * 1024 + 2048);
+    assert!(matches!(
+        repo.read_records(snap.commit + 1, 10, 1 << 20),
+        Err(StorageError::LogTruncated { .. })
+    ));
+}
+
+#[test]
 fn catch_up_reads_report_a_truncated_log() {
     let dir = tempfile::tempdir().unwrap();
     let opts = RepoOptions {

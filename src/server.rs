@@ -27,8 +27,8 @@ use crate::actors::backup::Pacing;
 use crate::actors::broadcast::{LinkSettings, SYNC_IN_FLIGHT};
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
-    BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Listener, Outcome,
-    RequestShutdown, SessionEnv, SessionSettings, StorageActor,
+    BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Identity, Listener,
+    Outcome, RequestShutdown, SessionEnv, SessionSettings, StorageActor,
 };
 use crate::protocol::codec::DEFAULT_MAX_FRAME;
 use crate::protocol::ReplicateAck;
@@ -182,6 +182,9 @@ pub struct Server {
     role: &'static str,
     stop: ShutdownHandle,
     outcome: oneshot::Receiver<Outcome>,
+    /// Tests hold the storage thread through it.
+    #[cfg(test)]
+    storage: Addr<StorageActor>,
 }
 
 impl Server {
@@ -215,9 +218,13 @@ impl Server {
             segment_bytes: config.log_segment_bytes,
             ..RepoOptions::default()
         };
-        let repo = actix_rt::task::spawn_blocking(move || open_or_create(&dir, &addr, opts))
-            .await
-            .map_err(|e| anyhow!("opening the repository panicked: {e}"))??;
+        let (repo, identity) = actix_rt::task::spawn_blocking(move || {
+            let mut repo = open_or_create(&dir, &addr, opts)?;
+            let identity = Identity::of(&mut repo)?;
+            anyhow::Ok((repo, identity))
+        })
+        .await
+        .map_err(|e| anyhow!("opening the repository panicked: {e}"))??;
         let info = repo.info();
         let role = if info.restore_mode {
             "restore"
@@ -227,7 +234,10 @@ impl Server {
 
         let (applied_tx, applied_rx) = watch::channel(info.last_commit);
         let (state_tx, state_rx) = watch::channel(ServerState::starting());
-        let storage = StorageActor::start(repo, applied_tx);
+        let (identity_tx, identity_rx) = watch::channel(identity);
+        let storage = StorageActor::start(repo, applied_tx, identity_tx);
+        #[cfg(test)]
+        let storage_for_tests = storage.clone();
         let (durable_tx, durable_rx) = watch::channel(info.last_commit);
         let log = CommitLogActor::start(durable_tx);
         let link_settings = LinkSettings {
@@ -303,6 +313,7 @@ impl Server {
                 settings,
                 node: node.clone(),
                 state: state_rx,
+                identity: identity_rx,
                 flusher: log,
             });
             let listener = Listener::new(socket, local_addr, env).start();
@@ -329,6 +340,8 @@ impl Server {
                 controller: controller.recipient(),
             },
             outcome,
+            #[cfg(test)]
+            storage: storage_for_tests,
         };
         info!("{}", server.ready_line());
         Ok(server)
@@ -477,6 +490,17 @@ pub struct ServerThread {
     repository_id: RepositoryId,
     stop: ShutdownHandle,
     thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    #[cfg(test)]
+    storage: Addr<StorageActor>,
+}
+
+/// What a started server thread reports back.
+struct Started {
+    local_addr: SocketAddr,
+    repository_id: RepositoryId,
+    stop: ShutdownHandle,
+    #[cfg(test)]
+    storage: Addr<StorageActor>,
 }
 
 impl ServerThread {
@@ -516,11 +540,13 @@ pub fn spawn(config: Config) -> anyhow::Result<ServerThread> {
             System::new().block_on(async move {
                 match Server::start(config).await {
                     Ok(server) => {
-                        let _ = tx.send(Ok((
-                            server.local_addr(),
-                            server.repository_id(),
-                            server.shutdown_handle(),
-                        )));
+                        let _ = tx.send(Ok(Started {
+                            local_addr: server.local_addr(),
+                            repository_id: server.repository_id(),
+                            stop: server.shutdown_handle(),
+                            #[cfg(test)]
+                            storage: server.storage.clone(),
+                        }));
                         server.wait().await
                     }
                     Err(e) => {
@@ -531,14 +557,16 @@ pub fn spawn(config: Config) -> anyhow::Result<ServerThread> {
                 }
             })
         })?;
-    let (local_addr, repository_id, stop) = rx
+    let started = rx
         .recv()
         .map_err(|_| anyhow!("the server thread ended before starting"))??;
     Ok(ServerThread {
-        local_addr,
-        repository_id,
-        stop,
+        local_addr: started.local_addr,
+        repository_id: started.repository_id,
+        stop: started.stop,
         thread,
+        #[cfg(test)]
+        storage: started.storage,
     })
 }
 

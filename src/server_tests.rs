@@ -693,3 +693,39 @@ fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
     }
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn hellos_are_answered_while_the_storage_thread_is_busy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    // The storage thread held, as by a long digest or snapshot.
+    let (holding_tx, holding) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    server.storage.do_send(crate::actors::storage::Hold {
+        holding: holding_tx,
+        release: release_rx,
+    });
+    holding
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the storage thread holds");
+    // A secondary's ping (a peer hello) must come back, or it would take
+    // this live primary for dead and promote itself; clients learn the
+    // node the same way.
+    for role in [SessionRole::Peer, SessionRole::Application] {
+        let mut c = Conn::raw(server.local_addr());
+        match c.call(hello(role, PROTOCOL_VERSION)).body {
+            ResponseBody::Hello {
+                role: ServerRole::Primary,
+                node,
+                ..
+            } => assert_eq!(node.members.len(), 1),
+            other => panic!("hello: {other:?}"),
+        }
+        match c.call(RequestBody::GetNode).body {
+            ResponseBody::Node { node, .. } => assert_eq!(node.members.len(), 1),
+            other => panic!("node: {other:?}"),
+        }
+    }
+    drop(release);
+    server.shutdown(true).unwrap();
+}

@@ -63,7 +63,7 @@ pub use coordinator::{Acknowledged, CommitCoordinator, Drain, NoteReplicated, Su
 pub use flush_policy::{FlushPolicy, FlushPolicyError};
 pub use listener::{Listener, SessionClosed, StopAccepting};
 pub use session::{Session, SessionEnv, SessionSettings};
-pub use storage::{CommitReply, StorageActor};
+pub use storage::{CommitReply, Identity, StorageActor};
 
 /// Publish `number` on a commit-number channel if it is newer: readers
 /// never see the number go back, and are not woken for an older one.

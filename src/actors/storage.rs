@@ -11,6 +11,11 @@
 //! actor) and is how sessions stamp every response with the server's commit
 //! and wait for a required progress, without a message round trip.
 //!
+//! It also publishes this server's [`Identity`] (ids, restore mode, epoch,
+//! node) after every change, so a hello is answered without waiting for
+//! this thread: a long digest or snapshot must never make a live primary
+//! look dead to a secondary's orphan check.
+//!
 //! Callers: the `CommitCoordinator` (commits), sessions (reads), the
 //! `Controller` (checkpoints, close).
 
@@ -28,28 +33,58 @@ use crate::storage::{
     Anchor, CommitRequest, Committed, LogSync, RepoInfo, Repository, StorageError, StoredObject,
     Unwritten,
 };
-use crate::types::{CommitNumber, Epoch, Hash, Oid};
+use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// What a hello or a `node` request says about this server; published by
+/// the [`StorageActor`] whenever it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub server_id: u64,
+    pub repository_id: RepositoryId,
+    pub restore_mode: bool,
+    pub epoch: Epoch,
+    pub node: Node,
+}
+
+impl Identity {
+    pub fn of(repo: &mut Repository) -> Result<Identity> {
+        let info = repo.info();
+        Ok(Identity {
+            server_id: info.server_id,
+            repository_id: info.repository_id,
+            restore_mode: info.restore_mode,
+            epoch: info.epoch,
+            node: repo.anchor_ref()?.node.clone(),
+        })
+    }
+}
 
 /// Owns the repository; see the module doc.
 pub struct StorageActor {
     /// `None` once closed: the directory lock is released on close.
     repo: Option<Repository>,
     commits: watch::Sender<CommitNumber>,
+    identity: watch::Sender<Identity>,
 }
 
 impl StorageActor {
     /// Start the actor on its own thread with `repo`, publishing applied
-    /// commit numbers on `commits`.
-    pub fn start(repo: Repository, commits: watch::Sender<CommitNumber>) -> Addr<StorageActor> {
+    /// commit numbers on `commits` and changes of its [`Identity`] on
+    /// `identity` (which starts as [`Identity::of`] the repository).
+    pub fn start(
+        repo: Repository,
+        commits: watch::Sender<CommitNumber>,
+        identity: watch::Sender<Identity>,
+    ) -> Addr<StorageActor> {
         commits.send_replace(repo.info().last_commit);
         // The arbiter's factory is `Fn`; the repository can only be handed
         // over once. A sync actor is never restarted by this server, so the
         // factory runs exactly once.
-        let slot = Mutex::new(Some((repo, commits)));
+        let slot = Mutex::new(Some((repo, commits, identity)));
         SyncArbiter::start(1, move || {
-            let (repo, commits) = slot
+            let (repo, commits, identity) = slot
                 .lock()
                 .expect("storage hand-over lock")
                 .take()
@@ -57,6 +92,7 @@ impl StorageActor {
             StorageActor {
                 repo: Some(repo),
                 commits,
+                identity,
             }
         })
     }
@@ -71,6 +107,32 @@ impl StorageActor {
 
     fn publish(&self, number: CommitNumber) {
         crate::actors::publish_newer(&self.commits, number);
+    }
+
+    /// Publish the identity if a handler changed it (a node change, a new
+    /// epoch, restore mode). Cheap when nothing changed: no clone.
+    fn publish_identity(&mut self) {
+        let Some(repo) = self.repo.as_mut() else {
+            return;
+        };
+        let info = repo.info();
+        let node = match repo.anchor_ref() {
+            Ok(a) => &a.node,
+            Err(e) => {
+                error!("cannot read the node to publish it: {e}");
+                return;
+            }
+        };
+        self.identity.send_if_modified(|cur| {
+            if cur.epoch == info.epoch && cur.restore_mode == info.restore_mode && cur.node == *node
+            {
+                return false;
+            }
+            cur.epoch = info.epoch;
+            cur.restore_mode = info.restore_mode;
+            cur.node = node.clone();
+            true
+        });
     }
 
     /// The object `oid` first, then objects reachable from it through at
@@ -207,6 +269,7 @@ impl Handler<CommitBatch> for StorageActor {
         if let Err(e) = &written {
             error!("writing a batch of commits to the log failed: {e}");
         }
+        self.publish_identity();
         let results: Vec<Result<CommitReply>> = unwritten
             .into_iter()
             .map(|r| match (r?, &written) {
@@ -380,6 +443,7 @@ impl Handler<ApplyRecords> for StorageActor {
         let sync = repo.log_sync()?;
         let after = repo.anchor()?.node;
         self.publish(last);
+        self.publish_identity();
         applied?;
         let flushing = match (msg.flush, &sync) {
             (Some(flusher), Some(sync)) => Some(flusher.send(Flush { sync: sync.clone() })),
@@ -490,7 +554,9 @@ impl Handler<SetRestoreMode> for StorageActor {
     type Result = Result<(), StorageError>;
 
     fn handle(&mut self, msg: SetRestoreMode, _: &mut SyncContext<Self>) -> Self::Result {
-        self.repo_mut()?.set_restore_mode(msg.on)
+        let done = self.repo_mut()?.set_restore_mode(msg.on);
+        self.publish_identity();
+        done
     }
 }
 
@@ -611,6 +677,27 @@ impl Handler<GetAnchor> for StorageActor {
 
     fn handle(&mut self, _: GetAnchor, _: &mut SyncContext<Self>) -> Self::Result {
         self.repo_mut()?.anchor()
+    }
+}
+
+/// Keep the storage thread busy until `release` yields (or is dropped),
+/// after saying so on `holding`: what a long digest or snapshot does.
+/// Sender: tests.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Hold {
+    pub holding: crossbeam_channel::Sender<()>,
+    pub release: crossbeam_channel::Receiver<()>,
+}
+
+#[cfg(test)]
+impl Handler<Hold> for StorageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Hold, _: &mut SyncContext<Self>) {
+        let _ = msg.holding.send(());
+        let _ = msg.release.recv_timeout(std::time::Duration::from_secs(60));
     }
 }
 

@@ -66,6 +66,9 @@ pub struct ServerState {
     pub primary: Option<NodeAddr>,
     /// Why a secondary stopped following, for status and logs.
     pub note: Option<String>,
+    /// Nothing published yet: the supervisor is still reading the node to
+    /// decide this server's role.
+    pub starting: bool,
 }
 
 impl ServerState {
@@ -74,6 +77,7 @@ impl ServerState {
             role: ServerRole::Restore,
             primary: None,
             note: None,
+            starting: true,
         }
     }
 }
@@ -145,6 +149,7 @@ impl NodeSupervisor {
                 role,
                 primary,
                 note,
+                starting: false,
             };
             let changed = *s != new;
             if changed {

@@ -20,7 +20,8 @@ fn storage_with_one_commit(dir: &std::path::Path) -> Addr<StorageActor> {
         ..Default::default()
     })
     .unwrap();
-    StorageActor::start(repo, watch::channel(0).0)
+    let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
+    StorageActor::start(repo, watch::channel(0).0, watch::channel(identity).0)
 }
 
 #[actix_rt::test]

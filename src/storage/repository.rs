@@ -889,15 +889,18 @@ impl Repository {
     }
 
     pub fn anchor(&mut self) -> Result<Anchor> {
-        if let Some(a) = &self.anchor {
-            return Ok(a.clone());
+        self.anchor_ref().cloned()
+    }
+
+    /// The anchor, decoded once and kept until a commit changes it.
+    pub fn anchor_ref(&mut self) -> Result<&Anchor> {
+        if self.anchor.is_none() {
+            let obj = self
+                .get(ROOT_ANCHOR)?
+                .ok_or_else(|| StorageError::Corrupted("the root anchor is missing".into()))?;
+            self.anchor = Some(Anchor::decode(&obj.value)?);
         }
-        let obj = self
-            .get(ROOT_ANCHOR)?
-            .ok_or_else(|| StorageError::Corrupted("the root anchor is missing".into()))?;
-        let a = Anchor::decode(&obj.value)?;
-        self.anchor = Some(a.clone());
-        Ok(a)
+        Ok(self.anchor.as_ref().expect("the anchor was just decoded"))
     }
 
     /// Record bodies from `from` on, at most `max_count` records and about

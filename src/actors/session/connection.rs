@@ -71,6 +71,9 @@ pub struct SessionEnv {
     pub node: Addr<crate::actors::supervisor::NodeSupervisor>,
     /// Role and primary, published by the `NodeSupervisor`.
     pub state: watch::Receiver<crate::actors::supervisor::ServerState>,
+    /// Ids, restore mode, epoch and node, published by the `StorageActor`:
+    /// a hello never waits for the storage thread.
+    pub identity: watch::Receiver<crate::actors::storage::Identity>,
     /// Makes replicated records durable before they are acknowledged
     /// (`ack: durable`).
     pub flusher: Addr<crate::actors::commit_log::CommitLogActor>,

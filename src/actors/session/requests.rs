@@ -6,6 +6,7 @@
 //! also reported to the `Controller`, which stops the server.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
@@ -15,8 +16,8 @@ use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_obj
 use crate::actors::coordinator::{NoteReplicated, SubmitCommit};
 use crate::actors::session::connection::SessionEnv;
 use crate::actors::storage::{
-    is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetAnchor,
-    GetInfo, GetMeta, ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
+    is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetInfo, GetMeta,
+    ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
 };
 use crate::actors::supervisor::{
     CommitAtSecondary, Complaint, FollowPrimary, GetMembers, HandOverTo, Leave, NeedResync,
@@ -27,7 +28,7 @@ use crate::protocol::{
     CommitBody, MemberStatus, ReplicateAck, ResponseBody, ServerRole, StatusReport, WireError,
     PROTOCOL_VERSION,
 };
-use crate::storage::{RepoInfo, StorageError};
+use crate::storage::StorageError;
 use crate::types::{hex, CommitNumber, Epoch, Oid};
 
 type Answer = Result<ResponseBody, WireError>;
@@ -82,34 +83,50 @@ async fn reach(env: &SessionEnv, required: Option<CommitNumber>) -> Result<(), W
 
 /// The role the `NodeSupervisor` publishes; before it has (start-up), what
 /// the repository itself says.
-fn server_role(env: &SessionEnv, info: &RepoInfo) -> ServerRole {
+fn server_role(env: &SessionEnv, restore_mode: bool) -> ServerRole {
     let state = env.state.borrow();
-    match (state.role, info.restore_mode) {
+    match (state.role, restore_mode) {
         (ServerRole::Restore, false) => ServerRole::Primary,
         (role, _) => role,
     }
 }
 
+/// Until the supervisor has decided this server's role (it reads the node
+/// at start), no role we could name is true: wait for it, boundedly.
+async fn role_decided(env: &SessionEnv) {
+    let mut state = env.state.clone();
+    let decided = tokio::time::timeout(ROLE_WAIT, state.wait_for(|s| !s.starting)).await;
+    if decided.is_err() {
+        log::warn!("no role decided {ROLE_WAIT:?} after start; answering as the repository says");
+    }
+}
+
+/// How long a hello at start-up waits for the role.
+const ROLE_WAIT: Duration = Duration::from_secs(10);
+
+/// Answered from the published identity, never through the storage thread:
+/// peers take a hello that does not come within their ping timeout for a
+/// dead server (see the `storage` module doc).
 pub(super) async fn hello(env: Arc<SessionEnv>) -> Answer {
-    let info = ask(&env, GetInfo).await?;
-    let anchor = ask(&env, GetAnchor).await?;
+    role_decided(&env).await;
+    let id = env.identity.borrow().clone();
     Ok(ResponseBody::Hello {
         protocol_version: PROTOCOL_VERSION,
-        server_id: info.server_id,
-        repository_id: info.repository_id.to_string(),
-        role: server_role(&env, &info),
-        node: anchor.node,
-        epoch: info.epoch,
+        server_id: id.server_id,
+        repository_id: id.repository_id.to_string(),
+        role: server_role(&env, id.restore_mode),
+        node: id.node,
+        epoch: id.epoch,
     })
 }
 
 pub(super) async fn node(env: Arc<SessionEnv>) -> Answer {
-    let info = ask(&env, GetInfo).await?;
-    let anchor = ask(&env, GetAnchor).await?;
+    role_decided(&env).await;
+    let id = env.identity.borrow().clone();
     Ok(ResponseBody::Node {
-        node: anchor.node,
-        epoch: info.epoch,
-        role: server_role(&env, &info),
+        role: server_role(&env, id.restore_mode),
+        node: id.node,
+        epoch: id.epoch,
     })
 }
 
@@ -230,7 +247,7 @@ pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
 
 pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
     let info = ask(&env, GetInfo).await?;
-    let role = server_role(&env, &info);
+    let role = server_role(&env, info.restore_mode);
     let mut members: Vec<MemberStatus> = env
         .node
         .send(GetMembers)

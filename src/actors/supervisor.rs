@@ -1389,6 +1389,13 @@ impl Handler<HandOverTo> for NodeSupervisor {
                 act.changing_role = false;
                 if let Ok(last) = &res {
                     info!("handed over at commit {last}: following {}", target.addr);
+                    // The node the new primary is about to commit, adopted
+                    // now: should it die before committing it, a commit
+                    // reaching this server pings it, finds it gone, and this
+                    // server (its successor) takes the node back. Without
+                    // this, our node named us primary, we followed a dead
+                    // server and the node had no primary at all.
+                    act.node = swapped_node(&act.node, target.server_id);
                     act.step_down(ServerRole::Secondary, Some(target.addr.clone()), None);
                     act.parts.commits.do_send(Pause { on: false });
                     let storage = act.parts.storage.clone();
@@ -1491,6 +1498,12 @@ impl Handler<TakeOverNow> for NodeSupervisor {
                         })))
                     }
                     Ok(_) => {
+                        if std::env::var_os("MAGMA_FAULT_EXIT_AFTER_HAND_OVER").is_some() {
+                            // Test hook: die between the hand-over and the
+                            // promotion, like a kill -9 at the worst moment.
+                            error!("MAGMA_FAULT_EXIT_AFTER_HAND_OVER: exiting");
+                            std::process::exit(137);
+                        }
                         let node = swapped_node(&act.node, act.server_id);
                         act.promote(node, "take-over requested by the operator")
                     }

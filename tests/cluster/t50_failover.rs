@@ -421,3 +421,60 @@ fn t50_an_asynchronous_take_over_waits_until_the_secondary_holds_everything_dura
     wait_for_members(&a2, &[&a2, &a1], JOIN);
     stop_floods_and_verify(&mut floods, &[&a2, &a1], "across the take-over");
 }
+
+#[test]
+fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
+    let mut c = Cluster::new();
+    let s1 = c.add_server("s1", &[]);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("b2");
+    backup(&a1, &b);
+    let s2 = c.add_server_on("s2", &b, &[]);
+    // Test hook: server2 exits between the hand-over and its promotion.
+    c.servers[s2]
+        .env
+        .push(("MAGMA_FAULT_EXIT_AFTER_HAND_OVER".into(), "1".into()));
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let dir = c.root.path().to_path_buf();
+
+    phase!("take-over on server2 under flood; server2 dies once handed over");
+    let mut floods = vec![Flood::start(
+        &dir,
+        &[a1.as_str(), a2.as_str()],
+        "d",
+        &["--duration", "120"],
+    )];
+    wait_until(Duration::from_secs(30), "flood under way", || {
+        (floods[0].acked().len() >= 200).then_some(())
+    });
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["take-over", "--server", &a2])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "server2 died before taking over");
+    let end = c.servers[s2].wait_exit(Duration::from_secs(30));
+    assert_eq!(end.code(), Some(137), "the hook ended server2");
+
+    phase!("a commit reaching server1 finds the new primary gone: server1 takes the node back");
+    stop_or_move_on(&mut floods, Duration::from_secs(60));
+    let number = wait_until(Duration::from_secs(60), "a commit to succeed", || {
+        let mut s = Session::connect(&[a1.as_str(), a2.as_str()]).ok()?;
+        s.commit(|tx| {
+            tx.set_meta("probe", Some(&"after the failed take-over"));
+        })
+        .ok()
+        .map(|c| c.number)
+    });
+    assert_eq!(role(&a1), ServerRole::Primary);
+    assert!(number > 200);
+    verify_flood(&dump(&a1, "d"), "d", &floods[0].acked(), 1);
+
+    phase!("server2, restarted without the hook, rejoins server1");
+    c.servers[s2].env.clear();
+    c.servers[s2].start();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(60));
+}

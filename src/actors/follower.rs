@@ -183,7 +183,11 @@ impl FollowerActor {
             }
             Ok((link, (_, other))) => {
                 act.busy = false;
-                warn!("catch-up from {}: unexpected answer {other:?}", act.primary);
+                warn!(
+                    "catch-up from {}: unexpected answer, a `{}` response",
+                    act.primary,
+                    crate::client::response_type(&other)
+                );
                 drop(link);
                 act.retry(Duration::from_millis(500));
             }

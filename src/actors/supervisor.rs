@@ -591,7 +591,8 @@ impl NodeSupervisor {
                     .into_actor(act)
                     .map(move |res, act, ctx| match res {
                         Ok(Ok(())) => act.start_following(p, ctx),
-                        other => error!("cannot enter restore mode to rejoin: {other:?}"),
+                        Ok(Err(e)) => error!("cannot enter restore mode to rejoin: {e}"),
+                        Err(e) => error!("cannot enter restore mode to rejoin: {e}"),
                     })
                     .spawn(ctx);
             }
@@ -1404,8 +1405,11 @@ impl Handler<HandOverTo> for NodeSupervisor {
                         .into_actor(act)
                         .map(move |r, act, ctx| match r {
                             Ok(Ok(())) => act.start_following(to, ctx),
-                            other => {
-                                error!("cannot enter restore mode after handing over: {other:?}")
+                            Ok(Err(e)) => {
+                                error!("cannot enter restore mode after handing over: {e}")
+                            }
+                            Err(e) => {
+                                error!("cannot enter restore mode after handing over: {e}")
                             }
                         })
                         .spawn(ctx);
@@ -1670,7 +1674,10 @@ async fn pull_from_peer(
         let records = match link.call(req, Duration::from_secs(5)).await {
             Ok((_, ResponseBody::Records { records, .. })) => records,
             Ok((_, other)) => {
-                warn!("pulling from {peer} before promoting: unexpected answer {other:?}");
+                warn!(
+                    "pulling from {peer} before promoting: unexpected answer, a `{}` response",
+                    response_type(&other)
+                );
                 return;
             }
             Err(e) => {

@@ -698,7 +698,9 @@ fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
 fn hellos_are_answered_while_the_storage_thread_is_busy() {
     let tmp = tempfile::tempdir().unwrap();
     let server = spawn(config(tmp.path())).unwrap();
-    // The storage thread held, as by a long digest or snapshot.
+    // Once the server has decided its role (a hello waits for that)...
+    Conn::open(server.local_addr(), SessionRole::Application);
+    // ...the storage thread held, as by a long digest or snapshot.
     let (holding_tx, holding) = crossbeam_channel::bounded(1);
     let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
     server.storage.do_send(crate::actors::storage::Hold {
@@ -713,6 +715,11 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
     // node the same way.
     for role in [SessionRole::Peer, SessionRole::Application] {
         let mut c = Conn::raw(server.local_addr());
+        // Well within a secondary's patience, and below the 10 s a hello
+        // waits at start-up for a role: the answer must not come from that.
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         match c.call(hello(role, PROTOCOL_VERSION)).body {
             ResponseBody::Hello {
                 role: ServerRole::Primary,

@@ -25,8 +25,21 @@ pub const LOG_DIR: &str = "log";
 const SEGMENT_MAGIC: &[u8; 8] = b"MAGLOG01";
 const SEGMENT_HEAD_LEN: u64 = 16;
 const RECORD_PREFIX: u64 = 8;
-/// A record larger than this is not a record but garbage (a torn length).
-const MAX_RECORD: u64 = 1 << 30;
+/// A record larger than this is not a record but garbage (a torn length);
+/// commits that would make a larger record are refused before they are
+/// logged.
+pub const MAX_RECORD: u64 = 1 << 30;
+/// Read back, a record length beyond [`MAX_RECORD`] is taken for a torn
+/// tail and cut: never log what start-up would throw away.
+fn check_record_len(len: usize) -> Result<()> {
+    if len == 0 || len as u64 > MAX_RECORD {
+        return Err(StorageError::Invalid(format!(
+            "a commit record of {len} bytes is over the {MAX_RECORD}-byte limit"
+        )));
+    }
+    Ok(())
+}
+
 /// The current segment is kept zero-filled this far ahead of its records:
 /// overwriting allocated zeros lets fdatasync skip the file-size update,
 /// about a third faster per commit on the development machine.
@@ -470,6 +483,7 @@ impl CommitLog {
     /// bytes reach the file at the next `write_pending`, sync, read or roll.
     pub fn append_buffered(&mut self, number: CommitNumber, body: &[u8]) -> Result<()> {
         debug_assert_eq!(number, self.last + 1);
+        check_record_len(body.len())?;
         let need_new = match self.segments.last() {
             None => true,
             Some(s) => {
@@ -776,6 +790,17 @@ mod tests {
             },
         }
         .encode()
+    }
+
+    #[test]
+    fn only_records_start_up_would_read_back_are_logged() {
+        // Start-up cuts a length beyond MAX_RECORD as a torn tail: such a
+        // record, once acknowledged, would be lost silently.
+        let e = check_record_len(MAX_RECORD as usize + 1).unwrap_err();
+        assert!(e.to_string().contains("over the"), "{e}");
+        assert!(!e.is_fatal(), "refused like any bad request");
+        check_record_len(MAX_RECORD as usize).unwrap();
+        check_record_len(0).unwrap_err();
     }
 
     /// Write records 1..=n; returns their bodies and where the last

@@ -20,6 +20,9 @@ use crate::storage::error::{Result, StorageError};
 use crate::storage::sync::SyncTarget;
 use crate::types::Oid;
 
+/// Longest class name an object record holds (its length is a u16).
+pub const MAX_CLASS_LEN: usize = u16::MAX as usize;
+
 pub const OBJECTS_FILE: &str = "objects.dat";
 pub const COLL_DIR: &str = "coll";
 const MAX_OPEN_COLLECTIONS: usize = 256;
@@ -118,7 +121,7 @@ impl ObjectFile {
 
     /// Append a record; returns its offset.
     pub fn append(&mut self, oid: Oid, version: u64, class: &str, value: &[u8]) -> Result<u64> {
-        if class.len() > u16::MAX as usize {
+        if class.len() > MAX_CLASS_LEN {
             return Err(StorageError::Invalid(format!(
                 "class name of {} bytes is too long",
                 class.len()

@@ -26,7 +26,7 @@ use crate::storage::object::{
     ANCHOR_CLASS, COLLECTION_CLASS, REF_EXT,
 };
 use crate::storage::object_store::{
-    dat_path, idx_path, Collections, ObjectFile, COLL_DIR, OBJECTS_FILE,
+    dat_path, idx_path, Collections, ObjectFile, COLL_DIR, MAX_CLASS_LEN, OBJECTS_FILE,
 };
 use crate::storage::record::{CommitRecord, Op, Payload, RecordHead, GENESIS_HASH};
 use crate::types::{
@@ -278,6 +278,17 @@ struct Plan {
 /// The first record whose idempotency token must survive a restart: the
 /// last `max_tokens` records up to `checkpoint` (the ones after it are
 /// replayed anyway). The log keeps them, within `max_log_bytes`.
+/// A class name an object record can hold.
+fn check_class(class: &str) -> Result<()> {
+    if class.len() > MAX_CLASS_LEN {
+        return Err(StorageError::Invalid(format!(
+            "class name of {} bytes is over the {MAX_CLASS_LEN}-byte limit",
+            class.len()
+        )));
+    }
+    Ok(())
+}
+
 fn token_history_from(checkpoint: CommitNumber, max_tokens: usize) -> CommitNumber {
     (checkpoint + 1).saturating_sub(max_tokens as u64).max(1)
 }
@@ -534,6 +545,7 @@ impl Repository {
                     "class {ANCHOR_CLASS} is reserved for the root anchor"
                 )));
             }
+            check_class(&n.class)?;
             if temp_to_oid.insert(n.temp_id, next).is_some() {
                 return Err(StorageError::Invalid(format!(
                     "temporary id {} is used by two new objects",
@@ -556,6 +568,7 @@ impl Repository {
                     p.oid
                 )));
             }
+            check_class(&p.class)?;
             if p.class == COLLECTION_CLASS || p.class == ANCHOR_CLASS {
                 return Err(StorageError::Invalid(format!(
                     "class {} is reserved",
@@ -686,8 +699,25 @@ impl Repository {
         let body = record.encode();
         self.log.append_buffered(record.number, &body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
-        self.apply_decoded(&record)?;
+        self.apply_logged(&record)?;
         Ok((record.number, Arc::new(body)))
+    }
+
+    /// Apply a record already in the log. `plan` (or the primary that sent
+    /// the record) checked everything an operation can refuse, so a failure
+    /// here leaves a logged record half applied: fatal, so that nothing
+    /// after it is acknowledged.
+    fn apply_logged(&mut self, record: &CommitRecord) -> Result<()> {
+        self.apply_decoded(record).map_err(|e| {
+            if e.is_fatal() {
+                e
+            } else {
+                StorageError::Corrupted(format!(
+                    "record {} is logged but could not be applied: {e}",
+                    record.number
+                ))
+            }
+        })
     }
 
     /// Apply a record received from the primary (body bytes as logged there):
@@ -730,7 +760,7 @@ impl Repository {
         let record = CommitRecord::decode(body)?;
         self.log.append_buffered(record.number, body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
-        self.apply_decoded(&record)
+        self.apply_logged(&record)
     }
 
     /// Apply a record's operations. Deterministic and, because every

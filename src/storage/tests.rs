@@ -572,6 +572,46 @@ fn the_log_a_backup_needs_to_catch_up_is_kept_within_the_bound() {
 }
 
 #[test]
+fn a_commit_refused_for_a_long_class_name_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("repo");
+    let mut repo = new_repo(dir.path());
+    let before = repo.info();
+    let long = "C".repeat(70_000);
+    let e = repo
+        .commit(CommitRequest {
+            news: vec![
+                NewRequest {
+                    temp_id: 1,
+                    class: "A".into(),
+                    value: s("kept?"),
+                },
+                NewRequest {
+                    temp_id: 2,
+                    class: long,
+                    value: s("too long a class"),
+                },
+            ],
+            token: Some(b"tok".to_vec()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Invalid(_)), "{e:?}");
+    assert!(e.to_string().contains("class name"), "{e}");
+    // Not logged, not half applied: object "A" would have been next_oid.
+    let after = repo.info();
+    assert_eq!(after.last_commit, before.last_commit);
+    assert_eq!(after.next_oid, before.next_oid);
+    assert!(repo.get(before.next_oid).unwrap().is_none());
+    assert_eq!(repo.token_commit(b"tok"), None);
+    // ... and the repository still opens after a crash.
+    repo.sync().unwrap();
+    drop(repo);
+    let repo = Repository::open(&path).unwrap();
+    assert_eq!(repo.info().last_commit, before.last_commit);
+}
+
+#[test]
 fn catch_up_reads_report_a_truncated_log() {
     let dir = tempfile::tempdir().unwrap();
     let opts = RepoOptions {

@@ -46,6 +46,9 @@ pub struct CommitLogActor {
     /// one on disk at start, then the highest an fsync covered. A channel,
     /// not a message, so status answers even while an fsync hangs.
     durable: Option<watch::Sender<CommitNumber>>,
+    /// Test hook (`MAGMA_FAULT_HANG_FSYNC_FROM=N`): the fsync that would
+    /// make commit N durable never returns, like a hung disk.
+    hang_from: Option<CommitNumber>,
 }
 
 impl CommitLogActor {
@@ -54,8 +57,12 @@ impl CommitLogActor {
     /// when the repository was opened).
     pub fn start(durable: watch::Sender<CommitNumber>) -> Addr<CommitLogActor> {
         let thread = Arbiter::new();
+        let hang_from = std::env::var("MAGMA_FAULT_HANG_FSYNC_FROM")
+            .ok()
+            .and_then(|v| v.parse().ok());
         CommitLogActor::start_in_arbiter(&thread.handle(), move |_| CommitLogActor {
             durable: Some(durable),
+            hang_from,
             ..CommitLogActor::default()
         })
     }
@@ -118,6 +125,12 @@ impl Handler<Flush> for CommitLogActor {
     type Result = std::io::Result<CommitNumber>;
 
     fn handle(&mut self, msg: Flush, _: &mut Context<Self>) -> Self::Result {
+        if self.hang_from.is_some_and(|n| msg.sync.upto() >= n) {
+            log::error!("MAGMA_FAULT_HANG_FSYNC_FROM: the fsync hangs");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         self.flush(msg.sync)
     }
 }

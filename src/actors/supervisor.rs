@@ -54,7 +54,9 @@ use crate::actors::storage::{
     StorageActor,
 };
 use crate::client::response_type;
-use crate::protocol::{MemberStatus, RequestBody, ResponseBody, ServerRole, WireError};
+use crate::protocol::{
+    MemberStatus, ReplicateAck, RequestBody, ResponseBody, ServerRole, WireError,
+};
 use crate::storage::CommitRequest;
 use crate::types::{CommitNumber, Epoch, Hash, Member, MemberRole, Node, NodeAddr};
 
@@ -265,8 +267,8 @@ impl NodeSupervisor {
         self.commit_node(node, format!("removed {} ({why})", member.addr), ctx);
     }
 
-    /// Verify a member reported in trouble: remove it only if we cannot
-    /// reach it either.
+    /// Verify a member reported in trouble: remove it only if it does not
+    /// make progress for us either.
     fn check_member(
         &mut self,
         server_id: u64,
@@ -277,16 +279,16 @@ impl NodeSupervisor {
         if !self.is_primary || !self.checking.insert(server_id) {
             return;
         }
-        let timeout = self.parts.settings.call_timeout.min(Duration::from_secs(1));
+        let timeout = self.parts.settings.call_timeout;
         let probe = addr.clone();
-        async move { reachable(&probe, timeout).await }
+        let (epoch, me, last) = (self.epoch, self.server_id, self.last());
+        async move { makes_progress(&probe, epoch, me, last, timeout).await }
             .into_actor(self)
-            .map(move |up, act, ctx| {
+            .map(move |answer, act, ctx| {
                 act.checking.remove(&server_id);
-                if up {
-                    info!("secondary {addr} reported ({reason}) but answers: kept");
-                } else {
-                    act.remove_member(server_id, &format!("unreachable ({reason})"), ctx);
+                match answer {
+                    Ok(()) => info!("secondary {addr} reported ({reason}) but answers: kept"),
+                    Err(why) => act.remove_member(server_id, &format!("{why} ({reason})"), ctx),
                 }
             })
             .spawn(ctx);
@@ -905,8 +907,13 @@ impl Handler<RemoveMember> for NodeSupervisor {
         };
         self.node = node;
         info!("removing secondary {} on the operator's request", m.addr);
-        // Commit first, while it still replicates, so the secondary learns
-        // it was removed and stops following; then stop streaming.
+        // No commit waits for it from now on (a secondary removed because
+        // its disk hangs would never acknowledge the removal itself), but
+        // it is still streamed to until the removal is committed, so it
+        // learns it was removed and stops following.
+        self.parts.commits.do_send(RemoveReplica {
+            server_id: m.server_id,
+        });
         Box::pin(
             self.parts
                 .commits
@@ -1175,6 +1182,40 @@ impl Handler<GetMembers> for NodeSupervisor {
             }
             out
         })
+    }
+}
+
+/// Does the secondary at `addr` still apply and make durable what it is
+/// sent? An empty `replicate` with `ack: durable` passes through its
+/// storage and commit-log threads; a hello would not (it is answered even
+/// while a disk hangs), and a secondary whose disk hangs stalls every
+/// commit waiting for it. A typed refusal (another epoch, a resend) is an
+/// answer: the stream sorts those out.
+async fn makes_progress(
+    addr: &str,
+    epoch: Epoch,
+    primary_id: u64,
+    last: CommitNumber,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut link = PeerLink::connect(addr, timeout)
+        .await
+        .map_err(|e| format!("unreachable: {e}"))?;
+    let heartbeat = RequestBody::Replicate {
+        epoch,
+        primary_id,
+        records: Vec::new(),
+        primary_last: last,
+        ack: ReplicateAck::Durable,
+    };
+    match link.call(heartbeat, timeout).await {
+        Ok(_) => Ok(()),
+        Err(LinkError::Server {
+            error: WireError::Internal { reason },
+            ..
+        }) => Err(format!("failing: {reason}")),
+        Err(LinkError::Server { .. }) => Ok(()),
+        Err(e) => Err(format!("no durable answer: {e}")),
     }
 }
 

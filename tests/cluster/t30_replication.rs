@@ -185,6 +185,91 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
     stop_floods_and_verify(&mut floods, &[&a1, &a2], "while server2 rejoined");
 }
 
+/// A primary started with `args` and a secondary whose fsync for commit
+/// 300 on never returns (test hook): its process, event loop and storage
+/// thread go on, so it answers hellos. Returns (s1, s2, a1, a2).
+fn pair_with_a_disk_that_will_hang(
+    c: &mut Cluster,
+    args: &[&str],
+) -> (usize, usize, String, String) {
+    let s1 = c.add_server("s1", args);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let b = c.root.path().join("b2");
+    backup(&a1, &b);
+    let s2 = c.add_server_on("s2", &b, &[]);
+    c.servers[s2]
+        .env
+        .push(("MAGMA_FAULT_HANG_FSYNC_FROM".into(), "300".into()));
+    c.servers[s2].start();
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    (s1, s2, a1, a2)
+}
+
+#[test]
+fn t30_a_secondary_whose_disk_hangs_is_removed_and_commits_go_on() {
+    let mut c = Cluster::new();
+    let (s1, s2, a1, _) =
+        pair_with_a_disk_that_will_hang(&mut c, &["--replica-timeout-ms", "1000"]);
+    let dir = c.root.path().to_path_buf();
+
+    phase!("a flood past commit 300 (sync-replicas 1): server2's disk hangs");
+    let mut floods = vec![Flood::start(
+        &dir,
+        &[a1.as_str()],
+        "h",
+        &["--duration", "120"],
+    )];
+    wait_until(Duration::from_secs(30), "server2's fsync to hang", || {
+        c.servers[s2]
+            .log_contains("MAGMA_FAULT_HANG_FSYNC_FROM")
+            .then_some(())
+    });
+
+    phase!("the primary finds it makes no progress, removes it; the flood goes on");
+    wait_for_members(&a1, &[&a1], Duration::from_secs(30));
+    assert!(c.servers[s1].log_contains("no durable answer"));
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "200 more acks");
+    assert!(floods[0].running(), "the flood saw an error");
+    c.servers[s2].kill();
+}
+
+#[test]
+fn t30_an_operator_removes_a_secondary_whose_disk_hangs_at_once() {
+    let mut c = Cluster::new();
+    // The primary would wait a minute before checking the secondary.
+    let (s1, s2, a1, a2) =
+        pair_with_a_disk_that_will_hang(&mut c, &["--replica-timeout-ms", "60000"]);
+    let dir = c.root.path().to_path_buf();
+    let mut floods = vec![Flood::start(
+        &dir,
+        &[a1.as_str()],
+        "r",
+        &["--duration", "120"],
+    )];
+    wait_until(Duration::from_secs(30), "server2's fsync to hang", || {
+        c.servers[s2]
+            .log_contains("MAGMA_FAULT_HANG_FSYNC_FROM")
+            .then_some(())
+    });
+
+    phase!("magma remove completes though server2 never acknowledges it");
+    let remove = std::process::Command::new(crate::harness::CLI)
+        .args(["remove", "--server", &a1, "--secondary", &a2])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = crate::harness::wait_or_kill(remove, Duration::from_secs(30), "magma remove");
+    assert!(end.success(), "magma remove failed");
+    assert!(c.servers[s1].log_contains("removed"));
+    wait_for_members(&a1, &[&a1], Duration::from_secs(5));
+    wait_for_more_acks(&floods, 200, Duration::from_secs(60), "200 more acks");
+    assert!(floods[0].running(), "the flood saw an error");
+    c.servers[s2].kill();
+}
+
 #[test]
 fn t30_three_servers_stay_identical_and_reads_see_your_writes() {
     let mut c = Cluster::new();

@@ -190,6 +190,21 @@ pub struct BroadcastActor {
     probe: bool,
 }
 
+/// What a secondary's answer may be credited with: never records beyond
+/// the last one this primary holds. A secondary can hold more when the
+/// primary lost an unsynced tail (a power failure after it streamed
+/// record n, before its own fsync): crediting that n would acknowledge the
+/// primary's *new* record n on the strength of the old one, and skip
+/// sending it. Clamped, the new n is sent, the secondary refuses it
+/// (`diverged`) and is removed before anything counts on it.
+fn credited(
+    applied: CommitNumber,
+    durable: CommitNumber,
+    primary_last: CommitNumber,
+) -> (CommitNumber, CommitNumber) {
+    (applied.min(primary_last), durable.min(primary_last))
+}
+
 impl BroadcastActor {
     /// `next`: the first record the secondary needs, as far as we know (it
     /// corrects us with a resend request if it needs earlier ones).
@@ -378,6 +393,7 @@ impl BroadcastActor {
         self.in_flight.remove(pos);
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
+                let (applied, durable) = credited(applied, durable, self.primary_last);
                 if applied > self.acked {
                     self.acked = applied;
                     // Progress: any stall starts again from now.
@@ -683,5 +699,18 @@ impl Handler<GetReplicaStats> for BroadcastActor {
 
     fn handle(&mut self, _: GetReplicaStats, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secondary_is_never_credited_beyond_what_the_primary_holds() {
+        // It holds 101 from before the primary lost its unsynced tail.
+        assert_eq!(credited(101, 101, 100), (100, 100));
+        assert_eq!(credited(99, 98, 100), (99, 98));
+        assert_eq!(credited(100, 100, 100), (100, 100));
     }
 }

@@ -34,9 +34,10 @@ use crate::protocol::{ReplicateAck, RequestBody, ResponseBody, WireError};
 use crate::storage::record::RecordHead;
 use crate::types::{CommitNumber, Epoch, Member};
 
-/// Records held in memory for one secondary; beyond this they are read back
-/// from the log when the secondary gets to them.
+/// Records held in memory for one secondary; beyond this many, or this many
+/// bytes, they are read back from the log when the secondary gets to them.
 const MAX_QUEUE: usize = 100_000;
+const MAX_QUEUE_BYTES: usize = 64 << 20;
 const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -167,7 +168,7 @@ pub struct BroadcastActor {
     durable: CommitNumber,
     /// Highest record the primary has handed us.
     primary_last: CommitNumber,
-    queue: BTreeMap<CommitNumber, Arc<Vec<u8>>>,
+    queue: Held,
     /// When each record not yet acknowledged by the secondary was handed to
     /// us (for lag in ms): lag counts from the commit, not from our send,
     /// so time spent queued behind the batch in flight or a reconnect
@@ -188,6 +189,51 @@ pub struct BroadcastActor {
     /// [`ProbeDurable`] asked; cleared by the next request asking for
     /// `durable`.
     probe: bool,
+}
+
+/// Records held in memory for one secondary, bounded by count and by bytes
+/// (a slow secondary must not make the primary hold gigabytes of large
+/// records); those not admitted are read back from the log.
+#[derive(Default)]
+struct Held {
+    records: BTreeMap<CommitNumber, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Keep `body` if it fits; `false` if it will have to be read back.
+    fn admit(&mut self, number: CommitNumber, body: Arc<Vec<u8>>) -> bool {
+        if self.records.len() >= MAX_QUEUE || self.bytes + body.len() > MAX_QUEUE_BYTES {
+            return false;
+        }
+        self.put(number, body);
+        true
+    }
+
+    fn put(&mut self, number: CommitNumber, body: Arc<Vec<u8>>) {
+        self.bytes += body.len();
+        if let Some(old) = self.records.insert(number, body) {
+            self.bytes -= old.len();
+        }
+    }
+
+    /// Keep a record read back from the log to fill the gap at the start of
+    /// the stream, even beyond the bound (one batch at a time): refusing it
+    /// would leave the gap for ever.
+    fn insert_read_back(&mut self, number: CommitNumber, body: Arc<Vec<u8>>) {
+        self.put(number, body);
+    }
+
+    fn get(&self, number: &CommitNumber) -> Option<&Arc<Vec<u8>>> {
+        self.records.get(number)
+    }
+
+    /// Forget records up to and including `number`.
+    fn drop_through(&mut self, number: CommitNumber) {
+        let kept = self.records.split_off(&(number + 1));
+        self.bytes -= self.records.values().map(|b| b.len()).sum::<usize>();
+        self.records = kept;
+    }
 }
 
 /// What a secondary's answer may be credited with: never records beyond
@@ -240,7 +286,7 @@ impl BroadcastActor {
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
             primary_last,
-            queue: BTreeMap::new(),
+            queue: Held::default(),
             handed: VecDeque::new(),
             last_send: Instant::now(),
             stalled_since: None,
@@ -292,7 +338,7 @@ impl BroadcastActor {
                         Ok(Ok(records)) if !records.is_empty() => {
                             for r in records {
                                 if let Ok(h) = RecordHead::parse(&r) {
-                                    act.queue.insert(h.number, Arc::new(r));
+                                    act.queue.insert_read_back(h.number, Arc::new(r));
                                 }
                             }
                             act.pump(ctx);
@@ -430,7 +476,7 @@ impl BroadcastActor {
                 // Records it applied but has not made durable yet are not
                 // kept: should it need them again, they are read back
                 // from the log.
-                self.queue = self.queue.split_off(&(self.acked + 1));
+                self.queue.drop_through(self.acked);
                 while self.handed.front().is_some_and(|(n, _)| *n <= self.acked) {
                     self.handed.pop_front();
                 }
@@ -645,8 +691,8 @@ impl Handler<Broadcast> for BroadcastActor {
             if number > self.primary_last {
                 self.primary_last = number;
             }
-            if number >= self.next && self.queue.len() < MAX_QUEUE {
-                self.queue.insert(number, body);
+            if number >= self.next {
+                self.queue.admit(number, body);
             }
             // Beyond the cap only the oldest entries matter for the lag.
             if number > self.acked
@@ -705,6 +751,30 @@ impl Handler<GetReplicaStats> for BroadcastActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_held_for_a_secondary_are_bounded_by_bytes() {
+        let mut held = Held::default();
+        let mib = |n: usize| Arc::new(vec![0u8; n << 20]);
+        for n in 1..=64 {
+            assert!(held.admit(n, mib(1)), "record {n} fits");
+        }
+        assert!(!held.admit(65, mib(1)), "64 MiB held: read it back later");
+        assert_eq!(held.bytes, 64 << 20);
+        held.drop_through(10);
+        assert_eq!(held.bytes, 54 << 20);
+        assert!(held.get(&10).is_none() && held.get(&11).is_some());
+        assert!(held.admit(65, mib(1)));
+        // The same record twice is counted once.
+        assert!(held.admit(65, mib(1)));
+        assert_eq!(held.bytes, 55 << 20);
+        // A gap read back from the log is always taken.
+        held.insert_read_back(5, mib(20));
+        assert!(held.get(&5).is_some());
+        assert_eq!(held.bytes, 75 << 20);
+        held.drop_through(u64::MAX - 1);
+        assert_eq!(held.bytes, 0);
+    }
 
     #[test]
     fn a_secondary_is_never_credited_beyond_what_the_primary_holds() {

@@ -121,6 +121,9 @@ pub struct CommitLog {
     /// end at `segments.last().len`. Written before any sync, read or roll.
     pending: Vec<u8>,
     current: Option<Arc<File>>,
+    /// fsyncs by [`CommitLog::sync`], for tests.
+    #[cfg(test)]
+    pub(crate) syncs: u64,
     /// Last record written to `current` (shared with its `LogSync`s).
     written: Arc<AtomicU64>,
     readers: HashMap<CommitNumber, File>,
@@ -261,6 +264,8 @@ impl CommitLog {
             segments,
             pending: Vec::new(),
             current: None,
+            #[cfg(test)]
+            syncs: 0,
             written: Arc::new(AtomicU64::new(0)),
             readers: HashMap::new(),
             last: checkpoint,
@@ -268,6 +273,12 @@ impl CommitLog {
             segment_bytes,
         };
         log.scan_from_checkpoint(checkpoint, history_from, &mut history, &mut replay)?;
+        // After a kill -9 the tail may still be only in the page cache, yet
+        // from now on it counts as durable (a resent token is answered as
+        // `Duplicate` without waiting for an fsync, `durable` starts at the
+        // last record): make it so. Earlier segments were synced when the
+        // next one was started.
+        log.sync()?;
         Ok(log)
     }
 
@@ -582,6 +593,10 @@ impl CommitLog {
         self.write_pending()?;
         if let (Some(f), Some(s)) = (&self.current, self.segments.last()) {
             f.sync_data().map_err(|e| io_at(&s.path, "syncing", e))?;
+            #[cfg(test)]
+            {
+                self.syncs += 1;
+            }
         }
         Ok(())
     }
@@ -790,6 +805,22 @@ mod tests {
             },
         }
         .encode()
+    }
+
+    #[test]
+    fn what_start_up_reads_back_is_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log =
+                CommitLog::open(dir.path(), 0, GENESIS_HASH, 1 << 20, |_| Ok(())).unwrap();
+            log.append_buffered(1, &body(1, GENESIS_HASH)).unwrap();
+            // Written, never synced: a kill -9 leaves it in the page cache.
+            log.write_pending().unwrap();
+            assert_eq!(log.syncs, 0);
+        }
+        let log = CommitLog::open(dir.path(), 0, GENESIS_HASH, 1 << 20, |_| Ok(())).unwrap();
+        assert_eq!(log.last(), 1);
+        assert_eq!(log.syncs, 1, "the tail read back was synced at open");
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub struct CommitCoordinator {
 struct Replica {
     link: Recipient<Broadcast>,
     durable: CommitNumber,
+    /// Commits wait for it; `false` once it is being removed (it is still
+    /// streamed to, so it learns of its removal).
+    counted: bool,
 }
 
 impl CommitCoordinator {
@@ -172,11 +175,16 @@ impl CommitCoordinator {
     /// Highest commit that enough replicas hold (everything when none is
     /// required).
     fn replicated_upto(&self) -> CommitNumber {
-        let required = (self.sync_replicas as usize).min(self.replicas.len());
+        let mut durable: Vec<CommitNumber> = self
+            .replicas
+            .values()
+            .filter(|r| r.counted)
+            .map(|r| r.durable)
+            .collect();
+        let required = (self.sync_replicas as usize).min(durable.len());
         if required == 0 {
             return CommitNumber::MAX;
         }
-        let mut durable: Vec<CommitNumber> = self.replicas.values().map(|r| r.durable).collect();
         durable.sort_unstable_by(|a, b| b.cmp(a));
         durable[required - 1]
     }
@@ -667,6 +675,7 @@ impl Handler<AddReplica> for CommitCoordinator {
             Replica {
                 link: msg.link,
                 durable: 0,
+                counted: true,
             },
         );
     }
@@ -685,6 +694,27 @@ impl Handler<RemoveReplica> for CommitCoordinator {
 
     fn handle(&mut self, msg: RemoveReplica, ctx: &mut Context<Self>) {
         if self.replicas.remove(&msg.server_id).is_some() {
+            self.release();
+            self.check_drained(ctx);
+        }
+    }
+}
+
+/// A secondary is being removed: commits stop waiting for it now, but it
+/// is still streamed to until `RemoveReplica`, so it receives its removal.
+/// Sender: the `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopCounting {
+    pub server_id: u64,
+}
+
+impl Handler<StopCounting> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopCounting, ctx: &mut Context<Self>) {
+        if let Some(r) = self.replicas.get_mut(&msg.server_id) {
+            r.counted = false;
             self.release();
             self.check_drained(ctx);
         }

@@ -115,6 +115,10 @@ struct Rig {
 }
 
 fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
+    rig_with(policy, delay, fail, 0)
+}
+
+fn rig_with(policy: FlushPolicy, delay: Duration, fail: bool, sync_replicas: u32) -> Rig {
     let file = Arc::new(tempfile::tempfile().unwrap());
     let batches = Arc::new(Mutex::new(Vec::new()));
     let storage = FakeStorage {
@@ -141,6 +145,7 @@ fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
         policy,
         0,
     )
+    .with_sync_replicas(sync_replicas)
     .start();
     Rig {
         coordinator,
@@ -474,4 +479,54 @@ async fn after_a_fence_nothing_is_acknowledged_until_lead() {
     let led = rig.coordinator.send(append()).await.unwrap().unwrap();
     let durable = rig.flushed.lock().unwrap().iter().copied().max();
     assert!(durable >= Some(led.number));
+}
+
+/// Stands in for a secondary's `BroadcastActor`: records what it is handed.
+struct LinkProbe(Arc<Mutex<Vec<CommitNumber>>>);
+
+impl Actor for LinkProbe {
+    type Context = Context<Self>;
+}
+
+impl Handler<crate::actors::broadcast::Broadcast> for LinkProbe {
+    type Result = ();
+
+    fn handle(&mut self, msg: crate::actors::broadcast::Broadcast, _: &mut Context<Self>) {
+        let mut seen = self.0.lock().unwrap();
+        seen.extend(msg.records.iter().map(|(n, _)| *n));
+    }
+}
+
+#[actix::test]
+async fn a_replica_being_removed_is_still_streamed_to_but_waited_for_by_nobody() {
+    let rig = rig_with(FlushPolicy::Group, Duration::ZERO, false, 1);
+    let handed = Arc::new(Mutex::new(Vec::new()));
+    let link = LinkProbe(handed.clone()).start();
+    rig.coordinator.do_send(AddReplica {
+        server_id: 7,
+        link: link.recipient(),
+    });
+    // It never acknowledges: the commit waits for it...
+    let waiting = rig.coordinator.send(append());
+    let mut waiting = Box::pin(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut waiting)
+            .await
+            .is_err(),
+        "acknowledged without the replica"
+    );
+    // ...until it stops being counted (its removal is being committed).
+    rig.coordinator.do_send(StopCounting { server_id: 7 });
+    let first = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("released")
+        .unwrap()
+        .unwrap();
+    // Later commits are acknowledged alone and still handed to it, so it
+    // receives the record of its own removal.
+    let second = rig.coordinator.send(append()).await.unwrap().unwrap();
+    wait_until("both records handed to the replica", || {
+        *handed.lock().unwrap() == vec![first.number, second.number]
+    })
+    .await;
 }

@@ -39,7 +39,7 @@ use crate::actors::broadcast::{
 use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::convert::{mailbox_error, wire_error};
 use crate::actors::coordinator::{
-    AddReplica, CommitCoordinator, Fence, Lead, Pause, RemoveReplica, SubmitCommit,
+    AddReplica, CommitCoordinator, Fence, Lead, Pause, RemoveReplica, StopCounting, SubmitCommit,
 };
 use crate::actors::failover::{
     on_commit_at_secondary, on_restart_as_primary, promoted_node, swapped_node, CommitOnSecondary,
@@ -228,6 +228,35 @@ impl NodeSupervisor {
         if let Some(b) = self.broadcasters.remove(&server_id) {
             b.do_send(StopBroadcast);
         }
+    }
+
+    /// Stop streaming to a removed member once it has applied `upto` (its
+    /// removal, so it stops following) or a replica timeout passed. No
+    /// commit waits for it meanwhile (`StopCounting` came first).
+    fn retire_broadcaster(&mut self, server_id: u64, upto: CommitNumber, ctx: &mut Context<Self>) {
+        let Some(b) = self.broadcasters.get(&server_id).cloned() else {
+            return;
+        };
+        let patience = self.parts.settings.replica_timeout;
+        let watched = b.clone();
+        async move {
+            let start = Instant::now();
+            while start.elapsed() < patience {
+                match watched.send(GetReplicaStats).await {
+                    Ok(s) if s.applied < upto => {}
+                    _ => return,
+                }
+                actix_rt::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        .into_actor(self)
+        .map(move |_, act, _| {
+            // Unless it re-joined meanwhile under a new broadcaster.
+            if act.broadcasters.get(&server_id) == Some(&b) {
+                act.stop_broadcaster(server_id);
+            }
+        })
+        .spawn(ctx);
     }
 
     /// Commit `node` as the new node. It is adopted at once, so the next
@@ -909,9 +938,9 @@ impl Handler<RemoveMember> for NodeSupervisor {
         info!("removing secondary {} on the operator's request", m.addr);
         // No commit waits for it from now on (a secondary removed because
         // its disk hangs would never acknowledge the removal itself), but
-        // it is still streamed to until the removal is committed, so it
-        // learns it was removed and stops following.
-        self.parts.commits.do_send(RemoveReplica {
+        // it is still streamed to until it applied its removal (or a
+        // replica timeout passed), so it learns of it and stops following.
+        self.parts.commits.do_send(StopCounting {
             server_id: m.server_id,
         });
         Box::pin(
@@ -919,20 +948,24 @@ impl Handler<RemoveMember> for NodeSupervisor {
                 .commits
                 .send(SubmitCommit(req))
                 .into_actor(self)
-                .map(move |res, act, _| {
-                    act.stop_broadcaster(m.server_id);
-                    match res {
-                        Ok(Ok(ack)) => {
-                            info!(
-                                "node change committed as {}: removed {}",
-                                ack.number, m.addr
-                            );
-                            Ok(())
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(e) => Err(WireError::Internal {
+                .map(move |res, act, ctx| match res {
+                    Ok(Ok(ack)) => {
+                        info!(
+                            "node change committed as {}: removed {}",
+                            ack.number, m.addr
+                        );
+                        act.retire_broadcaster(m.server_id, ack.number, ctx);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        act.stop_broadcaster(m.server_id);
+                        Err(e)
+                    }
+                    Err(e) => {
+                        act.stop_broadcaster(m.server_id);
+                        Err(WireError::Internal {
                             reason: e.to_string(),
-                        }),
+                        })
                     }
                 }),
         )

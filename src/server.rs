@@ -51,6 +51,15 @@ pub const DEFAULT_DIR: &str = "./magma-data";
 pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_millis(2000);
 /// How long a read waits for a required progress before answering `behind`.
 pub const PROGRESS_WAIT: Duration = Duration::from_secs(1);
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Sessions beyond the limit kept for admins and peers (an operator and
+/// the node's own links get in while applications are turned away);
+/// connections beyond both are closed unread.
+pub const RESERVED_CONNECTIONS: usize = 64;
+/// File descriptors the repository needs besides connections: open
+/// collections (at most 256), log segments, data files, backups.
+const FDS_FOR_STORAGE: u64 = 512;
 
 /// Everything a server is started with.
 #[derive(Clone, Debug)]
@@ -96,6 +105,12 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Size at which a new commit-log segment starts.
     pub log_segment_bytes: u64,
+    /// Application connections served at once; more are told `unavailable`
+    /// at their hello (admin and peer sessions have a reserve beyond it).
+    /// Lowered at start to what the file-descriptor limit allows.
+    pub max_connections: usize,
+    /// A connection that has not said hello within this long is closed.
+    pub hello_timeout: Duration,
 }
 
 impl Default for Config {
@@ -116,6 +131,8 @@ impl Default for Config {
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
             max_log_bytes: RepoOptions::default().max_log_bytes,
             log_segment_bytes: RepoOptions::default().segment_bytes,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +158,12 @@ impl Config {
                 u32::MAX
             );
         }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        if self.hello_timeout.is_zero() {
+            bail!("the hello timeout must be positive");
+        }
         if self.checkpoint_interval.is_zero() {
             bail!("the checkpoint interval must be positive");
         }
@@ -151,6 +174,48 @@ impl Config {
             bail!("the backup busy rate must be at least 1 byte per second (never yielding is None, --backup-busy-rate 0)");
         }
         Ok(())
+    }
+}
+
+/// Raise the soft limit on open files to the hard limit; returns the soft
+/// limit now in force. Running out of descriptors would fail the storage
+/// engine's next file operation, which is fatal.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The connection limit the descriptor limit `fds` allows: application
+/// connections, the reserve and the storage engine's files must fit.
+fn connection_limit(wanted: usize, fds: u64) -> usize {
+    let room = fds.saturating_sub(FDS_FOR_STORAGE + RESERVED_CONNECTIONS as u64) as usize;
+    if wanted > room {
+        let limit = room.max(1);
+        warn!(
+            "--max-connections {wanted} lowered to {limit}: the open-file limit is {fds} \
+             (raise it with ulimit -n)"
+        );
+        limit
+    } else {
+        wanted
     }
 }
 
@@ -258,6 +323,8 @@ impl Server {
         };
         let follow = config.primary.clone();
         let settings = SessionSettings {
+            max_connections: connection_limit(config.max_connections, raise_fd_limit()),
+            hello_timeout: config.hello_timeout,
             max_frame: config.max_frame,
             advertise,
             flush: config.flush,

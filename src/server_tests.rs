@@ -736,3 +736,72 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
     drop(release);
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn applications_beyond_the_connection_limit_are_turned_away_but_admins_get_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_connections: 2,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    let _a = Conn::open(addr, SessionRole::Application);
+    let _b = Conn::open(addr, SessionRole::Application);
+    let mut c = Conn::raw(addr);
+    match c.error(hello(SessionRole::Application, PROTOCOL_VERSION)) {
+        WireError::Unavailable { reason } => assert!(reason.contains("at most 2"), "{reason}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    c.assert_closed();
+    // The reserve: an operator (and the node's peers) still get in.
+    let mut admin = Conn::open(addr, SessionRole::Admin);
+    assert!(matches!(
+        admin.call(RequestBody::Status).body,
+        ResponseBody::Status(_)
+    ));
+
+    // Beyond the reserve too, connections are closed unread.
+    let held: Vec<Conn> = (0..crate::server::RESERVED_CONNECTIONS - 1)
+        .map(|_| Conn::raw(addr))
+        .collect();
+    let mut last = Conn::raw(addr);
+    let _ = write_frame(
+        &mut last.stream,
+        &Request {
+            id: 1,
+            body: hello(SessionRole::Admin, PROTOCOL_VERSION),
+        },
+    );
+    assert!(read_frame(&mut last.stream, codec::DEFAULT_MAX_FRAME).is_err());
+    drop(held);
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn a_connection_that_never_says_hello_is_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        hello_timeout: Duration::from_millis(200),
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let mut silent = Conn::raw(server.local_addr());
+    silent.assert_closed();
+    // One that says hello in time stays.
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(matches!(
+        app.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn the_connection_limit_fits_the_open_file_limit() {
+    assert_eq!(connection_limit(1024, 1 << 20), 1024);
+    // 1024 descriptors: the storage's 512 and the reserve's 64 first.
+    assert_eq!(connection_limit(1024, 1024), 448);
+    assert_eq!(connection_limit(10, 100), 1);
+}

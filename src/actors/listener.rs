@@ -17,6 +17,7 @@ use log::{info, warn};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::actors::session::{CloseSession, Session, SessionEnv};
+use crate::server::RESERVED_CONNECTIONS;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -29,6 +30,8 @@ pub struct Listener {
     env: Arc<SessionEnv>,
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
+    /// New connections are being closed unread (beyond every limit).
+    refusing: bool,
 }
 
 impl Listener {
@@ -41,6 +44,7 @@ impl Listener {
             env,
             sessions: HashMap::new(),
             next_id: 1,
+            refusing: false,
         }
     }
 }
@@ -87,6 +91,24 @@ impl Handler<Accepted> for Listener {
         if self.accepting.is_none() {
             return; // accepted just before the loop was cancelled: drop it
         }
+        let limit = self.env.settings.max_connections;
+        let open = self.sessions.len();
+        if open >= limit + RESERVED_CONNECTIONS {
+            // Not even an operator would get in: close it unread, and say
+            // so once per episode, not once per connection.
+            if !self.refusing {
+                warn!(
+                    "{open} connections open (--max-connections {limit} + {RESERVED_CONNECTIONS} \
+                     for admins and peers): closing new ones unread"
+                );
+                self.refusing = true;
+            }
+            return;
+        }
+        if self.refusing {
+            info!("{open} connections open: accepting again");
+            self.refusing = false;
+        }
         let id = self.next_id;
         self.next_id += 1;
         let session = Session::new(
@@ -95,6 +117,7 @@ impl Handler<Accepted> for Listener {
             msg.peer,
             self.env.clone(),
             ctx.address().recipient(),
+            open >= limit,
         )
         .start();
         self.sessions.insert(id, session);

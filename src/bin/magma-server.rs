@@ -15,7 +15,7 @@ use magma::protocol::codec::DEFAULT_MAX_FRAME;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use magma::server::{
     self, Config, FlushPolicy, DEFAULT_ASYNC_BATCH_DELAY, DEFAULT_BACKUP_BUSY_RATE, DEFAULT_DIR,
-    DEFAULT_LISTEN, MAX_ASYNC_BATCH_DELAY_US,
+    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS, MAX_ASYNC_BATCH_DELAY_US,
 };
 
 /// Serve a Magma-HA object repository.
@@ -127,6 +127,15 @@ struct Args {
     /// MiB). Old log is deleted a whole segment at a time.
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     log_segment_bytes: u64,
+
+    /// Application connections served at once. Beyond it a client's hello
+    /// is answered `unavailable` (admin and peer sessions still get in: 64
+    /// more are kept for them); beyond both, connections are closed
+    /// unread. Lowered at start, with a warning, to what the open-file
+    /// limit (raised to its hard limit) allows. A connection that sends no
+    /// hello within 10 s is closed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections: usize,
 }
 
 fn main() {
@@ -148,6 +157,8 @@ fn main() {
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         max_log_bytes: args.max_log_bytes,
         log_segment_bytes: args.log_segment_bytes,
+        max_connections: args.max_connections,
+        ..Config::default()
     };
     if let Err(e) = server::run(config) {
         eprintln!("magma-server: error: {e:#}");

@@ -46,6 +46,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Read-only settings every session needs.
 #[derive(Clone, Debug)]
 pub struct SessionSettings {
+    /// Application sessions served at once (see `Listener`).
+    pub max_connections: usize,
+    /// A connection silent past this long without a hello is closed.
+    pub hello_timeout: Duration,
     /// Largest request body accepted.
     pub max_frame: u64,
     /// The address this server is known by (status).
@@ -97,6 +101,9 @@ pub struct Session {
     pub(super) role: Option<SessionRole>,
     pub(super) client: String,
     close_reason: Option<String>,
+    /// Accepted beyond `max_connections`: only an admin or peer hello is
+    /// served (the reserve).
+    pub(super) over_limit: bool,
 }
 
 impl Session {
@@ -106,6 +113,7 @@ impl Session {
         peer: SocketAddr,
         env: Arc<SessionEnv>,
         registry: Recipient<SessionClosed>,
+        over_limit: bool,
     ) -> Self {
         Session {
             id,
@@ -117,6 +125,7 @@ impl Session {
             role: None,
             client: String::new(),
             close_reason: None,
+            over_limit,
         }
     }
 
@@ -196,6 +205,14 @@ impl Actor for Session {
         // given is the one logged).
         .map(|reason, act, ctx| act.close(reason, ctx))
         .spawn(ctx);
+        // A connection that never says hello would hold a descriptor for
+        // ever (nothing else times an idle session out).
+        let wait = self.env.settings.hello_timeout;
+        ctx.run_later(wait, move |act, ctx| {
+            if act.role.is_none() {
+                act.close(format!("no hello within {wait:?}"), ctx);
+            }
+        });
         debug!("connection {} from {} accepted", self.id, self.peer);
     }
 

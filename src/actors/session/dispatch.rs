@@ -212,6 +212,18 @@ impl Session {
                 After::Close(format!("unsupported protocol version {protocol_version}")),
             );
         }
+        if self.over_limit && role == SessionRole::Application {
+            let limit = self.env.settings.max_connections;
+            return now(
+                error_body(WireError::Unavailable {
+                    reason: format!(
+                        "this server serves at most {limit} application connections \
+                         (--max-connections); retry later or use another member"
+                    ),
+                }),
+                After::Close(format!("over the limit of {limit} connections")),
+            );
+        }
         self.role = Some(role);
         self.client = client_name;
         self.log_opened();

@@ -805,3 +805,56 @@ fn the_connection_limit_fits_the_open_file_limit() {
     assert_eq!(connection_limit(1024, 1024), 448);
     assert_eq!(connection_limit(10, 100), 1);
 }
+
+#[test]
+fn client_chosen_text_is_bounded_in_replies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 4 << 20,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    // A megabyte client name is refused, not logged.
+    let mut c = Conn::raw(addr);
+    let err = c.error(RequestBody::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: SessionRole::Application,
+        client_name: "n".repeat(1 << 20),
+    });
+    match err {
+        WireError::BadRequest { reason } => assert!(reason.contains("client_name"), "{reason}"),
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    c.assert_closed();
+    // An unknown request type of a megabyte is quoted back clipped.
+    let mut c = Conn::open(addr, SessionRole::Application);
+    let mut body = Vec::new();
+    rmpv::encode::write_value(
+        &mut body,
+        &Value::Map(vec![
+            (Value::from("id"), Value::from(5)),
+            (
+                Value::from("body"),
+                Value::Map(vec![(
+                    Value::from("type"),
+                    Value::from("t".repeat(1 << 20)),
+                )]),
+            ),
+        ]),
+    )
+    .unwrap();
+    c.stream
+        .write_all(&(body.len() as u32).to_be_bytes())
+        .unwrap();
+    c.stream.write_all(&body).unwrap();
+    match c.recv().body {
+        ResponseBody::Error {
+            error: WireError::BadRequest { reason },
+            ..
+        } => assert!(reason.len() < 1024, "{} bytes", reason.len()),
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    c.assert_closed();
+    server.shutdown(true).unwrap();
+}

@@ -250,6 +250,21 @@ pub struct Inbound {
     pub slot: mpsc::OwnedPermit<Vec<u8>>,
 }
 
+/// Most bytes of client-chosen text quoted back in a log line or an error.
+pub(super) const MAX_ECHO: usize = 256;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying so.
+pub(super) fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
 /// Just enough of a request to answer one that does not decode.
 #[derive(serde::Deserialize)]
 struct IdOnly {
@@ -306,11 +321,13 @@ impl Handler<Inbound> for Session {
             Ok(r) => r,
             Err(e) => {
                 let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+                // The text can quote what the client sent (an unknown
+                // `type` of megabytes): bounded, in the log and the reply.
+                let reason = clipped(&e.to_string(), MAX_ECHO);
                 warn!(
-                    "session {} from {}: undecodable request: {e}; closing",
+                    "session {} from {}: undecodable request: {reason}; closing",
                     self.id, self.peer
                 );
-                let reason = e.to_string();
                 reply(
                     &self.env,
                     slot,

@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::actors::session::connection::{error_body, Session};
+use crate::actors::session::connection::{error_body, Session, MAX_ECHO};
 use crate::actors::session::{backup, requests};
 use crate::protocol::{RequestBody, ResponseBody, SessionRole, WireError, PROTOCOL_VERSION};
 
@@ -210,6 +210,17 @@ impl Session {
                     supported: PROTOCOL_VERSION,
                 }),
                 After::Close(format!("unsupported protocol version {protocol_version}")),
+            );
+        }
+        if client_name.len() > MAX_ECHO {
+            return now(
+                error_body(WireError::BadRequest {
+                    reason: format!(
+                        "client_name of {} bytes: at most {MAX_ECHO}",
+                        client_name.len()
+                    ),
+                }),
+                After::Close("client_name too long".into()),
             );
         }
         if self.over_limit && role == SessionRole::Application {

@@ -858,3 +858,47 @@ fn client_chosen_text_is_bounded_in_replies() {
     c.assert_closed();
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_request_of_millions_of_items_is_refused_before_it_is_decoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 4 << 20,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    let mut c = Conn::open(addr, SessionRole::Application);
+    // {"id": 3, "body": {"type": "ping", "junk": [nil × 2 Mi]}}
+    let mut body = Vec::new();
+    rmp::encode::write_map_len(&mut body, 2).unwrap();
+    rmp::encode::write_str(&mut body, "id").unwrap();
+    rmp::encode::write_uint(&mut body, 3).unwrap();
+    rmp::encode::write_str(&mut body, "body").unwrap();
+    rmp::encode::write_map_len(&mut body, 2).unwrap();
+    rmp::encode::write_str(&mut body, "type").unwrap();
+    rmp::encode::write_str(&mut body, "ping").unwrap();
+    rmp::encode::write_str(&mut body, "junk").unwrap();
+    rmp::encode::write_array_len(&mut body, 2 << 20).unwrap();
+    body.resize(body.len() + (2 << 20), 0xc0);
+    c.stream
+        .write_all(&(body.len() as u32).to_be_bytes())
+        .unwrap();
+    c.stream.write_all(&body).unwrap();
+    let r = c.recv();
+    assert_eq!(r.id, 3);
+    match r.body {
+        ResponseBody::Error {
+            error: WireError::BadRequest { reason },
+            ..
+        } => assert!(reason.contains("items"), "{reason}"),
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    c.assert_closed();
+    let mut other = Conn::open(addr, SessionRole::Application);
+    assert!(matches!(
+        other.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+}

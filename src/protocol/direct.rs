@@ -46,6 +46,100 @@ use crate::protocol::error::ProtocolError;
 use crate::protocol::messages::{Request, RequestBody, Response, ResponseBody};
 use crate::types::{CommitNumber, Oid};
 
+/// Most MessagePack items (every value, key and container) a request may
+/// hold. Decoding makes a tree of them, tens of bytes each on this side:
+/// a 16 MiB frame of nils would be 16 M items, half a gigabyte and most of
+/// a second on the event loop. A million keeps any one request to about
+/// 50 MB and 50 ms.
+pub const MAX_ITEMS: usize = 1 << 20;
+
+/// Does `body` hold at most `limit` items? Counts what is there, in one
+/// pass without recursion or allocation (a truncated or malformed body is
+/// left to the decoder: `true`).
+pub fn items_within(body: &[u8], limit: usize) -> bool {
+    if body.len() <= limit {
+        // Every item takes a byte at least: nothing to count (the commit
+        // path never pays for the walk).
+        return true;
+    }
+    let mut rd = body;
+    let mut pending: u64 = 1;
+    let mut seen = 0usize;
+    while pending > 0 {
+        let Some(marker) = read_marker(&mut rd) else {
+            return true;
+        };
+        pending -= 1;
+        seen += 1;
+        if seen > limit {
+            return false;
+        }
+        let (skip, more) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (usize::from(marker & 0x1f), 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 | 0xca => (4, 0),
+            0xcf | 0xd3 | 0xcb => (8, 0),
+            0xd9 | 0xc4 => match read_len(&mut rd, 1) {
+                Some(n) => (n, 0),
+                None => return true,
+            },
+            0xda | 0xc5 => match read_len(&mut rd, 2) {
+                Some(n) => (n, 0),
+                None => return true,
+            },
+            0xdb | 0xc6 => match read_len(&mut rd, 4) {
+                Some(n) => (n, 0),
+                None => return true,
+            },
+            0xdc => match read_len(&mut rd, 2) {
+                Some(n) => (0, n as u64),
+                None => return true,
+            },
+            0xdd => match read_len(&mut rd, 4) {
+                Some(n) => (0, n as u64),
+                None => return true,
+            },
+            0xde => match read_len(&mut rd, 2) {
+                Some(n) => (0, 2 * n as u64),
+                None => return true,
+            },
+            0xdf => match read_len(&mut rd, 4) {
+                Some(n) => (0, 2 * n as u64),
+                None => return true,
+            },
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xc7 => match read_len(&mut rd, 1) {
+                Some(n) => (n + 1, 0),
+                None => return true,
+            },
+            0xc8 => match read_len(&mut rd, 2) {
+                Some(n) => (n + 1, 0),
+                None => return true,
+            },
+            0xc9 => match read_len(&mut rd, 4) {
+                Some(n) => (n + 1, 0),
+                None => return true,
+            },
+            // 0xc1: never used; the decoder refuses it.
+            _ => return true,
+        };
+        match rd.get(skip..) {
+            Some(rest) => rd = rest,
+            None => return true,
+        }
+        pending += more;
+    }
+    true
+}
+
 /// Decode a request; commits take the direct path.
 pub fn decode_request(body: &[u8]) -> Result<Request, ProtocolError> {
     match direct_request(body) {
@@ -343,6 +437,65 @@ mod tests {
 
     fn body_of<T: serde::Serialize>(msg: &T) -> Vec<u8> {
         codec::encode(msg)[4..].to_vec()
+    }
+
+    fn plain(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).unwrap();
+        out
+    }
+
+    #[test]
+    fn items_are_counted_every_value_key_and_container() {
+        // {"a": [1, "x", nil], "b": {"c": 1.5}}: 2 maps, 1 array, 3 keys,
+        // 4 leaves.
+        let v = Value::Map(vec![
+            (
+                Value::from("a"),
+                Value::Array(vec![Value::from(1), Value::from("x"), Value::Nil]),
+            ),
+            (
+                Value::from("b"),
+                Value::Map(vec![(Value::from("c"), Value::F64(1.5))]),
+            ),
+        ]);
+        let b = plain(&v);
+        assert!(items_within(&b, 10));
+        assert!(!items_within(&b, 9));
+        // Leaves of every width and kind are skipped by their length.
+        let leaves = Value::Array(vec![
+            Value::from(u64::MAX),
+            Value::from(-70000),
+            Value::from("s".repeat(300)),
+            Value::Binary(vec![7; 70000]),
+            Value::Ext(2, vec![0; 8]),
+            Value::Ext(3, vec![0; 100]),
+            Value::F32(1.0),
+            Value::Boolean(true),
+        ]);
+        assert!(items_within(&plain(&leaves), 9));
+        assert!(!items_within(&plain(&leaves), 8));
+    }
+
+    #[test]
+    fn a_frame_of_two_million_nils_is_over_the_limit_a_commit_is_not() {
+        let mut nils = vec![0xdd];
+        nils.extend_from_slice(&(2u32 << 20).to_be_bytes());
+        nils.resize(nils.len() + (2 << 20), 0xc0);
+        assert!(!items_within(&nils, MAX_ITEMS));
+        // Declared but absent: left to the decoder, which refuses it.
+        assert!(items_within(&nils[..1000], MAX_ITEMS));
+        let commit = body_of(&Request {
+            id: 1,
+            body: RequestBody::Commit(CommitBody {
+                appends: vec![WireAppend {
+                    coll: WireRef::Oid(9),
+                    value: Value::from("x"),
+                }],
+                ..Default::default()
+            }),
+        });
+        assert!(items_within(&commit, 64));
     }
 
     /// Both decoders give the same value, or the same error.

@@ -317,6 +317,23 @@ impl Handler<Inbound> for Session {
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
+        if !direct::items_within(&body, direct::MAX_ITEMS) {
+            // Decoding would build a tree of them on this event loop.
+            let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+            reply(
+                &self.env,
+                slot,
+                id,
+                error_body(WireError::BadRequest {
+                    reason: format!(
+                        "a request holds at most {} MessagePack items",
+                        direct::MAX_ITEMS
+                    ),
+                }),
+            );
+            self.close("too many items in a request", ctx);
+            return Box::pin(fut::ready(Flow::Close));
+        }
         let request: Request = match direct::decode_request(&body) {
             Ok(r) => r,
             Err(e) => {

@@ -111,6 +111,9 @@ pub struct Config {
     pub max_connections: usize,
     /// A connection that has not said hello within this long is closed.
     pub hello_timeout: Duration,
+    /// A client that takes no reply bytes for this long is disconnected
+    /// (its queued replies are dropped).
+    pub reply_timeout: Duration,
 }
 
 impl Default for Config {
@@ -133,6 +136,7 @@ impl Default for Config {
             log_segment_bytes: RepoOptions::default().segment_bytes,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             hello_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -161,8 +165,8 @@ impl Config {
         if self.max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
-        if self.hello_timeout.is_zero() {
-            bail!("the hello timeout must be positive");
+        if self.hello_timeout.is_zero() || self.reply_timeout.is_zero() {
+            bail!("the hello and reply timeouts must be positive");
         }
         if self.checkpoint_interval.is_zero() {
             bail!("the checkpoint interval must be positive");
@@ -325,6 +329,7 @@ impl Server {
         let settings = SessionSettings {
             max_connections: connection_limit(config.max_connections, raise_fd_limit()),
             hello_timeout: config.hello_timeout,
+            reply_timeout: config.reply_timeout,
             max_frame: config.max_frame,
             advertise,
             flush: config.flush,

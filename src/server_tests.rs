@@ -902,3 +902,66 @@ fn a_request_of_millions_of_items_is_refused_before_it_is_decoded() {
     ));
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_disconnected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 2 << 20,
+        reply_timeout: Duration::from_millis(500),
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    let mut app = Conn::open(addr, SessionRole::Application);
+    let body = CommitBody {
+        news: vec![WireNew {
+            temp_id: 1,
+            class: "Blob".into(),
+            value: Value::from("x".repeat(1 << 20)),
+        }],
+        ..CommitBody::default()
+    };
+    let oid = match app.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+        other => panic!("commit: {other:?}"),
+    };
+    // 200 reads of 1 MiB, none of the replies read: 200 MiB if the server
+    // queued them all. It stops reading past its byte budget, then gives
+    // up on the client.
+    let mut reader = Conn::open(addr, SessionRole::Application);
+    reader
+        .stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sent = 0;
+    for _ in 0..200 {
+        let req = Request {
+            id: 100 + sent,
+            body: RequestBody::Read {
+                oid,
+                depth: 0,
+                required_progress: Default::default(),
+            },
+        };
+        if write_frame(&mut reader.stream, &req).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    // Not reading is the point: give the server its reply timeout a few
+    // times over (nothing to wait for on this side: whether it gave up is
+    // only seen by reading).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut answered = 0;
+    while read_frame(&mut reader.stream, 4 << 20).is_ok() {
+        answered += 1;
+    }
+    assert!(answered < 200, "every one of {sent} reads was answered");
+    // Everyone else is served.
+    assert!(matches!(
+        app.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+}

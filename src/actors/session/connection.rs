@@ -7,10 +7,11 @@
 //!   small request costs one `recv`) and sends it to the actor as
 //!   [`Inbound`], awaiting the reply before reading the next: requests are
 //!   served in order and a client that stops reading its replies stops being
-//!   read (at most `OUT_QUEUE` replies wait);
+//!   read (at most `OUT_QUEUE` replies and about `QUEUE_BYTES` wait);
 //! * a writer task owns the write half and writes queued replies, batching
 //!   whatever is ready into one flush. When every sender is gone (the actor
-//!   stopped), it writes what is left and shuts the socket down.
+//!   stopped), it writes what is left and shuts the socket down. A client
+//!   that takes no reply bytes for `reply_timeout` is disconnected.
 //!
 //! The reader dies with the actor; the writer outlives it just long enough
 //! to deliver the last replies.
@@ -40,6 +41,9 @@ use crate::types::CommitNumber;
 
 /// Replies that may wait for a slow reader before the session stops reading.
 const OUT_QUEUE: usize = 32;
+/// Bytes of replies that may wait before the session stops reading (a
+/// reply under way may add one more).
+const QUEUE_BYTES: usize = 8 << 20;
 /// How long a closing session waits for its last replies to be written.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -50,6 +54,8 @@ pub struct SessionSettings {
     pub max_connections: usize,
     /// A connection silent past this long without a hello is closed.
     pub hello_timeout: Duration,
+    /// A client that takes no reply bytes for this long is disconnected.
+    pub reply_timeout: Duration,
     /// Largest request body accepted.
     pub max_frame: u64,
     /// The address this server is known by (status).
@@ -155,22 +161,85 @@ fn role_name(role: Option<SessionRole>) -> &'static str {
 }
 
 /// Write every queued frame, batching the ready ones into one flush.
-async fn write_replies(half: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, peer: SocketAddr) {
+async fn write_replies(
+    half: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    peer: SocketAddr,
+    queued: Arc<Queued>,
+    stall: Duration,
+) {
     let mut w = BufWriter::new(half);
-    while let Some(frame) = rx.recv().await {
-        let mut res = w.write_all(&frame).await;
-        while res.is_ok() {
-            match rx.try_recv() {
-                Ok(frame) => res = w.write_all(&frame).await,
-                Err(_) => break,
+    let outcome = async {
+        while let Some(frame) = rx.recv().await {
+            let mut batch = frame.len();
+            let mut res = timed(stall, w.write_all(&frame)).await;
+            while res.is_ok() {
+                match rx.try_recv() {
+                    Ok(frame) => {
+                        batch += frame.len();
+                        res = timed(stall, w.write_all(&frame)).await;
+                    }
+                    Err(_) => break,
+                }
             }
+            res = res.and(timed(stall, w.flush()).await);
+            queued.sent(batch);
+            res?;
         }
-        if let Err(e) = res.and(w.flush().await) {
-            debug!("writing to {peer} failed: {e}");
-            return;
-        }
+        Ok::<(), std::io::Error>(())
     }
-    let _ = w.shutdown().await;
+    .await;
+    match outcome {
+        Ok(()) => {
+            let _ = w.shutdown().await;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            info!("{peer} took no reply bytes for {stall:?}: disconnecting");
+        }
+        Err(e) => debug!("writing to {peer} failed: {e}"),
+    }
+    // Wake a reader waiting for room: the queue is gone, not emptied.
+    queued.room.notify_one();
+}
+
+/// A write that makes no progress for `stall` is an error.
+async fn timed(
+    stall: Duration,
+    io: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::time::timeout(stall, io)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Bytes of replies queued for the writer, and a signal when it made room.
+#[derive(Default)]
+pub(super) struct Queued {
+    bytes: std::sync::atomic::AtomicUsize,
+    room: tokio::sync::Notify,
+}
+
+impl Queued {
+    fn add(&self, n: usize) {
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sent(&self, n: usize) {
+        self.bytes
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.room.notify_one();
+    }
+
+    fn full(&self) -> bool {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed) > QUEUE_BYTES
+    }
+}
+
+/// A place reserved in the outgoing queue for one reply.
+pub struct Slot {
+    permit: mpsc::OwnedPermit<Vec<u8>>,
+    queued: Arc<Queued>,
 }
 
 impl Actor for Session {
@@ -184,13 +253,27 @@ impl Actor for Session {
         // frame of a pipelining client) come in with one read.
         let mut rd = BufReader::new(rd);
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
-        self.writer = Some(tokio::spawn(write_replies(wr, rx, self.peer)));
+        let queued = Arc::new(Queued::default());
+        self.writer = Some(tokio::spawn(write_replies(
+            wr,
+            rx,
+            self.peer,
+            queued.clone(),
+            self.env.settings.reply_timeout,
+        )));
         let me = ctx.address();
         let limit = self.env.settings.max_frame;
         async move {
             loop {
-                let Ok(slot) = tx.clone().reserve_owned().await else {
+                while queued.full() && !tx.is_closed() {
+                    queued.room.notified().await;
+                }
+                let Ok(permit) = tx.clone().reserve_owned().await else {
                     return "the connection cannot be written to";
+                };
+                let slot = Slot {
+                    permit,
+                    queued: queued.clone(),
                 };
                 let frame = read_frame_async(&mut rd, limit).await;
                 let last = frame.is_err();
@@ -247,7 +330,7 @@ pub enum Flow {
 #[rtype(result = "Flow")]
 pub struct Inbound {
     pub frame: Result<Vec<u8>, ProtocolError>,
-    pub slot: mpsc::OwnedPermit<Vec<u8>>,
+    pub slot: Slot,
 }
 
 /// Most bytes of client-chosen text quoted back in a log line or an error.
@@ -279,12 +362,14 @@ pub(super) fn error_body(error: WireError) -> ResponseBody {
 }
 
 /// Encode one reply into its slot, stamped with the current commit.
-fn reply(env: &SessionEnv, slot: mpsc::OwnedPermit<Vec<u8>>, id: u64, body: ResponseBody) {
+fn reply(env: &SessionEnv, slot: Slot, id: u64, body: ResponseBody) {
     let mut commit = *env.applied.borrow();
     if let ResponseBody::Committed { number, .. } = &body {
         commit = commit.max(*number);
     }
-    slot.send(codec::encode(&Response { id, commit, body }));
+    let frame = codec::encode(&Response { id, commit, body });
+    slot.queued.add(frame.len());
+    slot.permit.send(frame);
 }
 
 impl Handler<Inbound> for Session {

@@ -378,6 +378,7 @@ impl Server {
                 storage: storage.clone(),
                 commits: coordinator.clone().recipient(),
                 durability: coordinator.clone().recipient(),
+                acknowledgeable: coordinator.clone().recipient(),
                 durable: durable_rx,
                 shutdown: me.clone().recipient(),
                 fatal: me.recipient(),

@@ -700,6 +700,48 @@ impl Handler<RemoveReplica> for CommitCoordinator {
     }
 }
 
+/// Answer once commit `number` (already applied here) is as durable and as
+/// replicated as an acknowledged commit: what `commit_status` must wait
+/// for before it says a commit exists, or a kill -9 of this primary could
+/// lose a commit a client was told about. Sender: `commit_status` requests.
+#[derive(Message)]
+#[rtype(result = "Result<Acknowledged, WireError>")]
+pub struct AwaitAcknowledgeable {
+    pub number: CommitNumber,
+}
+
+impl Handler<AwaitAcknowledgeable> for CommitCoordinator {
+    type Result = ResponseFuture<Result<Acknowledged, WireError>>;
+
+    fn handle(&mut self, msg: AwaitAcknowledgeable, _: &mut Context<Self>) -> Self::Result {
+        if let Some(reason) = &self.failed {
+            let e = internal(reason);
+            return Box::pin(async move { Err(e) });
+        }
+        if self.fenced {
+            return Box::pin(async { Err(WireError::WrongServer { primary: None }) });
+        }
+        let ack = Acknowledged {
+            number: msg.number,
+            new_oids: Vec::new(),
+            positions: Vec::new(),
+        };
+        let must_flush = self.policy == FlushPolicy::Group && msg.number > self.durable;
+        if !must_flush && msg.number <= self.replicated_upto() {
+            return Box::pin(async move { Ok(ack) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.entry(msg.number).or_default().push((ack, tx));
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(WireError::Internal {
+                    reason: "the commit coordinator stopped; ask again".into(),
+                })
+            })
+        })
+    }
+}
+
 /// A secondary is being removed: commits stop waiting for it now, but it
 /// is still streamed to until `RemoveReplica`, so it receives its removal.
 /// Sender: the `NodeSupervisor`.

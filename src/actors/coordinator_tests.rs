@@ -530,3 +530,62 @@ async fn a_replica_being_removed_is_still_streamed_to_but_waited_for_by_nobody()
     })
     .await;
 }
+
+#[actix::test]
+async fn a_commit_status_waits_as_long_as_the_commit_itself() {
+    let rig = rig_with(FlushPolicy::Group, Duration::ZERO, false, 1);
+    let link = LinkProbe(Arc::default()).start();
+    rig.coordinator.do_send(AddReplica {
+        server_id: 7,
+        link: link.recipient(),
+    });
+    let mut commit = Box::pin(rig.coordinator.send(append()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut commit)
+            .await
+            .is_err()
+    );
+    // Applied here (the fake storage numbers it 1), not yet replicated:
+    // asking about it waits like the commit.
+    let mut status = Box::pin(rig.coordinator.send(AwaitAcknowledgeable { number: 1 }));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut status)
+            .await
+            .is_err(),
+        "a commit status said 1 exists before the secondary held it"
+    );
+    rig.coordinator.do_send(ReplicaAck {
+        server_id: 7,
+        durable: 1,
+    });
+    let bound = Duration::from_secs(10);
+    assert_eq!(
+        tokio::time::timeout(bound, status)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .number,
+        1
+    );
+    assert_eq!(
+        tokio::time::timeout(bound, commit)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .number,
+        1
+    );
+    // Once acknowledged, the answer is immediate.
+    let again = rig.coordinator.send(AwaitAcknowledgeable { number: 1 });
+    assert_eq!(
+        tokio::time::timeout(bound, again)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .number,
+        1
+    );
+}

@@ -90,6 +90,9 @@ pub struct SessionEnv {
     /// Makes replicated records durable under this server's flush policy
     /// after they are acknowledged (`ack: applied`).
     pub durability: Recipient<crate::actors::NoteReplicated>,
+    /// Waits until an applied commit is as durable and replicated as an
+    /// acknowledged one (`commit_status`).
+    pub acknowledgeable: Recipient<crate::actors::coordinator::AwaitAcknowledgeable>,
     /// The last durable commit, published by the `CommitLogActor`: what an
     /// `ack: applied` answer reports as durable.
     pub durable: watch::Receiver<CommitNumber>,

@@ -13,7 +13,7 @@ use actix::prelude::*;
 
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
-use crate::actors::coordinator::{NoteReplicated, SubmitCommit};
+use crate::actors::coordinator::{AwaitAcknowledgeable, NoteReplicated, SubmitCommit};
 use crate::actors::session::connection::SessionEnv;
 use crate::actors::storage::{
     is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetInfo, GetMeta,
@@ -481,6 +481,14 @@ pub(super) async fn commit_status(env: Arc<SessionEnv>, token: Vec<u8>) -> Answe
         }
     }
     let number = ask(&env, TokenCommit { token }).await?;
+    if let Some(n) = number {
+        // Applied is not enough: a commit told to exist must survive this
+        // primary's kill -9, as an acknowledged one does.
+        env.acknowledgeable
+            .send(AwaitAcknowledgeable { number: n })
+            .await
+            .map_err(|e| mailbox_error("the commit coordinator", e))??;
+    }
     Ok(ResponseBody::TokenStatus { number })
 }
 

@@ -56,6 +56,9 @@ use crate::storage::{CommitRequest, LogSync, StorageError};
 use crate::types::{CommitNumber, Oid};
 
 type Reply = oneshot::Sender<Result<Acknowledged, WireError>>;
+/// Storage's answer to a batch, its commits' replies, and the fence
+/// generation it was sent under.
+type BatchAnswer = (Result<BatchApplied, MailboxError>, Vec<Reply>, u64);
 
 /// What a client is told about its commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +101,11 @@ pub struct CommitCoordinator {
     /// Applied commits waiting for durability, by number (a retried token
     /// can make two waiters share a number).
     waiters: BTreeMap<CommitNumber, Vec<(Acknowledged, Reply)>>,
+    /// Batches sent to storage, and handled, so far; answers that arrive
+    /// before an earlier batch's wait in `answered`.
+    batches_sent: u64,
+    batches_handled: u64,
+    answered: BTreeMap<u64, BatchAnswer>,
     /// The newest handle not yet handed to a flush.
     pending: Option<LogSync>,
     /// Flushes sent and not yet answered.
@@ -150,6 +158,9 @@ impl CommitCoordinator {
             queued: Vec::new(),
             applying: 0,
             waiters: BTreeMap::new(),
+            batches_sent: 0,
+            batches_handled: 0,
+            answered: BTreeMap::new(),
             pending: None,
             flushing: 0,
             requested: durable,
@@ -233,11 +244,33 @@ impl CommitCoordinator {
             // Group: storage starts the batch's flush itself (one hop less).
             flush: (self.policy == FlushPolicy::Group).then(|| self.flusher.clone()),
         };
+        let seq = self.batches_sent;
+        self.batches_sent += 1;
         self.storage
             .send(batch)
             .into_actor(self)
-            .map(move |res, act, ctx| act.on_applied(res, replies, gen, ctx))
+            .map(move |res, act, ctx| act.on_batch_answer(seq, res, replies, gen, ctx))
             .spawn(ctx);
+    }
+
+    /// Take storage's answers in the order the batches were sent. The
+    /// storage thread answers them in order, but futures spawned in an
+    /// actor's context are not polled in spawn order: two answers ready
+    /// together could be handled late one first (records handed to the
+    /// secondaries out of order, acknowledgements out of order).
+    fn on_batch_answer(
+        &mut self,
+        seq: u64,
+        res: Result<BatchApplied, MailboxError>,
+        replies: Vec<Reply>,
+        gen: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        self.answered.insert(seq, (res, replies, gen));
+        while let Some((res, replies, gen)) = self.answered.remove(&self.batches_handled) {
+            self.batches_handled += 1;
+            self.on_applied(res, replies, gen, ctx);
+        }
     }
 
     fn on_applied(

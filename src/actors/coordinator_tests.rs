@@ -17,6 +17,8 @@ struct FakeStorage {
     last: CommitNumber,
     file: Arc<std::fs::File>,
     batches: Arc<Mutex<Vec<usize>>>,
+    /// Answer the first batch this late (later ones at once).
+    slow_first: Option<Duration>,
 }
 
 impl Actor for FakeStorage {
@@ -42,7 +44,7 @@ impl FakeStorage {
 }
 
 impl Handler<CommitBatch> for FakeStorage {
-    type Result = BatchApplied;
+    type Result = ResponseFuture<BatchApplied>;
 
     fn handle(&mut self, msg: CommitBatch, _: &mut Context<Self>) -> Self::Result {
         self.batches.lock().unwrap().push(msg.commits.len());
@@ -56,7 +58,13 @@ impl Handler<CommitBatch> for FakeStorage {
             (Some(flusher), Some(sync)) => Some((sync.upto(), flusher.send(Flush { sync }))),
             _ => None,
         };
-        BatchApplied { results, flush }
+        let delay = self.slow_first.take();
+        Box::pin(async move {
+            if let Some(d) = delay {
+                actix_rt::time::sleep(d).await;
+            }
+            BatchApplied { results, flush }
+        })
     }
 }
 
@@ -119,12 +127,23 @@ fn rig(policy: FlushPolicy, delay: Duration, fail: bool) -> Rig {
 }
 
 fn rig_with(policy: FlushPolicy, delay: Duration, fail: bool, sync_replicas: u32) -> Rig {
+    rig_full(policy, delay, fail, sync_replicas, None)
+}
+
+fn rig_full(
+    policy: FlushPolicy,
+    delay: Duration,
+    fail: bool,
+    sync_replicas: u32,
+    slow_first: Option<Duration>,
+) -> Rig {
     let file = Arc::new(tempfile::tempfile().unwrap());
     let batches = Arc::new(Mutex::new(Vec::new()));
     let storage = FakeStorage {
         last: 0,
         file: file.clone(),
         batches: batches.clone(),
+        slow_first,
     }
     .start();
     let requested = Arc::new(Mutex::new(Vec::new()));
@@ -588,4 +607,35 @@ async fn a_commit_status_waits_as_long_as_the_commit_itself() {
             .number,
         1
     );
+}
+
+#[actix::test]
+async fn batches_are_handled_in_the_order_they_were_sent() {
+    // Storage answers the first batch after the second (as two answers
+    // ready together may be polled in any order).
+    let rig = rig_full(
+        FlushPolicy::Interval(5),
+        Duration::ZERO,
+        false,
+        0,
+        Some(Duration::from_millis(100)),
+    );
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let send = |order: Arc<Mutex<Vec<CommitNumber>>>| {
+        let addr = rig.coordinator.clone();
+        actix_rt::spawn(async move {
+            let ack = addr.send(append()).await.unwrap().unwrap();
+            order.lock().unwrap().push(ack.number);
+        })
+    };
+    let first = send(order.clone());
+    let batches = rig.batches.clone();
+    wait_until("the first batch at storage", || {
+        batches.lock().unwrap().len() == 1
+    })
+    .await;
+    let second = send(order.clone());
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(*order.lock().unwrap(), vec![1, 2]);
 }

@@ -965,3 +965,63 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
     ));
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
+    use crate::storage::{CommitRequest, Repository};
+    use crate::types::{Member, MemberRole, Node};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    // A member that takes the restarting primary's probe and never answers
+    // it: the primary decides its role only when its 1 s probe gives up.
+    let member = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let member_addr = member.local_addr().unwrap().to_string();
+    let probe_over = std::sync::Arc::new(AtomicBool::new(false));
+    let over = probe_over.clone();
+    std::thread::spawn(move || {
+        if let Ok((mut probe, _)) = member.accept() {
+            let mut buf = [0u8; 4096];
+            while matches!(std::io::Read::read(&mut probe, &mut buf), Ok(n) if n > 0) {}
+            over.store(true, Ordering::SeqCst);
+        }
+    });
+    {
+        let mut repo = Repository::create(&tmp.path().join("repo"), 5, "127.0.0.1:1").unwrap();
+        repo.commit(CommitRequest {
+            set_node: Some(Node {
+                members: vec![
+                    Member {
+                        server_id: 5,
+                        addr: "127.0.0.1:1".into(),
+                        role: MemberRole::Primary,
+                    },
+                    Member {
+                        server_id: 6,
+                        addr: member_addr,
+                        role: MemberRole::Secondary,
+                    },
+                ],
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        repo.checkpoint().unwrap();
+    }
+    let server = spawn(config(tmp.path())).unwrap();
+    // Another former primary restarting at the same time asks this one: it
+    // must hear the epoch now, not after this server's own probe.
+    let mut peer = Conn::raw(server.local_addr());
+    match peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION)).body {
+        ResponseBody::Hello { epoch, .. } => assert_eq!(epoch, crate::types::Epoch::initial(5)),
+        other => panic!("hello: {other:?}"),
+    }
+    assert!(
+        !probe_over.load(Ordering::SeqCst),
+        "the peer hello waited for the role decision"
+    );
+    // An application waits for the decision, then finds a primary.
+    Conn::open(server.local_addr(), SessionRole::Application);
+    assert!(probe_over.load(Ordering::SeqCst));
+    server.shutdown(true).unwrap();
+}

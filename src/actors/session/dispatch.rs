@@ -238,7 +238,7 @@ impl Session {
         self.role = Some(role);
         self.client = client_name;
         self.log_opened();
-        later(requests::hello(self.env.clone()))
+        later(requests::hello(self.env.clone(), role))
     }
 }
 

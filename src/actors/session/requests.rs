@@ -25,8 +25,8 @@ use crate::actors::supervisor::{
     Replicated as SupervisorReplicated, TakeOverNow,
 };
 use crate::protocol::{
-    CommitBody, MemberStatus, ReplicateAck, ResponseBody, ServerRole, StatusReport, WireError,
-    PROTOCOL_VERSION,
+    CommitBody, MemberStatus, ReplicateAck, ResponseBody, ServerRole, SessionRole, StatusReport,
+    WireError, PROTOCOL_VERSION,
 };
 use crate::storage::StorageError;
 use crate::types::{hex, CommitNumber, Epoch, Oid};
@@ -106,9 +106,15 @@ const ROLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Answered from the published identity, never through the storage thread:
 /// peers take a hello that does not come within their ping timeout for a
-/// dead server (see the `storage` module doc).
-pub(super) async fn hello(env: Arc<SessionEnv>) -> Answer {
-    role_decided(&env).await;
+/// dead server (see the `storage` module doc). A peer's hello never waits
+/// for the role either: two former primaries restarting together ask each
+/// other before deciding, and each must hear the other's epoch at once
+/// (waiting, both would time out and both serve as primary). Clients wait,
+/// so they never commit to a server that does not lead yet.
+pub(super) async fn hello(env: Arc<SessionEnv>, role: SessionRole) -> Answer {
+    if role != SessionRole::Peer {
+        role_decided(&env).await;
+    }
     let id = env.identity.borrow().clone();
     Ok(ResponseBody::Hello {
         protocol_version: PROTOCOL_VERSION,

@@ -164,6 +164,10 @@ pub struct BroadcastActor {
     next: CommitNumber,
     /// Highest record the secondary acknowledged as applied.
     acked: CommitNumber,
+    /// The secondary answered at least once: until then `acked` is only
+    /// where the stream starts, not what it holds (status must not show a
+    /// lagging secondary level with us after a promotion).
+    heard: bool,
     /// Highest record the secondary acknowledged as durable (≤ `acked`).
     durable: CommitNumber,
     /// Highest record the primary has handed us.
@@ -283,6 +287,7 @@ impl BroadcastActor {
             busy: false,
             next,
             acked: next.saturating_sub(1),
+            heard: false,
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
             primary_last,
@@ -440,6 +445,7 @@ impl BroadcastActor {
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
                 let (applied, durable) = credited(applied, durable, self.primary_last);
+                self.heard = true;
                 if applied > self.acked {
                     self.acked = applied;
                     // Progress: any stall starts again from now.
@@ -585,7 +591,7 @@ impl BroadcastActor {
 
     /// Outstanding records not acknowledged: since when?
     fn refresh_stall(&mut self) {
-        if self.acked >= self.primary_last {
+        if self.heard && self.acked >= self.primary_last {
             self.stalled_since = None;
             self.reported_at = None;
         } else if self.stalled_since.is_none() {
@@ -638,6 +644,8 @@ impl BroadcastActor {
     }
 
     fn stats(&self) -> ReplicaStats {
+        // Before its first answer, only what it holds durably is known.
+        let applied = if self.heard { self.acked } else { self.durable };
         let lag_ms = self
             .handed
             .front()
@@ -645,15 +653,15 @@ impl BroadcastActor {
             .or_else(|| {
                 // Outstanding records we were not handed (read back from
                 // the log after a restart or overflow): since the stall.
-                (self.acked < self.primary_last)
+                (applied < self.primary_last)
                     .then(|| self.stalled_since.map(|s| s.elapsed().as_millis() as u64))
                     .flatten()
             })
             .unwrap_or(0);
         ReplicaStats {
-            applied: self.acked,
+            applied,
             durable: self.durable,
-            lag_commits: self.primary_last.saturating_sub(self.acked),
+            lag_commits: self.primary_last.saturating_sub(applied),
             lag_ms,
             connected: self.pipe.is_some() || self.busy,
         }
@@ -774,6 +782,69 @@ mod tests {
         assert_eq!(held.bytes, 75 << 20);
         held.drop_through(u64::MAX - 1);
         assert_eq!(held.bytes, 0);
+    }
+
+    /// Swallows what a broadcaster reports.
+    struct Sink;
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ReplicaAck> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: ReplicaAck, _: &mut Context<Self>) {}
+    }
+
+    impl Handler<ReplicaTrouble> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: ReplicaTrouble, _: &mut Context<Self>) {}
+    }
+
+    #[actix::test]
+    async fn a_secondary_not_heard_from_is_not_shown_level() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo =
+            crate::storage::Repository::create(&tmp.path().join("r"), 1, "127.0.0.1:1").unwrap();
+        let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
+        let storage = StorageActor::start(
+            repo,
+            tokio::sync::watch::channel(0).0,
+            tokio::sync::watch::channel(identity).0,
+        );
+        let sink = Sink.start();
+        let settings = LinkSettings {
+            replica_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(2),
+            coalesce: None,
+            max_in_flight: 1,
+            ack: ReplicateAck::Durable,
+        };
+        let peer = Member {
+            server_id: 2,
+            addr: "127.0.0.1:1".into(),
+            role: crate::types::MemberRole::Secondary,
+        };
+        // Promoted at 100; the secondary's stream starts at 101, but it
+        // has said nothing yet (it may hold 90).
+        let mut b = BroadcastActor::new(
+            peer,
+            1,
+            Epoch::initial(1),
+            101,
+            100,
+            storage,
+            sink.clone().recipient(),
+            sink.recipient(),
+            settings,
+        );
+        let s = b.stats();
+        assert_eq!((s.applied, s.lag_commits), (0, 100));
+        // Its first answer tells.
+        b.heard = true;
+        b.acked = 90;
+        let s = b.stats();
+        assert_eq!((s.applied, s.lag_commits), (90, 10));
     }
 
     #[test]

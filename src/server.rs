@@ -57,9 +57,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// the node's own links get in while applications are turned away);
 /// connections beyond both are closed unread.
 pub const RESERVED_CONNECTIONS: usize = 64;
-/// File descriptors the repository needs besides connections: open
-/// collections (at most 256), log segments, data files, backups.
-const FDS_FOR_STORAGE: u64 = 512;
+/// File descriptors the server needs besides client connections: open
+/// collections (at most 256, two files each), log segments and their
+/// readers, data files, backup and pull files, links to peers, the
+/// runtime's own (epoll, eventfds per thread), with room to spare.
+const FDS_FOR_STORAGE: u64 = 1024;
 
 /// Everything a server is started with.
 #[derive(Clone, Debug)]

@@ -801,8 +801,8 @@ fn a_connection_that_never_says_hello_is_closed() {
 #[test]
 fn the_connection_limit_fits_the_open_file_limit() {
     assert_eq!(connection_limit(1024, 1 << 20), 1024);
-    // 1024 descriptors: the storage's 512 and the reserve's 64 first.
-    assert_eq!(connection_limit(1024, 1024), 448);
+    // 2048 descriptors: the server's own 1024 and the reserve's 64 first.
+    assert_eq!(connection_limit(1024, 2048), 960);
     assert_eq!(connection_limit(10, 100), 1);
 }
 

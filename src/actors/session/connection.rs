@@ -175,12 +175,12 @@ async fn write_replies(
     let outcome = async {
         while let Some(frame) = rx.recv().await {
             let mut batch = frame.len();
-            let mut res = timed(stall, w.write_all(&frame)).await;
+            let mut res = write_timed(&mut w, &frame, stall).await;
             while res.is_ok() {
                 match rx.try_recv() {
                     Ok(frame) => {
                         batch += frame.len();
-                        res = timed(stall, w.write_all(&frame)).await;
+                        res = write_timed(&mut w, &frame, stall).await;
                     }
                     Err(_) => break,
                 }
@@ -203,6 +203,20 @@ async fn write_replies(
     }
     // Wake a reader waiting for room: the queue is gone, not emptied.
     queued.room.notify_one();
+}
+
+/// Write `frame` a piece at a time, each piece within `stall`: a client
+/// that reads slowly but steadily (a secondary over a slow link taking an
+/// 8 MiB glob) is served, one that stopped reading is not.
+async fn write_timed(
+    w: &mut BufWriter<OwnedWriteHalf>,
+    frame: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    for piece in frame.chunks(64 << 10) {
+        timed(stall, w.write_all(piece)).await?;
+    }
+    Ok(())
 }
 
 /// A write that makes no progress for `stall` is an error.

@@ -121,6 +121,11 @@ pub struct NodeSupervisor {
     catching_up: HashMap<u64, (CommitNumber, Instant)>,
     /// Member checks in progress (server ids).
     checking: std::collections::HashSet<u64>,
+    /// Members whose removal is being committed, and removed members still
+    /// streamed to until they apply their removal (server ids): neither is
+    /// added back by catching up meanwhile.
+    removing: std::collections::HashSet<u64>,
+    retiring: std::collections::HashSet<u64>,
     /// A promotion or hand-over is under way.
     changing_role: bool,
 }
@@ -141,6 +146,8 @@ impl NodeSupervisor {
             follow_state: None,
             catching_up: HashMap::new(),
             checking: Default::default(),
+            removing: Default::default(),
+            retiring: Default::default(),
             changing_role: false,
         }
     }
@@ -224,6 +231,8 @@ impl NodeSupervisor {
     }
 
     fn stop_broadcaster(&mut self, server_id: u64) {
+        self.removing.remove(&server_id);
+        self.retiring.remove(&server_id);
         self.parts.commits.do_send(RemoveReplica { server_id });
         if let Some(b) = self.broadcasters.remove(&server_id) {
             b.do_send(StopBroadcast);
@@ -231,12 +240,12 @@ impl NodeSupervisor {
     }
 
     /// Stop streaming to a removed member once it has applied `upto` (its
-    /// removal, so it stops following) or a replica timeout passed. No
-    /// commit waits for it meanwhile (`StopCounting` came first).
+    /// removal, so it stops following) or a replica timeout passed.
     fn retire_broadcaster(&mut self, server_id: u64, upto: CommitNumber, ctx: &mut Context<Self>) {
         let Some(b) = self.broadcasters.get(&server_id).cloned() else {
             return;
         };
+        self.retiring.insert(server_id);
         let patience = self.parts.settings.replica_timeout;
         let watched = b.clone();
         async move {
@@ -251,8 +260,8 @@ impl NodeSupervisor {
         }
         .into_actor(self)
         .map(move |_, act, _| {
-            // Unless it re-joined meanwhile under a new broadcaster.
-            if act.broadcasters.get(&server_id) == Some(&b) {
+            // Unless it was stopped meanwhile (and maybe re-joined since).
+            if act.retiring.remove(&server_id) && act.broadcasters.get(&server_id) == Some(&b) {
                 act.stop_broadcaster(server_id);
             }
         })
@@ -801,6 +810,15 @@ impl Handler<PeerCaughtUp> for NodeSupervisor {
             return;
         }
         self.catching_up.remove(&msg.server_id);
+        if self.removing.contains(&msg.server_id) || self.retiring.contains(&msg.server_id) {
+            // Level by catch-up (where it took its removal for history):
+            // the operator's removal wins while it is under way.
+            info!(
+                "{} caught up while its removal is under way: not added back",
+                msg.addr
+            );
+            return;
+        }
         let member = Member {
             server_id: msg.server_id,
             addr: msg.addr.clone(),
@@ -913,7 +931,7 @@ pub struct RemoveMember {
 impl Handler<RemoveMember> for NodeSupervisor {
     type Result = ResponseActFuture<Self, Result<(), WireError>>;
 
-    fn handle(&mut self, msg: RemoveMember, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RemoveMember, ctx: &mut Context<Self>) -> Self::Result {
         if !self.is_primary {
             let primary = self.parts.state.borrow().primary.clone();
             return Box::pin(fut::ready(Err(WireError::WrongServer { primary })));
@@ -936,36 +954,54 @@ impl Handler<RemoveMember> for NodeSupervisor {
         };
         self.node = node;
         info!("removing secondary {} on the operator's request", m.addr);
-        // No commit waits for it from now on (a secondary removed because
-        // its disk hangs would never acknowledge the removal itself), but
-        // it is still streamed to until it applied its removal (or a
-        // replica timeout passed), so it learns of it and stops following.
-        self.parts.commits.do_send(StopCounting {
-            server_id: m.server_id,
+        // The removal is committed like any commit, waiting for this
+        // member too: commits acknowledged before it knows it was removed
+        // must be on it, for it still takes itself for the successor. One
+        // that does not acknowledge within REMOVAL_PATIENCE (its disk
+        // hangs) is waited for no more. It is streamed to until it applied
+        // its removal (or a replica timeout passed), so it stops following.
+        let id = m.server_id;
+        self.removing.insert(id);
+        let patience = REMOVAL_PATIENCE.min(self.parts.settings.replica_timeout);
+        ctx.run_later(patience, move |act, _| {
+            if act.removing.contains(&id) {
+                warn!("the removed secondary has not acknowledged its removal within {patience:?}: commits no longer wait for it");
+                act.parts.commits.do_send(StopCounting { server_id: id });
+            }
         });
         Box::pin(
             self.parts
                 .commits
                 .send(SubmitCommit(req))
                 .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(Ok(ack)) => {
-                        info!(
-                            "node change committed as {}: removed {}",
-                            ack.number, m.addr
-                        );
-                        act.retire_broadcaster(m.server_id, ack.number, ctx);
-                        Ok(())
-                    }
-                    Ok(Err(e)) => {
-                        act.stop_broadcaster(m.server_id);
-                        Err(e)
-                    }
-                    Err(e) => {
-                        act.stop_broadcaster(m.server_id);
-                        Err(WireError::Internal {
-                            reason: e.to_string(),
-                        })
+                .map(move |res, act, ctx| {
+                    // Stopped meanwhile (found unreachable): nothing left.
+                    let still_removed = act.removing.remove(&m.server_id);
+                    match res {
+                        Ok(Ok(ack)) => {
+                            info!(
+                                "node change committed as {}: removed {}",
+                                ack.number, m.addr
+                            );
+                            if still_removed {
+                                act.retire_broadcaster(m.server_id, ack.number, ctx);
+                            }
+                            Ok(())
+                        }
+                        Ok(Err(e)) => {
+                            if still_removed {
+                                act.stop_broadcaster(m.server_id);
+                            }
+                            Err(e)
+                        }
+                        Err(e) => {
+                            if still_removed {
+                                act.stop_broadcaster(m.server_id);
+                            }
+                            Err(WireError::Internal {
+                                reason: e.to_string(),
+                            })
+                        }
                     }
                 }),
         )
@@ -1399,6 +1435,11 @@ pub struct HandOverTo {
 }
 
 const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the removal of a secondary waits for that secondary's own
+/// acknowledgement (at most the replica timeout) before commits stop
+/// waiting for it.
+const REMOVAL_PATIENCE: Duration = Duration::from_secs(2);
 
 impl Handler<HandOverTo> for NodeSupervisor {
     type Result = ResponseActFuture<Self, Result<CommitNumber, WireError>>;

@@ -361,6 +361,7 @@ impl Server {
                 dir: config.dir.clone(),
                 follow,
                 settings: link_settings,
+                fatal: me.clone().recipient(),
             })
             .start();
             let backup = BackupActor::new(

@@ -1025,3 +1025,56 @@ fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
     assert!(probe_over.load(Ordering::SeqCst));
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_secondary_that_cannot_apply_a_logged_record_stops() {
+    use crate::protocol::ReplicateAck;
+    use crate::storage::record::{CommitRecord, Op, Payload};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let primary = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let info = primary.info();
+    // In sequence, in the chain, of the right epoch (so it is logged), but
+    // appending to a collection nobody created: applying it fails.
+    let bad = CommitRecord {
+        number: info.last_commit + 1,
+        epoch: info.epoch,
+        prev_hash: info.last_hash,
+        payload: Payload {
+            token: None,
+            ops: vec![Op::Append {
+                coll: 999_999,
+                index: 0,
+                value: vec![0xc0],
+            }],
+        },
+    }
+    .encode();
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    match peer
+        .call(RequestBody::Replicate {
+            epoch: info.epoch,
+            primary_id: 7,
+            records: vec![serde_bytes::ByteBuf::from(bad)],
+            primary_last: info.last_commit + 1,
+            ack: ReplicateAck::Durable,
+        })
+        .body
+    {
+        ResponseBody::Error {
+            error: WireError::Internal { .. },
+            ..
+        } => {}
+        other => panic!("a record that cannot be applied was answered {other:?}"),
+    }
+    // The server stops by itself.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(server.join()));
+    let end = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server went on after a half-applied record");
+    assert!(end.is_err(), "a fatal stop is reported as an error");
+}

@@ -19,6 +19,7 @@ use log::{error, info, warn};
 
 use crate::actors::broadcast::LinkSettings;
 use crate::actors::commit_log::{CommitLogActor, Flush};
+use crate::actors::controller::Fatal;
 use crate::actors::peer_link::{LinkError, PeerLink};
 use crate::actors::storage::{ApplyRecords, StorageActor};
 use crate::protocol::{RequestBody, ResponseBody, WireError};
@@ -77,6 +78,8 @@ pub struct FollowerActor {
     flusher: Addr<CommitLogActor>,
     report: Recipient<FollowerReport>,
     nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+    /// Stops the server when caught-up records cannot be applied or synced.
+    fatal: Recipient<Fatal>,
     settings: LinkSettings,
     link: Option<PeerLink>,
     busy: bool,
@@ -101,6 +104,7 @@ impl FollowerActor {
         flusher: Addr<CommitLogActor>,
         report: Recipient<FollowerReport>,
         nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+        fatal: Recipient<Fatal>,
         settings: LinkSettings,
     ) -> Self {
         FollowerActor {
@@ -115,6 +119,7 @@ impl FollowerActor {
             flusher,
             report,
             nodes,
+            fatal,
             settings,
             link: None,
             busy: false,
@@ -252,18 +257,33 @@ impl FollowerActor {
         let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
         let flusher = self.flusher.clone();
         let storage = self.storage.clone();
+        let fatal = self.fatal.clone();
+        let stop = move |reason: String| {
+            fatal.do_send(Fatal {
+                reason: reason.clone(),
+            });
+            reason
+        };
         async move {
             let applied = storage
                 .send(ApplyRecords::plain(bodies))
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    if e.is_fatal() {
+                        // Half applied, or the disk failing: this copy
+                        // must not go on.
+                        stop(format!("applying caught-up records failed: {e}"))
+                    } else {
+                        e.to_string()
+                    }
+                })?;
             if let Some(sync) = applied.sync.clone() {
                 flusher
                     .send(Flush { sync })
                     .await
                     .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("fsync failed: {e}"))?;
+                    .map_err(|e| stop(format!("fsync of caught-up records failed: {e}")))?;
             }
             Ok::<_, String>((applied.last, applied.node_changed))
         }

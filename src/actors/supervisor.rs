@@ -100,6 +100,9 @@ pub struct SupervisorParts {
     /// `--primary`: follow this server instead of the node's primary.
     pub follow: Option<NodeAddr>,
     pub settings: LinkSettings,
+    /// Stops the server: a catch-up whose records cannot be applied or
+    /// made durable leaves this copy unfit to serve.
+    pub fatal: Recipient<crate::actors::controller::Fatal>,
 }
 
 pub struct NodeSupervisor {
@@ -346,6 +349,7 @@ impl NodeSupervisor {
             self.parts.flusher.clone(),
             ctx.address().recipient(),
             ctx.address().recipient(),
+            self.parts.fatal.clone(),
             self.parts.settings,
         )
         .start();

@@ -415,7 +415,16 @@ async fn replicated(
         Ok(Err(StorageError::StaleEpoch { got, current, .. })) => {
             return Err(WireError::StaleEpoch { got, current })
         }
-        Ok(Err(e)) => return Err(wire_error(&e)),
+        Ok(Err(e)) => {
+            if e.is_fatal() {
+                // Logged records half applied, or the disk failing: this
+                // copy must not acknowledge anything more.
+                env.fatal.do_send(Fatal {
+                    reason: format!("applying replicated records failed: {e}"),
+                });
+            }
+            return Err(wire_error(&e));
+        }
         Err(e) => return Err(mailbox_error("the storage actor", e)),
     };
     let durable = match applied.flushing {

@@ -1078,3 +1078,43 @@ fn a_secondary_that_cannot_apply_a_logged_record_stops() {
         .expect("the server went on after a half-applied record");
     assert!(end.is_err(), "a fatal stop is reported as an error");
 }
+
+#[test]
+fn a_received_record_that_does_not_parse_is_refused_not_fatal() {
+    use crate::protocol::ReplicateAck;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let primary = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let info = primary.info();
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    match peer
+        .call(RequestBody::Replicate {
+            epoch: info.epoch,
+            primary_id: 7,
+            records: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])],
+            primary_last: info.last_commit + 1,
+            ack: ReplicateAck::Durable,
+        })
+        .body
+    {
+        ResponseBody::Error {
+            error: WireError::BadRequest { .. },
+            ..
+        } => {}
+        other => panic!("a damaged record was answered {other:?}"),
+    }
+    // Nothing was logged or applied: the server goes on serving.
+    let mut app = Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::CatchingUp,
+    );
+    assert!(matches!(
+        app.call(RequestBody::Ping).body,
+        ResponseBody::Pong
+    ));
+    server.shutdown(true).unwrap();
+}

@@ -270,7 +270,7 @@ impl FollowerActor {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| {
-                    if e.is_fatal() {
+                    if e.is_fatal() && !crate::actors::storage::is_closed(&e) {
                         // Half applied, or the disk failing: this copy
                         // must not go on.
                         stop(format!("applying caught-up records failed: {e}"))

@@ -737,7 +737,11 @@ impl Repository {
     }
 
     fn apply_one(&mut self, body: &[u8]) -> Result<()> {
-        let head = RecordHead::parse(body)?;
+        // A record that does not parse came damaged from the network (or
+        // from a newer version): refused, not a sign that our files are
+        // (nothing is logged or applied yet).
+        let received = |e: StorageError| StorageError::Invalid(format!("a received record: {e}"));
+        let head = RecordHead::parse(body).map_err(received)?;
         let expected = self.log.last() + 1;
         if head.number != expected {
             return Err(StorageError::OutOfSequence {
@@ -757,7 +761,7 @@ impl Repository {
                 current: self.epoch,
             });
         }
-        let record = CommitRecord::decode(body)?;
+        let record = CommitRecord::decode(body).map_err(received)?;
         self.log.append_buffered(record.number, body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
         self.apply_logged(&record)

@@ -416,7 +416,7 @@ async fn replicated(
             return Err(WireError::StaleEpoch { got, current })
         }
         Ok(Err(e)) => {
-            if e.is_fatal() {
+            if e.is_fatal() && !is_closed(&e) {
                 // Logged records half applied, or the disk failing: this
                 // copy must not acknowledge anything more.
                 env.fatal.do_send(Fatal {

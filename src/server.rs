@@ -212,7 +212,10 @@ fn raise_fd_limit() -> u64 {
 /// The connection limit the descriptor limit `fds` allows: application
 /// connections, the reserve and the storage engine's files must fit.
 fn connection_limit(wanted: usize, fds: u64) -> usize {
-    let room = fds.saturating_sub(FDS_FOR_STORAGE + RESERVED_CONNECTIONS as u64) as usize;
+    // Under a small limit the server's own share shrinks too (it rarely
+    // has 256 collections open), rather than leaving no client room.
+    let own = FDS_FOR_STORAGE.min(fds / 2);
+    let room = fds.saturating_sub(own + RESERVED_CONNECTIONS as u64) as usize;
     if wanted > room {
         let limit = room.max(1);
         warn!(

@@ -127,8 +127,11 @@ pub struct NodeSupervisor {
     /// Members whose removal is being committed, and removed members still
     /// streamed to until they apply their removal (server ids): neither is
     /// added back by catching up meanwhile.
-    removing: std::collections::HashSet<u64>,
-    retiring: std::collections::HashSet<u64>,
+    /// Each entry carries the generation of its removal, so a timer or a
+    /// completion of an earlier removal never acts on a later one.
+    removing: HashMap<u64, u64>,
+    retiring: HashMap<u64, u64>,
+    removal_gen: u64,
     /// A promotion or hand-over is under way.
     changing_role: bool,
 }
@@ -149,8 +152,9 @@ impl NodeSupervisor {
             follow_state: None,
             catching_up: HashMap::new(),
             checking: Default::default(),
-            removing: Default::default(),
-            retiring: Default::default(),
+            removing: HashMap::new(),
+            retiring: HashMap::new(),
+            removal_gen: 0,
             changing_role: false,
         }
     }
@@ -234,7 +238,8 @@ impl NodeSupervisor {
     }
 
     fn stop_broadcaster(&mut self, server_id: u64) {
-        self.removing.remove(&server_id);
+        // Its stream is gone: nothing left to retire. (A removal being
+        // committed stays marked: the member must not be added back.)
         self.retiring.remove(&server_id);
         self.parts.commits.do_send(RemoveReplica { server_id });
         if let Some(b) = self.broadcasters.remove(&server_id) {
@@ -248,7 +253,9 @@ impl NodeSupervisor {
         let Some(b) = self.broadcasters.get(&server_id).cloned() else {
             return;
         };
-        self.retiring.insert(server_id);
+        self.removal_gen += 1;
+        let gen = self.removal_gen;
+        self.retiring.insert(server_id, gen);
         let patience = self.parts.settings.replica_timeout;
         let watched = b.clone();
         async move {
@@ -264,7 +271,9 @@ impl NodeSupervisor {
         .into_actor(self)
         .map(move |_, act, _| {
             // Unless it was stopped meanwhile (and maybe re-joined since).
-            if act.retiring.remove(&server_id) && act.broadcasters.get(&server_id) == Some(&b) {
+            if act.retiring.get(&server_id) == Some(&gen)
+                && act.broadcasters.get(&server_id) == Some(&b)
+            {
                 act.stop_broadcaster(server_id);
             }
         })
@@ -814,7 +823,8 @@ impl Handler<PeerCaughtUp> for NodeSupervisor {
             return;
         }
         self.catching_up.remove(&msg.server_id);
-        if self.removing.contains(&msg.server_id) || self.retiring.contains(&msg.server_id) {
+        if self.removing.contains_key(&msg.server_id) || self.retiring.contains_key(&msg.server_id)
+        {
             // Level by catch-up (where it took its removal for history):
             // the operator's removal wins while it is under way.
             info!(
@@ -965,10 +975,12 @@ impl Handler<RemoveMember> for NodeSupervisor {
         // hangs) is waited for no more. It is streamed to until it applied
         // its removal (or a replica timeout passed), so it stops following.
         let id = m.server_id;
-        self.removing.insert(id);
+        self.removal_gen += 1;
+        let gen = self.removal_gen;
+        self.removing.insert(id, gen);
         let patience = REMOVAL_PATIENCE.min(self.parts.settings.replica_timeout);
         ctx.run_later(patience, move |act, _| {
-            if act.removing.contains(&id) {
+            if act.removing.get(&id) == Some(&gen) {
                 warn!("the removed secondary has not acknowledged its removal within {patience:?}: commits no longer wait for it");
                 act.parts.commits.do_send(StopCounting { server_id: id });
             }
@@ -979,8 +991,11 @@ impl Handler<RemoveMember> for NodeSupervisor {
                 .send(SubmitCommit(req))
                 .into_actor(self)
                 .map(move |res, act, ctx| {
+                    if act.removing.get(&m.server_id) == Some(&gen) {
+                        act.removing.remove(&m.server_id);
+                    }
                     // Stopped meanwhile (found unreachable): nothing left.
-                    let still_removed = act.removing.remove(&m.server_id);
+                    let still_removed = act.broadcasters.contains_key(&m.server_id);
                     match res {
                         Ok(Ok(ack)) => {
                             info!(

@@ -27,6 +27,19 @@ use crate::types::{CommitNumber, NodeAddr};
 
 const GLOB_RECORDS: u32 = 10_000;
 const GLOB_BYTES: u64 = 8 << 20;
+/// The smallest glob asked for after timeouts.
+const MIN_GLOB_BYTES: u64 = 64 << 10;
+
+/// The glob size to ask for next: halved after a pull timed out (a link
+/// too slow to carry a whole glob within the call timeout would otherwise
+/// fail the same way for ever), doubled back after one came in.
+fn next_glob_bytes(current: u64, timed_out: bool) -> u64 {
+    if timed_out {
+        (current / 2).max(MIN_GLOB_BYTES)
+    } else {
+        (current * 2).min(GLOB_BYTES)
+    }
+}
 
 /// Where catching up stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +103,8 @@ pub struct FollowerActor {
     /// Globs pulled since the last level state (for the log line).
     pulled: u64,
     started_at: Instant,
+    /// Bytes asked for per glob (see [`next_glob_bytes`]).
+    glob_bytes: u64,
 }
 
 impl FollowerActor {
@@ -128,6 +143,7 @@ impl FollowerActor {
             retry_at: Instant::now(),
             pulled: 0,
             started_at: Instant::now(),
+            glob_bytes: GLOB_BYTES,
         }
     }
 
@@ -152,7 +168,7 @@ impl FollowerActor {
         let request = RequestBody::CatchUp {
             from: self.applied + 1,
             max_count: GLOB_RECORDS,
-            max_bytes: GLOB_BYTES,
+            max_bytes: self.glob_bytes,
             server_id: self.server_id,
             addr: self.advertise.clone(),
             repository_id: self.repository_id.clone(),
@@ -184,6 +200,7 @@ impl FollowerActor {
                 ),
             )) => {
                 act.link = Some(link);
+                act.glob_bytes = next_glob_bytes(act.glob_bytes, false);
                 act.apply(records, level, last, ctx);
             }
             Ok((link, (_, other))) => {
@@ -198,6 +215,9 @@ impl FollowerActor {
             }
             Err(e) => {
                 act.busy = false;
+                if matches!(e, LinkError::Timeout { .. }) {
+                    act.glob_bytes = next_glob_bytes(act.glob_bytes, true);
+                }
                 act.on_pull_error(e);
             }
         })
@@ -402,5 +422,25 @@ impl Handler<StopFollowing> for FollowerActor {
     fn handle(&mut self, _: StopFollowing, ctx: &mut Context<Self>) {
         info!("stopped following {}", self.primary);
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_shrink_after_timeouts_and_grow_back() {
+        let mut g = GLOB_BYTES;
+        for _ in 0..20 {
+            g = next_glob_bytes(g, true);
+        }
+        assert_eq!(g, MIN_GLOB_BYTES);
+        g = next_glob_bytes(g, false);
+        assert_eq!(g, 2 * MIN_GLOB_BYTES);
+        for _ in 0..20 {
+            g = next_glob_bytes(g, false);
+        }
+        assert_eq!(g, GLOB_BYTES);
     }
 }

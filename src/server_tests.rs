@@ -1120,3 +1120,28 @@ fn a_received_record_that_does_not_parse_is_refused_not_fatal() {
     ));
     server.shutdown(true).unwrap();
 }
+
+#[test]
+fn a_read_waiting_at_shutdown_is_answered_shutting_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    // A read that waits for a commit that will not come (up to 1 s).
+    let id = app.send(RequestBody::ReadRoot {
+        depth: 0,
+        required_progress: Some(1_000_000),
+    });
+    let stop = server.shutdown_handle();
+    std::thread::spawn(move || stop.shutdown(false));
+    let r = app.recv();
+    assert_eq!(r.id, id);
+    match r.body {
+        ResponseBody::Error {
+            error: WireError::ShuttingDown,
+            ..
+        } => {}
+        other => panic!("expected shutting_down, got {other:?}"),
+    }
+    app.assert_closed();
+    server.join().unwrap();
+}

@@ -36,7 +36,9 @@ use crate::actors::session::dispatch::{After, Routed};
 use crate::actors::storage::StorageActor;
 use crate::protocol::codec::{self, read_frame_async};
 use crate::protocol::direct;
-use crate::protocol::{ProtocolError, Request, Response, ResponseBody, SessionRole, WireError};
+use crate::protocol::{
+    ProtocolError, Request, RequestBody, Response, ResponseBody, SessionRole, WireError,
+};
 use crate::types::CommitNumber;
 
 /// Replies that may wait for a slow reader before the session stops reading.
@@ -113,7 +115,13 @@ pub struct Session {
     /// Accepted beyond `max_connections`: only an admin or peer hello is
     /// served (the reserve).
     pub(super) over_limit: bool,
+    /// The request being answered (one at a time outside peer sessions)
+    /// and its reply slot, so a shutdown can answer it `shutting_down`
+    /// rather than drop it unanswered.
+    in_flight: Option<(u64, InFlightSlot)>,
 }
+
+type InFlightSlot = std::rc::Rc<std::cell::RefCell<Option<Slot>>>;
 
 impl Session {
     pub fn new(
@@ -135,6 +143,7 @@ impl Session {
             client: String::new(),
             close_reason: None,
             over_limit,
+            in_flight: None,
         }
     }
 
@@ -458,6 +467,12 @@ impl Handler<Inbound> for Session {
             }
         };
         let id = request.id;
+        // Commits are never answered by a shutdown: the drain before it
+        // answers every one, and `shutting_down` would say "not applied".
+        let answerable_at_shutdown = !matches!(
+            request.body,
+            RequestBody::Commit(_) | RequestBody::CommitStatus { .. }
+        );
         match self.route(request.body) {
             Routed::Now(body, after) => {
                 reply(&self.env, slot, id, *body);
@@ -478,8 +493,16 @@ impl Handler<Inbound> for Session {
             }
             Routed::Later(work) => {
                 let env = self.env.clone();
-                Box::pin(fut::wrap_future(work).map(move |body, _, _| {
-                    reply(&env, slot, id, body);
+                let cell: InFlightSlot = std::rc::Rc::new(std::cell::RefCell::new(Some(slot)));
+                if answerable_at_shutdown {
+                    self.in_flight = Some((id, cell.clone()));
+                }
+                Box::pin(fut::wrap_future(work).map(move |body, act: &mut Self, _| {
+                    act.in_flight = None;
+                    // Unless a shutdown answered it already.
+                    if let Some(slot) = cell.borrow_mut().take() {
+                        reply(&env, slot, id, body);
+                    }
                     Flow::Continue
                 }))
             }
@@ -504,6 +527,13 @@ impl Handler<CloseSession> for Session {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: CloseSession, ctx: &mut Context<Self>) -> Self::Result {
+        // A request still being worked on (a read waiting for progress, a
+        // status) is dropped with the actor: answer it first.
+        if let Some((id, cell)) = self.in_flight.take() {
+            if let Some(slot) = cell.borrow_mut().take() {
+                reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
+            }
+        }
         self.close("server shutting down", ctx);
         let writer = self.writer.take();
         Box::pin(async move {

@@ -1087,37 +1087,66 @@ fn a_received_record_that_does_not_parse_is_refused_not_fatal() {
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let primary = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let mut primary = primary_with_backup_at(tmp.path(), &cfg.dir);
     let info = primary.info();
+    // A good record (a node change: the secondary must learn it), then a
+    // damaged one, in one batch.
+    let mut node = primary.anchor().unwrap().node;
+    node.members.push(crate::types::Member {
+        server_id: 99,
+        addr: "127.0.0.1:2".into(),
+        role: crate::types::MemberRole::Secondary,
+    });
+    primary
+        .commit(crate::storage::CommitRequest {
+            set_node: Some(node),
+            ..Default::default()
+        })
+        .unwrap();
+    let good = primary
+        .read_records(info.last_commit + 1, 1, 1 << 20)
+        .unwrap();
+    let damaged = serde_bytes::ByteBuf::from(vec![1, 2, 3]);
     let server = spawn(cfg).unwrap();
     let mut peer = Conn::raw(server.local_addr());
     peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
-    match peer
-        .call(RequestBody::Replicate {
+    let mut replicate = |records: Vec<serde_bytes::ByteBuf>| {
+        peer.call(RequestBody::Replicate {
             epoch: info.epoch,
             primary_id: 7,
-            records: vec![serde_bytes::ByteBuf::from(vec![1, 2, 3])],
-            primary_last: info.last_commit + 1,
+            records,
+            primary_last: info.last_commit + 2,
             ack: ReplicateAck::Durable,
         })
         .body
-    {
+    };
+    // The good one is applied and reported; the damaged one is refused
+    // when it comes again.
+    match replicate(vec![
+        serde_bytes::ByteBuf::from(good[0].clone()),
+        damaged.clone(),
+    ]) {
+        ResponseBody::Replicated { applied, .. } => assert_eq!(applied, info.last_commit + 1),
+        other => panic!("a batch with a good first record was answered {other:?}"),
+    }
+    match replicate(vec![damaged]) {
         ResponseBody::Error {
             error: WireError::BadRequest { .. },
             ..
         } => {}
         other => panic!("a damaged record was answered {other:?}"),
     }
-    // Nothing was logged or applied: the server goes on serving.
+    // Nothing of it was logged or applied: the server goes on serving,
+    // and knows the node the good record set.
     let mut app = Conn::open_expecting(
         server.local_addr(),
         SessionRole::Application,
         ServerRole::CatchingUp,
     );
-    assert!(matches!(
-        app.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    match app.call(RequestBody::GetNode).body {
+        ResponseBody::Node { node, .. } => assert_eq!(node.members.len(), 2),
+        other => panic!("node: {other:?}"),
+    }
     server.shutdown(true).unwrap();
 }
 

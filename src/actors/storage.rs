@@ -437,6 +437,7 @@ impl Handler<ApplyRecords> for StorageActor {
             .iter()
             .filter(|b| number_of(b).map(|n| n > last).unwrap_or(true))
             .collect();
+        let held = last;
         let before = repo.anchor()?.node;
         let applied = repo.apply_records(&fresh);
         let last = repo.info().last_commit;
@@ -444,7 +445,15 @@ impl Handler<ApplyRecords> for StorageActor {
         let after = repo.anchor()?.node;
         self.publish(last);
         self.publish_identity();
-        applied?;
+        if let Err(e) = applied {
+            // The records before the refused one stay applied: report them
+            // (a node change among them included, or nobody would learn
+            // it). The refused one gets its error when it is sent again.
+            if e.is_fatal() || last == held {
+                return Err(e);
+            }
+            debug!("applied records up to {last}; the next one is refused: {e}");
+        }
         let flushing = match (msg.flush, &sync) {
             (Some(flusher), Some(sync)) => Some(flusher.send(Flush { sync: sync.clone() })),
             _ => None,

@@ -62,6 +62,9 @@ pub const RESERVED_CONNECTIONS: usize = 64;
 /// readers, data files, backup and pull files, links to peers, the
 /// runtime's own (epoll, eventfds per thread), with room to spare.
 const FDS_FOR_STORAGE: u64 = 1024;
+/// The least of it: 256 collections of two files, plus the log, data
+/// files, peer links and the runtime's own.
+const MIN_FDS_FOR_STORAGE: u64 = 640;
 
 /// Everything a server is started with.
 #[derive(Clone, Debug)]
@@ -212,9 +215,9 @@ fn raise_fd_limit() -> u64 {
 /// The connection limit the descriptor limit `fds` allows: application
 /// connections, the reserve and the storage engine's files must fit.
 fn connection_limit(wanted: usize, fds: u64) -> usize {
-    // Under a small limit the server's own share shrinks too (it rarely
-    // has 256 collections open), rather than leaving no client room.
-    let own = FDS_FOR_STORAGE.min(fds / 2);
+    // Under a small limit the server's own share shrinks too, but never
+    // below what its collection cache alone may hold open, plus a margin.
+    let own = FDS_FOR_STORAGE.min(fds / 2).max(MIN_FDS_FOR_STORAGE);
     let room = fds.saturating_sub(own + RESERVED_CONNECTIONS as u64) as usize;
     if wanted > room {
         let limit = room.max(1);

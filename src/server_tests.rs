@@ -803,8 +803,9 @@ fn the_connection_limit_fits_the_open_file_limit() {
     assert_eq!(connection_limit(1024, 1 << 20), 1024);
     // 2048 descriptors: the server's own 1024 and the reserve's 64 first.
     assert_eq!(connection_limit(1024, 2048), 960);
-    // A 1024 limit: the server keeps half.
-    assert_eq!(connection_limit(1024, 1024), 448);
+    // A 1024 limit: the server keeps what its collection cache may need.
+    assert_eq!(connection_limit(1024, 1024), 320);
+    assert_eq!(connection_limit(1024, 4096), 1024);
     assert_eq!(connection_limit(10, 100), 1);
 }
 

@@ -109,8 +109,9 @@ pub struct ReplicaTrouble {
     pub reason: String,
     /// The secondary answered with a newer epoch: we are deposed.
     pub newer_epoch: Option<Epoch>,
-    /// The secondary holds other records than ours under this number: it
-    /// can never acknowledge ours, and no check would change that.
+    /// The secondary holds other records than ours under this number, or
+    /// refuses ours as invalid (a version that cannot read them): it can
+    /// never acknowledge them, and no check would change that.
     pub diverged: Option<CommitNumber>,
 }
 
@@ -490,9 +491,30 @@ impl BroadcastActor {
             }
             Ok(other) => {
                 warn!(
-                    "replication to {}: unexpected answer {other:?}; reconnecting",
+                    "replication to {}: unexpected answer, a `{}` response; reconnecting",
+                    self.peer.addr,
+                    crate::client::response_type(&other)
+                );
+                self.break_link();
+            }
+            Err(LinkError::Server {
+                error: WireError::BadRequest { reason },
+                ..
+            }) => {
+                // It cannot take our records (damaged in transit, or a
+                // version that cannot read them): resending the same ones
+                // would loop for ever while commits wait for it.
+                warn!(
+                    "replication to {}: it refuses our records: {reason}",
                     self.peer.addr
                 );
+                self.trouble.do_send(ReplicaTrouble {
+                    server_id: self.peer.server_id,
+                    addr: self.peer.addr.clone(),
+                    reason: format!("it refuses our records: {reason}"),
+                    newer_epoch: None,
+                    diverged: Some(self.next),
+                });
                 self.break_link();
             }
             Err(LinkError::Server {

@@ -467,11 +467,21 @@ impl Handler<Inbound> for Session {
             }
         };
         let id = request.id;
-        // Commits are never answered by a shutdown: the drain before it
-        // answers every one, and `shutting_down` would say "not applied".
-        let answerable_at_shutdown = !matches!(
+        // Only requests that change nothing may be answered by a shutdown:
+        // `shutting_down` says "nothing was applied", and a commit, a
+        // removal or a backup may complete after the session is gone.
+        let answerable_at_shutdown = matches!(
             request.body,
-            RequestBody::Commit(_) | RequestBody::CommitStatus { .. }
+            RequestBody::Ping
+                | RequestBody::Read { .. }
+                | RequestBody::ReadRoot { .. }
+                | RequestBody::GetMeta { .. }
+                | RequestBody::CollectionLength { .. }
+                | RequestBody::CollectionRange { .. }
+                | RequestBody::GetNode
+                | RequestBody::Status
+                | RequestBody::Digest
+                | RequestBody::BackupStatus
         );
         match self.route(request.body) {
             Routed::Now(body, after) => {

@@ -32,12 +32,13 @@ const MIN_GLOB_BYTES: u64 = 64 << 10;
 
 /// The glob size to ask for next: halved after a pull timed out (a link
 /// too slow to carry a whole glob within the call timeout would otherwise
-/// fail the same way for ever), doubled back after one came in.
+/// fail the same way for ever), grown back by an eighth after each one
+/// that came in (doubling would make every other pull time out).
 fn next_glob_bytes(current: u64, timed_out: bool) -> u64 {
     if timed_out {
         (current / 2).max(MIN_GLOB_BYTES)
     } else {
-        (current * 2).min(GLOB_BYTES)
+        (current + current / 8).min(GLOB_BYTES)
     }
 }
 
@@ -437,8 +438,8 @@ mod tests {
         }
         assert_eq!(g, MIN_GLOB_BYTES);
         g = next_glob_bytes(g, false);
-        assert_eq!(g, 2 * MIN_GLOB_BYTES);
-        for _ in 0..20 {
+        assert_eq!(g, MIN_GLOB_BYTES + MIN_GLOB_BYTES / 8);
+        for _ in 0..60 {
             g = next_glob_bytes(g, false);
         }
         assert_eq!(g, GLOB_BYTES);

@@ -49,6 +49,14 @@ impl Conn {
         id
     }
 
+    /// A frame of `body` as given, MessagePack or not.
+    fn send_raw(&mut self, body: &[u8]) {
+        self.stream
+            .write_all(&(body.len() as u32).to_be_bytes())
+            .unwrap();
+        self.stream.write_all(body).unwrap();
+    }
+
     fn recv(&mut self) -> Response {
         let body = read_frame(&mut self.stream, codec::DEFAULT_MAX_FRAME).unwrap();
         codec::decode(&body).unwrap()
@@ -847,10 +855,7 @@ fn client_chosen_text_is_bounded_in_replies() {
         ]),
     )
     .unwrap();
-    c.stream
-        .write_all(&(body.len() as u32).to_be_bytes())
-        .unwrap();
-    c.stream.write_all(&body).unwrap();
+    c.send_raw(&body);
     match c.recv().body {
         ResponseBody::Error {
             error: WireError::BadRequest { reason },
@@ -884,10 +889,7 @@ fn a_request_of_millions_of_items_is_refused_before_it_is_decoded() {
     rmp::encode::write_str(&mut body, "junk").unwrap();
     rmp::encode::write_array_len(&mut body, 2 << 20).unwrap();
     body.resize(body.len() + (2 << 20), 0xc0);
-    c.stream
-        .write_all(&(body.len() as u32).to_be_bytes())
-        .unwrap();
-    c.stream.write_all(&body).unwrap();
+    c.send_raw(&body);
     let r = c.recv();
     assert_eq!(r.id, 3);
     match r.body {

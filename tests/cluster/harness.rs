@@ -488,12 +488,26 @@ pub fn wait_for_members(primary: &str, members: &[&str], timeout: Duration) {
 /// s1 primary and s2 joined from a backup of it, both started with `args`;
 /// returns their indices and addresses once s2 is a member.
 pub fn pair(c: &mut Cluster, args: &[&str]) -> (usize, usize, String, String) {
-    let s1 = c.add_server("s1", args);
+    pair_with(c, args, args, &[])
+}
+
+/// [`pair`] with each server's own arguments, and environment for s2
+/// (a fault-injection hook).
+pub fn pair_with(
+    c: &mut Cluster,
+    args1: &[&str],
+    args2: &[&str],
+    env2: &[(&str, &str)],
+) -> (usize, usize, String, String) {
+    let s1 = c.add_server("s1", args1);
     c.servers[s1].start();
     let a1 = c.servers[s1].addr.clone();
     let b = c.root.path().join("b2");
     backup(&a1, &b);
-    let s2 = c.add_server_on("s2", &b, args);
+    let s2 = c.add_server_on("s2", &b, args2);
+    c.servers[s2]
+        .env
+        .extend(env2.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     c.servers[s2].start();
     let a2 = c.servers[s2].addr.clone();
     wait_for_members(&a1, &[&a1, &a2], Duration::from_secs(90));

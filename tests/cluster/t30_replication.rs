@@ -8,8 +8,8 @@ use magma::client::{from_value, Ref, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, pair, status, stop_floods_and_verify, verify_flood, wait_for_equal_digests,
-    wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
+    backup, dump, pair, pair_with, status, stop_floods_and_verify, verify_flood,
+    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
 
@@ -192,19 +192,7 @@ fn pair_with_a_disk_that_will_hang(
     c: &mut Cluster,
     args: &[&str],
 ) -> (usize, usize, String, String) {
-    let s1 = c.add_server("s1", args);
-    c.servers[s1].start();
-    let a1 = c.servers[s1].addr.clone();
-    let b = c.root.path().join("b2");
-    backup(&a1, &b);
-    let s2 = c.add_server_on("s2", &b, &[]);
-    c.servers[s2]
-        .env
-        .push(("MAGMA_FAULT_HANG_FSYNC_FROM".into(), "300".into()));
-    c.servers[s2].start();
-    let a2 = c.servers[s2].addr.clone();
-    wait_for_members(&a1, &[&a1, &a2], JOIN);
-    (s1, s2, a1, a2)
+    pair_with(c, args, &[], &[("MAGMA_FAULT_HANG_FSYNC_FROM", "300")])
 }
 
 #[test]

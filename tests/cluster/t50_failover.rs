@@ -8,7 +8,7 @@ use magma::client::{ConnectOptions, Connection, Ref, Session};
 use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppend, WireRef};
 
 use crate::harness::{
-    backup, dump, pair, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
+    backup, dump, pair, pair_with, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
     wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
 };
 use crate::phase;
@@ -425,19 +425,13 @@ fn t50_an_asynchronous_take_over_waits_until_the_secondary_holds_everything_dura
 #[test]
 fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
     let mut c = Cluster::new();
-    let s1 = c.add_server("s1", &[]);
-    c.servers[s1].start();
-    let a1 = c.servers[s1].addr.clone();
-    let b = c.root.path().join("b2");
-    backup(&a1, &b);
-    let s2 = c.add_server_on("s2", &b, &[]);
     // Test hook: server2 exits between the hand-over and its promotion.
-    c.servers[s2]
-        .env
-        .push(("MAGMA_FAULT_EXIT_AFTER_HAND_OVER".into(), "1".into()));
-    c.servers[s2].start();
-    let a2 = c.servers[s2].addr.clone();
-    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    let (_, s2, a1, a2) = pair_with(
+        &mut c,
+        &[],
+        &[],
+        &[("MAGMA_FAULT_EXIT_AFTER_HAND_OVER", "1")],
+    );
     let dir = c.root.path().to_path_buf();
 
     phase!("take-over on server2 under flood; server2 dies once handed over");

@@ -1177,3 +1177,97 @@ fn a_read_waiting_at_shutdown_is_answered_shutting_down() {
     app.assert_closed();
     server.join().unwrap();
 }
+
+#[test]
+fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let addr = server.local_addr();
+    let repository_id = server.repository_id().to_string();
+    // A "secondary" that says hello and refuses every record as invalid
+    // (as a version that cannot read them would).
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap().to_string();
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    let rid = repository_id.clone();
+    std::thread::spawn(move || {
+        for stream in fake.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let (count, rid) = (count.clone(), rid.clone());
+            std::thread::spawn(move || {
+                while let Ok(frame) = read_frame(&mut s, codec::DEFAULT_MAX_FRAME) {
+                    let req: Request = codec::decode(&frame).unwrap();
+                    let body = match req.body {
+                        RequestBody::Hello { .. } => ResponseBody::Hello {
+                            protocol_version: PROTOCOL_VERSION,
+                            server_id: 42,
+                            repository_id: rid.clone(),
+                            role: ServerRole::CatchingUp,
+                            node: Default::default(),
+                            epoch: Default::default(),
+                        },
+                        RequestBody::Replicate { records, .. } if !records.is_empty() => {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            ResponseBody::Error {
+                                message: "cannot read this record".into(),
+                                error: WireError::BadRequest {
+                                    reason: "cannot read this record".into(),
+                                },
+                            }
+                        }
+                        RequestBody::Replicate { .. } => ResponseBody::Replicated {
+                            applied: 0,
+                            durable: 0,
+                        },
+                        _ => ResponseBody::Ok,
+                    };
+                    let resp = Response {
+                        id: req.id,
+                        commit: 0,
+                        body,
+                    };
+                    if write_frame(&mut s, &resp).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    // It catches up (nothing to pull) and is added to the node.
+    let mut peer = Conn::open_expecting(addr, SessionRole::Peer, ServerRole::Primary);
+    let mut app = Conn::open(addr, SessionRole::Application);
+    let last = app.call(RequestBody::Ping).commit;
+    match peer
+        .call(RequestBody::CatchUp {
+            from: last + 1,
+            max_count: 100,
+            max_bytes: 1 << 20,
+            server_id: 42,
+            addr: fake_addr,
+            repository_id,
+            for_promotion: false,
+        })
+        .body
+    {
+        ResponseBody::Records { .. } => {}
+        other => panic!("catch_up: {other:?}"),
+    }
+    // Its refusal of the records (the node change adding it first) gets it
+    // removed: the commit, which would wait for it, completes.
+    let (_, coll) = make_root_with_collection(&mut app);
+    assert!(refused.load(Ordering::SeqCst) > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.call(RequestBody::GetNode).body {
+            ResponseBody::Node { node, .. } if node.members.len() == 1 => break,
+            ResponseBody::Node { .. } => assert!(Instant::now() < deadline, "still a member"),
+            other => panic!("node: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    append(&mut app, coll, "after");
+    server.shutdown(true).unwrap();
+}

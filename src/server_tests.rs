@@ -49,6 +49,14 @@ impl Conn {
         id
     }
 
+    /// The server still answers this connection (a ping).
+    fn assert_served(&mut self) {
+        assert!(matches!(
+            self.call(RequestBody::Ping).body,
+            ResponseBody::Pong
+        ));
+    }
+
     /// A frame of `body` as given, MessagePack or not.
     fn send_raw(&mut self, body: &[u8]) {
         self.stream
@@ -154,10 +162,7 @@ fn serves_commits_and_reads_and_survives_a_restart() {
     let server = spawn(config(tmp.path())).unwrap();
     let addr = server.local_addr();
     let mut app = Conn::open(addr, SessionRole::Application);
-    assert!(matches!(
-        app.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    app.assert_served();
 
     // A new repository's first commit writes the anchor.
     let (first, coll) = make_root_with_collection(&mut app);
@@ -258,10 +263,7 @@ fn serves_commits_and_reads_and_survives_a_restart() {
         app.error(hello(SessionRole::Application, PROTOCOL_VERSION)),
         WireError::HelloExpected
     );
-    assert!(matches!(
-        app.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    app.assert_served();
     server.shutdown(true).unwrap();
 
     let server = spawn(config(tmp.path())).unwrap();
@@ -350,10 +352,7 @@ fn protocol_violations_close_only_the_offending_connection() {
         }
     );
     assert!(started.elapsed() >= PROGRESS_WAIT);
-    assert!(matches!(
-        good.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    good.assert_served();
     server.shutdown(true).unwrap();
 }
 
@@ -799,10 +798,7 @@ fn a_connection_that_never_says_hello_is_closed() {
     // One that says hello in time stays.
     let mut app = Conn::open(server.local_addr(), SessionRole::Application);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(matches!(
-        app.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    app.assert_served();
     server.shutdown(true).unwrap();
 }
 
@@ -901,10 +897,7 @@ fn a_request_of_millions_of_items_is_refused_before_it_is_decoded() {
     }
     c.assert_closed();
     let mut other = Conn::open(addr, SessionRole::Application);
-    assert!(matches!(
-        other.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    other.assert_served();
     server.shutdown(true).unwrap();
 }
 
@@ -964,10 +957,7 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
     }
     assert!(answered < 200, "every one of {sent} reads was answered");
     // Everyone else is served.
-    assert!(matches!(
-        app.call(RequestBody::Ping).body,
-        ResponseBody::Pong
-    ));
+    app.assert_served();
     server.shutdown(true).unwrap();
 }
 

@@ -500,6 +500,18 @@ async fn after_a_fence_nothing_is_acknowledged_until_lead() {
     assert!(durable >= Some(led.number));
 }
 
+/// The acknowledgement a coordinator request resolves to, within 10 s.
+async fn acknowledged<F>(request: F) -> Acknowledged
+where
+    F: std::future::Future<Output = Result<Result<Acknowledged, WireError>, MailboxError>>,
+{
+    tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("answered within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
 /// Stands in for a secondary's `BroadcastActor`: records what it is handed.
 struct LinkProbe(Arc<Mutex<Vec<CommitNumber>>>);
 
@@ -536,11 +548,7 @@ async fn a_replica_being_removed_is_still_streamed_to_but_waited_for_by_nobody()
     );
     // ...until it stops being counted (its removal is being committed).
     rig.coordinator.do_send(StopCounting { server_id: 7 });
-    let first = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("released")
-        .unwrap()
-        .unwrap();
+    let first = acknowledged(waiting).await;
     // Later commits are acknowledged alone and still handed to it, so it
     // receives the record of its own removal.
     let second = rig.coordinator.send(append()).await.unwrap().unwrap();
@@ -577,36 +585,11 @@ async fn a_commit_status_waits_as_long_as_the_commit_itself() {
         server_id: 7,
         durable: 1,
     });
-    let bound = Duration::from_secs(10);
-    assert_eq!(
-        tokio::time::timeout(bound, status)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .number,
-        1
-    );
-    assert_eq!(
-        tokio::time::timeout(bound, commit)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .number,
-        1
-    );
+    assert_eq!(acknowledged(status).await.number, 1);
+    assert_eq!(acknowledged(commit).await.number, 1);
     // Once acknowledged, the answer is immediate.
     let again = rig.coordinator.send(AwaitAcknowledgeable { number: 1 });
-    assert_eq!(
-        tokio::time::timeout(bound, again)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .number,
-        1
-    );
+    assert_eq!(acknowledged(again).await.number, 1);
 }
 
 #[actix::test]

@@ -195,25 +195,27 @@ fn pair_with_a_disk_that_will_hang(
     pair_with(c, args, &[], &[("MAGMA_FAULT_HANG_FSYNC_FROM", "300")])
 }
 
-#[test]
-fn t30_a_secondary_whose_disk_hangs_is_removed_and_commits_go_on() {
-    let mut c = Cluster::new();
-    let (s1, s2, a1, _) =
-        pair_with_a_disk_that_will_hang(&mut c, &["--replica-timeout-ms", "1000"]);
+/// Start a flood on `primary` and wait until secondary `s2`'s hooked fsync
+/// hangs.
+fn flood_until_the_disk_hangs(c: &Cluster, s2: usize, primary: &str, name: &str) -> Flood {
     let dir = c.root.path().to_path_buf();
-
-    phase!("a flood past commit 300 (sync-replicas 1): server2's disk hangs");
-    let mut floods = vec![Flood::start(
-        &dir,
-        &[a1.as_str()],
-        "h",
-        &["--duration", "120"],
-    )];
+    let flood = Flood::start(&dir, &[primary], name, &["--duration", "120"]);
     wait_until(Duration::from_secs(30), "server2's fsync to hang", || {
         c.servers[s2]
             .log_contains("MAGMA_FAULT_HANG_FSYNC_FROM")
             .then_some(())
     });
+    flood
+}
+
+#[test]
+fn t30_a_secondary_whose_disk_hangs_is_removed_and_commits_go_on() {
+    let mut c = Cluster::new();
+    let (s1, s2, a1, _) =
+        pair_with_a_disk_that_will_hang(&mut c, &["--replica-timeout-ms", "1000"]);
+
+    phase!("a flood past commit 300 (sync-replicas 1): server2's disk hangs");
+    let mut floods = vec![flood_until_the_disk_hangs(&c, s2, &a1, "h")];
 
     phase!("the primary finds it makes no progress, removes it; the flood goes on");
     wait_for_members(&a1, &[&a1], Duration::from_secs(30));
@@ -229,18 +231,7 @@ fn t30_an_operator_removes_a_secondary_whose_disk_hangs_at_once() {
     // The primary would wait a minute before checking the secondary.
     let (s1, s2, a1, a2) =
         pair_with_a_disk_that_will_hang(&mut c, &["--replica-timeout-ms", "60000"]);
-    let dir = c.root.path().to_path_buf();
-    let mut floods = vec![Flood::start(
-        &dir,
-        &[a1.as_str()],
-        "r",
-        &["--duration", "120"],
-    )];
-    wait_until(Duration::from_secs(30), "server2's fsync to hang", || {
-        c.servers[s2]
-            .log_contains("MAGMA_FAULT_HANG_FSYNC_FROM")
-            .then_some(())
-    });
+    let mut floods = vec![flood_until_the_disk_hangs(&c, s2, &a1, "r")];
 
     phase!("magma remove completes though server2 never acknowledges it");
     let remove = std::process::Command::new(crate::harness::CLI)

@@ -28,6 +28,11 @@ pub(crate) struct Router {
     read_target: Option<Member>,
     commit_target: Option<Member>,
     last_seen: CommitNumber,
+    /// The epoch `last_seen` counts commits of (`None` before any answer).
+    progress_epoch: Option<Epoch>,
+    /// The commit of the first primary heard in a newer epoch, until the
+    /// session has capped its required progress at it.
+    epoch_start: Option<CommitNumber>,
     rng: StdRng,
 }
 
@@ -62,6 +67,8 @@ impl Router {
             read_target: None,
             commit_target: None,
             last_seen: 0,
+            progress_epoch: None,
+            epoch_start: None,
             rng: StdRng::from_entropy(),
         };
         router.adopt_hello(&first);
@@ -131,8 +138,8 @@ impl Router {
                 .and_then(|idx| self.conns[idx].call(RequestBody::GetNode));
             match answer {
                 Ok(resp) => {
-                    self.observe(&resp);
-                    if let ResponseBody::Node { node, epoch, .. } = resp.body {
+                    if let ResponseBody::Node { node, epoch, role } = resp.body {
+                        self.heard(epoch, role, resp.commit);
                         let rank = (epoch, resp.commit);
                         if best.as_ref().is_none_or(|(r, _)| rank > *r) {
                             best = Some((rank, node));
@@ -157,8 +164,54 @@ impl Router {
 
     fn adopt_hello(&mut self, conn: &Connection) {
         let h = conn.hello();
-        self.last_seen = self.last_seen.max(h.commit);
-        self.adopt_view((h.epoch, h.commit), h.node.clone());
+        let (epoch, role, commit, node) = (h.epoch, h.role, h.commit, h.node.clone());
+        self.heard(epoch, role, commit);
+        self.adopt_view((epoch, commit), node);
+    }
+
+    /// Count the epoch, role and commit a server answered a hello or a node
+    /// request with. A server of an older epoch than the one counted (an
+    /// old primary back with commits the failover lost) adds nothing.
+    ///
+    /// A failover can lose commits that reply commit numbers had already
+    /// counted: the old primary applied them, and they were never
+    /// acknowledged, which `--sync-replicas` allows. No server will reach
+    /// those numbers, so requiring them would keep every read `behind`
+    /// until new commits pass them, for ever on a quiet node. The first
+    /// primary heard in a newer epoch holds every acknowledged commit. Its
+    /// commit therefore caps what this session has seen, and (through
+    /// [`Router::take_epoch_start`]) the progress it requires.
+    fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber) {
+        let Some(known) = self.progress_epoch else {
+            self.progress_epoch = Some(epoch);
+            self.last_seen = self.last_seen.max(commit);
+            return;
+        };
+        if epoch >= known {
+            self.last_seen = self.last_seen.max(commit);
+        }
+        if epoch <= known || role != ServerRole::Primary {
+            return;
+        }
+        self.progress_epoch = Some(epoch);
+        if self.last_seen > commit {
+            log::warn!(
+                "the node failed over (epoch {}.{}): commits {}..={} this session saw \
+                 counted were never acknowledged and are lost; counting from {commit}",
+                epoch.term,
+                epoch.server,
+                commit + 1,
+                self.last_seen
+            );
+            self.last_seen = commit;
+        }
+        self.epoch_start = Some(commit);
+    }
+
+    /// The commit of a newer epoch's primary heard since the last call: a
+    /// progress requirement set before it, and beyond it, can never be met.
+    pub fn take_epoch_start(&mut self) -> Option<CommitNumber> {
+        self.epoch_start.take()
     }
 
     /// Take `node` if it is at least as new as the current view, and drop

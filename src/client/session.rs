@@ -179,6 +179,8 @@ impl Session {
     }
 
     /// The highest commit number seen in any response (commits included).
+    /// A failover that lost commits (applied by the old primary, never
+    /// acknowledged) lowers it to the new primary's commit.
     pub fn last_seen_commit(&self) -> CommitNumber {
         self.router.last_seen()
     }
@@ -191,13 +193,19 @@ impl Session {
     /// Require every following read to see at least commit `n`: a server
     /// behind it waits about a second, then the read is retried once
     /// elsewhere.
+    ///
+    /// After a failover, a requirement set before it is lowered to the new
+    /// primary's commit when first heard: numbers beyond it were never
+    /// acknowledged and were lost with the old primary, so no server would
+    /// ever reach them (see `last_seen_commit`).
     pub fn set_required_progress(&mut self, n: impl Into<RequiredProgress>) {
+        self.router.take_epoch_start();
         self.required_progress = n.into();
     }
 
     /// Read-your-writes: require the highest commit seen so far.
     pub fn require_last_seen(&mut self) {
-        self.required_progress = Some(self.last_seen_commit());
+        self.set_required_progress(self.last_seen_commit());
     }
 
     /// Re-learn the node from every known address now (the session also
@@ -598,7 +606,45 @@ impl Session {
 
     /// Send a read to the read server, failing over on network errors, and
     /// retry once elsewhere when it is behind the required progress.
+    ///
+    /// When every server is behind, the node may have failed over and lost
+    /// the commits required: the session re-learns the node and, if a
+    /// newer epoch's primary lowers the requirement, reads once more.
     fn read_request(&mut self, make: impl Fn(RequiredProgress) -> RequestBody) -> Result<Response> {
+        self.lower_to_epoch_start();
+        match self.read_routed(&make) {
+            Err(behind @ ClientError::Server(WireError::Behind { .. })) => {
+                if let Err(e) = self.router.refresh_node() {
+                    log::debug!("re-learning the node after 'behind' failed: {e}");
+                }
+                if self.lower_to_epoch_start() {
+                    self.read_routed(&make)
+                } else {
+                    Err(behind)
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Cap the required progress at the commit of a newer epoch's primary,
+    /// if one was heard since it was set. True when that lowered it.
+    fn lower_to_epoch_start(&mut self) -> bool {
+        match (self.router.take_epoch_start(), self.required_progress) {
+            (Some(start), Some(required)) if required > start => {
+                log::warn!(
+                    "required progress {required} is beyond the commit {start} the node's \
+                     new primary started its epoch at: those commits were lost in a \
+                     failover; requiring {start}"
+                );
+                self.required_progress = Some(start);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn read_routed(&mut self, make: &impl Fn(RequiredProgress) -> RequestBody) -> Result<Response> {
         let body = make(self.required_progress);
         let mut exclude = Vec::new();
         let mut tried = Vec::new();

@@ -3,7 +3,7 @@
 //! outcomes and resolving them with `commit_status`. The real cluster suite lives in `tests/cluster/`.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -23,6 +23,8 @@ struct Fake {
     addr: String,
     listener: Option<TcpListener>,
     stop: Arc<AtomicBool>,
+    /// The commit number every response carries.
+    commit: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<RequestBody>>>,
     streams: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<thread::JoinHandle<()>>,
@@ -35,6 +37,7 @@ impl Fake {
             addr: listener.local_addr().unwrap().to_string(),
             listener: Some(listener),
             stop: Arc::default(),
+            commit: Arc::new(AtomicU64::new(10)),
             seen: Arc::default(),
             streams: Arc::default(),
             acceptor: None,
@@ -48,6 +51,7 @@ impl Fake {
         let handler: Arc<Handler> = Arc::new(handler);
         let listener = self.listener.take().unwrap();
         let (stop, seen, streams) = (self.stop.clone(), self.seen.clone(), self.streams.clone());
+        let commit = self.commit.clone();
         self.acceptor = Some(thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
@@ -55,7 +59,7 @@ impl Fake {
                 }
                 let Ok(mut s) = stream else { continue };
                 streams.lock().unwrap().push(s.try_clone().unwrap());
-                let (handler, seen) = (handler.clone(), seen.clone());
+                let (handler, seen, commit) = (handler.clone(), seen.clone(), commit.clone());
                 thread::spawn(move || {
                     while let Ok(frame) = codec::read_frame(&mut s, DEFAULT_MAX_FRAME) {
                         let req: Request = codec::decode(&frame).unwrap();
@@ -65,7 +69,7 @@ impl Fake {
                         };
                         let resp = Response {
                             id: req.id,
-                            commit: 10,
+                            commit: commit.load(Ordering::SeqCst),
                             body,
                         };
                         if std::io::Write::write_all(&mut s, &codec::encode(&resp)).is_err() {
@@ -298,8 +302,12 @@ fn behind_is_retried_once_elsewhere() {
         "keeps its read server"
     );
     assert_eq!((s.count(is_read), p.count(is_read)), (1, 1));
-    let required: Vec<_> = p
-        .seen()
+    assert_eq!(required_of_reads(&p), vec![Some(50)]);
+}
+
+/// The required progress of each read `f` was sent.
+fn required_of_reads(f: &Fake) -> Vec<Option<u64>> {
+    f.seen()
         .into_iter()
         .filter_map(|b| match b {
             RequestBody::Read {
@@ -307,8 +315,96 @@ fn behind_is_retried_once_elsewhere() {
             } => Some(required_progress),
             _ => None,
         })
-        .collect();
-    assert_eq!(required, vec![Some(50)]);
+        .collect()
+}
+
+#[test]
+fn commits_a_failover_lost_stop_being_required_once_the_new_primary_is_heard() {
+    // The primary's replies counted commits up to 60, but only 56 reached
+    // the secondary (55 was this session's, acknowledged) before the
+    // primary died. The secondary takes over in epoch 2 at commit 56.
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    let after = Node {
+        members: vec![Member {
+            role: MemberRole::Primary,
+            ..node.members[1].clone()
+        }],
+    };
+    let epoch2 = Epoch {
+        term: 2,
+        server: 101,
+    };
+    p.commit.store(60, Ordering::SeqCst);
+    s.commit.store(56, Ordering::SeqCst);
+    p.serve(standard(node.clone(), p.addr.clone(), |b| {
+        is_commit(b).then_some(Some(ResponseBody::Committed {
+            number: 55,
+            new_oids: vec![],
+            positions: vec![],
+        }))
+    }));
+    let promoted = Arc::new(AtomicBool::new(false));
+    let is_primary = promoted.clone();
+    s.serve(standard(node.clone(), s.addr.clone(), move |b| {
+        if !is_primary.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(Some(match b {
+            RequestBody::Hello { .. } => ResponseBody::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                server_id: 101,
+                repository_id: "r".into(),
+                role: ServerRole::Primary,
+                node: after.clone(),
+                epoch: epoch2,
+            },
+            RequestBody::GetNode => ResponseBody::Node {
+                node: after.clone(),
+                epoch: epoch2,
+                role: ServerRole::Primary,
+            },
+            RequestBody::Read {
+                required_progress: Some(required),
+                ..
+            } if *required > 56 => ResponseBody::Error {
+                error: WireError::Behind {
+                    commit: 56,
+                    required: *required,
+                },
+                message: "behind".into(),
+            },
+            RequestBody::Read { oid, .. } => object(*oid),
+            _ => return None,
+        }))
+    }));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    assert_eq!(session.append(Ref(9), &"x").unwrap().number, 55);
+    assert_eq!(session.last_seen_commit(), 60);
+
+    p.kill();
+    promoted.store(true, Ordering::SeqCst);
+    session.require_last_seen();
+    assert_eq!(session.required_progress(), Some(60));
+    let obj = session
+        .read(4u64)
+        .expect("read-your-writes after the failover");
+    assert_eq!(obj.oid, 4);
+    assert_eq!(session.required_progress(), Some(56));
+    assert_eq!(session.last_seen_commit(), 56);
+    assert_eq!(required_of_reads(&s), vec![Some(60), Some(56)]);
+
+    // A requirement set after the failover is the application's own: a
+    // server behind it is still `behind`.
+    session.set_required_progress(57);
+    match session.read(4u64) {
+        Err(ClientError::Server(WireError::Behind { commit, required })) => {
+            assert_eq!((commit, required), (56, 57));
+        }
+        other => panic!("expected behind, got {other:?}"),
+    }
+    assert_eq!(session.required_progress(), Some(57));
 }
 
 #[test]

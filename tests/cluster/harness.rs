@@ -545,6 +545,19 @@ impl ServerProc {
         }
     }
 
+    /// The process's resident memory now, in bytes (Linux `/proc`).
+    pub fn resident_bytes(&self) -> u64 {
+        let c = self.child.as_ref().expect("harness: server not running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .unwrap_or_else(|e| panic!("harness: /proc status of {}: {e}", self.name));
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("harness: no VmRSS for {}", self.name));
+        kib * 1024
+    }
+
     /// SIGCONT after `freeze`.
     pub fn thaw(&mut self) {
         let c = self.child.as_ref().expect("harness: server not running");

@@ -3,11 +3,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use magma::protocol::codec::{decode, encode, read_frame};
 use magma::protocol::PROTOCOL_VERSION;
-use magma::protocol::{Request, RequestBody, Response, ResponseBody, SessionRole, WireError};
+use magma::protocol::{
+    CommitBody, Request, RequestBody, Response, ResponseBody, SessionRole, WireError, WireNew,
+};
 
 use crate::harness::{Cluster, Flood};
 use crate::phase;
@@ -166,4 +168,97 @@ fn t10_bad_frames_get_typed_errors_and_others_keep_being_served() {
     assert!(end.status.success(), "flood failed: {}", end.stderr);
     assert_eq!(flood.acked().len(), 400);
     assert!(c.servers[s].is_running());
+}
+
+#[test]
+fn t10_a_client_that_stops_reading_holds_a_bounded_amount_of_server_memory() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+
+    phase!("a 2 MiB object, read once so the server's buffers are warm");
+    let mut a = connect(&addr);
+    a.write_all(&encode(&hello(SessionRole::Application, PROTOCOL_VERSION)))
+        .unwrap();
+    assert!(matches!(response(&mut a).body, ResponseBody::Hello { .. }));
+    let blob = "x".repeat(2 << 20);
+    a.write_all(&encode(&Request {
+        id: 2,
+        body: RequestBody::Commit(CommitBody {
+            news: vec![WireNew {
+                temp_id: 1,
+                class: "Blob".into(),
+                value: rmpv::Value::from(blob.as_str()),
+            }],
+            ..CommitBody::default()
+        }),
+    }))
+    .unwrap();
+    let oid = match response(&mut a).body {
+        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+        other => panic!("commit: {other:?}"),
+    };
+    let read = |id: u64| Request {
+        id,
+        body: RequestBody::Read {
+            oid,
+            depth: 0,
+            required_progress: None,
+        },
+    };
+    a.write_all(&encode(&read(3))).unwrap();
+    assert!(matches!(
+        response(&mut a).body,
+        ResponseBody::Objects { .. }
+    ));
+    let before = c.servers[s].resident_bytes();
+
+    phase!("200 reads of it sent, no reply read: 400 MiB of replies");
+    let mut r = connect(&addr);
+    r.write_all(&encode(&hello(SessionRole::Application, PROTOCOL_VERSION)))
+        .unwrap();
+    assert!(matches!(response(&mut r).body, ResponseBody::Hello { .. }));
+    let requests: Vec<u8> = (0..200).flat_map(|i| encode(&read(100 + i))).collect();
+    r.write_all(&requests).unwrap();
+
+    // The server queues replies up to its byte budget (8 MiB), then stops
+    // reading this client: its memory settles far below what queueing by
+    // count alone (32 replies, 64 MiB) would take. Settled: one second
+    // without a change of more than 1 MiB.
+    let bound = 40 << 20;
+    let (mut last, mut still) = (before, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while still < 10 {
+        assert!(Instant::now() < deadline, "server memory never settled");
+        std::thread::sleep(Duration::from_millis(100));
+        let now = c.servers[s].resident_bytes();
+        assert!(
+            now.saturating_sub(before) < bound,
+            "a client that reads nothing made the server hold {} MiB more",
+            (now - before) >> 20
+        );
+        still = if now.abs_diff(last) < 1 << 20 {
+            still + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+
+    phase!("others are served meanwhile; the reader then gets every reply, in order");
+    a.write_all(&encode(&Request {
+        id: 4,
+        body: RequestBody::Ping,
+    }))
+    .unwrap();
+    assert_eq!(response(&mut a).body, ResponseBody::Pong);
+    for i in 0..200 {
+        let reply = response(&mut r);
+        assert_eq!(reply.id, 100 + i);
+        match reply.body {
+            ResponseBody::Objects { objects } => assert_eq!(objects[0].oid, oid),
+            other => panic!("read {i}: {other:?}"),
+        }
+    }
 }

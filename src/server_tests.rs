@@ -962,6 +962,86 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
 }
 
 #[test]
+fn a_client_reading_slowly_but_steadily_gets_a_reply_longer_than_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 8 << 20,
+        reply_timeout: Duration::from_millis(200),
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    let mut app = Conn::open(addr, SessionRole::Application);
+    let size = 6 << 20;
+    let body = CommitBody {
+        news: vec![WireNew {
+            temp_id: 1,
+            class: "Blob".into(),
+            value: Value::from("x".repeat(size)),
+        }],
+        ..CommitBody::default()
+    };
+    let oid = match app.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+        other => panic!("commit: {other:?}"),
+    };
+    // A small receive buffer, so the server's write waits on this reader.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut slow = Conn {
+        stream: socket.into(),
+        next_id: 1,
+    };
+    slow.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(matches!(
+        slow.call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body,
+        ResponseBody::Hello { .. }
+    ));
+    let id = slow.send(RequestBody::Read {
+        oid,
+        depth: 0,
+        required_progress: Default::default(),
+    });
+    // At most 16 KiB (the receive buffer) every 5 ms: far longer than the
+    // 200 ms timeout in all, never 200 ms without taking bytes.
+    let started = Instant::now();
+    let mut frame = Vec::new();
+    let mut piece = vec![0u8; 64 << 10];
+    loop {
+        let n = std::io::Read::read(&mut slow.stream, &mut piece).unwrap();
+        assert!(
+            n > 0,
+            "the server closed the connection after {} bytes",
+            frame.len()
+        );
+        frame.extend_from_slice(&piece[..n]);
+        if frame.len() >= 4 {
+            let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+            if frame.len() == 4 + len {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = started.elapsed();
+    let reply: Response = codec::decode(&frame[4..]).unwrap();
+    assert_eq!(reply.id, id);
+    match reply.body {
+        ResponseBody::Objects { objects } => assert_eq!(objects[0].oid, oid),
+        other => panic!("read: {other:?}"),
+    }
+    assert!(
+        took > Duration::from_secs(1),
+        "the reply was not read slowly: {took:?}"
+    );
+    server.shutdown(true).unwrap();
+}
+
+#[test]
 fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
     use crate::storage::{CommitRequest, Repository};
     use crate::types::{Member, MemberRole, Node};

@@ -388,7 +388,10 @@ impl CommitLog {
                         number += 1;
                     }
                     Read::Bad(reason) => {
+                        // A checkpointed record was complete once: damage
+                        // to it is never a torn tail.
                         let torn = is_last
+                            && number > checkpoint
                             && !valid_record_after(&file, offset, file_len)
                                 .map_err(|e| io_at(&path, "reading", e))?;
                         if !torn {
@@ -409,6 +412,20 @@ impl CommitLog {
                         break;
                     }
                 }
+            }
+            let next = self.segments.get(i + 1).map(|s| s.first);
+            check_segment_end(&path, offset, first, number, next)?;
+            if is_last && first <= checkpoint && number <= checkpoint {
+                // This server logged every record up to its checkpoint
+                // before taking it (a backup's log starts after it).
+                return Err(StorageError::CorruptRecord {
+                    file: path,
+                    offset,
+                    reason: format!(
+                        "the log ends at record {}, before the checkpoint {checkpoint}",
+                        number - 1
+                    ),
+                });
             }
             let allocated = file
                 .metadata()
@@ -659,6 +676,15 @@ impl CommitLog {
             let len = seg.len;
             let file = &self.readers[&first];
             let mut k = (number - first) as usize;
+            if k >= offsets.len() {
+                // ensure_offsets and open check that segments join up:
+                // only a file changed under a running server gets here.
+                return Err(StorageError::CorruptRecord {
+                    file: path,
+                    offset: len,
+                    reason: format!("record {number} is missing"),
+                });
+            }
             while k < offsets.len() && out.len() < max_count.max(1) && bytes < max_bytes.max(1) {
                 match read_record_at(file, offsets[k], len)
                     .map_err(|e| io_at(&path, "reading", e))?
@@ -722,6 +748,9 @@ impl CommitLog {
                 }
             }
         }
+        let first = self.segments[i].first;
+        let next = self.segments.get(i + 1).map(|s| s.first);
+        check_segment_end(&path, offset, first, first + offsets.len() as u64, next)?;
         let seg = &mut self.segments[i];
         seg.len = offset;
         seg.offsets = Some(offsets);
@@ -786,6 +815,29 @@ fn valid_record_after(file: &File, offset: u64, file_len: u64) -> std::io::Resul
         }
     }
     Ok(false)
+}
+
+/// A segment other than the last must end where the next one starts: one
+/// cut short at a record boundary, or a missing segment between them, would
+/// otherwise go unseen until a read of the records in the gap.
+fn check_segment_end(
+    path: &Path,
+    end: u64,
+    first: CommitNumber,
+    after_last: CommitNumber,
+    next_first: Option<CommitNumber>,
+) -> Result<()> {
+    match next_first {
+        Some(next) if next != after_last => Err(StorageError::CorruptRecord {
+            file: path.to_path_buf(),
+            offset: end,
+            reason: format!(
+                "the segment of records from {first} ends at {}, the next one starts at {next}",
+                after_last - 1
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -1004,6 +1056,102 @@ mod tests {
         })
         .unwrap();
         assert_eq!(log.last(), 3);
+    }
+
+    /// The error `open` gives, as text, with `checkpoint` (its record's
+    /// hash from `bodies`).
+    fn open_error(dir: &Path, checkpoint: u64, bodies: &[Vec<u8>], seg_bytes: u64) -> String {
+        let hash = record_hash(&bodies[checkpoint as usize - 1]);
+        match CommitLog::open(dir, checkpoint, hash, seg_bytes, |_| Ok(())) {
+            Ok(log) => panic!("opened, last {}", log.last()),
+            Err(e @ StorageError::CorruptRecord { .. }) => e.to_string(),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn damage_to_the_checkpointed_last_record_is_corruption_not_a_torn_tail() {
+        // After a clean stop the checkpoint is the last record. Cutting it
+        // as a torn tail would file the next commit under its number.
+        for damage in ["flip", "zero", "truncate"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (bodies, end) = write_n(dir.path(), 10, DEFAULT_SEGMENT_BYTES);
+            let seg = dir.path().join(LOG_DIR).join(segment_name(1));
+            let mut bytes = fs::read(&seg).unwrap();
+            let last_start = end as usize - (RECORD_PREFIX as usize + bodies[9].len());
+            match damage {
+                "flip" => bytes[end as usize - 3] ^= 0x55,
+                "zero" => bytes[last_start..end as usize].fill(0),
+                _ => bytes.truncate(end as usize - 3),
+            }
+            fs::write(&seg, &bytes).unwrap();
+            let e = open_error(dir.path(), 10, &bodies, DEFAULT_SEGMENT_BYTES);
+            assert!(e.contains(&seg.display().to_string()), "{damage}: {e}");
+            // Above the checkpoint the same damage is a torn tail.
+            let log = CommitLog::open(
+                dir.path(),
+                9,
+                record_hash(&bodies[8]),
+                DEFAULT_SEGMENT_BYTES,
+                |_| Ok(()),
+            )
+            .unwrap_or_else(|e| panic!("{damage} above the checkpoint: {e}"));
+            assert_eq!(log.last(), 9, "{damage}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_shortened_older_segment_is_found_not_read_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bodies, _) = write_n(dir.path(), 50, 400);
+        let mut segs: Vec<_> = fs::read_dir(dir.path().join(LOG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort_by_key(|p| {
+            p.file_stem()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        });
+        assert!(segs.len() > 3, "{segs:?}");
+        // A middle segment deleted: found at open when the scan reads
+        // across it, else by the first read across it.
+        let gone = segs[1].clone();
+        let saved = fs::read(&gone).unwrap();
+        fs::remove_file(&gone).unwrap();
+        let e = match CommitLog::open(dir.path(), 0, GENESIS_HASH, 400, |_| Ok(())) {
+            Err(e @ StorageError::CorruptRecord { .. }) => e.to_string(),
+            other => panic!("expected corruption, got {:?}", other.map(|l| l.last())),
+        };
+        assert!(e.contains("the next one starts at"), "{e}");
+        let mut log =
+            CommitLog::open(dir.path(), 50, record_hash(&bodies[49]), 400, |_| Ok(())).unwrap();
+        match log.read_from(1, 100, usize::MAX) {
+            Err(StorageError::CorruptRecord { file, reason, .. }) => {
+                assert_eq!(file, segs[0]);
+                assert!(reason.contains("the next one starts at"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        drop(log);
+        fs::write(&gone, &saved).unwrap();
+        // The first segment cut at a record boundary.
+        let first = fs::read(&segs[0]).unwrap();
+        let rec = RECORD_PREFIX as usize + bodies[0].len();
+        let cut = SEGMENT_HEAD_LEN as usize + rec;
+        fs::write(&segs[0], &first[..cut]).unwrap();
+        let mut log = CommitLog::open(dir.path(), 50, record_hash(&bodies[49]), 400, |_| Ok(()))
+            .expect("the damaged segment is before the checkpoint: not read at open");
+        match log.read_from(1, 10, usize::MAX) {
+            Err(StorageError::CorruptRecord { file, reason, .. }) => {
+                assert_eq!(file, segs[0]);
+                assert!(reason.contains("ends at 1,"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub(crate) type ConnIdx = usize;
 pub(crate) struct Router {
     opts: ConnectOptions,
     seeds: Vec<String>,
+    /// The repository of the first server reached: a server of another
+    /// one (restarted on an empty directory, or a seed of another node) is
+    /// treated as unreachable.
+    repository_id: String,
     node: Node,
     view: ViewRank,
     conns: Vec<Connection>,
@@ -61,6 +65,7 @@ impl Router {
         let mut router = Router {
             opts,
             seeds,
+            repository_id: first.hello().repository_id.clone(),
             node: Node::default(),
             view: (Epoch::default(), 0),
             conns: Vec::new(),
@@ -251,6 +256,23 @@ impl Router {
             return Ok(idx);
         }
         let conn = Connection::connect(addr, SessionRole::Application, &self.opts)?;
+        let theirs = &conn.hello().repository_id;
+        if *theirs != self.repository_id {
+            log::warn!(
+                "{addr} serves repository {theirs}, not this session's {}: not used",
+                self.repository_id
+            );
+            return Err(ClientError::Io {
+                addr: addr.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "serves repository {theirs}, not this session's {}",
+                        self.repository_id
+                    ),
+                ),
+            });
+        }
         self.adopt_hello(&conn);
         self.conns.push(conn);
         Ok(self.conns.len() - 1)

@@ -408,6 +408,39 @@ fn commits_a_failover_lost_stop_being_required_once_the_new_primary_is_heard() {
 }
 
 #[test]
+fn a_server_of_another_repository_is_never_used() {
+    // The secondary's machine came back on an empty directory: a new
+    // repository, its only member a primary, of a higher epoch.
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    let alone = Node {
+        members: vec![Member {
+            role: MemberRole::Primary,
+            ..node.members[1].clone()
+        }],
+    };
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node.clone(), s.addr.clone(), move |b| match b {
+        RequestBody::Hello { .. } => Some(Some(ResponseBody::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: 101,
+            repository_id: "another".into(),
+            role: ServerRole::Primary,
+            node: alone.clone(),
+            epoch: Epoch { term: 5, server: 9 },
+        })),
+        _ => None,
+    }));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    assert_eq!(session.read(4u64).unwrap().oid, 4);
+    session.append(Ref(9), &"x").unwrap();
+    assert_eq!(session.read_server(), Some(p.addr.as_str()));
+    assert_eq!(session.commit_server(), Some(p.addr.as_str()));
+    assert_eq!((p.count(is_read), p.count(is_commit)), (1, 1));
+    assert_eq!(s.count(is_read) + s.count(is_commit), 0);
+}
+
+#[test]
 fn wrong_server_redirects_the_same_commit() {
     let (mut old, mut new) = (Fake::bind(), Fake::bind());
     let node = node_of(&[(&old, MemberRole::Primary), (&new, MemberRole::Secondary)]);

@@ -338,7 +338,8 @@ impl<'a> Copier<'a> {
             src,
             dir: target.to_path_buf(),
             objects: ObjectFile::open(target, 0)?,
-            index: IndexMap::open(target)?,
+            // A new index in the empty target (no checkpoint there yet).
+            index: IndexMap::open(target, 0)?,
             colls: Collections::open(target)?,
             seen: vec![0; words],
             queue: VecDeque::new(),

@@ -36,15 +36,15 @@ use std::path::{Path, PathBuf};
 use memmap2::{Mmap, MmapMut};
 
 use crate::storage::error::{Result, StorageError};
-use crate::types::Oid;
+use crate::types::{CommitNumber, Oid};
 
 pub const INDEX_FILE: &str = "index.map";
 /// The entries a checkpoint in progress replaces (see the module doc).
 pub const UNDO_FILE: &str = "index.undo";
 const UNDO_MAGIC: &[u8; 8] = b"MAGUNDO1";
 const MAGIC: &[u8; 8] = b"MAGIDX01";
-const HEAD_LEN: u64 = 64;
-const ENTRY_LEN: u64 = 32;
+pub(crate) const HEAD_LEN: u64 = 64;
+pub(crate) const ENTRY_LEN: u64 = 32;
 const INITIAL_CAPACITY: u64 = 4096;
 pub const FLAG_COLLECTION: u32 = 1;
 
@@ -120,14 +120,23 @@ fn entry_at(map: &[u8], capacity: u64, oid: Oid, path: &Path) -> Result<Option<I
 }
 
 impl IndexMap {
-    /// Open `DIR/index.map`, creating an empty index if absent.
-    pub fn open(dir: &Path) -> Result<IndexMap> {
+    /// Open `DIR/index.map` of a repository checkpointed at `checkpoint`,
+    /// creating an empty index if absent before any checkpoint. Once a
+    /// checkpoint was taken the index holds its entries: missing, or all
+    /// zeros, it is damage, not a fresh start.
+    pub fn open(dir: &Path, checkpoint: CommitNumber) -> Result<IndexMap> {
         let path = dir.join(INDEX_FILE);
         let ctx = |what: &str| format!("{what} {}", path.display());
+        if checkpoint > 0 && !path.exists() {
+            return Err(StorageError::Corrupted(format!(
+                "{} is missing, but the repository was checkpointed at commit {checkpoint}",
+                path.display()
+            )));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(checkpoint == 0)
             .truncate(false)
             .open(&path)
             .map_err(|e| StorageError::io(ctx("opening"), e))?;
@@ -145,7 +154,6 @@ impl IndexMap {
                 path.display()
             )));
         }
-        let by_len = (len.max(HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN) - HEAD_LEN) / ENTRY_LEN;
         // SAFETY: the file is exclusively ours (repository flock), it is
         // never truncated while mapped, and the mapping lives in `self`,
         // which hands out no references that outlive a `&self` borrow.
@@ -164,9 +172,15 @@ impl IndexMap {
                 .is_some_and(|need| need <= map.len() as u64)
         {
             named
-        } else if map.iter().all(|&b| b == 0) {
+        } else if checkpoint == 0 && map.iter().all(|&b| b == 0) {
+            let by_len = (map.len() as u64 - HEAD_LEN) / ENTRY_LEN;
             map[0..HEAD_LEN as usize].copy_from_slice(&head_bytes(by_len));
             by_len
+        } else if map.iter().all(|&b| b == 0) {
+            return Err(StorageError::Corrupted(format!(
+                "{} is all zeros, but the repository was checkpointed at commit {checkpoint}",
+                path.display()
+            )));
         } else {
             return Err(StorageError::Corrupted(format!(
                 "{} has a bad head (magic, capacity or checksum)",
@@ -425,7 +439,7 @@ mod tests {
     fn grows_and_persists_entries() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut idx = IndexMap::open(dir.path()).unwrap();
+            let mut idx = IndexMap::open(dir.path(), 0).unwrap();
             for oid in [0u64, 5, 10_000, 100_000] {
                 idx.set(
                     oid,
@@ -441,7 +455,7 @@ mod tests {
             assert!(idx.capacity() > 100_000);
             idx.flush().unwrap();
         }
-        let idx = IndexMap::open(dir.path()).unwrap();
+        let idx = IndexMap::open(dir.path(), 0).unwrap();
         assert_eq!(idx.get(10_000).unwrap().unwrap().coll_len, 20_000);
         assert_eq!(idx.get(1).unwrap(), None);
         assert_eq!(idx.get(u64::MAX / 64).unwrap(), None);
@@ -468,7 +482,7 @@ mod tests {
             flags: 0,
         };
         {
-            let mut idx = IndexMap::open(dir.path()).unwrap();
+            let mut idx = IndexMap::open(dir.path(), 0).unwrap();
             idx.set(7, &entry).unwrap();
             idx.flush().unwrap();
         }
@@ -477,7 +491,7 @@ mod tests {
         f.set_len(HEAD_LEN + 4 * INITIAL_CAPACITY * ENTRY_LEN)
             .unwrap();
         drop(f);
-        let mut idx = IndexMap::open(dir.path()).unwrap();
+        let mut idx = IndexMap::open(dir.path(), 0).unwrap();
         assert_eq!(idx.capacity(), INITIAL_CAPACITY);
         assert_eq!(idx.get(7).unwrap(), Some(entry));
         // Growing again never shrinks the longer file.
@@ -487,7 +501,7 @@ mod tests {
         assert!(
             std::fs::metadata(&path).unwrap().len() >= HEAD_LEN + 4 * INITIAL_CAPACITY * ENTRY_LEN
         );
-        let idx = IndexMap::open(dir.path()).unwrap();
+        let idx = IndexMap::open(dir.path(), 0).unwrap();
         assert_eq!(idx.get(INITIAL_CAPACITY + 1).unwrap(), Some(entry));
         assert_eq!(idx.get(7).unwrap(), Some(entry));
         drop(idx);
@@ -497,14 +511,25 @@ mod tests {
         let f = std::fs::File::create(fresh.path().join(INDEX_FILE)).unwrap();
         f.set_len(HEAD_LEN + INITIAL_CAPACITY * ENTRY_LEN).unwrap();
         drop(f);
-        assert_eq!(IndexMap::open(fresh.path()).unwrap().get(7).unwrap(), None);
+        assert_eq!(
+            IndexMap::open(fresh.path(), 0).unwrap().get(7).unwrap(),
+            None
+        );
+        // A shorter all-zero file: its capacity is what it holds.
+        std::fs::write(fresh.path().join(INDEX_FILE), vec![0u8; 96]).unwrap();
+        let mut short = IndexMap::open(fresh.path(), 0).unwrap();
+        assert_eq!((short.capacity(), short.get(0).unwrap()), (1, None));
+        assert_eq!(short.get(7).unwrap(), None);
+        short.set(7, &entry).unwrap();
+        assert_eq!(short.get(7).unwrap(), Some(entry));
+        drop(short);
 
         // A zeroed head over entries in use is damage, not a fresh index.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[..HEAD_LEN as usize].fill(0);
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(
-            IndexMap::open(dir.path()),
+            IndexMap::open(dir.path(), 0),
             Err(StorageError::Corrupted(_))
         ));
     }
@@ -518,14 +543,14 @@ mod tests {
             coll_len: 0,
             flags: 0,
         };
-        let mut idx = IndexMap::open(dir.path()).unwrap();
+        let mut idx = IndexMap::open(dir.path(), 0).unwrap();
         idx.set_checkpoint(3, &[(1, e(1))]).unwrap();
         idx.checkpointed().unwrap();
         // Entries 1 (changed) and 9000 (new, past the capacity: the map
         // grows) of checkpoint 5, cut short before its header.
         idx.set_checkpoint(5, &[(1, e(2)), (9000, e(3))]).unwrap();
         drop(idx);
-        let mut idx = IndexMap::open(dir.path()).unwrap();
+        let mut idx = IndexMap::open(dir.path(), 0).unwrap();
         assert_eq!(idx.recover(3).unwrap(), 2);
         assert_eq!(idx.get(1).unwrap(), Some(e(1)));
         assert_eq!(idx.get(9000).unwrap(), None);
@@ -533,7 +558,7 @@ mod tests {
         // Cut short after its header: kept.
         idx.set_checkpoint(5, &[(1, e(2))]).unwrap();
         drop(idx);
-        let mut idx = IndexMap::open(dir.path()).unwrap();
+        let mut idx = IndexMap::open(dir.path(), 0).unwrap();
         assert_eq!(idx.recover(5).unwrap(), 0);
         assert_eq!(idx.get(1).unwrap(), Some(e(2)));
         // A torn save (the crash came while writing it): nothing had
@@ -547,7 +572,7 @@ mod tests {
     fn corrupt_entry_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut idx = IndexMap::open(dir.path()).unwrap();
+            let mut idx = IndexMap::open(dir.path(), 0).unwrap();
             idx.set(
                 3,
                 &IndexEntry {
@@ -564,7 +589,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[(HEAD_LEN + 3 * ENTRY_LEN + 9) as usize] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let idx = IndexMap::open(dir.path()).unwrap();
+        let idx = IndexMap::open(dir.path(), 0).unwrap();
         assert!(matches!(idx.get(3), Err(StorageError::Corrupted(_))));
     }
 }

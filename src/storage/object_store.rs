@@ -573,7 +573,15 @@ impl Collections {
     pub fn truncate(&mut self, coll: Oid, len: u64) -> Result<()> {
         let dir = self.dir.clone();
         let f = self.files_written(coll)?;
-        let len = len.min(f.len);
+        if f.len < len {
+            // Fewer elements than checkpointed: cutting .dat to match would
+            // destroy elements still there.
+            return Err(StorageError::Corrupted(format!(
+                "{} holds {} elements, but the index says {len}",
+                idx_path(&dir, coll).display(),
+                f.len
+            )));
+        }
         let dat_len = if len == 0 {
             0
         } else {

@@ -380,7 +380,7 @@ impl Repository {
             header.server_id = rand::random::<u64>() | 1;
             header.write(dir)?;
         }
-        let mut index = IndexMap::open(dir)?;
+        let mut index = IndexMap::open(dir, header.checkpoint)?;
         let restored = index.recover(header.checkpoint)?;
         if restored > 0 {
             log::warn!(
@@ -394,7 +394,22 @@ impl Repository {
         // Cut collection files to their checkpointed lengths; later
         // elements are replayed at their explicit positions.
         for coll in colls.existing()? {
-            let len = index.get(coll)?.map(|e| e.coll_len).unwrap_or(0);
+            let len = match index.get(coll)? {
+                Some(e) => e.coll_len,
+                // Created after the checkpoint (oids from its next_oid on
+                // are new since): replayed from the log.
+                None if coll >= header.next_oid => 0,
+                // Checkpointed collections have entries: cutting the files
+                // to nothing would destroy their elements.
+                None => {
+                    return Err(StorageError::Corrupted(format!(
+                        "{}: collection {coll} has files but no entry, though the \
+                         checkpoint's next oid is {}",
+                        dir.join(crate::storage::index_map::INDEX_FILE).display(),
+                        header.next_oid
+                    )))
+                }
+            };
             colls.truncate(coll, len)?;
         }
         // Tokens of the records the checkpoint already covers are read

@@ -347,6 +347,83 @@ fn large_collection_survives_checkpoint_and_restart() {
     assert_eq!(mid, vec![s("e000050500")]);
 }
 
+/// The file of the repository at `repo` whose name is `name`, anywhere
+/// below it.
+fn file_named(repo: &Path, name: &str) -> std::path::PathBuf {
+    let mut dirs = vec![repo.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.file_name().unwrap() == name {
+                return p;
+            }
+        }
+    }
+    panic!("no {name} under {}", repo.display())
+}
+
+#[test]
+fn a_damaged_index_or_collection_file_is_refused_and_no_element_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("repo");
+    let coll = {
+        let mut repo = new_repo(dir.path());
+        let (_, coll) = setup_root_with_collection(&mut repo);
+        for i in 0..20 {
+            append(&mut repo, coll, &format!("e{i}"));
+        }
+        repo.checkpoint().unwrap();
+        coll
+    };
+    let index = path.join(index_map::INDEX_FILE);
+    let idx = file_named(&path, &format!("{coll}.idx"));
+    let dat = file_named(&path, &format!("{coll}.dat"));
+    let (index_bytes, idx_bytes, dat_bytes) = (
+        fs::read(&index).unwrap(),
+        fs::read(&idx).unwrap(),
+        fs::read(&dat).unwrap(),
+    );
+    let refused = |what: &str, expect: &str| {
+        match Repository::open(&path) {
+            Err(e @ StorageError::Corrupted(_)) => {
+                assert!(e.to_string().contains(expect), "{what}: {e}")
+            }
+            Err(other) => panic!("{what}: unexpected {other}"),
+            Ok(_) => panic!("{what}: opened"),
+        }
+        assert_eq!(
+            fs::read(&dat).unwrap(),
+            dat_bytes,
+            "{what}: elements were cut"
+        );
+    };
+
+    fs::write(&idx, &idx_bytes[..idx_bytes.len() - 5 * 8]).unwrap();
+    refused(
+        "a shortened .idx",
+        "holds 15 elements, but the index says 20",
+    );
+    fs::write(&idx, &idx_bytes).unwrap();
+
+    let mut zeroed = index_bytes.clone();
+    let at = (index_map::HEAD_LEN + coll * index_map::ENTRY_LEN) as usize;
+    zeroed[at..at + index_map::ENTRY_LEN as usize].fill(0);
+    fs::write(&index, &zeroed).unwrap();
+    refused("the collection's entry zeroed", "has files but no entry");
+
+    fs::write(&index, vec![0u8; index_bytes.len()]).unwrap();
+    refused("index.map zeroed", "is all zeros");
+    fs::remove_file(&index).unwrap();
+    refused("index.map missing", "is missing");
+    assert!(!index.exists(), "no empty index was made in its place");
+
+    fs::write(&index, &index_bytes).unwrap();
+    let repo = Repository::open(&path).unwrap();
+    assert_eq!(repo.collection_len(coll).unwrap(), 20);
+}
+
 #[test]
 fn second_open_is_refused_while_locked() {
     let dir = tempfile::tempdir().unwrap();

@@ -465,6 +465,8 @@ impl Session {
         let deadline = Instant::now() + self.reroute_timeout;
         let mut pause = Duration::from_millis(20);
         let mut relearned = false;
+        // The primary that could not be reached in this request, if any.
+        let mut dead = None;
         loop {
             let sent = self
                 .router
@@ -478,7 +480,7 @@ impl Session {
             match sent {
                 Ok(answered) => return Ok(answered),
                 Err(CallFailure { sent: false, error }) => {
-                    if let Err(error) = self.reroute_unsent(error, &mut relearned) {
+                    if let Err(error) = self.reroute_unsent(error, &mut relearned, &mut dead) {
                         return Err(CallFailure { sent: false, error });
                     }
                 }
@@ -486,7 +488,7 @@ impl Session {
                     if Instant::now() >= deadline {
                         return Err(CallFailure { sent: true, error });
                     }
-                    let same_server = self.reroute(&error);
+                    let same_server = self.reroute(&error, dead.as_deref());
                     if same_server && matches!(error, ClientError::Server(WireError::RestoreMode)) {
                         // A backup in restore mode stays one until an
                         // operator acts: waiting would not help.
@@ -500,7 +502,7 @@ impl Session {
                 Err(CallFailure { sent: true, error })
                     if unanswered == Unanswered::Resend && error.is_network() =>
                 {
-                    if let Err(error) = self.reroute_unsent(error, &mut relearned) {
+                    if let Err(error) = self.reroute_unsent(error, &mut relearned, &mut dead) {
                         return Err(CallFailure { sent: true, error });
                     }
                 }
@@ -512,7 +514,12 @@ impl Session {
     /// Follow a refusal that says the request belongs on another primary.
     /// True when the next attempt goes to the same server (or none is
     /// known), so the caller should pause first.
-    fn reroute(&mut self, error: &ClientError) -> bool {
+    ///
+    /// A successor still taking over answers `unavailable` while the node
+    /// it reports still names the `dead` primary: going back there would
+    /// end the request with the dead primary's error a moment before the
+    /// successor serves. The request stays with the successor instead.
+    fn reroute(&mut self, error: &ClientError, dead: Option<&str>) -> bool {
         let before = self.router.commit_server().map(str::to_string);
         log::debug!("request to {before:?} re-routed: {error}");
         match error {
@@ -529,6 +536,12 @@ impl Session {
             .commit_target()
             .or_else(|| self.router.node().primary())
             .map(|m| m.addr.clone());
+        if let (Some(back), Some(here)) = (after.as_deref(), before.as_deref()) {
+            if dead == Some(back) && back != here {
+                self.router.redirect_commits(here);
+                return true;
+            }
+        }
         after.is_none() || after == before
     }
 
@@ -537,12 +550,18 @@ impl Session {
     /// the node's successor (its first secondary), which pings the primary
     /// and, finding it gone, takes over (the seed's rule) or names the
     /// primary to use.
-    fn reroute_unsent(&mut self, error: ClientError, relearned: &mut bool) -> Result<()> {
+    fn reroute_unsent(
+        &mut self,
+        error: ClientError,
+        relearned: &mut bool,
+        dead: &mut Option<String>,
+    ) -> Result<()> {
         if *relearned {
             return Err(error);
         }
         *relearned = true;
         let failed = self.router.forget_commit_target();
+        *dead = failed.as_ref().map(|m| m.addr.clone());
         if self.router.refresh_node().is_err() {
             return Err(error);
         }

@@ -522,6 +522,35 @@ fn a_commit_the_dead_primary_never_got_goes_to_the_successor() {
 }
 
 #[test]
+fn a_successor_still_taking_over_is_waited_for_not_left_for_the_dead_primary() {
+    // The successor answers `unavailable` while it takes over, and until
+    // then still names the dead primary in its node.
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    let refusals = Arc::new(AtomicU64::new(0));
+    let counted = refusals.clone();
+    s.serve(standard(node.clone(), s.addr.clone(), move |b| {
+        (is_commit(b) && counted.fetch_add(1, Ordering::SeqCst) < 3).then_some(Some(
+            ResponseBody::Error {
+                error: WireError::Unavailable {
+                    reason: "this server is changing role; retry".into(),
+                },
+                message: "changing role".into(),
+            },
+        ))
+    }));
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    p.kill();
+    let out = session
+        .append(Ref(9), &"x")
+        .expect("committed by the successor");
+    assert_eq!(out.number, 11);
+    assert_eq!(s.count(is_commit), 4);
+    assert_eq!(session.commit_server(), Some(s.addr.as_str()));
+}
+
+#[test]
 fn with_no_server_left_a_commit_gets_a_network_error_and_was_not_applied() {
     let (mut p, mut s, _) = pair();
     let mut session = Session::connect_with(&[&s.addr], options()).unwrap();

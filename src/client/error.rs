@@ -25,7 +25,8 @@ pub enum ClientError {
     },
     /// A commit was sent but no outcome came back (the connection broke or
     /// timed out, or the server failed internally): it may or may not have
-    /// been applied. `Session::commit_status(&token)` tells whether it was.
+    /// been applied. `Session::commit_status(&token)` tells whether it was
+    /// so far; resending the body with this token settles it for good.
     /// Resending is safe only with this `token` in the body
     /// (`body.token = Some(token)`; a body given its own token before the
     /// first call already has it): a body sent without one got a random

@@ -410,7 +410,19 @@ impl Session {
         let expects = (!body.news.is_empty(), !body.appends.is_empty());
         let request = RequestBody::Commit(body);
         let result = match self.ask_primary(&request, Unanswered::OutcomeUnknown) {
-            Ok((resp, addr)) => self.committed(resp, &addr, expects),
+            Ok((resp, addr)) => match self.committed(resp, &addr, expects) {
+                Err(error @ ClientError::Protocol { .. }) => {
+                    // An answer of another type: the commit may have been
+                    // applied, and that connection is not trusted again.
+                    self.router.forget_commit_target();
+                    Err(ClientError::OutcomeUnknown {
+                        token,
+                        addr,
+                        cause: Box::new(error),
+                    })
+                }
+                other => other,
+            },
             Err(CallFailure { sent: true, error }) if leaves_outcome_unknown(&error) => {
                 let addr = self.router.commit_server().unwrap_or_default().to_string();
                 self.router.forget_commit_target();
@@ -427,9 +439,13 @@ impl Session {
     }
 
     /// Was a commit with this token applied? `Some(number)` if so, `None`
-    /// if the primary knows no such token (never applied, or older than the
-    /// tokens it remembers); resolves a
-    /// [`ClientError::OutcomeUnknown`]. Routed as a commit is, so it also
+    /// if the primary knows no such token (not applied so far, or older
+    /// than the tokens it remembers); resolves a
+    /// [`ClientError::OutcomeUnknown`]. `None` is final only if the
+    /// original request can no longer arrive: one held up in the network
+    /// (a partition that heals) may still be applied later. To settle an
+    /// outcome for good, resend the body with the same token instead: the
+    /// primary applies it at most once. Routed as a commit is, so it also
     /// works when the primary died: the successor that receives it takes
     /// over, and knows the tokens of every commit it replicated. Being a
     /// query, it is resent (once, after re-learning the node) when it was

@@ -551,6 +551,24 @@ fn a_successor_still_taking_over_is_waited_for_not_left_for_the_dead_primary() {
 }
 
 #[test]
+fn a_commit_answered_with_another_type_has_an_unknown_outcome() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |b| {
+        is_commit(b).then_some(Some(ResponseBody::Pong))
+    }));
+    s.serve(standard(node.clone(), s.addr.clone(), |_| None));
+    let mut session = Session::connect_with(&[&p.addr], options()).unwrap();
+    match session.append(Ref(9), &"x") {
+        Err(e @ ClientError::OutcomeUnknown { .. }) => {
+            assert!(e.is_outcome_unknown());
+            assert!(e.to_string().contains("pong"), "{e}");
+        }
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+}
+
+#[test]
 fn with_no_server_left_a_commit_gets_a_network_error_and_was_not_applied() {
     let (mut p, mut s, _) = pair();
     let mut session = Session::connect_with(&[&s.addr], options()).unwrap();

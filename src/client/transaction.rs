@@ -30,11 +30,27 @@ use crate::types::{CommitNumber, Oid};
 /// [`Transaction::put`] names the version that was read; if any changed
 /// since, the commit fails with `ClientError::Conflict` naming them.
 /// Appends never conflict.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Transaction {
     body: CommitBody,
+    /// The last temporary id given out. Each transaction starts at a random
+    /// base, so a `NewRef` kept from another transaction names no object of
+    /// this one and the primary refuses the commit, instead of linking
+    /// whatever this transaction created under the same number.
     next_temp: u64,
     error: Option<ClientError>,
+}
+
+impl Default for Transaction {
+    fn default() -> Transaction {
+        Transaction {
+            body: CommitBody::default(),
+            // Below 2^52: an id any MessagePack library, JavaScript's
+            // included, holds exactly.
+            next_temp: u64::from(rand::random::<u32>()) << 20,
+            error: None,
+        }
+    }
 }
 
 impl Transaction {
@@ -222,7 +238,10 @@ mod tests {
 
     #[test]
     fn builds_a_body_with_temporary_ids_from_one() {
-        let mut tx = Transaction::new();
+        let mut tx = Transaction {
+            next_temp: 0,
+            ..Transaction::new()
+        };
         assert!(tx.is_empty());
         let coll = tx.create_collection();
         let root = tx.create("Root", &Root { items: coll });
@@ -265,6 +284,22 @@ mod tests {
         let mut tx = Transaction::new();
         tx.append(Ref(1), &Bad);
         assert!(matches!(tx.into_body(), Err(ClientError::Encode(_))));
+    }
+
+    #[test]
+    fn a_new_ref_kept_from_another_transaction_names_none_of_this_ones() {
+        let mut first = Transaction::new();
+        let kept = first.create("C", &1u8);
+        let mut second = Transaction::new();
+        let mine = second.create("C", &2u8);
+        second.append(kept, &3u8);
+        let body = second.into_body().unwrap();
+        assert_ne!(kept, mine);
+        assert!(body.news.iter().all(|n| n.temp_id != kept.0));
+        // The primary refuses a temporary id no new object has (see
+        // storage::object's rewrite), so nothing is linked by mistake.
+        assert_eq!(body.appends[0].coll, WireRef::New(kept.0));
+        assert!(mine.0 < 1 << 52);
     }
 
     #[test]

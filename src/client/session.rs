@@ -483,6 +483,8 @@ impl Session {
         let mut relearned = false;
         // The primary that could not be reached in this request, if any.
         let mut dead = None;
+        // The server the last refusal came from.
+        let mut bounced_from: Option<String> = None;
         loop {
             let sent = self
                 .router
@@ -504,7 +506,16 @@ impl Session {
                     if Instant::now() >= deadline {
                         return Err(CallFailure { sent: true, error });
                     }
-                    let same_server = self.reroute(&error, dead.as_deref());
+                    let from = self.router.commit_server().map(str::to_string);
+                    let mut same_server = self.reroute(&error, dead.as_deref());
+                    // Two servers naming each other (a take-over under way:
+                    // each still thinks the other is the primary): pause
+                    // as for one server, instead of bouncing at full speed.
+                    let to = self.router.commit_server().map(str::to_string);
+                    if to.is_some() && to == bounced_from {
+                        same_server = true;
+                    }
+                    bounced_from = from;
                     if same_server && matches!(error, ClientError::Server(WireError::RestoreMode)) {
                         // A backup in restore mode stays one until an
                         // operator acts: waiting would not help.

@@ -506,6 +506,13 @@ impl Session {
                     if Instant::now() >= deadline {
                         return Err(CallFailure { sent: true, error });
                     }
+                    if let ClientError::Server(WireError::WrongServer { primary: Some(p) }) = &error
+                    {
+                        if dead.as_ref() == Some(p) {
+                            // A server that pinged it says it is alive.
+                            dead = None;
+                        }
+                    }
                     let from = self.router.commit_server().map(str::to_string);
                     let mut same_server = self.reroute(&error, dead.as_deref());
                     // Two servers naming each other (a take-over under way:

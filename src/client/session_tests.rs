@@ -32,7 +32,11 @@ struct Fake {
 
 impl Fake {
     fn bind() -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Fake::bind_to("127.0.0.1:0")
+    }
+
+    fn bind_to(addr: &str) -> Fake {
+        let listener = TcpListener::bind(addr).unwrap();
         Fake {
             addr: listener.local_addr().unwrap().to_string(),
             listener: Some(listener),
@@ -566,6 +570,44 @@ fn a_commit_answered_with_another_type_has_an_unknown_outcome() {
         }
         other => panic!("expected an unknown outcome, got {other:?}"),
     }
+}
+
+#[test]
+fn a_primary_the_successor_finds_alive_is_tried_again() {
+    // The primary refuses one connection (a quick restart). The successor
+    // the commit then goes to pings it, finds it back, and names it.
+    let (p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    let primary = p.addr.clone();
+    drop(p);
+    let back: Arc<Mutex<Option<Fake>>> = Arc::default();
+    let restarted = back.clone();
+    let for_primary = node.clone();
+    s.serve(standard(node.clone(), s.addr.clone(), move |b| {
+        if !is_commit(b) {
+            return None;
+        }
+        let mut slot = restarted.lock().unwrap();
+        if slot.is_none() {
+            let mut f = Fake::bind_to(&primary);
+            f.serve(standard(for_primary.clone(), primary.clone(), |_| None));
+            *slot = Some(f);
+        }
+        Some(Some(ResponseBody::Error {
+            error: WireError::WrongServer {
+                primary: Some(primary.clone()),
+            },
+            message: "the primary is alive".into(),
+        }))
+    }));
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    let out = session
+        .append(Ref(9), &"x")
+        .expect("committed by the primary");
+    assert_eq!(out.number, 11);
+    let back = back.lock().unwrap();
+    assert_eq!(back.as_ref().unwrap().count(is_commit), 1);
+    assert_eq!(s.count(is_commit), 1);
 }
 
 #[test]

@@ -123,6 +123,18 @@ impl Router {
         self.last_seen = self.last_seen.max(progress_of(resp));
     }
 
+    /// Count the progress of a response that came on connection `idx`,
+    /// unless its server said hello in an older epoch than the one counted
+    /// (a server that kept records the failover lost).
+    pub fn observe_on(&mut self, idx: ConnIdx, resp: &Response) {
+        let older = self
+            .progress_epoch
+            .is_some_and(|e| self.conns[idx].hello().epoch < e);
+        if !older {
+            self.observe(resp);
+        }
+    }
+
     // ---- the node ----
 
     /// Re-learn the node from every known address and route by the newest
@@ -199,6 +211,9 @@ impl Router {
             return;
         }
         self.progress_epoch = Some(epoch);
+        // Connections opened before the failover said hello in the old
+        // epoch: open them again, so each server's epoch is known afresh.
+        self.conns.retain(|c| c.hello().epoch >= epoch);
         if self.last_seen > commit {
             log::warn!(
                 "the node failed over (epoch {}.{}): commits {}..={} this session saw \

@@ -76,7 +76,15 @@ pub struct Session {
     router: Router,
     reroute_timeout: Duration,
     required_progress: RequiredProgress,
+    /// When a read that every server answered `behind` last re-learned
+    /// the node.
+    relearned_for_behind: Option<Instant>,
 }
+
+/// How often a read answered `behind` everywhere may re-learn the node: a
+/// requirement another session's commit set is often `behind` for a
+/// moment, and re-learning asks every server.
+const BEHIND_RELEARN_INTERVAL: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,6 +161,7 @@ impl Session {
             router,
             reroute_timeout: opts.reroute_timeout,
             required_progress: None,
+            relearned_for_behind: None,
         })
     }
 
@@ -661,15 +670,24 @@ impl Session {
     /// retry once elsewhere when it is behind the required progress.
     ///
     /// When every server is behind, the node may have failed over and lost
-    /// the commits required: the session re-learns the node and, if a
-    /// newer epoch's primary lowers the requirement, reads once more.
+    /// the commits required: the session re-learns the node (at most every
+    /// `BEHIND_RELEARN_INTERVAL`) and, if a newer epoch's primary lowers
+    /// the requirement, reads once more.
     fn read_request(&mut self, make: impl Fn(RequiredProgress) -> RequestBody) -> Result<Response> {
         self.lower_to_epoch_start();
         match self.read_routed(&make) {
             Err(behind @ ClientError::Server(WireError::Behind { .. })) => {
+                let due = self
+                    .relearned_for_behind
+                    .is_none_or(|at| at.elapsed() >= BEHIND_RELEARN_INTERVAL);
+                if !due {
+                    return Err(behind);
+                }
+                self.relearned_for_behind = Some(Instant::now());
                 if let Err(e) = self.router.refresh_node() {
                     log::debug!("re-learning the node after 'behind' failed: {e}");
                 }
+                self.router.prune();
                 if self.lower_to_epoch_start() {
                     self.read_routed(&make)
                 } else {
@@ -709,7 +727,7 @@ impl Session {
             let addr = self.router.conn(idx).addr().to_string();
             match self.router.conn(idx).call(body.clone()) {
                 Ok(resp) => {
-                    self.router.observe(&resp);
+                    self.router.observe_on(idx, &resp);
                     break Ok(resp);
                 }
                 Err(error) if read_fails_over(&error) => {
@@ -763,7 +781,7 @@ impl Session {
             };
             match self.router.conn(idx).call(body.clone()) {
                 Ok(resp) => {
-                    self.router.observe(&resp);
+                    self.router.observe_on(idx, &resp);
                     return Ok(resp);
                 }
                 Err(e) if read_fails_over(&e) => continue,

@@ -243,7 +243,10 @@ async fn timed(
 /// The bytes of a socket's stream its peer has acknowledged: they grow
 /// while the client reads.
 struct Acked {
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    #[cfg_attr(
+        not(all(target_os = "linux", any(target_env = "gnu", target_env = "musl"))),
+        allow(dead_code)
+    )]
     fd: std::os::fd::RawFd,
     /// As of the last `advanced`.
     seen: std::sync::atomic::AtomicU64,
@@ -273,7 +276,8 @@ impl Acked {
     }
 
     fn bytes(&self) -> Option<u64> {
-        #[cfg(target_os = "linux")]
+        // libc has tcpi_bytes_acked for glibc and musl Linux only.
+        #[cfg(all(target_os = "linux", any(target_env = "gnu", target_env = "musl")))]
         {
             // SAFETY: tcp_info is plain integers, valid zeroed; the
             // descriptor belongs to the write half this session's writer
@@ -293,7 +297,7 @@ impl Acked {
             let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
             (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
         }
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(all(target_os = "linux", any(target_env = "gnu", target_env = "musl"))))]
         {
             None
         }

@@ -278,6 +278,17 @@ impl Server {
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
 
+        if let Some(primary) = &config.primary {
+            if is_fresh(&config.dir)? {
+                // Creating a repository here would start a new, unrelated
+                // primary: most likely a mistyped --dir.
+                bail!(
+                    "--primary {primary}: {} holds no repository; start on a backup \
+                     (magma backup), or use --join {primary} to pull one",
+                    config.dir.display()
+                );
+            }
+        }
         if let Some(from) = config.join.clone() {
             if is_fresh(&config.dir)? {
                 pull_for_join(&from, &config.dir).await?;
@@ -303,6 +314,13 @@ impl Server {
         .await
         .map_err(|e| anyhow!("opening the repository panicked: {e}"))??;
         let info = repo.info();
+        if let (Some(primary), false) = (&config.primary, info.restore_mode) {
+            warn!(
+                "--primary {primary} ignored: {} is not in restore mode (it was a primary; \
+                 it asks its node's members on start instead)",
+                config.dir.display()
+            );
+        }
         let role = if info.restore_mode {
             "restore"
         } else {

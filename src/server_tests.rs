@@ -382,6 +382,17 @@ fn primary_and_join_together_are_refused_plainly() {
 }
 
 #[test]
+fn primary_on_a_directory_without_a_repository_is_refused_not_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.primary = Some("127.0.0.1:1".into());
+    let err = format!("{:#}", spawn(cfg).err().unwrap());
+    assert!(err.contains("holds no repository"), "{err}");
+    assert!(err.contains("--join 127.0.0.1:1"), "{err}");
+    assert!(!tmp.path().join("repo").exists(), "nothing was created");
+}
+
+#[test]
 fn a_repository_in_restore_mode_serves_reads_and_refuses_commits() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());

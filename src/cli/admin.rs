@@ -29,9 +29,21 @@ fn admin(server: &str) -> Result<AdminSession, CliError> {
     AdminSession::connect(server).map_err(CliError::at(server))
 }
 
-/// Stop `server`, saving first when `save`.
-pub fn shutdown(server: &str, save: bool) -> Result<(), CliError> {
-    admin(server)?.shutdown(save).map_err(CliError::at(server))
+/// Stop `server`, saving first when `save`, and wait at most `wait` until
+/// it has stopped.
+pub fn shutdown(server: &str, save: bool, wait: Duration) -> Result<(), CliError> {
+    let stopped = admin(server)?
+        .shutdown_and_wait(save, wait)
+        .map_err(CliError::at(server))?;
+    if stopped {
+        Ok(())
+    } else {
+        Err(CliError::StillRunning(format!(
+            "{server} began to shut down but had not stopped after {} s; \
+             its log says how far it got",
+            wait.as_secs()
+        )))
+    }
 }
 
 /// A progress bar for `total` bytes on stderr (drawn only on a terminal):

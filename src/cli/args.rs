@@ -127,7 +127,9 @@ pub enum Command {
     Remove(RemoveArgs),
 
     /// Stop a server, saving (flushing and checkpointing) first unless
-    /// --no-save.
+    /// --no-save, and wait until it has stopped: its repository closed and
+    /// its lock released, so a server may be started on the directory (or
+    /// port) at once. A primary first hands over to a current secondary.
     Shutdown(ShutdownArgs),
 
     /// Copy a backup offline, dropping unreachable objects and superseded
@@ -287,6 +289,10 @@ pub struct ShutdownArgs {
     /// the log at the next start.
     #[arg(long)]
     pub no_save: bool,
+    /// Give up waiting (exit 1, the server still stopping) after this many
+    /// seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub wait_secs: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -6,6 +6,7 @@
 //! command owes even when failing (flood's summary line).
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::cli::admin;
 use crate::cli::args::{Cli, Command};
@@ -109,13 +110,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             ))
         }
         Command::Shutdown(a) => {
-            admin::shutdown(&a.server, !a.no_save)?;
+            admin::shutdown(&a.server, !a.no_save, Duration::from_secs(a.wait_secs))?;
             let how = if a.no_save {
                 "without saving"
             } else {
-                "saving first"
+                "after saving"
             };
-            say(&format!("{} is shutting down, {how}", a.server))
+            say(&format!("{} stopped, {how}", a.server))
         }
         Command::Compact(a) => {
             let summary = compact::run(&a.from, &a.to, a.quiet)?;

@@ -69,6 +69,9 @@ pub enum CliError {
     /// The tool itself failed (a thread could not start or panicked).
     #[error("{0}")]
     Internal(String),
+    /// A server asked to stop had not stopped within the time allowed.
+    #[error("{0}")]
+    StillRunning(String),
 }
 
 impl CliError {
@@ -101,6 +104,7 @@ impl CliError {
             CliError::InvalidBackup(_) => "invalid_backup",
             CliError::Compact(_) => "compact",
             CliError::Internal(_) => "internal",
+            CliError::StillRunning(_) => "still_running",
         }
     }
 

@@ -183,6 +183,7 @@ impl AdminSession {
 
     /// Stop the server, flushing first when `save`. A server that closes
     /// the connection instead of answering has also done as asked.
+    /// Returns once the shutdown has begun; see [`AdminSession::shutdown_and_wait`].
     pub fn shutdown(&mut self, save: bool) -> Result<()> {
         match self.call_ok(RequestBody::Shutdown { save }) {
             Err(ClientError::Io { source, .. })
@@ -192,6 +193,19 @@ impl AdminSession {
                 Ok(())
             }
             other => other,
+        }
+    }
+
+    /// Stop the server as [`AdminSession::shutdown`] does, then wait, at
+    /// most `limit`, until it has stopped: the server keeps this connection
+    /// open until its repository is closed (its lock released) and the
+    /// process exits. False when `limit` passed first.
+    pub fn shutdown_and_wait(&mut self, save: bool, limit: Duration) -> Result<bool> {
+        self.shutdown(save)?;
+        if self.conn.is_usable() {
+            self.conn.wait_closed(limit)
+        } else {
+            Ok(true)
         }
     }
 

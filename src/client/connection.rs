@@ -8,7 +8,7 @@
 
 use std::io::{BufReader, ErrorKind};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::error::{ClientError, Result};
 use crate::protocol::codec::{self, DEFAULT_MAX_FRAME};
@@ -192,6 +192,33 @@ impl Connection {
     /// False once a network or protocol failure happened on it.
     pub fn is_usable(&self) -> bool {
         !self.broken
+    }
+
+    /// Wait until the server closes this connection, at most `limit`.
+    /// Anything it still sends is skipped. False when `limit` passed first.
+    pub fn wait_closed(&mut self, limit: Duration) -> Result<bool> {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            self.stream
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| io_error(&self.addr, e))?;
+            match std::io::Read::read(&mut self.stream, &mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(true),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error(&self.addr, e)),
+            }
+        }
     }
 
     /// Send one request and wait for its response. An `Error` response

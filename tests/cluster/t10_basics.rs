@@ -5,7 +5,7 @@ use std::time::Duration;
 use magma::client::{ClientError, Ref, Session};
 use serde::{Deserialize, Serialize};
 
-use crate::harness::{digest, dump, verify_flood, Cluster, Flood};
+use crate::harness::{digest, dump, pair, verify_flood, wait_for_members, Cluster, Flood, CLI};
 use crate::phase;
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -272,4 +272,44 @@ fn t10_bench_reports_exactly_the_commits_it_made_with_either_engine() {
             "{prefix}: collections hold {found}, bench said {reported}"
         );
     }
+}
+
+#[test]
+fn t10_magma_shutdown_returns_once_the_server_has_stopped() {
+    // A primary with a current secondary hands over before it stops: the
+    // slowest shutdown. Once `magma shutdown` returns, its directory and
+    // port must be free for the next server.
+    let mut c = Cluster::new();
+    let (p, _, a1, a2) = pair(&mut c, &[]);
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[a1.as_str()], "g", &["--count", "50"]);
+    assert!(f.wait(Duration::from_secs(60)).status.success());
+
+    phase!("magma shutdown of the primary");
+    let out = std::process::Command::new(CLI)
+        .args(["shutdown", "--server", &a1])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("stopped"), "{said}");
+
+    phase!("at once, a server on the same directory and port");
+    let mut again = c.servers[p].clone_for_dir();
+    again.start();
+    assert!(c.servers[p].wait_exit(Duration::from_secs(5)).success());
+    // (start() may have been answered by the old process had it still
+    // been serving: what counts is that the new one is still up.)
+    assert!(
+        again.is_running(),
+        "the new server exited: {}",
+        std::fs::read_to_string(&again.log).unwrap_or_default()
+    );
+    again.admin().ping().unwrap();
+    wait_for_members(&a2, &[&a2, &a1], Duration::from_secs(90));
+    again.terminate();
 }

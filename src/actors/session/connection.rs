@@ -559,6 +559,13 @@ impl Handler<Inbound> for Session {
                         Box::pin(fut::ready(Flow::Close))
                     }
                     After::Shutdown { save } => {
+                        // Out of the listener's registry, this connection is
+                        // not closed with the others: it stays open until
+                        // the process exits, after the repository is closed
+                        // and its lock released, so the operator's
+                        // `magma shutdown`, waiting for the close, returns
+                        // only once the server is really gone.
+                        self.registry.do_send(SessionClosed { id: self.id });
                         self.env.shutdown.do_send(RequestShutdown {
                             save,
                             reason: format!("admin request from {}", self.peer),

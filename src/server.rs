@@ -152,7 +152,7 @@ impl Config {
             bail!("--primary and --join exclude each other");
         }
         if self.replica_timeout.is_zero() {
-            bail!("--replica-timeout must be positive");
+            bail!("--replica-timeout-ms must be positive");
         }
         if self.async_batch_delay > Duration::from_micros(MAX_ASYNC_BATCH_DELAY_US) {
             bail!(
@@ -174,7 +174,7 @@ impl Config {
             bail!("the hello and reply timeouts must be positive");
         }
         if self.checkpoint_interval.is_zero() {
-            bail!("the checkpoint interval must be positive");
+            bail!("--checkpoint-interval-ms must be positive");
         }
         if self.backup_rate == Some(0) {
             bail!("--backup-rate must be at least 1 byte per second");

@@ -56,7 +56,7 @@ struct Args {
     /// acknowledges it (0 = asynchronous, as in the original Magma). With
     /// fewer secondaries in the node, all of them; with none, none. A
     /// secondary that stops acknowledging is checked and, if unreachable,
-    /// removed after --replica-timeout, and waiting commits complete.
+    /// removed after --replica-timeout-ms, and waiting commits complete.
     #[arg(long, value_name = "N", default_value_t = 1)]
     sync_replicas: u32,
 

@@ -102,8 +102,8 @@ pub fn backup(
         thread::sleep(BACKUP_POLL);
         report = session.backup_status().map_err(CliError::at(server))?;
         // Another job may have replaced ours (ours ended and was followed
-        // by a new one): report on ours only.
-        if report.target != to && !report.state.is_final() {
+        // by a new one, which may have ended too): report on ours only.
+        if report.target != to {
             return Err(CliError::Backup(format!(
                 "the backup to {to} is no longer the job on {server} (now: {})",
                 backup_line(&report)

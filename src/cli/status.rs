@@ -190,7 +190,7 @@ pub fn backup_line(b: &BackupReport) -> String {
         b.files_total,
         b.elapsed_ms as f64 / 1000.0
     );
-    if let Some(f) = &b.current_file {
+    if let (Some(f), false) = (&b.current_file, b.state.is_final()) {
         let _ = write!(s, ", copying {f}");
     }
     if let Some(e) = &b.error {
@@ -216,7 +216,7 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::MemberStatus;
+    use crate::protocol::{MemberStatus, WireError};
     use crate::types::Epoch;
 
     fn report() -> StatusReport {
@@ -340,5 +340,22 @@ mod tests {
         assert!(l.contains("3.0 MiB of 12.0 MiB (25%)"), "{l}");
         assert!(l.contains("copying data/objects.0"), "{l}");
         assert_eq!(bytes(10), "10 B");
+        // A job that ended copies nothing any more.
+        let ended = BackupReport {
+            state: BackupState::Completed,
+            ..backup()
+        };
+        let l = backup_line(&ended);
+        assert!(l.starts_with("completed") && !l.contains("copying"), "{l}");
+    }
+
+    #[test]
+    fn a_wrong_server_error_names_the_primary_plainly() {
+        let named = WireError::WrongServer {
+            primary: Some("db1:51969".into()),
+        };
+        assert_eq!(named.to_string(), "wrong server; the primary is db1:51969");
+        let unknown = WireError::WrongServer { primary: None };
+        assert_eq!(unknown.to_string(), "wrong server; the primary is unknown");
     }
 }

@@ -16,7 +16,10 @@ pub enum WireError {
     #[error("conflict on objects {oids:?}")]
     Conflict { oids: Vec<Oid> },
     /// This server does not take commits; `primary` is where to send them.
-    #[error("wrong server; primary is {primary:?}")]
+    #[error("wrong server; {}", match primary {
+        Some(p) => format!("the primary is {p}"),
+        None => "the primary is unknown".to_string(),
+    })]
     WrongServer { primary: Option<NodeAddr> },
     /// The server has not reached the required progress in time.
     #[error("server is at commit {commit}, behind the required {required}")]

@@ -23,9 +23,12 @@ use crate::types::{CommitNumber, Epoch, Node};
 pub struct ConnectOptions {
     /// Per address tried; default 3 s.
     pub connect_timeout: Duration,
-    /// Longest wait for a reply; `None` waits forever. Default 30 s (a read
-    /// with a required progress may legitimately wait about a second on the
-    /// server, a commit waits for its fsync and its replicas).
+    /// Longest wait for a whole reply; `None` waits forever. Default 30 s (a
+    /// read with a required progress may legitimately wait about a second
+    /// on the server, a commit waits for its fsync and its replicas). A
+    /// reply still incomplete past it fails with a `TimedOut` network error,
+    /// at the latest twice this after the request (each read is bounded by
+    /// it too).
     pub read_timeout: Option<Duration>,
     /// Default 30 s.
     pub write_timeout: Option<Duration>,
@@ -69,7 +72,42 @@ pub struct Connection {
     next_id: u64,
     hello: ServerHello,
     max_frame: u64,
+    read_timeout: Option<Duration>,
     broken: bool,
+}
+
+/// Reads of one reply that give up once its deadline passed. The socket's
+/// read timeout bounds each read; this bounds the whole reply, which a
+/// server sending a byte now and then would otherwise hold for ever. A
+/// socket timeout is reported as such, not as "resource temporarily
+/// unavailable".
+struct Until<'a> {
+    inner: &'a mut BufReader<TcpStream>,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl std::io::Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timed_out = |limit: &Duration, what: &str| {
+            std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!("{what} within {limit:?}: the server is stopped, hung or overloaded"),
+            )
+        };
+        if let Some((at, limit)) = &self.deadline {
+            if Instant::now() >= *at {
+                return Err(timed_out(limit, "no complete reply"));
+            }
+        }
+        self.inner
+            .read(buf)
+            .map_err(|e| match (&self.deadline, e.kind()) {
+                (Some((_, limit)), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    timed_out(limit, "no reply")
+                }
+                _ => e,
+            })
+    }
 }
 
 /// A [`Request`](crate::protocol::Request) by reference: encoded exactly alike, without cloning the
@@ -148,6 +186,7 @@ impl Connection {
             next_id: 1,
             hello: placeholder,
             max_frame: opts.max_frame,
+            read_timeout: opts.read_timeout,
             broken: false,
         };
         let resp = conn.call(RequestBody::Hello {
@@ -263,7 +302,11 @@ impl Connection {
 
     /// Receive the next response as it is, `Error` bodies included.
     pub fn receive(&mut self) -> Result<Response> {
-        let body = codec::read_frame(&mut self.stream, self.max_frame).map_err(|e| {
+        let mut reader = Until {
+            inner: &mut self.stream,
+            deadline: self.read_timeout.map(|t| (Instant::now() + t, t)),
+        };
+        let body = codec::read_frame(&mut reader, self.max_frame).map_err(|e| {
             self.broken = true;
             ClientError::from_protocol(&self.addr, e)
         })?;
@@ -466,6 +509,51 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_reply_trickling_in_a_byte_at_a_time_times_out_as_a_whole() {
+        // Each byte comes well within the read timeout; the reply never
+        // completes (the server gives up after 40 bytes, 8 s).
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let hello = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
+            let req: Request = codec::decode(&hello).unwrap();
+            let resp = Response {
+                id: req.id,
+                commit: 0,
+                body: hello_body(),
+            };
+            s.write_all(&codec::encode(&resp)).unwrap();
+            let _ping = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
+            s.write_all(&1000u32.to_be_bytes()).unwrap();
+            for _ in 0..40 {
+                thread::sleep(Duration::from_millis(200));
+                if s.write_all(&[0x90]).is_err() {
+                    break;
+                }
+            }
+        });
+        let opts = ConnectOptions {
+            read_timeout: Some(Duration::from_secs(1)),
+            ..ConnectOptions::default()
+        };
+        let mut c = Connection::connect(&addr, SessionRole::Admin, &opts).unwrap();
+        match c.call(RequestBody::Ping) {
+            Err(ClientError::Io { source, .. }) => {
+                assert_eq!(source.kind(), ErrorKind::TimedOut, "{source}");
+                assert!(
+                    source.to_string().contains("no complete reply within 1s"),
+                    "{source}"
+                );
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(!c.is_usable());
+        drop(c);
+        server.join().unwrap();
     }
 
     #[test]

@@ -1236,7 +1236,6 @@ impl Handler<GetMembers> for NodeSupervisor {
         let node = self.node.clone();
         let me = self.server_id;
         let last = self.last();
-        let is_primary = self.is_primary;
         let links: HashMap<u64, Addr<BroadcastActor>> = self.broadcasters.clone();
         let durable_here = (*self.parts.durable.borrow()).min(last);
         Box::pin(async move {
@@ -1247,18 +1246,19 @@ impl Handler<GetMembers> for NodeSupervisor {
                     MemberRole::Secondary => ServerRole::Secondary,
                     MemberRole::Witness => ServerRole::Witness,
                 };
-                let (commit, durable, lag_commits, lag_ms) = if m.server_id == me {
-                    (last, durable_here, 0, 0)
+                let figures = if m.server_id == me {
+                    Some((last, durable_here, 0, 0))
                 } else if let Some(b) = links.get(&m.server_id) {
-                    match b.send(GetReplicaStats).await {
-                        Ok(s) => (s.applied, s.durable, s.lag_commits, s.lag_ms),
-                        Err(_) => (0, 0, 0, 0),
-                    }
-                } else if is_primary {
-                    (0, 0, last, 0)
+                    b.send(GetReplicaStats)
+                        .await
+                        .ok()
+                        .map(|s| (s.applied, s.durable, s.lag_commits, s.lag_ms))
                 } else {
-                    (0, 0, 0, 0)
+                    // A secondary knows only itself; a primary streams
+                    // nothing to this member (yet, or any more).
+                    None
                 };
+                let (commit, durable, lag_commits, lag_ms) = figures.unwrap_or_default();
                 out.push(MemberStatus {
                     addr: m.addr,
                     role,
@@ -1266,6 +1266,7 @@ impl Handler<GetMembers> for NodeSupervisor {
                     durable,
                     lag_commits,
                     lag_ms,
+                    known: figures.is_some(),
                 });
             }
             out

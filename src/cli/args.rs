@@ -61,10 +61,14 @@ pub enum Command {
     /// ("primary", "secondary", "catching-up", "restore", "witness",
     /// "deposed"), `commit`, `epoch` (a string "<term>.<server id in hex>",
     /// e.g. "3.1f"; `epoch_term` and `epoch_server` give its parts as
-    /// numbers), `repository`, `server_id`, `addr`, `partition_safe`,
-    /// `flush`, `sync_replicas`, `members` (each `addr`, `role`, `commit`,
-    /// `durable`, `lag_commits`, `lag_ms`) and `backup` (null or the job: `state`,
-    /// `target`, `current_file`, `bytes_done`, `bytes_total`, ...).
+    /// numbers, `epoch_server_hex` exactly), `repository`, `server_id`
+    /// (and `server_id_hex`: jq and JavaScript round 64-bit numbers),
+    /// `addr`, `partition_safe`, `flush`, `sync_replicas`, `members` (each
+    /// `addr`, `role`, `commit`, `durable`, `lag_commits`, `lag_ms`; null,
+    /// and `-` in the table, where the answering server does not know them,
+    /// e.g. a secondary about the other members) and `backup` (null or the
+    /// job: `state`, `target`, `current_file`, `bytes_done`, `bytes_total`,
+    /// ...).
     Status(StatusArgs),
 
     /// Take a full online backup of a server.

@@ -37,19 +37,23 @@ pub fn backup_state_name(state: BackupState) -> &'static str {
 
 /// The `status --json` document. `epoch` is the string
 /// `"<term>.<server id in hex>"`; `epoch_term` and `epoch_server` are its
-/// parts as numbers (compare epochs by term, then server).
+/// parts as numbers (compare epochs by term, then server). Server ids are
+/// random 64-bit numbers, which jq and JavaScript round: `server_id_hex`
+/// and `epoch_server_hex` are exact. A member's figures the answering
+/// server does not know are null.
 pub fn to_json(r: &StatusReport) -> Value {
     let members: Vec<Value> = r
         .members
         .iter()
         .map(|m| {
+            let figure = |n: u64| if m.known { json!(n) } else { Value::Null };
             json!({
                 "addr": m.addr,
                 "role": role_name(m.role),
-                "commit": m.commit,
-                "durable": m.durable,
-                "lag_commits": m.lag_commits,
-                "lag_ms": m.lag_ms,
+                "commit": figure(m.commit),
+                "durable": figure(m.durable),
+                "lag_commits": figure(m.lag_commits),
+                "lag_ms": figure(m.lag_ms),
             })
         })
         .collect();
@@ -59,8 +63,10 @@ pub fn to_json(r: &StatusReport) -> Value {
         "epoch": r.epoch.to_string(),
         "epoch_term": r.epoch.term,
         "epoch_server": r.epoch.server,
+        "epoch_server_hex": format!("{:x}", r.epoch.server),
         "repository": r.repository,
         "server_id": r.server_id,
+        "server_id_hex": format!("{:x}", r.server_id),
         "addr": r.addr,
         "partition_safe": r.partition_safe,
         "flush": r.flush,
@@ -127,13 +133,14 @@ fn members_table(r: &StatusReport) -> String {
         .members
         .iter()
         .map(|m| {
+            let figure = |n: u64| if m.known { n.to_string() } else { "-".into() };
             [
                 m.addr.clone(),
                 role_name(m.role).to_string(),
-                m.commit.to_string(),
-                m.durable.to_string(),
-                m.lag_commits.to_string(),
-                m.lag_ms.to_string(),
+                figure(m.commit),
+                figure(m.durable),
+                figure(m.lag_commits),
+                figure(m.lag_ms),
             ]
         })
         .collect();
@@ -239,6 +246,7 @@ mod tests {
                     durable: 1234,
                     lag_commits: 0,
                     lag_ms: 0,
+                    known: true,
                 },
                 MemberStatus {
                     addr: "127.0.0.1:20002".into(),
@@ -247,6 +255,7 @@ mod tests {
                     durable: 1100,
                     lag_commits: 34,
                     lag_ms: 120,
+                    known: true,
                 },
             ],
             backup: None,
@@ -290,6 +299,25 @@ mod tests {
         assert_eq!(m["lag_commits"], 34);
         assert_eq!(m["lag_ms"], 120);
         assert_eq!(j["members"].as_array().unwrap().len(), 2);
+        assert_eq!(j["server_id_hex"], "1f");
+        assert_eq!(j["epoch_server_hex"], "1f");
+    }
+
+    #[test]
+    fn figures_the_server_does_not_know_are_null_and_dashes() {
+        let mut r = report();
+        r.members[1].known = false;
+        let m = &to_json(&r)["members"][1];
+        for k in ["commit", "durable", "lag_commits", "lag_ms"] {
+            assert_eq!(m[k], Value::Null, "{k}");
+        }
+        let t = members_table(&r);
+        let row = t.lines().nth(2).unwrap();
+        assert!(
+            row.contains("catching-up") && row.trim_end().ends_with('-'),
+            "{t}"
+        );
+        assert_eq!(row.matches(" -").count(), 4, "{t}");
     }
 
     #[test]

@@ -408,6 +408,16 @@ pub struct MemberStatus {
     pub durable: CommitNumber,
     pub lag_commits: u64,
     pub lag_ms: u64,
+    /// False when the answering server does not know this member's figures
+    /// (a secondary about the other members, a member the primary streams
+    /// nothing to or could not ask): `commit`, `durable` and the lags are
+    /// then 0 and mean nothing. Absent (true) from servers that predate it.
+    #[serde(default = "known_by_default")]
+    pub known: bool,
+}
+
+fn known_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

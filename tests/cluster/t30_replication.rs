@@ -138,6 +138,12 @@ fn t30_use_case_1_a_server_started_on_a_backup_catches_up_under_flood_and_joins(
     let st = status(&a1);
     let m2 = st.members.iter().find(|m| m.addr == a2).unwrap();
     assert_eq!(m2.lag_commits, 0, "{st:?}");
+    assert!(m2.known, "{st:?}");
+    // The secondary knows its own figures only.
+    let st2 = status(&a2);
+    let (mine, others): (Vec<_>, Vec<_>) = st2.members.iter().partition(|m| m.addr == a2);
+    assert!(mine[0].known && mine[0].commit == st2.commit, "{st2:?}");
+    assert!(others.iter().all(|m| !m.known), "{st2:?}");
 }
 
 #[test]

@@ -162,7 +162,8 @@ pub enum Command {
     /// creating the root and the collection if needed (see `magma dump`).
     /// Each acknowledged seq is written on its own line of the ack log as
     /// soon as it is acknowledged. Stops after --duration or --count (never,
-    /// without either) and prints one summary line on stdout. At the first
+    /// without either), or at Ctrl-C or SIGTERM (a second one ends it at
+    /// once), and prints one summary line on stdout. At the first
     /// error the application sees, prints `error: <kind>: <message>` and
     /// exits non-zero; kind `outcome_unknown` means the last append (seq
     /// named in the summary) may or may not have been applied.

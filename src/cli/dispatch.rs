@@ -135,7 +135,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 ack_log: a.ack_log,
                 session: SessionOptions::default(),
             };
-            match flood::run(&opts) {
+            match flood::run_until(&opts, flood::stop_on_signals()) {
                 Ok(summary) => say(&summary.to_string()),
                 Err(failure) => {
                     // The summary is owed even on failure; the error wins.

@@ -139,6 +139,34 @@ pub fn run(opts: &FloodOptions) -> Result<FloodSummary, Box<FloodFailure>> {
     run_until(opts, &AtomicBool::new(false))
 }
 
+/// Set by SIGINT or SIGTERM once [`stop_on_signals`] ran.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// Make SIGINT (Ctrl-C) and SIGTERM end a flood like its limit does: the
+/// append in progress is finished and the summary printed. The handler is
+/// installed once (SA_RESETHAND): a second signal ends the process at
+/// once. Returns the flag to pass to [`run_until`].
+pub fn stop_on_signals() -> &'static AtomicBool {
+    #[cfg(unix)]
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a handler that only stores an
+        // atomic, installed before any flood thread starts.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+    &SIGNALLED
+}
+
 /// [`run`], also stopping (successfully) once `stop` is set.
 pub fn run_until(
     opts: &FloodOptions,

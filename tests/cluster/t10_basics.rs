@@ -5,7 +5,10 @@ use std::time::Duration;
 use magma::client::{ClientError, Ref, Session};
 use serde::{Deserialize, Serialize};
 
-use crate::harness::{digest, dump, pair, verify_flood, wait_for_members, Cluster, Flood, CLI};
+use crate::harness::{
+    digest, dump, pair, verify_flood, wait_for_members, wait_or_kill, wait_until, Cluster, Flood,
+    CLI,
+};
 use crate::phase;
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -312,4 +315,36 @@ fn t10_magma_shutdown_returns_once_the_server_has_stopped() {
     again.admin().ping().unwrap();
     wait_for_members(&a2, &[&a2, &a1], Duration::from_secs(90));
     again.terminate();
+}
+
+#[test]
+fn t10_ctrl_c_ends_an_unlimited_flood_with_its_summary() {
+    let mut c = Cluster::new();
+    let s = c.add_server("s1", &[]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let acks = c.root.path().join("f.acks");
+    let stdout = c.root.path().join("f.stdout");
+    let child = std::process::Command::new(CLI)
+        .args(["flood", "--node", &addr, "--name", "f", "--ack-log"])
+        .arg(&acks)
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), "20 acknowledged appends", || {
+        let n = std::fs::read_to_string(&acks).map_or(0, |t| t.lines().count());
+        (n >= 20).then_some(())
+    });
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = wait_or_kill(child, Duration::from_secs(30), "the flood to stop");
+    let said = std::fs::read_to_string(&stdout).unwrap();
+    assert!(status.success(), "{status}: {said}");
+    let acked = std::fs::read_to_string(&acks).unwrap().lines().count();
+    assert!(
+        said.contains(&format!("flood f: {acked} appends acknowledged")),
+        "{said} (ack log: {acked})"
+    );
 }

@@ -29,8 +29,12 @@ pub enum StorageError {
     Locked(PathBuf),
     #[error("{0} is not a Magma repository (no header)")]
     NotARepository(PathBuf),
-    #[error("repository format version {found} is not supported (this build reads {supported})")]
-    UnsupportedFormat { found: u32, supported: u32 },
+    #[error("{}: repository format version {found} is not supported (this build reads {supported})", .path.display())]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error("the repository is in restore mode: it accepts only the primary's commit records")]
     RestoreMode,
     #[error("commit conflict: objects {oids:?} changed since they were read")]

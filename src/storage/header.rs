@@ -70,8 +70,20 @@ impl Header {
             return Err(StorageError::NotARepository(path.to_path_buf()));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+        // A damaged header of this build's size is damage, whatever its
+        // version field says (a flipped bit there is not another format).
+        let crc_fails = |b: &[u8]| {
+            u32::from_le_bytes(b[120..124].try_into().unwrap()) != crc32fast::hash(&b[0..120])
+        };
+        if b.len() == HEADER_LEN && version != FORMAT_VERSION && crc_fails(b) {
+            return Err(StorageError::Corrupted(format!(
+                "header {} fails its checksum",
+                path.display()
+            )));
+        }
         if version != FORMAT_VERSION {
             return Err(StorageError::UnsupportedFormat {
+                path: path.to_path_buf(),
                 found: version,
                 supported: FORMAT_VERSION,
             });
@@ -194,6 +206,34 @@ mod tests {
             Header::read(dir.path()),
             Err(StorageError::Corrupted(_))
         ));
+    }
+
+    #[test]
+    fn a_flipped_version_bit_is_damage_and_another_version_is_named_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        sample().write(dir.path()).unwrap();
+        let path = dir.path().join(HEADER_FILE);
+        let good = fs::read(&path).unwrap();
+        let mut bytes = good.clone();
+        bytes[9] ^= 0x04;
+        fs::write(&path, &bytes).unwrap();
+        let err = Header::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum") && err.contains(HEADER_FILE),
+            "{err}"
+        );
+        // A real other version: its checksum holds.
+        let mut other = good;
+        other[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let crc = crc32fast::hash(&other[0..120]);
+        other[120..124].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &other).unwrap();
+        match Header::read(dir.path()) {
+            Err(e @ StorageError::UnsupportedFormat { .. }) => {
+                assert!(e.to_string().contains(HEADER_FILE), "{e}")
+            }
+            other => panic!("expected unsupported format, got {other:?}"),
+        }
     }
 
     #[test]

@@ -370,7 +370,18 @@ impl Repository {
             return Err(StorageError::NotARepository(dir.to_path_buf()));
         }
         let lock = lock_dir(dir)?;
-        Self::open_locked(dir, lock, opts)
+        let repo = Self::open_locked(dir, lock, opts)?;
+        if repo.header.checkpoint == 0 && repo.log.last() == 0 {
+            // Creation writes the header, then commits and checkpoints the
+            // root anchor (commit 1); every repository, backup or copy
+            // holds at least that.
+            return Err(StorageError::Corrupted(format!(
+                "{}: its creation was cut short (a crash before its first commit); \
+                 it holds no data: remove the directory and start again",
+                dir.display()
+            )));
+        }
+        Ok(repo)
     }
 
     fn open_locked(dir: &Path, lock: File, opts: RepoOptions) -> Result<Repository> {

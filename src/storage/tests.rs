@@ -425,6 +425,32 @@ fn a_damaged_index_or_collection_file_is_refused_and_no_element_is_cut() {
 }
 
 #[test]
+fn a_creation_cut_short_before_the_first_commit_is_refused_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("repo");
+    fs::create_dir_all(&path).unwrap();
+    // What a kill -9 right after creation wrote its header leaves.
+    header::Header {
+        repository_id: crate::types::RepositoryId::random(),
+        server_id: 7,
+        restore_mode: false,
+        epoch: Epoch::initial(7),
+        checkpoint: 0,
+        checkpoint_hash: record::GENESIS_HASH,
+        objects_len: 0,
+        next_oid: 1,
+    }
+    .write(&path)
+    .unwrap();
+    let err = Repository::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("creation was cut short"), "{err}");
+    // A repository that got its first commit opens.
+    let other = dir.path().join("other");
+    drop(Repository::create(&other, 7, "127.0.0.1:1").unwrap());
+    Repository::open(&other).unwrap();
+}
+
+#[test]
 fn second_open_is_refused_while_locked() {
     let dir = tempfile::tempdir().unwrap();
     let _repo = new_repo(dir.path());

@@ -49,6 +49,22 @@ impl Conn {
         id
     }
 
+    /// Commit one new object of class "Blob" holding `value`; its oid.
+    fn create_blob(&mut self, value: String) -> u64 {
+        let body = CommitBody {
+            news: vec![WireNew {
+                temp_id: 1,
+                class: "Blob".into(),
+                value: Value::from(value),
+            }],
+            ..CommitBody::default()
+        };
+        match self.call(RequestBody::Commit(body)).body {
+            ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+            other => panic!("commit: {other:?}"),
+        }
+    }
+
     /// The server still answers this connection (a ping).
     fn assert_served(&mut self) {
         assert!(matches!(
@@ -659,18 +675,7 @@ fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
     let (server, mut app) = serving_large_values(tmp.path());
     let mut oids = Vec::new();
     for i in 0..10 {
-        let body = CommitBody {
-            news: vec![WireNew {
-                temp_id: 1,
-                class: "Blob".into(),
-                value: Value::from(format!("{i}{}", "x".repeat(1 << 20))),
-            }],
-            ..CommitBody::default()
-        };
-        match app.call(RequestBody::Commit(body)).body {
-            ResponseBody::Committed { new_oids, .. } => oids.push(new_oids[0].1),
-            other => panic!("commit: {other:?}"),
-        }
+        oids.push(app.create_blob(format!("{i}{}", "x".repeat(1 << 20))));
     }
     let refs = oids
         .iter()
@@ -923,18 +928,7 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
     .unwrap();
     let addr = server.local_addr();
     let mut app = Conn::open(addr, SessionRole::Application);
-    let body = CommitBody {
-        news: vec![WireNew {
-            temp_id: 1,
-            class: "Blob".into(),
-            value: Value::from("x".repeat(1 << 20)),
-        }],
-        ..CommitBody::default()
-    };
-    let oid = match app.call(RequestBody::Commit(body)).body {
-        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
-        other => panic!("commit: {other:?}"),
-    };
+    let oid = app.create_blob("x".repeat(1 << 20));
     // 200 reads of 1 MiB, none of the replies read: 200 MiB if the server
     // queued them all. It stops reading past its byte budget, then gives
     // up on the client.
@@ -983,19 +977,7 @@ fn a_client_reading_slowly_but_steadily_gets_a_reply_longer_than_the_timeout() {
     .unwrap();
     let addr = server.local_addr();
     let mut app = Conn::open(addr, SessionRole::Application);
-    let size = 6 << 20;
-    let body = CommitBody {
-        news: vec![WireNew {
-            temp_id: 1,
-            class: "Blob".into(),
-            value: Value::from("x".repeat(size)),
-        }],
-        ..CommitBody::default()
-    };
-    let oid = match app.call(RequestBody::Commit(body)).body {
-        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
-        other => panic!("commit: {other:?}"),
-    };
+    let oid = app.create_blob("x".repeat(6 << 20));
     // A small receive buffer, so the server's write waits on this reader.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(16 << 10).unwrap();

@@ -449,6 +449,28 @@ mod tests {
         (addr, handle)
     }
 
+    /// A one-connection fake server that answers the hello, then hands
+    /// the socket to `then`.
+    fn greeting_server(
+        then: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    ) -> (String, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let body = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
+            let req: Request = codec::decode(&body).unwrap();
+            let resp = Response {
+                id: req.id,
+                commit: 0,
+                body: hello_body(),
+            };
+            s.write_all(&codec::encode(&resp)).unwrap();
+            then(s);
+        });
+        (addr, handle)
+    }
+
     fn hello_body() -> ResponseBody {
         ResponseBody::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -515,18 +537,7 @@ mod tests {
     fn a_reply_trickling_in_a_byte_at_a_time_times_out_as_a_whole() {
         // Each byte comes well within the read timeout; the reply never
         // completes (the server gives up after 40 bytes, 8 s).
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let server = thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let hello = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
-            let req: Request = codec::decode(&hello).unwrap();
-            let resp = Response {
-                id: req.id,
-                commit: 0,
-                body: hello_body(),
-            };
-            s.write_all(&codec::encode(&resp)).unwrap();
+        let (addr, server) = greeting_server(|mut s| {
             let _ping = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
             s.write_all(&1000u32.to_be_bytes()).unwrap();
             for _ in 0..40 {
@@ -608,18 +619,7 @@ mod tests {
 
     #[test]
     fn idle_connection_closed_by_server_is_stale() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let server = thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let body = codec::read_frame(&mut s, DEFAULT_MAX_FRAME).unwrap();
-            let req: Request = codec::decode(&body).unwrap();
-            let resp = Response {
-                id: req.id,
-                commit: 0,
-                body: hello_body(),
-            };
-            s.write_all(&codec::encode(&resp)).unwrap();
+        let (addr, server) = greeting_server(|mut s| {
             let mut rest = Vec::new();
             let _ = s.shutdown(std::net::Shutdown::Write);
             let _ = s.read_to_end(&mut rest);

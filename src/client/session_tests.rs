@@ -142,6 +142,17 @@ fn node_of(members: &[(&Fake, MemberRole)]) -> Node {
     }
 }
 
+/// A node of `m` alone, as its primary (after a take-over, or a new
+/// repository).
+fn alone_as_primary(m: &Member) -> Node {
+    Node {
+        members: vec![Member {
+            role: MemberRole::Primary,
+            ..m.clone()
+        }],
+    }
+}
+
 fn hello(node: &Node, addr: &str) -> ResponseBody {
     let me = node.members.iter().find(|m| m.addr == addr).unwrap();
     ResponseBody::Hello {
@@ -329,12 +340,7 @@ fn commits_a_failover_lost_stop_being_required_once_the_new_primary_is_heard() {
     // primary died. The secondary takes over in epoch 2 at commit 56.
     let (mut p, mut s) = (Fake::bind(), Fake::bind());
     let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
-    let after = Node {
-        members: vec![Member {
-            role: MemberRole::Primary,
-            ..node.members[1].clone()
-        }],
-    };
+    let after = alone_as_primary(&node.members[1]);
     let epoch2 = Epoch {
         term: 2,
         server: 101,
@@ -417,12 +423,7 @@ fn a_server_of_another_repository_is_never_used() {
     // repository, its only member a primary, of a higher epoch.
     let (mut p, mut s) = (Fake::bind(), Fake::bind());
     let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
-    let alone = Node {
-        members: vec![Member {
-            role: MemberRole::Primary,
-            ..node.members[1].clone()
-        }],
-    };
+    let alone = alone_as_primary(&node.members[1]);
     p.serve(standard(node.clone(), p.addr.clone(), |_| None));
     s.serve(standard(node.clone(), s.addr.clone(), move |b| match b {
         RequestBody::Hello { .. } => Some(Some(ResponseBody::Hello {

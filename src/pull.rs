@@ -356,13 +356,13 @@ fn compare(
                 s.path, l.size, s.size
             ));
         }
-        if let Some(h) = &s.blake3 {
-            if *h != l.blake3 {
-                bad.push(format!(
-                    "{}: BLAKE3 {} stored, server sent {h}",
-                    s.path, l.blake3
-                ));
-            }
+        match &s.blake3 {
+            Some(h) if *h != l.blake3 => bad.push(format!(
+                "{}: BLAKE3 {} stored, server sent {h}",
+                s.path, l.blake3
+            )),
+            Some(_) => {}
+            None => bad.push(format!("{}: the server sent no checksum", s.path)),
         }
     }
     if bad.is_empty() {
@@ -397,6 +397,21 @@ fn finish(
         }
         Err(e) => return Err(PullError::at(server)(e)),
     };
+    // The server checksums a file only when it served it in one sweep; a
+    // run cut short (a partial last write) can break the sweep. Unconfirmed
+    // is not confirmed: pull again.
+    let unchecked: Vec<&str> = server_files
+        .iter()
+        .filter(|f| f.blake3.is_none())
+        .map(|f| f.path.as_str())
+        .collect();
+    if !unchecked.is_empty() {
+        log::warn!(
+            "pull from {server}: no checksum of {}; the copy cannot be confirmed",
+            unchecked.join(", ")
+        );
+        return Ok(None);
+    }
     if let Err(mismatch) = compare(&entries, &server_files) {
         return Err(match wipe(dir, state) {
             Ok(()) => PullError::Backup(format!(
@@ -457,9 +472,9 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
             }
             None if !restarted => {
                 log::warn!(
-                    "{} no longer has pull job {}: starting over",
-                    opts.server,
-                    state.snapshot.id
+                    "the copy of pull job {} could not be confirmed by {}: starting over",
+                    state.snapshot.id,
+                    opts.server
                 );
                 wipe(dir, &state)?;
                 state = start_job(&mut link, opts)?;
@@ -467,7 +482,8 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
             }
             None => {
                 return Err(PullError::Backup(format!(
-                    "{} lost the pull job twice; giving up (the directory stays incomplete)",
+                    "{} could not confirm the copy twice (job lost or checksums missing); \
+                     giving up (the directory stays incomplete)",
                     opts.server
                 )))
             }
@@ -623,6 +639,37 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_partial_write_before_a_resume_is_never_sealed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        // A pull killed while writing a chunk: only part of it reached the
+        // file (the server hashed all of it), and a byte of it is damaged.
+        let (mut link, state) = begin(&opts);
+        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
+        assert!(big.size >= 4, "{:?}", state.snapshot.files);
+        let first = link
+            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
+            .unwrap();
+        let mut rx = Receiver::open(&opts.to, &big.path, big.size).unwrap();
+        rx.write(&first[..first.len() - 1]).unwrap();
+        drop((rx, link));
+        let path = opts.to.join(&big.path);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+
+        // The resumed run asks from before where the server's checksum
+        // stopped: the checksum goes on, and the damage is found.
+        let e = run(&opts).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}: BLAKE3", big.path)), "{e}");
+        assert!(!opts.to.join(MANIFEST_FILE).exists(), "nothing sealed");
+        let again = run(&opts).unwrap();
+        assert!(again.restarted, "{again}");
+        assert_eq!(fs::read(&path).unwrap()[0], first[0]);
+        server.shutdown(true).unwrap();
+    }
+
+    #[test]
     fn a_pull_whose_finish_went_unseen_is_pulled_again_not_trusted() {
         let tmp = tempfile::tempdir().unwrap();
         let (server, opts) = serving(tmp.path());
@@ -665,6 +712,10 @@ mod tests {
             blake3: None,
             ..server[0].clone()
         }];
-        compare(&local, &unknown).unwrap();
+        let e = compare(&local, &unknown).unwrap_err().to_string();
+        assert!(
+            e.contains("objects.dat: the server sent no checksum"),
+            "{e}"
+        );
     }
 }

@@ -295,14 +295,17 @@ impl Handler<PullChunk> for BackupActor {
             return Box::pin(actix::fut::ready(Err(e)));
         }
         let len = msg.len.min(max_chunk).min(f.size - msg.offset);
-        let hasher = if f.hashed_to == msg.offset {
-            f.hasher.take()
+        // The checksum goes on from where it stopped, also when this chunk
+        // starts before that (a client resuming after a partial write);
+        // only a gap ends it.
+        let (hasher, skip) = if msg.offset <= f.hashed_to && f.hashed_to < msg.offset + len {
+            (f.hasher.take(), f.hashed_to - msg.offset)
         } else {
             if msg.offset > f.hashed_to {
                 // A gap: this file's checksum can no longer be computed.
                 f.hasher = None;
             }
-            None
+            (None, 0)
         };
         let source = f.source.clone();
         let path = f.path.clone();
@@ -322,7 +325,7 @@ impl Handler<PullChunk> for BackupActor {
                     .and_then(|file| file.read_exact_at(&mut data, offset));
                 let hasher = hasher.map(|mut h| {
                     if read.is_ok() {
-                        h.update(&data);
+                        h.update(&data[skip as usize..]);
                     }
                     h
                 });

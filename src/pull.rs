@@ -502,8 +502,20 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
         &opts.server,
     )
     .map_err(|e| PullError::Backup(e.to_string()))?;
-    let verified = verify(dir)
-        .map_err(|problems| PullError::InvalidBackup(describe_problems(dir, &problems)))?;
+    let verified = verify(dir).map_err(|problems| {
+        let described = describe_problems(dir, &problems);
+        // Sealed but wrong: never to be opened as a repository.
+        if let Err(e) = write_marker(
+            dir,
+            &format!(
+                "This pulled copy FAILED verification: {described}\n\
+                 Remove this directory and pull again.\n"
+            ),
+        ) {
+            log::error!("marking {} as failed: {e}", dir.display());
+        }
+        PullError::InvalidBackup(described)
+    })?;
     debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
     Ok(PullSummary {
         server: opts.server.clone(),
@@ -666,6 +678,52 @@ mod tests {
         let again = run(&opts).unwrap();
         assert!(again.restarted, "{again}");
         assert_eq!(fs::read(&path).unwrap()[0], first[0]);
+        server.shutdown(true).unwrap();
+    }
+
+    /// A server joining the node of `opts.server` on `opts.to`.
+    fn joining(opts: &PullOptions) -> anyhow::Result<crate::server::ServerThread> {
+        crate::server::spawn(crate::server::Config {
+            dir: opts.to.clone(),
+            listen: "127.0.0.1:0".into(),
+            join: Some(opts.server.clone()),
+            ..crate::server::Config::default()
+        })
+    }
+
+    #[test]
+    fn join_continues_a_pull_cut_short_and_refuses_a_failed_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        // `magma-server --join` killed half-way through its pull.
+        let (mut link, state) = begin(&opts);
+        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
+        let first = link
+            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
+            .unwrap();
+        Receiver::open(&opts.to, &big.path, big.size)
+            .unwrap()
+            .write(&first)
+            .unwrap();
+        drop(link);
+        assert!(opts.to.join(STATE_FILE).exists());
+        // Started again the same way: the pull goes on, then it serves.
+        let joined = joining(&opts).expect("the cut-short pull is continued");
+        assert!(opts.to.join(MANIFEST_FILE).exists());
+        assert!(!opts.to.join(INCOMPLETE_FILE).exists());
+        joined.shutdown(true).unwrap();
+
+        // A copy marked incomplete or failed, with no pull to continue, is
+        // never opened.
+        let failed = PullOptions {
+            to: tmp.path().join("failed"),
+            ..opts.clone()
+        };
+        fs::create_dir_all(&failed.to).unwrap();
+        write_marker(&failed.to, "This pulled copy FAILED verification: test\n").unwrap();
+        let e = format!("{:#}", joining(&failed).err().expect("refused"));
+        assert!(e.contains("incomplete or failed copy"), "{e}");
+        assert!(e.contains("FAILED verification"), "{e}");
         server.shutdown(true).unwrap();
     }
 

@@ -290,8 +290,17 @@ impl Server {
             }
         }
         if let Some(from) = config.join.clone() {
-            if is_fresh(&config.dir)? {
-                pull_for_join(&from, &config.dir).await?;
+            let dir = &config.dir;
+            if is_fresh(dir)? || dir.join(crate::pull::STATE_FILE).exists() {
+                // Fresh, or a pull cut short: pull::run continues it.
+                pull_for_join(&from, dir).await?;
+            } else if let Some(why) = crate::storage::backup::read_marker(dir) {
+                bail!(
+                    "--join {from}: {} holds an incomplete or failed copy; remove the \
+                     directory to pull afresh. It says: {}",
+                    dir.display(),
+                    why.trim()
+                );
             } else {
                 info!(
                     "--join {from}: {} already holds a repository; opening it",
@@ -483,7 +492,7 @@ impl Server {
 /// on it like on any backup: it catches up and joins.
 async fn pull_for_join(from: &str, dir: &Path) -> anyhow::Result<()> {
     info!("--join {from}: pulling a backup into {}", dir.display());
-    if dir.exists() {
+    if dir.exists() && is_fresh(dir)? {
         std::fs::remove_dir(dir)
             .with_context(|| format!("cannot use {} for --join", dir.display()))?;
     }

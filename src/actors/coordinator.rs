@@ -138,6 +138,24 @@ struct Replica {
     /// Commits wait for it; `false` once it is being removed (it is still
     /// streamed to, so it learns of its removal).
     counted: bool,
+    /// Whether its acknowledgements may make a commit acknowledged.
+    join: Join,
+}
+
+/// A replica's standing in the node, for acknowledgements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Join {
+    /// A member when this primary started leading.
+    Member,
+    /// Joining: the node change adding it is not committed yet.
+    Pending,
+    /// Added by node change `n`. It counts (for acknowledgements, and
+    /// among the replicas commits wait for) once every other replica holds
+    /// `n`, that is, knows it as a member. Before then a commit held by it
+    /// alone would be lost if the primary died and a secondary that never
+    /// heard of it took over: a promoting server pulls from the members it
+    /// knows.
+    At(CommitNumber),
 }
 
 impl CommitCoordinator {
@@ -186,11 +204,32 @@ impl CommitCoordinator {
     /// Highest commit that enough replicas hold (everything when none is
     /// required).
     fn replicated_upto(&self) -> CommitNumber {
+        // Could `o` take over? Only a member that knows it is one.
+        let may_promote = |o: &Replica| match o.join {
+            Join::Member => true,
+            Join::At(m) => o.durable >= m,
+            Join::Pending => false,
+        };
+        let known_by_all = |id: u64, n: CommitNumber| {
+            self.replicas
+                .iter()
+                .all(|(other, o)| *other == id || !o.counted || !may_promote(o) || o.durable >= n)
+        };
+        // A joining replica counts neither way until it may (not even as a
+        // replica to wait for: the node change adding it must be
+        // acknowledged without it).
         let mut durable: Vec<CommitNumber> = self
             .replicas
-            .values()
-            .filter(|r| r.counted)
-            .map(|r| r.durable)
+            .iter()
+            .filter(|(id, r)| {
+                r.counted
+                    && match r.join {
+                        Join::Member => true,
+                        Join::At(n) => known_by_all(**id, n),
+                        Join::Pending => false,
+                    }
+            })
+            .map(|(_, r)| r.durable)
             .collect();
         let required = (self.sync_replicas as usize).min(durable.len());
         if required == 0 {
@@ -697,6 +736,9 @@ impl Handler<Lead> for CommitCoordinator {
 pub struct AddReplica {
     pub server_id: u64,
     pub link: Recipient<Broadcast>,
+    /// A server joining the node: its acknowledgements count only from
+    /// [`JoinedAt`] on (see `Join`).
+    pub joining: bool,
 }
 
 impl Handler<AddReplica> for CommitCoordinator {
@@ -709,8 +751,36 @@ impl Handler<AddReplica> for CommitCoordinator {
                 link: msg.link,
                 durable: 0,
                 counted: true,
+                join: if msg.joining {
+                    Join::Pending
+                } else {
+                    Join::Member
+                },
             },
         );
+    }
+}
+
+/// The node change adding a joining replica was committed as `commit`.
+/// Sender: the `NodeSupervisor`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinedAt {
+    pub server_id: u64,
+    pub commit: CommitNumber,
+}
+
+impl Handler<JoinedAt> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: JoinedAt, ctx: &mut Context<Self>) {
+        if let Some(r) = self.replicas.get_mut(&msg.server_id) {
+            if r.join == Join::Pending {
+                r.join = Join::At(msg.commit);
+                self.release();
+                self.check_drained(ctx);
+            }
+        }
     }
 }
 

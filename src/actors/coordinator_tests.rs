@@ -536,6 +536,7 @@ async fn a_replica_being_removed_is_still_streamed_to_but_waited_for_by_nobody()
     rig.coordinator.do_send(AddReplica {
         server_id: 7,
         link: link.recipient(),
+        joining: false,
     });
     // It never acknowledges: the commit waits for it...
     let waiting = rig.coordinator.send(append());
@@ -565,6 +566,7 @@ async fn a_commit_status_waits_as_long_as_the_commit_itself() {
     rig.coordinator.do_send(AddReplica {
         server_id: 7,
         link: link.recipient(),
+        joining: false,
     });
     let mut commit = Box::pin(rig.coordinator.send(append()));
     assert!(
@@ -621,4 +623,57 @@ async fn batches_are_handled_in_the_order_they_were_sent() {
     first.await.unwrap();
     second.await.unwrap();
     assert_eq!(*order.lock().unwrap(), vec![1, 2]);
+}
+
+#[actix::test]
+async fn a_joining_replica_counts_only_once_every_other_replica_knows_it() {
+    // sync-replicas 1, an old secondary 7 and a joiner 8 added by node
+    // change 1.
+    let rig = rig_with(FlushPolicy::Group, Duration::ZERO, false, 1);
+    for (server_id, joining) in [(7, false), (8, true)] {
+        rig.coordinator.do_send(AddReplica {
+            server_id,
+            link: LinkProbe(Arc::default()).start().recipient(),
+            joining,
+        });
+    }
+    // The node change adding 8 waits for 7 alone.
+    let change = Box::pin(rig.coordinator.send(append()));
+    let ack = |server_id, durable| ReplicaAck { server_id, durable };
+    rig.coordinator.do_send(ack(7, 1));
+    let change = acknowledged(change).await;
+    rig.coordinator.do_send(JoinedAt {
+        server_id: 8,
+        commit: change.number,
+    });
+    // 7 has it (knows 8): 8's acknowledgement now suffices.
+    let next = rig.coordinator.send(append());
+    rig.coordinator.do_send(ack(8, 2));
+    assert_eq!(acknowledged(next).await.number, 2);
+
+    // A second joiner 9, added by change 3, that 7 has not applied yet:
+    // 9 alone does not make commit 4 acknowledged, 7 does.
+    rig.coordinator.do_send(AddReplica {
+        server_id: 9,
+        link: LinkProbe(Arc::default()).start().recipient(),
+        joining: true,
+    });
+    let change = Box::pin(rig.coordinator.send(append()));
+    rig.coordinator.do_send(ack(8, 3));
+    let change = acknowledged(change).await;
+    rig.coordinator.do_send(JoinedAt {
+        server_id: 9,
+        commit: change.number,
+    });
+    let mut held_by_9 = Box::pin(rig.coordinator.send(append()));
+    rig.coordinator.do_send(ack(9, 4));
+    rig.coordinator.do_send(ack(8, 2));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut held_by_9)
+            .await
+            .is_err(),
+        "acknowledged on a replica the others do not know yet"
+    );
+    rig.coordinator.do_send(ack(7, 4));
+    assert_eq!(acknowledged(held_by_9).await.number, 4);
 }

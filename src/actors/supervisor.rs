@@ -39,7 +39,8 @@ use crate::actors::broadcast::{
 use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::convert::{mailbox_error, wire_error};
 use crate::actors::coordinator::{
-    AddReplica, CommitCoordinator, Fence, Lead, Pause, RemoveReplica, StopCounting, SubmitCommit,
+    AddReplica, CommitCoordinator, Fence, JoinedAt, Lead, Pause, RemoveReplica, StopCounting,
+    SubmitCommit,
 };
 use crate::actors::failover::{
     on_commit_at_secondary, on_restart_as_primary, promoted_node, swapped_node, CommitOnSecondary,
@@ -213,7 +214,15 @@ impl NodeSupervisor {
         }
     }
 
-    fn start_broadcaster(&mut self, member: Member, next: CommitNumber, ctx: &mut Context<Self>) {
+    /// Stream to `member` from `next` on. `joining`: it is not yet in the
+    /// node (see the coordinator's `JoinedAt`).
+    fn start_broadcaster(
+        &mut self,
+        member: Member,
+        next: CommitNumber,
+        joining: bool,
+        ctx: &mut Context<Self>,
+    ) {
         if self.broadcasters.contains_key(&member.server_id) {
             return;
         }
@@ -233,6 +242,7 @@ impl NodeSupervisor {
         self.parts.commits.do_send(AddReplica {
             server_id,
             link: b.clone().recipient(),
+            joining,
         });
         self.broadcasters.insert(server_id, b);
     }
@@ -284,6 +294,18 @@ impl NodeSupervisor {
     /// change builds on it; the supervisor keeps handling messages while
     /// the commit waits (it may wait on a replica only we can remove).
     fn commit_node(&mut self, node: Node, what: String, ctx: &mut Context<Self>) {
+        self.commit_node_then(node, what, |_, _| {}, ctx);
+    }
+
+    /// [`Self::commit_node`], then `done` with the change's commit number
+    /// once it is acknowledged.
+    fn commit_node_then(
+        &mut self,
+        node: Node,
+        what: String,
+        done: impl FnOnce(&mut Self, CommitNumber) + 'static,
+        ctx: &mut Context<Self>,
+    ) {
         let req = CommitRequest {
             set_node: Some(node.clone()),
             ..Default::default()
@@ -293,8 +315,11 @@ impl NodeSupervisor {
             .commits
             .send(SubmitCommit(req))
             .into_actor(self)
-            .map(move |res, _, _| match res {
-                Ok(Ok(ack)) => info!("node change committed as {}: {what}", ack.number),
+            .map(move |res, act, _| match res {
+                Ok(Ok(ack)) => {
+                    info!("node change committed as {}: {what}", ack.number);
+                    done(act, ack.number);
+                }
                 Ok(Err(e)) => error!("node change ({what}) failed: {e}"),
                 Err(e) => error!("node change ({what}) failed: {e}"),
             })
@@ -476,7 +501,7 @@ impl NodeSupervisor {
                 let next = act.last() + 1;
                 let secondaries: Vec<Member> = new_node.secondaries().cloned().collect();
                 for m in secondaries {
-                    act.start_broadcaster(m, next, ctx);
+                    act.start_broadcaster(m, next, false, ctx);
                 }
                 act.node = new_node.clone();
                 let req = CommitRequest {
@@ -591,7 +616,7 @@ impl NodeSupervisor {
         let next = self.last() + 1;
         for m in secondaries {
             // It tells us where it stands with a resend request.
-            self.start_broadcaster(m, next, ctx);
+            self.start_broadcaster(m, next, false, ctx);
         }
     }
 
@@ -849,11 +874,20 @@ impl Handler<PeerCaughtUp> for NodeSupervisor {
         for id in stale {
             self.remove_member(id, "replaced by a new server at the same address", ctx);
         }
-        self.start_broadcaster(member.clone(), msg.next, ctx);
-        if self.node.member(msg.server_id).is_none() {
+        let joining = self.node.member(msg.server_id).is_none();
+        self.start_broadcaster(member.clone(), msg.next, joining, ctx);
+        if joining {
             let mut node = self.node.clone();
             node.members.push(member);
-            self.commit_node(node, format!("added secondary {}", msg.addr), ctx);
+            let server_id = msg.server_id;
+            self.commit_node_then(
+                node,
+                format!("added secondary {}", msg.addr),
+                move |act, commit| {
+                    act.parts.commits.do_send(JoinedAt { server_id, commit });
+                },
+                ctx,
+            );
         }
     }
 }

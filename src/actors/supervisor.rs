@@ -493,6 +493,11 @@ impl NodeSupervisor {
                 let epoch = current.max(act.epoch).next(me);
                 warn!("promoted to primary under epoch {epoch}: {why}");
                 act.is_primary = true;
+                // A follower started while this promotion ran (a hand-over's
+                // restore-mode switch completing late) must not go on.
+                if let Some(f) = act.follower.take() {
+                    f.do_send(StopFollowing);
+                }
                 // Before the epoch commit below, which must be taken.
                 act.parts.commits.do_send(Lead);
                 act.epoch = epoch;
@@ -668,6 +673,9 @@ impl NodeSupervisor {
                 async move { storage.send(SetRestoreMode { on: true }).await }
                     .into_actor(act)
                     .map(move |res, act, ctx| match res {
+                        Ok(Ok(())) if act.is_primary || act.changing_role => {
+                            info!("not following {p}: this server's role changed meanwhile")
+                        }
                         Ok(Ok(())) => act.start_following(p, ctx),
                         Ok(Err(e)) => error!("cannot enter restore mode to rejoin: {e}"),
                         Err(e) => error!("cannot enter restore mode to rejoin: {e}"),
@@ -1142,6 +1150,11 @@ impl Handler<FollowerReport> for NodeSupervisor {
 
     fn handle(&mut self, msg: FollowerReport, _: &mut Context<Self>) {
         self.last_commit = self.last_commit.max(msg.applied);
+        if self.is_primary {
+            // A follower's late report must not publish a follower's role
+            // over the primary's.
+            return;
+        }
         self.follow_state = Some(msg.state);
         self.publish_follow_state();
     }
@@ -1573,6 +1586,11 @@ impl Handler<HandOverTo> for NodeSupervisor {
                     async move { storage.send(SetRestoreMode { on: true }).await }
                         .into_actor(act)
                         .map(move |r, act, ctx| match r {
+                            // Meanwhile this server may have taken the node
+                            // back (the new primary died): then it leads.
+                            Ok(Ok(())) if act.is_primary || act.changing_role => {
+                                info!("not following {to}: this server took the node back")
+                            }
                             Ok(Ok(())) => act.start_following(to, ctx),
                             Ok(Err(e)) => {
                                 error!("cannot enter restore mode after handing over: {e}")

@@ -92,6 +92,7 @@ pub struct FollowerActor {
     flusher: Addr<CommitLogActor>,
     report: Recipient<FollowerReport>,
     nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+    named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
     /// Stops the server when caught-up records cannot be applied or synced.
     fatal: Recipient<Fatal>,
     settings: LinkSettings,
@@ -120,6 +121,7 @@ impl FollowerActor {
         flusher: Addr<CommitLogActor>,
         report: Recipient<FollowerReport>,
         nodes: Recipient<crate::actors::supervisor::NodeLearned>,
+        named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
         fatal: Recipient<Fatal>,
         settings: LinkSettings,
     ) -> Self {
@@ -135,6 +137,7 @@ impl FollowerActor {
             flusher,
             report,
             nodes,
+            named_us,
             fatal,
             settings,
             link: None,
@@ -227,6 +230,22 @@ impl FollowerActor {
 
     fn on_pull_error(&mut self, e: LinkError) {
         match e {
+            LinkError::Server {
+                error: WireError::WrongServer { primary: Some(p) },
+                ..
+            } if p == self.advertise => {
+                // Following ourselves would go nowhere: the supervisor
+                // decides (an unfinished hand-over), and we ask again.
+                warn!(
+                    "catch-up: {} names this server as the primary; retrying",
+                    self.primary
+                );
+                self.named_us
+                    .do_send(crate::actors::supervisor::NamedAsPrimary {
+                        by: self.primary.clone(),
+                    });
+                self.retry(Duration::from_secs(1));
+            }
             LinkError::Server {
                 error: WireError::WrongServer { primary: Some(p) },
                 ..

@@ -135,6 +135,9 @@ pub struct NodeSupervisor {
     removal_gen: u64,
     /// A promotion or hand-over is under way.
     changing_role: bool,
+    /// The server this one handed the node over to, until this one leads
+    /// again (see [`NamedAsPrimary`]).
+    handed_over_to: Option<u64>,
 }
 
 impl NodeSupervisor {
@@ -157,6 +160,7 @@ impl NodeSupervisor {
             retiring: HashMap::new(),
             removal_gen: 0,
             changing_role: false,
+            handed_over_to: None,
         }
     }
 
@@ -383,6 +387,7 @@ impl NodeSupervisor {
             self.parts.flusher.clone(),
             ctx.address().recipient(),
             ctx.address().recipient(),
+            ctx.address().recipient(),
             self.parts.fatal.clone(),
             self.parts.settings,
         )
@@ -440,6 +445,7 @@ impl NodeSupervisor {
     /// stream to the other secondaries, commit the node with the epoch.
     fn promote(&mut self, new_node: Node, why: &'static str) -> RoleFuture {
         self.changing_role = true;
+        self.handed_over_to = None;
         if let Some(f) = self.follower.take() {
             f.do_send(StopFollowing);
         }
@@ -1145,6 +1151,54 @@ impl Handler<FollowPrimary> for NodeSupervisor {
     }
 }
 
+/// The server this one follows answered that this one is the primary.
+/// Sender: the `FollowerActor`.
+///
+/// After a hand-over, the new primary can die before it commits its
+/// promotion and come back still a secondary whose node names us: each
+/// then names the other and neither leads. When that server is the one
+/// this server handed over to (it took every commit, and never led: a
+/// server that led has left restore mode and names itself), this server
+/// takes the node back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NamedAsPrimary {
+    pub by: NodeAddr,
+}
+
+impl Handler<NamedAsPrimary> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: NamedAsPrimary, ctx: &mut Context<Self>) {
+        if self.is_primary || self.changing_role {
+            return;
+        }
+        let Some(target) = self.handed_over_to else {
+            return;
+        };
+        if self.node.member(target).is_none_or(|m| m.addr != msg.by) {
+            return;
+        }
+        warn!(
+            "{} names this server as the primary: the hand-over to it never completed; \
+             taking the node back",
+            msg.by
+        );
+        let node = swapped_node(&self.node, self.server_id);
+        let taking = self
+            .promote(
+                node,
+                "the server handed over to restarted before it took the node",
+            )
+            .map(|res, _, _| {
+                if let Err(e) = res {
+                    error!("taking the node back failed: {e}");
+                }
+            });
+        ctx.spawn(taking);
+    }
+}
+
 impl Handler<FollowerReport> for NodeSupervisor {
     type Result = ();
 
@@ -1579,6 +1633,7 @@ impl Handler<HandOverTo> for NodeSupervisor {
                     // this, our node named us primary, we followed a dead
                     // server and the node had no primary at all.
                     act.node = swapped_node(&act.node, target.server_id);
+                    act.handed_over_to = Some(target.server_id);
                     act.step_down(ServerRole::Secondary, Some(target.addr.clone()), None);
                     act.parts.commits.do_send(Pause { on: false });
                     let storage = act.parts.storage.clone();

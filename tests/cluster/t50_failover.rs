@@ -472,3 +472,35 @@ fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
     wait_for_members(&a1, &[&a1, &a2], JOIN);
     wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(60));
 }
+
+#[test]
+fn t50_a_take_over_target_restarted_before_promoting_gives_the_node_back() {
+    let mut c = Cluster::new();
+    // Test hook: server2 exits between the hand-over and its promotion.
+    let (_, s2, a1, a2) = pair_with(
+        &mut c,
+        &[],
+        &[],
+        &[("MAGMA_FAULT_EXIT_AFTER_HAND_OVER", "1")],
+    );
+    let before = probe_commit(&[&a1]);
+
+    phase!("take-over on server2, which dies once handed over");
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["take-over", "--server", &a2])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "server2 died before taking over");
+    let end = c.servers[s2].wait_exit(Duration::from_secs(30));
+    assert_eq!(end.code(), Some(137), "the hook ended server2");
+
+    phase!("server2 restarted at once, no commit in between: server1 takes the node back");
+    c.servers[s2].env.clear();
+    c.servers[s2].start();
+    wait_until(Duration::from_secs(60), "server1 to lead again", || {
+        (role(&a1) == ServerRole::Primary).then_some(())
+    });
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
+    assert!(probe_commit(&[&a1, &a2]) > before);
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(60));
+}

@@ -220,6 +220,18 @@ fn t50_a_diverged_former_primary_keeps_its_commits_in_a_file_and_merges_nothing(
         ..Default::default()
     }));
     assert!(r.is_err(), "a deposed server must refuse commits");
+    // Nor reads, to any client: it holds commits the node does not.
+    let r = conn.call(RequestBody::Read {
+        oid: 0,
+        depth: 0,
+        required_progress: None,
+    });
+    match r {
+        Err(magma::client::ClientError::Server(magma::protocol::WireError::Unavailable {
+            reason,
+        })) => assert!(reason.contains("deposed"), "{reason}"),
+        other => panic!("a deposed server must refuse reads: {other:?}"),
+    }
     // Nor can it be made to follow: it holds commits of its own.
     let out = std::process::Command::new(crate::harness::CLI)
         .args(["follow", "--server", &a1, "--primary", &a2])

@@ -64,8 +64,17 @@ where
     }
 }
 
-/// Wait (bounded by `progress_wait`) until the server applied `required`.
+/// May this server answer a read: not while deposed (it holds commits the
+/// node does not); then wait (bounded by `progress_wait`) until it applied
+/// `required`.
 async fn reach(env: &SessionEnv, required: Option<CommitNumber>) -> Result<(), WireError> {
+    if env.state.borrow().role == ServerRole::Deposed {
+        return Err(WireError::Unavailable {
+            reason: "this server is deposed: it holds commits the node does not, and serves \
+                     no reads until the operator rejoins it"
+                .into(),
+        });
+    }
     let Some(required) = required else {
         return Ok(());
     };

@@ -1888,8 +1888,22 @@ async fn pull_from_peer(
     peer: &str,
     ask: &PullAsk,
 ) {
-    let Ok(mut link) = PeerLink::connect(peer, Duration::from_millis(500)).await else {
-        return;
+    // A peer that holds the only copy of acknowledged commits may be
+    // briefly stalled: a few tries before going on without it.
+    let mut tries = 0;
+    let mut link = loop {
+        match PeerLink::connect(peer, Duration::from_millis(500)).await {
+            Ok(link) => break link,
+            Err(e) if tries < 2 => {
+                tries += 1;
+                log::debug!("before promoting: {peer} not reached ({e}); trying again");
+                actix_rt::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                warn!("before promoting: {peer} not reached ({e}); promoting without its records");
+                return;
+            }
+        }
     };
     let Ok(Ok(info)) = storage.send(GetInfo).await else {
         return;

@@ -72,6 +72,9 @@ pub struct ServerState {
     /// Nothing published yet: the supervisor is still reading the node to
     /// decide this server's role.
     pub starting: bool,
+    /// A promotion or hand-over is under way: the role published may be
+    /// about to change.
+    pub changing_role: bool,
 }
 
 impl ServerState {
@@ -81,6 +84,7 @@ impl ServerState {
             primary: None,
             note: None,
             starting: true,
+            changing_role: false,
         }
     }
 }
@@ -164,6 +168,18 @@ impl NodeSupervisor {
         }
     }
 
+    /// Mark a promotion or hand-over as under way (or over), also for the
+    /// sessions: a server taking over answers catching-up peers
+    /// `unavailable`, not `wrong_server` naming the primary it replaces.
+    fn set_changing_role(&mut self, on: bool) {
+        self.changing_role = on;
+        self.parts.state.send_if_modified(|s| {
+            let changed = s.changing_role != on;
+            s.changing_role = on;
+            changed
+        });
+    }
+
     fn publish(&self, role: ServerRole, primary: Option<NodeAddr>, note: Option<String>) {
         self.parts.state.send_if_modified(|s| {
             let new = ServerState {
@@ -171,6 +187,7 @@ impl NodeSupervisor {
                 primary,
                 note,
                 starting: false,
+                changing_role: s.changing_role,
             };
             let changed = *s != new;
             if changed {
@@ -444,7 +461,7 @@ impl NodeSupervisor {
     /// Become primary of `new_node` under a new epoch: leave restore mode,
     /// stream to the other secondaries, commit the node with the epoch.
     fn promote(&mut self, new_node: Node, why: &'static str) -> RoleFuture {
-        self.changing_role = true;
+        self.set_changing_role(true);
         self.handed_over_to = None;
         if let Some(f) = self.follower.take() {
             f.do_send(StopFollowing);
@@ -488,7 +505,7 @@ impl NodeSupervisor {
                 let current = match res {
                     Ok(e) => e,
                     Err(e) => {
-                        act.changing_role = false;
+                        act.set_changing_role(false);
                         error!("promotion failed: cannot leave restore mode: {e}");
                         let failed: RoleFuture = Box::pin(fut::ready(Err(WireError::Internal {
                             reason: format!("promotion failed: {e}"),
@@ -523,7 +540,7 @@ impl NodeSupervisor {
                 let committing: RoleFuture =
                     Box::pin(commits.send(SubmitCommit(req)).into_actor(act).map(
                         move |res, act, _| {
-                            act.changing_role = false;
+                            act.set_changing_role(false);
                             match res {
                                 Ok(Ok(ack)) => {
                                     info!("primary under epoch {epoch} from commit {}", ack.number);
@@ -1493,12 +1510,12 @@ impl NodeSupervisor {
         let addr = primary.addr.clone();
         // One check at a time: commits arriving meanwhile are told to retry,
         // so two of them can never promote this server twice.
-        self.changing_role = true;
+        self.set_changing_role(true);
         Box::pin(
             async move { reachable(&addr, timeout).await }
                 .into_actor(self)
                 .then(move |up, act, _| {
-                    act.changing_role = false;
+                    act.set_changing_role(false);
                     if act.is_primary {
                         let done: RoleFuture = Box::pin(fut::ready(Ok(())));
                         return done;
@@ -1585,7 +1602,7 @@ impl Handler<HandOverTo> for NodeSupervisor {
                 reason: "another hand-over or role change is in progress; retry".into(),
             })));
         }
-        self.changing_role = true;
+        self.set_changing_role(true);
         let commits = self.parts.commits.clone();
         let applied = self.parts.applied.clone();
         info!("handing over to {}: commits paused", target.addr);
@@ -1623,7 +1640,7 @@ impl Handler<HandOverTo> for NodeSupervisor {
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
-                act.changing_role = false;
+                act.set_changing_role(false);
                 if let Ok(last) = &res {
                     info!("handed over at commit {last}: following {}", target.addr);
                     // The node the new primary is about to commit, adopted
@@ -1694,7 +1711,7 @@ impl Handler<TakeOverNow> for NodeSupervisor {
                 reason: "this server is changing role; retry".into(),
             })));
         }
-        self.changing_role = true;
+        self.set_changing_role(true);
         let me = self.server_id;
         let mine = self.last();
         let addr = primary.addr.clone();
@@ -1732,7 +1749,7 @@ impl Handler<TakeOverNow> for NodeSupervisor {
             }
             .into_actor(self)
             .then(move |res, act, _| {
-                act.changing_role = false;
+                act.set_changing_role(false);
                 let out: RoleFuture = match res {
                     Err(e) => Box::pin(fut::ready(Err(e))),
                     Ok(last) if act.last() < last => {

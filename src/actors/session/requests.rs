@@ -321,6 +321,13 @@ pub(super) struct CatchUpAsk {
 pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
     let is_primary = env.state.borrow().role == ServerRole::Primary;
     if !is_primary && !ask_.for_promotion {
+        if env.state.borrow().changing_role {
+            // Taking over, perhaps from the very server asking: naming the
+            // primary it replaces would send that server back to itself.
+            return Err(WireError::Unavailable {
+                reason: "this server is changing role; retry".into(),
+            });
+        }
         return Err(WireError::WrongServer {
             primary: env.state.borrow().primary.clone(),
         });

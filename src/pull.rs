@@ -615,29 +615,43 @@ mod tests {
         (link, state)
     }
 
+    /// A pull killed half-way through its largest file: the first half
+    /// fetched, all but its last `short` bytes written. Returns the file's
+    /// path in the copy and the half the server sent.
+    fn cut_short(opts: &PullOptions, short: usize) -> (String, Vec<u8>) {
+        let (mut link, state) = begin(opts);
+        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
+        assert!(big.size >= 4, "{:?}", state.snapshot.files);
+        let first = link
+            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
+            .unwrap();
+        Receiver::open(&opts.to, &big.path, big.size)
+            .unwrap()
+            .write(&first[..first.len() - short])
+            .unwrap();
+        (big.path.clone(), first)
+    }
+
+    /// Flip the first byte of `path`.
+    fn damage_first_byte(path: &Path) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[0] ^= 0xff;
+        fs::write(path, &bytes).unwrap();
+    }
+
     #[test]
     fn a_copy_that_does_not_match_the_server_is_removed_and_pulled_afresh() {
         let tmp = tempfile::tempdir().unwrap();
         let (server, opts) = serving(tmp.path());
         // A pull killed half-way through its largest file...
-        let (mut link, state) = begin(&opts);
-        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
-        assert!(big.size >= 2, "{:?}", state.snapshot.files);
-        let first = link
-            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
-            .unwrap();
-        let mut rx = Receiver::open(&opts.to, &big.path, big.size).unwrap();
-        rx.write(&first).unwrap();
-        drop((rx, link));
+        let (big, first) = cut_short(&opts, 0);
         // ...whose partial file is damaged on disk before it runs again: the
         // local hash covers the damage, the server's does not.
-        let path = opts.to.join(&big.path);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[0] ^= 0xff;
-        fs::write(&path, &bytes).unwrap();
+        let path = opts.to.join(&big);
+        damage_first_byte(&path);
 
         let e = run(&opts).unwrap_err().to_string();
-        assert!(e.contains(&format!("{}: BLAKE3", big.path)), "{e}");
+        assert!(e.contains(&format!("{big}: BLAKE3")), "{e}");
         assert!(e.contains("run the same command again"), "{e}");
         assert!(!path.exists(), "the damaged copy is removed");
         assert!(!opts.to.join(MANIFEST_FILE).exists());
@@ -656,24 +670,14 @@ mod tests {
         let (server, opts) = serving(tmp.path());
         // A pull killed while writing a chunk: only part of it reached the
         // file (the server hashed all of it), and a byte of it is damaged.
-        let (mut link, state) = begin(&opts);
-        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
-        assert!(big.size >= 4, "{:?}", state.snapshot.files);
-        let first = link
-            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
-            .unwrap();
-        let mut rx = Receiver::open(&opts.to, &big.path, big.size).unwrap();
-        rx.write(&first[..first.len() - 1]).unwrap();
-        drop((rx, link));
-        let path = opts.to.join(&big.path);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[0] ^= 0xff;
-        fs::write(&path, &bytes).unwrap();
+        let (big, first) = cut_short(&opts, 1);
+        let path = opts.to.join(&big);
+        damage_first_byte(&path);
 
         // The resumed run asks from before where the server's checksum
         // stopped: the checksum goes on, and the damage is found.
         let e = run(&opts).unwrap_err().to_string();
-        assert!(e.contains(&format!("{}: BLAKE3", big.path)), "{e}");
+        assert!(e.contains(&format!("{big}: BLAKE3")), "{e}");
         assert!(!opts.to.join(MANIFEST_FILE).exists(), "nothing sealed");
         let again = run(&opts).unwrap();
         assert!(again.restarted, "{again}");
@@ -696,16 +700,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (server, opts) = serving(tmp.path());
         // `magma-server --join` killed half-way through its pull.
-        let (mut link, state) = begin(&opts);
-        let big = state.snapshot.files.iter().max_by_key(|f| f.size).unwrap();
-        let first = link
-            .call(|s| s.backup_pull_chunk(state.snapshot.id, &big.path, 0, big.size / 2))
-            .unwrap();
-        Receiver::open(&opts.to, &big.path, big.size)
-            .unwrap()
-            .write(&first)
-            .unwrap();
-        drop(link);
+        cut_short(&opts, 0);
         assert!(opts.to.join(STATE_FILE).exists());
         // Started again the same way: the pull goes on, then it serves.
         let joined = joining(&opts).expect("the cut-short pull is continued");

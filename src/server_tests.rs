@@ -917,18 +917,29 @@ fn a_request_of_millions_of_items_is_refused_before_it_is_decoded() {
     server.shutdown(true).unwrap();
 }
 
+/// A server with `reply_timeout` holding a blob of `size` bytes: the
+/// server, an application connection, the blob's oid.
+fn serving_a_blob(
+    dir: &std::path::Path,
+    reply_timeout: Duration,
+    size: usize,
+) -> (ServerThread, Conn, u64) {
+    let server = spawn(Config {
+        max_frame: (size as u64 + (1 << 20)).max(2 << 20),
+        reply_timeout,
+        ..config(dir)
+    })
+    .unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let oid = app.create_blob("x".repeat(size));
+    (server, app, oid)
+}
+
 #[test]
 fn a_client_that_never_reads_its_replies_is_disconnected() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = spawn(Config {
-        max_frame: 2 << 20,
-        reply_timeout: Duration::from_millis(500),
-        ..config(tmp.path())
-    })
-    .unwrap();
+    let (server, mut app, oid) = serving_a_blob(tmp.path(), Duration::from_millis(500), 1 << 20);
     let addr = server.local_addr();
-    let mut app = Conn::open(addr, SessionRole::Application);
-    let oid = app.create_blob("x".repeat(1 << 20));
     // 200 reads of 1 MiB, none of the replies read: 200 MiB if the server
     // queued them all. It stops reading past its byte budget, then gives
     // up on the client.
@@ -969,15 +980,8 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
 #[test]
 fn a_client_reading_slowly_but_steadily_gets_a_reply_longer_than_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = spawn(Config {
-        max_frame: 8 << 20,
-        reply_timeout: Duration::from_millis(200),
-        ..config(tmp.path())
-    })
-    .unwrap();
+    let (server, _app, oid) = serving_a_blob(tmp.path(), Duration::from_millis(200), 6 << 20);
     let addr = server.local_addr();
-    let mut app = Conn::open(addr, SessionRole::Application);
-    let oid = app.create_blob("x".repeat(6 << 20));
     // A small receive buffer, so the server's write waits on this reader.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(16 << 10).unwrap();

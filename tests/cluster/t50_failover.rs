@@ -434,16 +434,28 @@ fn t50_an_asynchronous_take_over_waits_until_the_secondary_holds_everything_dura
     stop_floods_and_verify(&mut floods, &[&a2, &a1], "across the take-over");
 }
 
+/// A pair whose server2 exits between a hand-over and its promotion (test
+/// hook); returns (server2's index, address 1, address 2).
+fn pair_whose_take_over_target_dies(c: &mut Cluster) -> (usize, String, String) {
+    let (_, s2, a1, a2) = pair_with(c, &[], &[], &[("MAGMA_FAULT_EXIT_AFTER_HAND_OVER", "1")]);
+    (s2, a1, a2)
+}
+
+/// `magma take-over` on server2 fails: it dies once handed over.
+fn take_over_and_lose_the_target(c: &mut Cluster, s2: usize, a2: &str) {
+    let out = std::process::Command::new(crate::harness::CLI)
+        .args(["take-over", "--server", a2])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "server2 died before taking over");
+    let end = c.servers[s2].wait_exit(Duration::from_secs(30));
+    assert_eq!(end.code(), Some(137), "the hook ended server2");
+}
+
 #[test]
 fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
     let mut c = Cluster::new();
-    // Test hook: server2 exits between the hand-over and its promotion.
-    let (_, s2, a1, a2) = pair_with(
-        &mut c,
-        &[],
-        &[],
-        &[("MAGMA_FAULT_EXIT_AFTER_HAND_OVER", "1")],
-    );
+    let (s2, a1, a2) = pair_whose_take_over_target_dies(&mut c);
     let dir = c.root.path().to_path_buf();
 
     phase!("take-over on server2 under flood; server2 dies once handed over");
@@ -456,13 +468,7 @@ fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
     wait_until(Duration::from_secs(30), "flood under way", || {
         (floods[0].acked().len() >= 200).then_some(())
     });
-    let out = std::process::Command::new(crate::harness::CLI)
-        .args(["take-over", "--server", &a2])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "server2 died before taking over");
-    let end = c.servers[s2].wait_exit(Duration::from_secs(30));
-    assert_eq!(end.code(), Some(137), "the hook ended server2");
+    take_over_and_lose_the_target(&mut c, s2, &a2);
 
     phase!("a commit reaching server1 finds the new primary gone: server1 takes the node back");
     stop_or_move_on(&mut floods, Duration::from_secs(60));
@@ -488,23 +494,11 @@ fn t50_a_take_over_whose_new_primary_dies_before_promoting_leaves_a_primary() {
 #[test]
 fn t50_a_take_over_target_restarted_before_promoting_gives_the_node_back() {
     let mut c = Cluster::new();
-    // Test hook: server2 exits between the hand-over and its promotion.
-    let (_, s2, a1, a2) = pair_with(
-        &mut c,
-        &[],
-        &[],
-        &[("MAGMA_FAULT_EXIT_AFTER_HAND_OVER", "1")],
-    );
+    let (s2, a1, a2) = pair_whose_take_over_target_dies(&mut c);
     let before = probe_commit(&[&a1]);
 
     phase!("take-over on server2, which dies once handed over");
-    let out = std::process::Command::new(crate::harness::CLI)
-        .args(["take-over", "--server", &a2])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "server2 died before taking over");
-    let end = c.servers[s2].wait_exit(Duration::from_secs(30));
-    assert_eq!(end.code(), Some(137), "the hook ended server2");
+    take_over_and_lose_the_target(&mut c, s2, &a2);
 
     phase!("server2 restarted at once, no commit in between: server1 takes the node back");
     c.servers[s2].env.clear();

@@ -319,12 +319,12 @@ impl NodeSupervisor {
     }
 
     /// [`Self::commit_node`], then `done` with the change's commit number
-    /// once it is acknowledged.
+    /// once it is acknowledged, or `None` if it failed.
     fn commit_node_then(
         &mut self,
         node: Node,
         what: String,
-        done: impl FnOnce(&mut Self, CommitNumber) + 'static,
+        done: impl FnOnce(&mut Self, Option<CommitNumber>) + 'static,
         ctx: &mut Context<Self>,
     ) {
         let req = CommitRequest {
@@ -339,10 +339,16 @@ impl NodeSupervisor {
             .map(move |res, act, _| match res {
                 Ok(Ok(ack)) => {
                     info!("node change committed as {}: {what}", ack.number);
-                    done(act, ack.number);
+                    done(act, Some(ack.number));
                 }
-                Ok(Err(e)) => error!("node change ({what}) failed: {e}"),
-                Err(e) => error!("node change ({what}) failed: {e}"),
+                Ok(Err(e)) => {
+                    error!("node change ({what}) failed: {e}");
+                    done(act, None);
+                }
+                Err(e) => {
+                    error!("node change ({what}) failed: {e}");
+                    done(act, None);
+                }
             })
             .spawn(ctx);
     }
@@ -696,7 +702,7 @@ impl NodeSupervisor {
                 async move { storage.send(SetRestoreMode { on: true }).await }
                     .into_actor(act)
                     .map(move |res, act, ctx| match res {
-                        Ok(Ok(())) if act.is_primary || act.changing_role => {
+                        Ok(Ok(())) if act.is_primary => {
                             info!("not following {p}: this server's role changed meanwhile")
                         }
                         Ok(Ok(())) => act.start_following(p, ctx),
@@ -911,11 +917,27 @@ impl Handler<PeerCaughtUp> for NodeSupervisor {
             let mut node = self.node.clone();
             node.members.push(member);
             let server_id = msg.server_id;
+            // The stream this join started: a later one (the server
+            // removed and re-added meanwhile) has a join of its own.
+            let stream = self.broadcasters.get(&server_id).cloned();
             self.commit_node_then(
                 node,
                 format!("added secondary {}", msg.addr),
                 move |act, commit| {
-                    act.parts.commits.do_send(JoinedAt { server_id, commit });
+                    let same = act.broadcasters.get(&server_id).cloned() == stream;
+                    match commit {
+                        Some(commit) if same => {
+                            act.parts.commits.do_send(JoinedAt { server_id, commit })
+                        }
+                        // Not a member after all (a hand-over paused commits,
+                        // say): it catches up and asks again, rather than
+                        // being streamed to uncounted.
+                        None if same => {
+                            act.stop_broadcaster(server_id);
+                            act.node.members.retain(|m| m.server_id != server_id);
+                        }
+                        _ => {}
+                    }
                 },
                 ctx,
             );
@@ -1660,7 +1682,7 @@ impl Handler<HandOverTo> for NodeSupervisor {
                         .map(move |r, act, ctx| match r {
                             // Meanwhile this server may have taken the node
                             // back (the new primary died): then it leads.
-                            Ok(Ok(())) if act.is_primary || act.changing_role => {
+                            Ok(Ok(())) if act.is_primary => {
                                 info!("not following {to}: this server took the node back")
                             }
                             Ok(Ok(())) => act.start_following(to, ctx),

@@ -639,14 +639,15 @@ mod tests {
         fs::write(path, &bytes).unwrap();
     }
 
-    #[test]
-    fn a_copy_that_does_not_match_the_server_is_removed_and_pulled_afresh() {
+    /// A pull cut short with `short` bytes of its last chunk unwritten,
+    /// and the first byte on disk damaged before it runs again: the run
+    /// finds the damage against the server's checksum, removes the copy
+    /// and seals nothing; the next run starts over and seals what the
+    /// server confirmed.
+    fn damaged_cut_short_copy_is_pulled_afresh(short: usize) {
         let tmp = tempfile::tempdir().unwrap();
         let (server, opts) = serving(tmp.path());
-        // A pull killed half-way through its largest file...
-        let (big, first) = cut_short(&opts, 0);
-        // ...whose partial file is damaged on disk before it runs again: the
-        // local hash covers the damage, the server's does not.
+        let (big, first) = cut_short(&opts, short);
         let path = opts.to.join(&big);
         damage_first_byte(&path);
 
@@ -654,10 +655,8 @@ mod tests {
         assert!(e.contains(&format!("{big}: BLAKE3")), "{e}");
         assert!(e.contains("run the same command again"), "{e}");
         assert!(!path.exists(), "the damaged copy is removed");
-        assert!(!opts.to.join(MANIFEST_FILE).exists());
+        assert!(!opts.to.join(MANIFEST_FILE).exists(), "nothing sealed");
 
-        // The job ended at the failed finish: the second run starts over and
-        // seals only what the server confirmed.
         let again = run(&opts).unwrap();
         assert!(again.restarted, "{again}");
         assert_eq!(fs::read(&path).unwrap()[0], first[0]);
@@ -665,24 +664,17 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_partial_write_before_a_resume_is_never_sealed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (server, opts) = serving(tmp.path());
-        // A pull killed while writing a chunk: only part of it reached the
-        // file (the server hashed all of it), and a byte of it is damaged.
-        let (big, first) = cut_short(&opts, 1);
-        let path = opts.to.join(&big);
-        damage_first_byte(&path);
+    fn a_copy_that_does_not_match_the_server_is_removed_and_pulled_afresh() {
+        // The local hash covers the damage, the server's does not.
+        damaged_cut_short_copy_is_pulled_afresh(0);
+    }
 
-        // The resumed run asks from before where the server's checksum
-        // stopped: the checksum goes on, and the damage is found.
-        let e = run(&opts).unwrap_err().to_string();
-        assert!(e.contains(&format!("{big}: BLAKE3")), "{e}");
-        assert!(!opts.to.join(MANIFEST_FILE).exists(), "nothing sealed");
-        let again = run(&opts).unwrap();
-        assert!(again.restarted, "{again}");
-        assert_eq!(fs::read(&path).unwrap()[0], first[0]);
-        server.shutdown(true).unwrap();
+    #[test]
+    fn a_damaged_partial_write_before_a_resume_is_never_sealed() {
+        // Only part of the last chunk reached the file (the server hashed
+        // all of it): the resumed run asks from before where the server's
+        // checksum stopped, and the checksum goes on.
+        damaged_cut_short_copy_is_pulled_afresh(1);
     }
 
     /// A server joining the node of `opts.server` on `opts.to`.

@@ -6,6 +6,7 @@
 //! | `error` | [`ClientError`] and what a caller may do about each failure |
 //! | `connection` | one blocking socket: hello, request ids, framing |
 //! | `routing` | pure routing rules: read order, node views |
+//! | `probe` | asking several servers at once, so a hung one holds nobody up |
 //! | `router` | a session's connections and node view: read and commit servers |
 //! | `session` | [`Session`]: reads from a secondary, commits to the primary, failover |
 //! | `transaction` | [`Transaction`] → `CommitBody`, [`CommitOutcome`] |
@@ -39,6 +40,7 @@ mod admin;
 mod connection;
 pub(crate) use connection::response_type;
 mod error;
+mod probe;
 mod router;
 mod routing;
 mod session;

@@ -6,11 +6,14 @@
 //! decide what an error means for the application (that is `session`), and
 //! never keep a connection after a network or protocol failure.
 
+use std::time::Instant;
+
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::client::connection::{progress_of, ConnectOptions, Connection};
 use crate::client::error::{Attempt, ClientError, Result};
+use crate::client::probe::{Busy, Probes, STRAGGLERS};
 use crate::client::routing::{self, ViewRank};
 use crate::protocol::{RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError};
 use crate::types::{CommitNumber, Epoch, Member, MemberRole, Node};
@@ -38,6 +41,8 @@ pub(crate) struct Router {
     /// session has capped its required progress at it.
     epoch_start: Option<CommitNumber>,
     rng: StdRng,
+    /// Addresses a probe of this router still waits on (see `probe`).
+    busy: Busy,
 }
 
 fn matches(c: &Connection, m: &Member) -> bool {
@@ -46,22 +51,53 @@ fn matches(c: &Connection, m: &Member) -> bool {
 
 impl Router {
     /// Connect to the first reachable seed and learn the node from it.
+    ///
+    /// Every seed is asked at once: a hung one must not hold the session
+    /// up. Of those that answer, the first in `seeds` is taken, waiting for
+    /// the seeds before it at most [`STRAGGLERS`] after the first answer.
     pub fn start(seeds: Vec<String>, opts: ConnectOptions) -> Result<Router> {
+        let busy = Busy::default();
+        let mut probes = Probes::new(&busy);
+        for (i, addr) in seeds.iter().enumerate() {
+            let (addr, opts) = (addr.clone(), opts.clone());
+            probes.connect(i, &addr.clone(), move || {
+                Connection::connect(&addr, SessionRole::Application, &opts)
+            });
+        }
         let mut tried = Vec::new();
-        let mut first = None;
-        for addr in &seeds {
-            match Connection::connect(addr, SessionRole::Application, &opts) {
-                Ok(c) => {
-                    first = Some(c);
-                    break;
+        let mut answered: Vec<(usize, Connection)> = Vec::new();
+        let mut deadline = None;
+        // Done once a seed answered and every seed before it has failed.
+        let settled = |answered: &[(usize, Connection)], failed: &[usize]| {
+            answered
+                .iter()
+                .map(|(i, _)| *i)
+                .min()
+                .is_some_and(|best| (0..best).all(|i| failed.contains(&i)))
+        };
+        let mut failed = Vec::new();
+        while !settled(&answered, &failed) {
+            match probes.next(deadline) {
+                Some((i, Ok(c))) => {
+                    answered.push((i, c));
+                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
                 }
-                Err(e) => tried.push(Attempt {
-                    addr: addr.clone(),
-                    error: Box::new(e),
-                }),
+                Some((i, Err(e))) => {
+                    failed.push(i);
+                    tried.push(Attempt {
+                        addr: seeds[i].clone(),
+                        error: Box::new(e),
+                    });
+                }
+                None => break,
             }
         }
-        let first = first.ok_or(ClientError::NoServerReachable { tried })?;
+        answered.sort_by_key(|(i, _)| *i);
+        let first = answered
+            .into_iter()
+            .next()
+            .map(|(_, c)| c)
+            .ok_or(ClientError::NoServerReachable { tried })?;
         let mut router = Router {
             opts,
             seeds,
@@ -75,6 +111,7 @@ impl Router {
             progress_epoch: None,
             epoch_start: None,
             rng: StdRng::from_entropy(),
+            busy,
         };
         router.adopt_hello(&first);
         if router.node.members.is_empty() {
@@ -139,32 +176,60 @@ impl Router {
 
     /// Re-learn the node from every known address and route by the newest
     /// view. Errors only when no server answered.
+    ///
+    /// Every address is asked at once (see `probe`): once one answered, the
+    /// others get [`STRAGGLERS`] more. A connection still waiting then is
+    /// given up (the server is asked afresh next time).
     pub fn refresh_node(&mut self) -> Result<()> {
+        let addrs = routing::known_addrs(&self.node, &self.seeds);
+        let mut probes = Probes::new(&self.busy);
+        for (i, addr) in addrs.iter().enumerate() {
+            // A server that restarted since we last used its connection
+            // must still be heard: a connection it closed is not asked.
+            if let Some(mut c) = self.take_connection(addr) {
+                probes.run(i, addr, move || {
+                    let resp = c.call(RequestBody::GetNode)?;
+                    Ok((c, Some(resp)))
+                });
+            } else {
+                let (target, opts) = (addr.clone(), self.opts.clone());
+                probes.connect(i, addr, move || {
+                    Connection::connect(&target, SessionRole::Application, &opts).map(|c| (c, None))
+                });
+            }
+        }
         let mut tried = Vec::new();
         let mut best: Option<(ViewRank, Node)> = None;
-        for addr in routing::known_addrs(&self.node, &self.seeds) {
-            // A server that restarted since we last used its connection
-            // must still be heard: drop connections it closed.
-            if let Some(idx) = self.conns.iter().position(|c| c.addr() == addr) {
-                if self.conns[idx].is_stale() {
-                    self.conns.remove(idx);
+        let mut deadline = None;
+        while let Some((i, answer)) = probes.next(deadline) {
+            let heard = answer.and_then(|(conn, resp)| match resp {
+                // A new connection: its hello tells the node.
+                None => self.admit(conn).map(|idx| {
+                    let h = self.conns[idx].hello();
+                    Some(((h.epoch, h.commit), h.node.clone()))
+                }),
+                Some(resp) => {
+                    self.conns.push(conn);
+                    Ok(match resp.body {
+                        ResponseBody::Node { node, epoch, role } => {
+                            self.heard(epoch, role, resp.commit);
+                            Some(((epoch, resp.commit), node))
+                        }
+                        _ => None,
+                    })
                 }
-            }
-            let answer = self
-                .connection_to_addr(&addr)
-                .and_then(|idx| self.conns[idx].call(RequestBody::GetNode));
-            match answer {
-                Ok(resp) => {
-                    if let ResponseBody::Node { node, epoch, role } = resp.body {
-                        self.heard(epoch, role, resp.commit);
-                        let rank = (epoch, resp.commit);
+            });
+            match heard {
+                Ok(view) => {
+                    if let Some((rank, node)) = view {
                         if best.as_ref().is_none_or(|(r, _)| rank > *r) {
                             best = Some((rank, node));
                         }
                     }
+                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
                 }
                 Err(error) => tried.push(Attempt {
-                    addr,
+                    addr: addrs[i].clone(),
                     error: Box::new(error),
                 }),
             }
@@ -177,6 +242,14 @@ impl Router {
             }
             None => Err(ClientError::NoServerReachable { tried }),
         }
+    }
+
+    /// Take the usable connection to `addr` out of the router, if there is
+    /// one the server has not closed; a closed one is dropped.
+    fn take_connection(&mut self, addr: &str) -> Option<Connection> {
+        let idx = self.conns.iter().position(|c| c.addr() == addr)?;
+        let mut conn = self.conns.remove(idx);
+        (!conn.is_stale()).then_some(conn)
     }
 
     fn adopt_hello(&mut self, conn: &Connection) {
@@ -271,7 +344,13 @@ impl Router {
             return Ok(idx);
         }
         let conn = Connection::connect(addr, SessionRole::Application, &self.opts)?;
-        let theirs = &conn.hello().repository_id;
+        self.admit(conn)
+    }
+
+    /// Keep a new connection if its server serves this session's
+    /// repository, and count what its hello said.
+    fn admit(&mut self, conn: Connection) -> Result<ConnIdx> {
+        let (addr, theirs) = (conn.addr(), &conn.hello().repository_id);
         if *theirs != self.repository_id {
             log::warn!(
                 "{addr} serves repository {theirs}, not this session's {}: not used",
@@ -421,25 +500,8 @@ impl Router {
     ) -> Result<ConnIdx> {
         let mut refreshed = false;
         loop {
-            for m in routing::read_order(&self.node, exclude, &mut self.rng) {
-                match self.connection_to(&m) {
-                    Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => {
-                        self.read_target = Some(m);
-                        return Ok(idx);
-                    }
-                    Ok(idx) => {
-                        let role = self.conns[idx].hello().role;
-                        log::debug!("{} does not serve reads ({role:?})", m.addr);
-                        exclude.push(m.addr);
-                    }
-                    Err(error) => {
-                        exclude.push(m.addr.clone());
-                        tried.push(Attempt {
-                            addr: m.addr,
-                            error: Box::new(error),
-                        });
-                    }
-                }
+            if let Some(idx) = self.pick_reader(exclude, tried) {
+                return Ok(idx);
             }
             if refreshed {
                 break;
@@ -454,6 +516,85 @@ impl Router {
         Err(ClientError::NoServerReachable {
             tried: std::mem::take(tried),
         })
+    }
+
+    /// One round of [`Router::select_read_server`]. A secondary already
+    /// connected is taken at once; otherwise every candidate without a
+    /// connection is asked at once (see `probe`) and the first secondary
+    /// to answer is taken. The primary is taken when no secondary can
+    /// serve, or none answered within [`STRAGGLERS`] of the primary.
+    fn pick_reader(
+        &mut self,
+        exclude: &mut Vec<String>,
+        tried: &mut Vec<Attempt>,
+    ) -> Option<ConnIdx> {
+        let order = routing::read_order(&self.node, exclude, &mut self.rng);
+        let is_primary = |m: &Member| m.role == MemberRole::Primary;
+        // Found by member, not index: a hello of a newer epoch drops the
+        // connections of the older one.
+        let mut primary: Option<Member> = None;
+        let mut asked = Vec::new();
+        for (i, m) in order.iter().enumerate() {
+            let Some(idx) = self.find(m) else {
+                asked.push(i);
+                continue;
+            };
+            let role = self.conns[idx].hello().role;
+            if !routing::serves_reads(role) {
+                log::debug!("{} does not serve reads ({role:?})", m.addr);
+                exclude.push(m.addr.clone());
+            } else if is_primary(m) {
+                primary = Some(m.clone());
+            } else {
+                self.read_target = Some(m.clone());
+                return Some(idx);
+            }
+        }
+        let mut probes = Probes::new(&self.busy);
+        let mut secondaries = 0;
+        for &i in &asked {
+            let (addr, opts) = (order[i].addr.clone(), self.opts.clone());
+            let job = move || Connection::connect(&addr, SessionRole::Application, &opts);
+            if probes.connect(i, &order[i].addr, job) && !is_primary(&order[i]) {
+                secondaries += 1;
+            }
+        }
+        let mut deadline = primary.as_ref().map(|_| Instant::now() + STRAGGLERS);
+        while secondaries > 0 || (primary.is_none() && probes.pending() > 0) {
+            let Some((i, answer)) = probes.next(deadline) else {
+                break;
+            };
+            let m = &order[i];
+            if !is_primary(m) {
+                secondaries -= 1;
+            }
+            match answer.and_then(|conn| self.admit(conn)) {
+                Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => {
+                    if !is_primary(m) {
+                        self.read_target = Some(m.clone());
+                        return Some(idx);
+                    }
+                    primary = Some(m.clone());
+                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
+                }
+                Ok(idx) => {
+                    let role = self.conns[idx].hello().role;
+                    log::debug!("{} does not serve reads ({role:?})", m.addr);
+                    exclude.push(m.addr.clone());
+                }
+                Err(error) => {
+                    exclude.push(m.addr.clone());
+                    tried.push(Attempt {
+                        addr: m.addr.clone(),
+                        error: Box::new(error),
+                    });
+                }
+            }
+        }
+        let m = primary?;
+        let idx = self.find(&m)?;
+        self.read_target = Some(m);
+        Some(idx)
     }
 
     /// Servers other than the read server that may serve a read, best

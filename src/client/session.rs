@@ -27,6 +27,12 @@
 //! successor when the primary died and makes it take over. Being a query,
 //! a `commit_status` sent without a reply is resent like one never sent.
 //!
+//! A server that hangs (its kernel still accepts connections, it never
+//! answers) holds up no new session: connecting, choosing a read server and
+//! re-learning the node ask every server at once and go on with those that
+//! answer (see `probe`). A request already sent to a server that then
+//! hangs waits out the read timeout before it fails over.
+//!
 //! Telling the primary about a secondary that failed (so that it verifies
 //! and removes it) is not part of this module yet: the session only moves
 //! its own reads away from it.

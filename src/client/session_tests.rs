@@ -797,3 +797,43 @@ fn an_unanswered_status_is_resent_but_an_unanswered_commit_is_not() {
     assert_eq!(session.commit_status(b"t").unwrap(), Some(7));
     assert_eq!((p.count(is_status), s.count(is_status)), (1, 1));
 }
+
+#[test]
+fn a_hung_seed_and_a_hung_secondary_hold_nothing_up() {
+    // `h` never serves: its kernel completes connections and nothing is
+    // ever answered, as with a stopped server.
+    let (mut p, mut s, h) = (Fake::bind(), Fake::bind(), Fake::bind());
+    let node = node_of(&[
+        (&p, MemberRole::Primary),
+        (&s, MemberRole::Secondary),
+        (&h, MemberRole::Secondary),
+    ]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node, s.addr.clone(), |_| None));
+    let mut opts = options();
+    // What waiting on `h` would cost.
+    opts.connect.read_timeout = Some(Duration::from_secs(120));
+    let (done, finished) = std::sync::mpsc::channel();
+    let seeds = [h.addr.clone(), p.addr.clone()];
+    let (p_addr, s_addr) = (p.addr.clone(), s.addr.clone());
+    let work = thread::spawn(move || {
+        let mut session = Session::connect_with(&seeds, opts).unwrap();
+        assert_eq!(session.read_server(), Some(s_addr.as_str()));
+        assert_eq!(session.commit_server(), Some(p_addr.as_str()));
+        session.refresh_node().unwrap();
+        assert_eq!(session.node().members.len(), 3);
+        assert_eq!(session.read(4u64).unwrap().oid, 4);
+        session.append(Ref(9), &"x").unwrap();
+        done.send(()).unwrap();
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the session was held up by the hung server")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(work.join().unwrap_err())
+        }
+    }
+    assert_eq!((s.count(is_read), p.count(is_commit)), (1, 1));
+}

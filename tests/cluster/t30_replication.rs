@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use magma::client::{from_value, Ref, Session};
+use magma::client::{from_value, Ref, Session, SessionOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
@@ -202,6 +202,56 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
         "100 more acks per flooder",
     );
     stop_floods_and_verify(&mut floods, &[&a1, &a2], "while server2 rejoined");
+}
+
+/// A hung secondary (SIGSTOP: its kernel still completes connections, it
+/// never answers) holds up no new session. Every server is asked at once,
+/// so connecting, choosing a read server and re-learning the node go on
+/// with the primary instead of waiting out the read timeout on it.
+#[test]
+fn t30_a_hung_secondary_holds_up_no_new_session() {
+    // Commits never wait for it, and it stays a member throughout.
+    let args = ["--sync-replicas", "0", "--replica-timeout-ms", "600000"];
+    let mut c = Cluster::new();
+    let (_, s2, a1, a2) = pair(&mut c, &args);
+    c.servers[s2].freeze();
+
+    phase!("sessions seeded with both servers connect, commit, read and re-learn the node");
+    // What a session waiting on the hung server would wait.
+    let mut opts = SessionOptions::default();
+    opts.connect.read_timeout = Some(Duration::from_secs(120));
+    let (done, finished) = std::sync::mpsc::channel();
+    let (p, s) = (a1.clone(), a2.clone());
+    let work = std::thread::spawn(move || {
+        for seeds in [[&s, &p], [&p, &s]] {
+            let mut session = Session::connect_with(&seeds, opts.clone()).unwrap();
+            assert_eq!(session.read_server(), Some(p.as_str()));
+            let coll = session
+                .commit(|tx| {
+                    let coll = tx.create_collection();
+                    tx.set_root(coll);
+                })
+                .unwrap()
+                .new_oids[0]
+                .1;
+            session.append(Ref(coll), "x").unwrap();
+            session.require_last_seen();
+            assert!(session.root().unwrap().is_some());
+            session.refresh_node().unwrap();
+            assert_eq!(session.node().members.len(), 2, "{:?}", session.node());
+        }
+        done.send(()).unwrap();
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("sessions were held up by the hung secondary")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(work.join().unwrap_err())
+        }
+    }
+    c.servers[s2].thaw();
 }
 
 /// A primary started with `args` and a secondary whose fsync for commit

@@ -33,9 +33,9 @@
 //! answer (see `probe`). A request already sent to a server that then
 //! hangs waits out the read timeout before it fails over.
 //!
-//! Telling the primary about a secondary that failed (so that it verifies
-//! and removes it) is not part of this module yet: the session only moves
-//! its own reads away from it.
+//! A read server that failed on the network is reported to the primary
+//! (`complain`, best effort), which removes it only if it cannot reach it
+//! either.
 //!
 //! This module owns the retry policy and the typed API. It must never open
 //! sockets or pick servers itself (that is `router`), never change a commit

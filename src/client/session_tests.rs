@@ -272,6 +272,9 @@ fn a_dead_secondary_is_invisible_to_reads() {
     assert_eq!(session.read(2u64).unwrap().oid, 2);
     assert_eq!(session.read_server(), Some(p.addr.as_str()));
     assert_eq!(p.count(is_read), 1);
+    // The primary is told, so that it checks the secondary.
+    let about_s = |b: &RequestBody| matches!(b, RequestBody::Complain { addr } if *addr == s.addr);
+    assert_eq!(p.count(about_s), 1);
 }
 
 #[test]

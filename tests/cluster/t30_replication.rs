@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use magma::client::{from_value, Ref, Session, SessionOptions};
+use magma::client::{from_value, ConnectOptions, Connection, Ref, Session, SessionOptions};
+use magma::protocol::{RequestBody, SessionRole};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
@@ -252,6 +253,26 @@ fn t30_a_hung_secondary_holds_up_no_new_session() {
         }
     }
     c.servers[s2].thaw();
+}
+
+/// A client's complaint is a hint: the primary removes a secondary only if
+/// it cannot reach it either, so a client cut off from a healthy secondary
+/// never evicts it.
+#[test]
+fn t30_a_complaint_about_a_secondary_the_primary_reaches_keeps_it() {
+    let mut c = Cluster::new();
+    let (s1, _, a1, a2) = pair(&mut c, &[]);
+    let mut conn =
+        Connection::connect(&a1, SessionRole::Application, &ConnectOptions::default()).unwrap();
+    conn.call(RequestBody::Complain { addr: a2.clone() })
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the primary to check it", || {
+        c.servers[s1]
+            .log_contains("(a client could not reach it) but answers: kept")
+            .then_some(())
+    });
+    let members: Vec<String> = status(&a1).members.into_iter().map(|m| m.addr).collect();
+    assert!(members.contains(&a2), "{a2} was removed: {members:?}");
 }
 
 /// A primary started with `args` and a secondary whose fsync for commit

@@ -6,8 +6,8 @@ use magma::client::{ClientError, Ref, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    digest, dump, pair, verify_flood, wait_for_members, wait_or_kill, wait_until, Cluster, Flood,
-    CLI,
+    digest, dump, pair, verify_flood, wait_for_equal_digests, wait_for_members, wait_or_kill,
+    wait_until, Cluster, Flood, CLI,
 };
 use crate::phase;
 
@@ -347,4 +347,79 @@ fn t10_ctrl_c_ends_an_unlimited_flood_with_its_summary() {
         said.contains(&format!("flood f: {acked} appends acknowledged")),
         "{said} (ack log: {acked})"
     );
+}
+
+/// The code block of `docs/PROTOCOL.md` headed "A Python client".
+fn python_client_of_the_doc() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md"))
+        .expect("docs/PROTOCOL.md");
+    let section = doc
+        .split_once("## 11. A Python client")
+        .expect("the doc has a Python client section")
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .expect("the section has a python block")
+        .1;
+    code.split_once("```")
+        .expect("the python block ends")
+        .0
+        .to_string()
+}
+
+/// "Any language can speak the protocol": the Python client printed in
+/// the protocol doc, run as written against a real node, first through
+/// its secondary (which names the primary), then through the primary.
+/// Needs `python3` with `msgpack` (`.ci/run` installs it); without it the
+/// test says so and passes, except under CI (`CI` set), where it fails.
+#[test]
+fn t10_the_python_client_of_the_protocol_doc_works() {
+    let has_msgpack = std::process::Command::new("python3")
+        .args(["-c", "import msgpack"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_msgpack {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with msgpack is needed (python3 -m pip install msgpack)"
+        );
+        eprintln!("SKIPPED: python3 with msgpack not found (python3 -m pip install msgpack)");
+        return;
+    }
+    let mut c = Cluster::new();
+    let (_, _, a1, a2) = pair(&mut c, &[]);
+    let script = c.root.path().join("client.py");
+    std::fs::write(&script, python_client_of_the_doc()).unwrap();
+    let run = |addr: &str, n: u32| -> String {
+        let out = c.root.path().join(format!("python-{n}.out"));
+        let child = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(addr)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .expect("python3 runs");
+        let status = wait_or_kill(child, Duration::from_secs(60), "the python client");
+        let printed = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            status.success(),
+            "the python client failed: {status}; printed {printed}"
+        );
+        printed
+    };
+
+    phase!("through the secondary: creates the root and appends");
+    let first = run(&a2, 1);
+    assert!(first.contains("created root"), "{first}");
+    assert!(first.contains("appended at 0 in commit"), "{first}");
+    assert!(first.contains("['hello from python']"), "{first}");
+
+    phase!("through the primary: appends to the same collection");
+    let second = run(&a1, 2);
+    assert!(!second.contains("created root"), "{second}");
+    assert!(second.contains("appended at 1 in commit"), "{second}");
+    assert!(
+        second.contains("['hello from python', 'hello from python']"),
+        "{second}"
+    );
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
 }

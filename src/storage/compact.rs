@@ -176,6 +176,13 @@ pub fn compact(
                 elapsed: started.elapsed(),
             })
         });
+    // A server that opened the source meanwhile rewrites what is being
+    // read, which then looks damaged: say what really happened.
+    let result = result.map_err(|e| match (&e, source.check_unchanged()) {
+        (CompactError::SourceChanged(_), _) => e,
+        (_, Err(changed @ CompactError::SourceChanged(_))) => changed,
+        _ => e,
+    });
     if let Err(e) = &result {
         let text = incomplete_text(
             "failed",
@@ -894,6 +901,48 @@ mod tests {
         fs::remove_file(unsealed.join(MANIFEST_FILE)).unwrap();
         let e = compact(&unsealed, &tmp.path().join("o2"), &mut no_progress()).unwrap_err();
         assert!(e.to_string().contains("incomplete backup"), "{e}");
+    }
+
+    #[test]
+    fn a_source_changed_during_a_failed_copy_is_reported_as_changed_not_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo = Repository::create(&tmp.path().join("live"), 7, "127.0.0.1:1").unwrap();
+        let c = repo
+            .commit(CommitRequest {
+                news: vec![new(1, COLLECTION_CLASS, Value::Nil)],
+                set_root: Some(ObjRef::New(1)),
+                ..Default::default()
+            })
+            .unwrap();
+        let coll = c.new_oids[0].1;
+        let big = "b".repeat(300_000);
+        repo.commit(appends(
+            coll,
+            (0..30).map(|i| Value::from(format!("{i}{big}"))),
+        ))
+        .unwrap();
+        let snap = repo.snapshot(&tmp.path().join("scratch")).unwrap();
+        let backup = tmp.path().join("backup");
+        snap.copy_to(&backup).unwrap();
+        // The last element is damaged, so the copy fails at its end...
+        let dat = backup.join(COLL_DIR).join(format!("{coll}.dat"));
+        let mut bytes = fs::read(&dat).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0xff;
+        fs::write(&dat, &bytes).unwrap();
+        // ... after a server opened the source and checkpointed it.
+        let mut touched = false;
+        let e = compact(&backup, &tmp.path().join("out"), &mut |_| {
+            if !touched {
+                let mut h = Header::read(&backup).unwrap();
+                h.checkpoint += 1;
+                h.write(&backup).unwrap();
+                touched = true;
+            }
+        })
+        .unwrap_err();
+        assert!(touched);
+        assert!(matches!(e, CompactError::SourceChanged(_)), "{e}");
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct Connection {
     hello: ServerHello,
     max_frame: u64,
     read_timeout: Option<Duration>,
+    /// What the socket's read timeout is set to now: `read_timeout`,
+    /// unless the last call asked for less.
+    socket_timeout: Option<Duration>,
     broken: bool,
 }
 
@@ -187,6 +190,7 @@ impl Connection {
             hello: placeholder,
             max_frame: opts.max_frame,
             read_timeout: opts.read_timeout,
+            socket_timeout: opts.read_timeout,
             broken: false,
         };
         let resp = conn.call(RequestBody::Hello {
@@ -243,10 +247,7 @@ impl Connection {
             if left.is_zero() {
                 return Ok(false);
             }
-            self.stream
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(|e| io_error(&self.addr, e))?;
+            self.limit_reads(Some(left))?;
             match std::io::Read::read(&mut self.stream, &mut buf) {
                 Ok(0) => return Ok(true),
                 Ok(_) => continue,
@@ -271,11 +272,31 @@ impl Connection {
         &mut self,
         body: &RequestBody,
     ) -> std::result::Result<Response, CallFailure> {
+        self.call_limited(body, self.read_timeout)
+    }
+
+    /// [`Connection::call`] giving up on the reply after `limit` (or the
+    /// read timeout, if shorter) with a `TimedOut` network error; the
+    /// connection is then broken. For a request another server could
+    /// answer instead.
+    pub(crate) fn call_within(&mut self, body: &RequestBody, limit: Duration) -> Result<Response> {
+        let limit = match self.read_timeout {
+            Some(t) if t <= limit => t,
+            _ => limit,
+        };
+        self.call_limited(body, Some(limit)).map_err(|f| f.error)
+    }
+
+    fn call_limited(
+        &mut self,
+        body: &RequestBody,
+        limit: Option<Duration>,
+    ) -> std::result::Result<Response, CallFailure> {
         let id = self
             .send(body)
             .map_err(|error| CallFailure { sent: false, error })?;
         let resp = self
-            .receive()
+            .receive_within(limit)
             .map_err(|error| CallFailure { sent: true, error })?;
         self.check(id, resp)
             .map_err(|error| CallFailure { sent: true, error })
@@ -302,9 +323,14 @@ impl Connection {
 
     /// Receive the next response as it is, `Error` bodies included.
     pub fn receive(&mut self) -> Result<Response> {
+        self.receive_within(self.read_timeout)
+    }
+
+    fn receive_within(&mut self, limit: Option<Duration>) -> Result<Response> {
+        self.limit_reads(limit)?;
         let mut reader = Until {
             inner: &mut self.stream,
-            deadline: self.read_timeout.map(|t| (Instant::now() + t, t)),
+            deadline: limit.map(|t| (Instant::now() + t, t)),
         };
         let body = codec::read_frame(&mut reader, self.max_frame).map_err(|e| {
             self.broken = true;
@@ -314,6 +340,19 @@ impl Connection {
             self.broken = true;
             ClientError::from_protocol(&self.addr, e)
         })
+    }
+
+    /// Make each read of the socket wait at most `limit` (one syscall, only
+    /// when that changes).
+    fn limit_reads(&mut self, limit: Option<Duration>) -> Result<()> {
+        if self.socket_timeout != limit {
+            if let Err(e) = self.stream.get_ref().set_read_timeout(limit) {
+                self.broken = true;
+                return Err(io_error(&self.addr, e));
+            }
+            self.socket_timeout = limit;
+        }
+        Ok(())
     }
 
     /// Match a response to the request `id` it answers.

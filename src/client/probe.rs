@@ -1,5 +1,5 @@
-//! `Probes`: asking several servers at once, each on its own thread, and
-//! taking the answers as they come.
+//! `Probes`: a router's questions to servers, each on a thread of its own,
+//! answers taken as they come.
 //!
 //! A hung server (stopped, swapping, wedged) still completes TCP handshakes
 //! (its kernel answers for it) and then never replies. Asked one after
@@ -9,196 +9,218 @@
 //! at once goes on with whoever answers, and waits for the others only
 //! [`STRAGGLERS`] longer.
 //!
+//! A probe is never abandoned: one still running when its round ends is
+//! waited for by the next round that needs its server, and its answer (a
+//! connection) is kept then. There is at most one probe per address.
+//!
 //! This module owns the threads only. It never decides which answer is
-//! right (that is `router`) and never retries. A thread whose answer nobody
-//! waits for any more ends by itself within the connection's own timeouts,
-//! and its connection is closed then. Each router runs at most one probe
-//! per address at a time ([`Busy`]): re-learning the node in a loop while a
-//! server hangs starts no new thread for it.
+//! right (that is `router`) and never retries. A probe of a router that is
+//! dropped ends by itself within the connection's timeouts, closing its
+//! connection. At most [`MAX_THREADS`] probes run on threads in a process;
+//! beyond that a probe runs on the caller's thread, as every attempt did
+//! before probes existed: a process opening sessions faster than a hung
+//! server's timeouts must not pile up threads without bound.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::client::connection::{ConnectOptions, Connection};
 use crate::client::error::{ClientError, Result};
+use crate::protocol::{RequestBody, Response, SessionRole};
 
 /// How long a router waits for the servers it asked once one of them has
 /// answered. Healthy servers answer within milliseconds; one that needs
-/// longer is not worth holding up the session, and is asked again next
-/// time.
+/// longer is not worth holding the session up for, and its answer is taken
+/// when it comes.
 pub(crate) const STRAGGLERS: Duration = Duration::from_millis(500);
 
-/// Addresses with a probe still running, shared by a router's probes.
-pub(crate) type Busy = Arc<Mutex<HashSet<String>>>;
+/// Most probe threads running at once in this process.
+pub(crate) const MAX_THREADS: usize = 256;
 
-/// Removes its address from [`Busy`] when the probe's thread ends,
-/// whichever way it ends.
-struct Running {
-    busy: Busy,
-    addr: String,
-}
+static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-impl Drop for Running {
+/// Gives back its place in [`THREADS`] when the thread ends.
+struct Place;
+
+impl Drop for Place {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.busy.lock() {
-            set.remove(&self.addr);
-        }
+        THREADS.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// One round of probes; see the module doc.
-pub(crate) struct Probes<T> {
-    busy: Busy,
-    tx: Sender<(usize, Result<T>)>,
-    rx: Receiver<(usize, Result<T>)>,
-    pending: usize,
+/// What a probe of `addr` found: a new connection, whose hello tells the
+/// node (`None`), or an existing connection with its answer to a node
+/// request.
+pub(crate) struct Answer {
+    pub addr: String,
+    pub result: Result<(Connection, Option<Response>)>,
 }
 
-impl<T: Send + 'static> Probes<T> {
-    pub fn new(busy: &Busy) -> Self {
+/// One router's probes; see the module doc.
+pub(crate) struct Probes {
+    opts: ConnectOptions,
+    tx: Sender<Answer>,
+    rx: Receiver<Answer>,
+    /// Addresses with a probe running.
+    running: HashSet<String>,
+}
+
+impl Probes {
+    pub fn new(opts: ConnectOptions) -> Self {
         let (tx, rx) = mpsc::channel();
         Probes {
-            busy: busy.clone(),
+            opts,
             tx,
             rx,
-            pending: 0,
+            running: HashSet::new(),
         }
     }
 
-    /// Run `job`, which connects to `addr`, on a thread of its own; its
-    /// answer comes back from [`Probes::next`] under `key`. False (and
-    /// nothing runs) when a probe connecting to `addr` is still running
-    /// from an earlier round.
-    pub fn connect(
-        &mut self,
-        key: usize,
-        addr: &str,
-        job: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> bool {
-        let running = {
-            let mut set = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-            if !set.insert(addr.to_string()) {
-                return false;
-            }
-            Running {
-                busy: self.busy.clone(),
-                addr: addr.to_string(),
-            }
-        };
-        self.run(key, addr, move || {
-            let answer = job();
-            drop(running);
-            answer
+    /// Connect to `addr` and say hello, unless a probe of it is running.
+    pub fn connect(&mut self, addr: &str) {
+        if self.running.contains(addr) {
+            return;
+        }
+        let (target, opts) = (addr.to_string(), self.opts.clone());
+        self.start(addr, move || {
+            Connection::connect(&target, SessionRole::Application, &opts).map(|c| (c, None))
         });
-        true
     }
 
-    /// Run `job`, which asks `addr` on a connection it owns, on a thread
-    /// of its own; its answer comes back from [`Probes::next`] under `key`.
-    /// Never refused: a connection is in one probe at a time.
-    pub fn run(
+    /// Ask the server on `conn` for the node, unless a probe of its
+    /// address is running (then `conn` is handed back).
+    pub fn ask(&mut self, mut conn: Connection) -> Option<Connection> {
+        if self.running.contains(conn.addr()) {
+            return Some(conn);
+        }
+        let addr = conn.addr().to_string();
+        self.start(&addr, move || {
+            let resp = conn.call(RequestBody::GetNode)?;
+            Ok((conn, Some(resp)))
+        });
+        None
+    }
+
+    fn start(
         &mut self,
-        key: usize,
         addr: &str,
-        job: impl FnOnce() -> Result<T> + Send + 'static,
+        job: impl FnOnce() -> Result<(Connection, Option<Response>)> + Send + 'static,
     ) {
-        let tx = self.tx.clone();
+        self.running.insert(addr.to_string());
+        let (tx, owned) = (self.tx.clone(), addr.to_string());
+        if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
+            THREADS.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(Answer {
+                addr: owned,
+                result: job(),
+            });
+            return;
+        }
+        let place = Place;
         let spawned = thread::Builder::new()
             .name("magma-probe".into())
             .spawn(move || {
-                // Nobody waits any more: the answer (a connection) is
-                // dropped, which closes it.
-                let _ = tx.send((key, job()));
+                let _place = place;
+                let result = job();
+                // Nobody waits any more (the router is gone): the
+                // connection is dropped, which closes it.
+                let _ = tx.send(Answer {
+                    addr: owned,
+                    result,
+                });
             });
-        self.pending += 1;
         if let Err(e) = spawned {
-            let _ = self.tx.send((
-                key,
-                Err(ClientError::Io {
+            // The closure, and its place, went with the error.
+            let _ = self.tx.send(Answer {
+                addr: addr.to_string(),
+                result: Err(ClientError::Io {
                     addr: addr.to_string(),
                     source: e,
                 }),
-            ));
+            });
         }
     }
 
-    /// Probes started and not answered yet.
-    pub fn pending(&self) -> usize {
-        self.pending
+    /// Is a probe of `addr` running?
+    pub fn is_running(&self, addr: &str) -> bool {
+        self.running.contains(addr)
     }
 
     /// The next answer, whichever probe gives it first, waiting at most
-    /// until `deadline` (`None`: until every probe has answered). `None`
-    /// when nothing is pending or the deadline passed.
-    pub fn next(&mut self, deadline: Option<Instant>) -> Option<(usize, Result<T>)> {
-        if self.pending == 0 {
+    /// until `deadline` (`None`: until one comes). `None` when no probe is
+    /// running or the deadline passed.
+    pub fn next(&mut self, deadline: Option<Instant>) -> Option<Answer> {
+        if self.running.is_empty() {
             return None;
         }
         let answer = match deadline {
             None => self.rx.recv().ok(),
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                self.rx.recv_timeout(left).ok()
-            }
-        };
-        if answer.is_some() {
-            self.pending -= 1;
-        }
-        answer
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+                .ok(),
+        }?;
+        self.running.remove(&answer.addr);
+        Some(answer)
+    }
+
+    /// An answer already in, without waiting.
+    pub fn ready(&mut self) -> Option<Answer> {
+        let answer = self.rx.try_recv().ok()?;
+        self.running.remove(&answer.addr);
+        Some(answer)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
-    #[test]
-    fn answers_come_as_they_are_ready_and_a_slow_one_is_left_behind() {
-        let busy = Busy::default();
-        let mut probes = Probes::new(&busy);
-        let (release, hold) = mpsc::channel::<()>();
-        assert!(probes.connect(0, "slow", move || {
-            let _ = hold.recv();
-            Ok(0)
-        }));
-        assert!(probes.connect(1, "fast", || Ok(1)));
-        assert!(matches!(probes.next(None), Some((1, Ok(1)))));
-        // The slow one still runs: its address is busy for a next round.
-        assert!(!Probes::<u8>::new(&busy).connect(2, "slow", || Ok(2)));
-        let soon = Instant::now() + Duration::from_millis(50);
-        assert!(probes.next(Some(soon)).is_none());
-        assert_eq!(probes.pending(), 1);
-        release.send(()).unwrap();
-        assert!(matches!(probes.next(None), Some((0, Ok(0)))));
-        assert!(probes.next(None).is_none());
-        // Once it ended, the address may be probed again.
-        let mut again = Probes::new(&busy);
-        assert!(again.connect(3, "slow", || Ok(3)));
-        assert!(matches!(again.next(None), Some((3, Ok(3)))));
+    /// A listener nobody serves: connections complete, nothing is answered.
+    fn silent() -> (TcpListener, String) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        (l, addr)
+    }
+
+    fn opts(read: Duration) -> ConnectOptions {
+        ConnectOptions {
+            read_timeout: Some(read),
+            ..ConnectOptions::default()
+        }
     }
 
     #[test]
-    fn an_abandoned_round_frees_its_addresses_when_its_threads_end() {
-        let busy = Busy::default();
-        let (release, hold) = mpsc::channel::<()>();
-        let (done_tx, done) = mpsc::channel::<()>();
-        {
-            let mut probes = Probes::new(&busy);
-            probes.connect(0, "a", move || {
-                let _ = hold.recv();
-                let _ = done_tx.send(());
-                Ok(())
-            });
-        }
-        assert!(busy.lock().unwrap().contains("a"));
-        release.send(()).unwrap();
-        done.recv().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while busy.lock().unwrap().contains("a") {
-            assert!(Instant::now() < deadline, "the address stayed busy");
-            thread::sleep(Duration::from_millis(1));
-        }
+    fn a_probe_runs_once_per_address_and_is_waited_for_across_rounds() {
+        let (_l, addr) = silent();
+        let mut probes = Probes::new(opts(Duration::from_millis(300)));
+        probes.connect(&addr);
+        probes.connect(&addr);
+        assert!(probes.is_running(&addr));
+        // A first round gives up on it...
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(probes.next(Some(soon)).is_none());
+        assert!(probes.is_running(&addr));
+        // ... a later one gets its one answer (here: no hello in time).
+        let answer = probes.next(None).expect("the probe answers");
+        assert_eq!(answer.addr, addr);
+        assert!(answer.result.is_err());
+        assert!(!probes.is_running(&addr));
+        assert!(probes.next(None).is_none());
+        assert!(probes.ready().is_none());
+    }
+
+    #[test]
+    fn an_unreachable_address_answers_with_its_error() {
+        // Bound and dropped: nothing listens there now.
+        let addr = silent().1;
+        let mut probes = Probes::new(opts(Duration::from_secs(5)));
+        probes.connect(&addr);
+        let answer = probes.next(None).expect("the probe answers");
+        assert!(answer.result.unwrap_err().is_network());
     }
 }

@@ -13,9 +13,9 @@ use rand::SeedableRng;
 
 use crate::client::connection::{progress_of, ConnectOptions, Connection};
 use crate::client::error::{Attempt, ClientError, Result};
-use crate::client::probe::{Busy, Probes, STRAGGLERS};
+use crate::client::probe::{Answer, Probes, STRAGGLERS};
 use crate::client::routing::{self, ViewRank};
-use crate::protocol::{RequestBody, Response, ResponseBody, ServerRole, SessionRole, WireError};
+use crate::protocol::{Response, ResponseBody, ServerRole, SessionRole, WireError};
 use crate::types::{CommitNumber, Epoch, Member, MemberRole, Node};
 
 /// Index of a connection inside the router; valid until the next call that
@@ -41,8 +41,9 @@ pub(crate) struct Router {
     /// session has capped its required progress at it.
     epoch_start: Option<CommitNumber>,
     rng: StdRng,
-    /// Addresses a probe of this router still waits on (see `probe`).
-    busy: Busy,
+    /// Connection attempts and node requests running on their own
+    /// threads (see `probe`).
+    probes: Probes,
 }
 
 fn matches(c: &Connection, m: &Member) -> bool {
@@ -54,18 +55,18 @@ impl Router {
     ///
     /// Every seed is asked at once: a hung one must not hold the session
     /// up. Of those that answer, the first in `seeds` is taken, waiting for
-    /// the seeds before it at most [`STRAGGLERS`] after the first answer.
-    pub fn start(seeds: Vec<String>, opts: ConnectOptions) -> Result<Router> {
-        let busy = Busy::default();
-        let mut probes = Probes::new(&busy);
-        for (i, addr) in seeds.iter().enumerate() {
-            let (addr, opts) = (addr.clone(), opts.clone());
-            probes.connect(i, &addr.clone(), move || {
-                Connection::connect(&addr, SessionRole::Application, &opts)
-            });
+    /// the seeds before it at most [`STRAGGLERS`] after the first answer;
+    /// the others that answered are kept too.
+    pub fn start(mut seeds: Vec<String>, opts: ConnectOptions) -> Result<Router> {
+        let mut seen = std::collections::HashSet::new();
+        seeds.retain(|a| seen.insert(a.clone()));
+        let mut probes = Probes::new(opts.clone());
+        for addr in &seeds {
+            probes.connect(addr);
         }
         let mut tried = Vec::new();
         let mut answered: Vec<(usize, Connection)> = Vec::new();
+        let mut failed = Vec::new();
         let mut deadline = None;
         // Done once a seed answered and every seed before it has failed.
         let settled = |answered: &[(usize, Connection)], failed: &[usize]| {
@@ -75,28 +76,29 @@ impl Router {
                 .min()
                 .is_some_and(|best| (0..best).all(|i| failed.contains(&i)))
         };
-        let mut failed = Vec::new();
         while !settled(&answered, &failed) {
-            match probes.next(deadline) {
-                Some((i, Ok(c))) => {
+            let Some(Answer { addr, result }) = probes.next(deadline) else {
+                break;
+            };
+            let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
+            match result {
+                Ok((c, _)) => {
                     answered.push((i, c));
                     deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
                 }
-                Some((i, Err(e))) => {
+                Err(e) => {
                     failed.push(i);
                     tried.push(Attempt {
-                        addr: seeds[i].clone(),
+                        addr,
                         error: Box::new(e),
                     });
                 }
-                None => break,
             }
         }
         answered.sort_by_key(|(i, _)| *i);
+        let mut answered = answered.into_iter().map(|(_, c)| c);
         let first = answered
-            .into_iter()
             .next()
-            .map(|(_, c)| c)
             .ok_or(ClientError::NoServerReachable { tried })?;
         let mut router = Router {
             opts,
@@ -111,7 +113,7 @@ impl Router {
             progress_epoch: None,
             epoch_start: None,
             rng: StdRng::from_entropy(),
-            busy,
+            probes,
         };
         router.adopt_hello(&first);
         if router.node.members.is_empty() {
@@ -128,6 +130,9 @@ impl Router {
             });
         }
         router.conns.push(first);
+        for other in answered {
+            let _ = router.admit(other);
+        }
         Ok(router)
     }
 
@@ -178,48 +183,34 @@ impl Router {
     /// view. Errors only when no server answered.
     ///
     /// Every address is asked at once (see `probe`): once one answered, the
-    /// others get [`STRAGGLERS`] more. A connection still waiting then is
-    /// given up (the server is asked afresh next time).
+    /// others get [`STRAGGLERS`] more; a later answer is taken when it
+    /// comes.
     pub fn refresh_node(&mut self) -> Result<()> {
         let addrs = routing::known_addrs(&self.node, &self.seeds);
-        let mut probes = Probes::new(&self.busy);
-        for (i, addr) in addrs.iter().enumerate() {
+        for addr in &addrs {
+            if self.probes.is_running(addr) {
+                continue;
+            }
             // A server that restarted since we last used its connection
             // must still be heard: a connection it closed is not asked.
-            if let Some(mut c) = self.take_connection(addr) {
-                probes.run(i, addr, move || {
-                    let resp = c.call(RequestBody::GetNode)?;
-                    Ok((c, Some(resp)))
-                });
-            } else {
-                let (target, opts) = (addr.clone(), self.opts.clone());
-                probes.connect(i, addr, move || {
-                    Connection::connect(&target, SessionRole::Application, &opts).map(|c| (c, None))
-                });
+            match self.take_connection(addr) {
+                Some(conn) => {
+                    if let Some(conn) = self.probes.ask(conn) {
+                        self.conns.push(conn);
+                    }
+                }
+                None => self.probes.connect(addr),
             }
         }
         let mut tried = Vec::new();
         let mut best: Option<(ViewRank, Node)> = None;
         let mut deadline = None;
-        while let Some((i, answer)) = probes.next(deadline) {
-            let heard = answer.and_then(|(conn, resp)| match resp {
-                // A new connection: its hello tells the node.
-                None => self.admit(conn).map(|idx| {
-                    let h = self.conns[idx].hello();
-                    Some(((h.epoch, h.commit), h.node.clone()))
-                }),
-                Some(resp) => {
-                    self.conns.push(conn);
-                    Ok(match resp.body {
-                        ResponseBody::Node { node, epoch, role } => {
-                            self.heard(epoch, role, resp.commit);
-                            Some(((epoch, resp.commit), node))
-                        }
-                        _ => None,
-                    })
-                }
-            });
-            match heard {
+        while addrs.iter().any(|a| self.probes.is_running(a)) {
+            let Some(answer) = self.probes.next(deadline) else {
+                break;
+            };
+            let addr = answer.addr.clone();
+            match self.take_answer(answer) {
                 Ok(view) => {
                     if let Some((rank, node)) = view {
                         if best.as_ref().is_none_or(|(r, _)| rank > *r) {
@@ -229,7 +220,7 @@ impl Router {
                     deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
                 }
                 Err(error) => tried.push(Attempt {
-                    addr: addrs[i].clone(),
+                    addr,
                     error: Box::new(error),
                 }),
             }
@@ -244,12 +235,46 @@ impl Router {
         }
     }
 
-    /// Take the usable connection to `addr` out of the router, if there is
-    /// one the server has not closed; a closed one is dropped.
+    /// Take the connection to `addr` out of the router, if there is one
+    /// the server has not closed; a closed one is dropped.
     fn take_connection(&mut self, addr: &str) -> Option<Connection> {
         let idx = self.conns.iter().position(|c| c.addr() == addr)?;
         let mut conn = self.conns.remove(idx);
         (!conn.is_stale()).then_some(conn)
+    }
+
+    /// Keep what a probe found and count what its server said; the node
+    /// view it told, if any.
+    fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
+        let (conn, resp) = answer.result?;
+        let Some(resp) = resp else {
+            // A new connection: its hello tells the node.
+            let idx = self.admit(conn)?;
+            let h = self.conns[idx].hello();
+            return Ok(Some(((h.epoch, h.commit), h.node.clone())));
+        };
+        // Out of `conns` while it was asked: a newer epoch heard meanwhile
+        // drops it, as `heard` drops the others.
+        if self.progress_epoch.is_none_or(|e| conn.hello().epoch >= e) {
+            self.conns.push(conn);
+        }
+        Ok(match resp.body {
+            ResponseBody::Node { node, epoch, role } => {
+                self.heard(epoch, role, resp.commit);
+                Some(((epoch, resp.commit), node))
+            }
+            _ => None,
+        })
+    }
+
+    /// Keep what probes found since the last call, without waiting.
+    fn take_ready(&mut self) {
+        while let Some(answer) = self.probes.ready() {
+            let addr = answer.addr.clone();
+            if let Err(e) = self.take_answer(answer) {
+                log::debug!("{addr}: {e}");
+            }
+        }
     }
 
     fn adopt_hello(&mut self, conn: &Connection) {
@@ -336,11 +361,23 @@ impl Router {
     }
 
     fn connection_to_addr(&mut self, addr: &str) -> Result<ConnIdx> {
-        if let Some(idx) = self
-            .conns
-            .iter()
-            .position(|c| c.is_usable() && c.addr() == addr)
-        {
+        self.take_ready();
+        let usable = |c: &Connection| c.is_usable() && c.addr() == addr;
+        if let Some(idx) = self.conns.iter().position(usable) {
+            return Ok(idx);
+        }
+        // Being probed: wait for that answer rather than open another.
+        while self.probes.is_running(addr) {
+            let Some(answer) = self.probes.next(None) else {
+                break;
+            };
+            let theirs = answer.addr == addr;
+            match self.take_answer(answer) {
+                Err(e) if theirs => return Err(e),
+                _ => {}
+            }
+        }
+        if let Some(idx) = self.conns.iter().position(usable) {
             return Ok(idx);
         }
         let conn = Connection::connect(addr, SessionRole::Application, &self.opts)?;
@@ -427,6 +464,20 @@ impl Router {
             self.disconnect(m);
         }
         target
+    }
+
+    /// Start connecting to the primary on a probe's thread, so that the
+    /// first commit finds its connection ready. Never waits: a dead or hung
+    /// primary must not keep a session from reading.
+    pub fn prepare_commits(&mut self) {
+        if self.commit_target.is_none() {
+            self.commit_target = self.node.primary().cloned();
+        }
+        if let Some(t) = self.commit_target.clone() {
+            if self.find(&t).is_none() {
+                self.probes.connect(&t.addr);
+            }
+        }
     }
 
     /// The connection to the primary, opened (or re-opened, when the server
@@ -528,15 +579,15 @@ impl Router {
         exclude: &mut Vec<String>,
         tried: &mut Vec<Attempt>,
     ) -> Option<ConnIdx> {
+        self.take_ready();
         let order = routing::read_order(&self.node, exclude, &mut self.rng);
         let is_primary = |m: &Member| m.role == MemberRole::Primary;
         // Found by member, not index: a hello of a newer epoch drops the
         // connections of the older one.
         let mut primary: Option<Member> = None;
-        let mut asked = Vec::new();
-        for (i, m) in order.iter().enumerate() {
+        for m in &order {
             let Some(idx) = self.find(m) else {
-                asked.push(i);
+                self.probes.connect(&m.addr);
                 continue;
             };
             let role = self.conns[idx].hello().role;
@@ -550,51 +601,63 @@ impl Router {
                 return Some(idx);
             }
         }
-        let mut probes = Probes::new(&self.busy);
-        let mut secondaries = 0;
-        for &i in &asked {
-            let (addr, opts) = (order[i].addr.clone(), self.opts.clone());
-            let job = move || Connection::connect(&addr, SessionRole::Application, &opts);
-            if probes.connect(i, &order[i].addr, job) && !is_primary(&order[i]) {
-                secondaries += 1;
-            }
-        }
         let mut deadline = primary.as_ref().map(|_| Instant::now() + STRAGGLERS);
-        while secondaries > 0 || (primary.is_none() && probes.pending() > 0) {
-            let Some((i, answer)) = probes.next(deadline) else {
+        // While a secondary is being asked, or the primary is and nothing
+        // else can serve.
+        while order.iter().any(|m| {
+            !exclude.contains(&m.addr)
+                && self.probes.is_running(&m.addr)
+                && (!is_primary(m) || primary.is_none())
+        }) {
+            let Some(answer) = self.probes.next(deadline) else {
                 break;
             };
-            let m = &order[i];
-            if !is_primary(m) {
-                secondaries -= 1;
+            let Some(m) = order.iter().find(|m| m.addr == answer.addr).cloned() else {
+                // An earlier round's probe: keep what it found.
+                let addr = answer.addr.clone();
+                if let Err(e) = self.take_answer(answer) {
+                    log::debug!("{addr}: {e}");
+                }
+                continue;
+            };
+            if let Err(error) = self.take_answer(answer) {
+                exclude.push(m.addr.clone());
+                tried.push(Attempt {
+                    addr: m.addr.clone(),
+                    error: Box::new(error),
+                });
+                continue;
             }
-            match answer.and_then(|conn| self.admit(conn)) {
-                Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => {
-                    if !is_primary(m) {
-                        self.read_target = Some(m.clone());
-                        return Some(idx);
-                    }
-                    primary = Some(m.clone());
-                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
-                }
-                Ok(idx) => {
-                    let role = self.conns[idx].hello().role;
-                    log::debug!("{} does not serve reads ({role:?})", m.addr);
-                    exclude.push(m.addr.clone());
-                }
-                Err(error) => {
-                    exclude.push(m.addr.clone());
-                    tried.push(Attempt {
-                        addr: m.addr.clone(),
-                        error: Box::new(error),
-                    });
-                }
+            let Some(idx) = self.find(&m) else {
+                continue;
+            };
+            let role = self.conns[idx].hello().role;
+            if !routing::serves_reads(role) {
+                log::debug!("{} does not serve reads ({role:?})", m.addr);
+                exclude.push(m.addr.clone());
+            } else if !is_primary(&m) {
+                self.read_target = Some(m);
+                return Some(idx);
+            } else {
+                primary = Some(m);
+                deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
             }
         }
         let m = primary?;
         let idx = self.find(&m)?;
         self.read_target = Some(m);
         Some(idx)
+    }
+
+    /// Would a read failing on the read server have another member to go
+    /// to (by the node view, leaving out `exclude`)?
+    pub fn another_reader(&self, exclude: &[String]) -> bool {
+        let current = self.read_target.as_ref().map(|m| m.addr.as_str());
+        self.node.members.iter().any(|m| {
+            matches!(m.role, MemberRole::Primary | MemberRole::Secondary)
+                && Some(m.addr.as_str()) != current
+                && !exclude.contains(&m.addr)
+        })
     }
 
     /// Servers other than the read server that may serve a read, best

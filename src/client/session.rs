@@ -49,7 +49,7 @@ use serde::Serialize;
 
 use crate::client::connection::{unexpected, CallFailure, ConnectOptions};
 use crate::client::error::{Attempt, ClientError, Result};
-use crate::client::router::Router;
+use crate::client::router::{ConnIdx, Router};
 use crate::client::transaction::{CommitOutcome, Transaction};
 use crate::client::value::{from_value, Object};
 use crate::protocol::{
@@ -66,6 +66,13 @@ pub struct SessionOptions {
     /// primary under a take-over) before the last error reaches the
     /// application. Default 10 s.
     pub reroute_timeout: Duration,
+    /// A read not answered within this long moves to another server that
+    /// may serve it, as a read whose server failed does; the last such
+    /// server waits the whole `connect.read_timeout`. Reads answer within
+    /// milliseconds (about a second when waiting for a required progress),
+    /// so a server silent for this long is hung or overloaded. `None`: every
+    /// read waits the whole read timeout. Default 5 s.
+    pub read_failover_timeout: Option<Duration>,
 }
 
 impl Default for SessionOptions {
@@ -73,6 +80,7 @@ impl Default for SessionOptions {
         SessionOptions {
             connect: ConnectOptions::default(),
             reroute_timeout: Duration::from_secs(10),
+            read_failover_timeout: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -81,6 +89,7 @@ impl Default for SessionOptions {
 pub struct Session {
     router: Router,
     reroute_timeout: Duration,
+    read_failover_timeout: Option<Duration>,
     required_progress: RequiredProgress,
     /// When a read that every server answered `behind` last re-learned
     /// the node.
@@ -158,14 +167,12 @@ impl Session {
         let seeds = addrs.iter().map(|a| a.as_ref().to_string()).collect();
         let mut router = Router::start(seeds, opts.connect)?;
         router.select_read_server(&mut Vec::new(), &mut Vec::new())?;
-        // Best effort: a dead primary must not prevent reading.
-        if let Err(e) = router.commit_connection() {
-            log::debug!("no commit connection yet: {e}");
-        }
+        router.prepare_commits();
         router.prune();
         Ok(Session {
             router,
             reroute_timeout: opts.reroute_timeout,
+            read_failover_timeout: opts.read_failover_timeout,
             required_progress: None,
             relearned_for_behind: None,
         })
@@ -731,7 +738,10 @@ impl Session {
                 Err(e) => break Err(e),
             };
             let addr = self.router.conn(idx).addr().to_string();
-            match self.router.conn(idx).call(body.clone()) {
+            let limit = self
+                .read_failover_timeout
+                .filter(|_| self.router.another_reader(&exclude));
+            match self.call_read(idx, &body, limit) {
                 Ok(resp) => {
                     self.router.observe_on(idx, &resp);
                     break Ok(resp);
@@ -781,11 +791,14 @@ impl Session {
     /// other server that answers (other secondaries, the primary last)
     /// decides. The session keeps its read server.
     fn read_elsewhere(&mut self, body: &RequestBody, behind: ClientError) -> Result<Response> {
-        for m in self.router.other_readers() {
+        let others = self.router.other_readers();
+        let last = others.len().saturating_sub(1);
+        for (i, m) in others.into_iter().enumerate() {
             let Some(idx) = self.router.reader(&m) else {
                 continue;
             };
-            match self.router.conn(idx).call(body.clone()) {
+            let limit = self.read_failover_timeout.filter(|_| i < last);
+            match self.call_read(idx, body, limit) {
                 Ok(resp) => {
                     self.router.observe_on(idx, &resp);
                     return Ok(resp);
@@ -795,6 +808,21 @@ impl Session {
             }
         }
         Err(behind)
+    }
+
+    /// Send a read on connection `idx`, giving up on it after `limit` when
+    /// another server could answer instead.
+    fn call_read(
+        &mut self,
+        idx: ConnIdx,
+        body: &RequestBody,
+        limit: Option<Duration>,
+    ) -> Result<Response> {
+        let conn = self.router.conn(idx);
+        match limit {
+            Some(limit) => conn.call_within(body, limit),
+            None => conn.call(body.clone()),
+        }
     }
 
     fn unexpected_read(&self, expected: &str, got: &ResponseBody) -> ClientError {

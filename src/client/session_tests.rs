@@ -228,6 +228,7 @@ fn options() -> SessionOptions {
             ..ConnectOptions::default()
         },
         reroute_timeout: Duration::from_secs(3),
+        ..SessionOptions::default()
     }
 }
 
@@ -839,4 +840,87 @@ fn a_hung_seed_and_a_hung_secondary_hold_nothing_up() {
         }
     }
     assert_eq!((s.count(is_read), p.count(is_commit)), (1, 1));
+}
+
+#[test]
+fn a_read_the_server_never_answers_moves_to_another_server() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    // The secondary answers hellos, then hangs on the first read.
+    s.serve(standard(node, s.addr.clone(), |b| {
+        if is_read(b) {
+            loop {
+                thread::park();
+            }
+        }
+        None
+    }));
+    let mut opts = options();
+    // What waiting on the secondary would cost.
+    opts.connect.read_timeout = Some(Duration::from_secs(120));
+    opts.read_failover_timeout = Some(Duration::from_millis(300));
+    let mut session = Session::connect_with(&[&s.addr], opts).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    let (done, finished) = std::sync::mpsc::channel();
+    let work = thread::spawn(move || {
+        let oid = session.read(4u64).unwrap().oid;
+        done.send((oid, session.read_server().map(str::to_string)))
+            .unwrap();
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok((oid, server)) => {
+            assert_eq!(oid, 4);
+            assert_eq!(server.as_deref(), Some(p.addr.as_str()));
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the read waited for the hung server")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(work.join().unwrap_err())
+        }
+    }
+    assert_eq!((s.count(is_read), p.count(is_read)), (1, 1));
+}
+
+#[test]
+fn a_secondary_slower_than_the_primary_to_say_hello_still_serves_the_reads() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node, s.addr.clone(), |b| {
+        if matches!(b, RequestBody::Hello { .. }) {
+            thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }));
+    // Both seeds are asked at once; the primary answers first.
+    let session = Session::connect_with(&[&p.addr, &s.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    assert_eq!(session.commit_server(), Some(p.addr.as_str()));
+}
+
+#[test]
+fn a_hung_primary_keeps_no_session_from_connecting_and_reading() {
+    // `p` never serves: as a stopped primary.
+    let (p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    s.serve(standard(node, s.addr.clone(), |_| None));
+    let mut opts = options();
+    opts.connect.read_timeout = Some(Duration::from_secs(120));
+    let (done, finished) = std::sync::mpsc::channel();
+    let seeds = [s.addr.clone()];
+    let work = thread::spawn(move || {
+        let mut session = Session::connect_with(&seeds, opts).unwrap();
+        done.send(session.read(4u64).unwrap().oid).unwrap();
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(oid) => assert_eq!(oid, 4),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the session waited for the hung primary")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(work.join().unwrap_err())
+        }
+    }
 }

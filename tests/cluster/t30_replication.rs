@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use magma::client::{from_value, ConnectOptions, Connection, Ref, Session, SessionOptions};
-use magma::protocol::{RequestBody, SessionRole};
+use magma::protocol::{RequestBody, ServerRole, SessionRole};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
@@ -206,24 +206,35 @@ fn t30_use_case_6_a_killed_secondary_is_invisible_to_clients_and_rejoins() {
 }
 
 /// A hung secondary (SIGSTOP: its kernel still completes connections, it
-/// never answers) holds up no new session. Every server is asked at once,
-/// so connecting, choosing a read server and re-learning the node go on
-/// with the primary instead of waiting out the read timeout on it.
+/// never answers) holds up no session. Every server is asked at once, so
+/// connecting, choosing a read server and re-learning the node go on with
+/// the primary instead of waiting out the read timeout on it; a read it
+/// does not answer moves to the primary after the read failover timeout.
 #[test]
 fn t30_a_hung_secondary_holds_up_no_new_session() {
     // Commits never wait for it, and it stays a member throughout.
     let args = ["--sync-replicas", "0", "--replica-timeout-ms", "600000"];
     let mut c = Cluster::new();
     let (_, s2, a1, a2) = pair(&mut c, &args);
-    c.servers[s2].freeze();
-
-    phase!("sessions seeded with both servers connect, commit, read and re-learn the node");
     // What a session waiting on the hung server would wait.
     let mut opts = SessionOptions::default();
     opts.connect.read_timeout = Some(Duration::from_secs(120));
+    // A session reading from the secondary before it hangs (once it knows
+    // it is one: the primary lists it a moment before).
+    wait_until(Duration::from_secs(30), "server2 to serve reads", || {
+        (status(&a2).role == ServerRole::Secondary).then_some(())
+    });
+    let mut early = Session::connect_with(&[a2.as_str()], opts.clone()).unwrap();
+    assert_eq!(early.read_server(), Some(a2.as_str()));
+    early.root().unwrap();
+    c.servers[s2].freeze();
+
+    phase!("the early session's next read moves to the primary; sessions seeded with both servers connect, commit, read and re-learn the node");
     let (done, finished) = std::sync::mpsc::channel();
     let (p, s) = (a1.clone(), a2.clone());
     let work = std::thread::spawn(move || {
+        early.root().unwrap();
+        assert_eq!(early.read_server(), Some(p.as_str()));
         for seeds in [[&s, &p], [&p, &s]] {
             let mut session = Session::connect_with(&seeds, opts.clone()).unwrap();
             assert_eq!(session.read_server(), Some(p.as_str()));

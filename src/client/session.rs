@@ -30,8 +30,9 @@
 //! A server that hangs (its kernel still accepts connections, it never
 //! answers) holds up no new session: connecting, choosing a read server and
 //! re-learning the node ask every server at once and go on with those that
-//! answer (see `probe`). A request already sent to a server that then
-//! hangs waits out the read timeout before it fails over.
+//! answer (see `probe`). A read already sent to a server that then hangs
+//! moves elsewhere after `read_failover_timeout`; a commit waits for the
+//! primary up to the read timeout.
 //!
 //! A read server that failed on the network is reported to the primary
 //! (`complain`, best effort), which removes it only if it cannot reach it

@@ -26,7 +26,8 @@
 //! that is not a pristine backup, never write into a path that already
 //! exists, and never hold a whole large collection in memory: elements are
 //! copied in bounded ranges. Memory is one bit per oid of the source index
-//! plus the traversal queue.
+//! plus the traversal queue, and a manifest entry (a few hundred bytes) per
+//! kept non-empty large collection.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File};

@@ -809,7 +809,10 @@ impl Repository {
                 Op::Append { coll, index, value } => {
                     let mut e = self.entry(*coll)?.ok_or_else(|| {
                         StorageError::Corrupted(format!(
-                            "record {number} appends to missing collection {coll}"
+                            "record {number} appends to missing collection {coll} (on a \
+                             server started from a compacted backup: the collection was \
+                             unreachable at the backup's commit and a later commit used \
+                             it again; start this server from a plain backup)"
                         ))
                     })?;
                     if !e.is_collection() || *index > e.coll_len {

@@ -87,6 +87,9 @@ pub struct Connection {
 struct Until<'a> {
     inner: &'a mut BufReader<TcpStream>,
     deadline: Option<(Instant, Duration)>,
+    /// What the socket's read timeout is (each read's wait), for the
+    /// message.
+    silence: Option<Duration>,
 }
 
 impl std::io::Read for Until<'_> {
@@ -104,8 +107,8 @@ impl std::io::Read for Until<'_> {
         }
         self.inner
             .read(buf)
-            .map_err(|e| match (&self.deadline, e.kind()) {
-                (Some((_, limit)), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            .map_err(|e| match (&self.silence, e.kind()) {
+                (Some(limit), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     timed_out(limit, "no reply")
                 }
                 _ => e,
@@ -275,28 +278,35 @@ impl Connection {
         self.call_limited(body, self.read_timeout)
     }
 
-    /// [`Connection::call`] giving up on the reply after `limit` (or the
-    /// read timeout, if shorter) with a `TimedOut` network error; the
-    /// connection is then broken. For a request another server could
+    /// [`Connection::call`] giving up with a `TimedOut` network error
+    /// when the server stays silent for `silence` (or the read timeout,
+    /// if shorter); the connection is then broken. A reply under way may
+    /// take the whole read timeout. For a request another server could
     /// answer instead.
-    pub(crate) fn call_within(&mut self, body: &RequestBody, limit: Duration) -> Result<Response> {
-        let limit = match self.read_timeout {
-            Some(t) if t <= limit => t,
-            _ => limit,
+    pub(crate) fn call_within(
+        &mut self,
+        body: &RequestBody,
+        silence: Duration,
+    ) -> Result<Response> {
+        // A zero socket timeout is refused by the system.
+        let silence = silence.max(Duration::from_millis(1));
+        let silence = match self.read_timeout {
+            Some(t) if t <= silence => t,
+            _ => silence,
         };
-        self.call_limited(body, Some(limit)).map_err(|f| f.error)
+        self.call_limited(body, Some(silence)).map_err(|f| f.error)
     }
 
     fn call_limited(
         &mut self,
         body: &RequestBody,
-        limit: Option<Duration>,
+        silence: Option<Duration>,
     ) -> std::result::Result<Response, CallFailure> {
         let id = self
             .send(body)
             .map_err(|error| CallFailure { sent: false, error })?;
         let resp = self
-            .receive_within(limit)
+            .receive_within(silence)
             .map_err(|error| CallFailure { sent: true, error })?;
         self.check(id, resp)
             .map_err(|error| CallFailure { sent: true, error })
@@ -326,11 +336,14 @@ impl Connection {
         self.receive_within(self.read_timeout)
     }
 
-    fn receive_within(&mut self, limit: Option<Duration>) -> Result<Response> {
-        self.limit_reads(limit)?;
+    /// The next response, each read waiting at most `silence`, the whole
+    /// reply at most the read timeout.
+    fn receive_within(&mut self, silence: Option<Duration>) -> Result<Response> {
+        self.limit_reads(silence)?;
         let mut reader = Until {
             inner: &mut self.stream,
-            deadline: limit.map(|t| (Instant::now() + t, t)),
+            deadline: self.read_timeout.map(|t| (Instant::now() + t, t)),
+            silence,
         };
         let body = codec::read_frame(&mut reader, self.max_frame).map_err(|e| {
             self.broken = true;

@@ -80,14 +80,21 @@ impl Probes {
     }
 
     /// Connect to `addr` and say hello, unless a probe of it is running.
-    pub fn connect(&mut self, addr: &str) {
+    /// True when it ran on the caller's thread (no room for another
+    /// thread): its answer is ready.
+    pub fn connect(&mut self, addr: &str) -> bool {
         if self.running.contains(addr) {
-            return;
+            return false;
         }
         let (target, opts) = (addr.to_string(), self.opts.clone());
         self.start(addr, move || {
             Connection::connect(&target, SessionRole::Application, &opts).map(|c| (c, None))
-        });
+        })
+    }
+
+    /// Would a probe started now run on a thread of its own?
+    pub fn has_room() -> bool {
+        THREADS.load(Ordering::SeqCst) < MAX_THREADS
     }
 
     /// Ask the server on `conn` for the node, unless a probe of its
@@ -104,20 +111,32 @@ impl Probes {
         None
     }
 
+    /// Run `job` on a thread, or on this one when there is no room (true).
     fn start(
         &mut self,
         addr: &str,
         job: impl FnOnce() -> Result<(Connection, Option<Response>)> + Send + 'static,
-    ) {
+    ) -> bool {
         self.running.insert(addr.to_string());
         let (tx, owned) = (self.tx.clone(), addr.to_string());
+        // A panicking job must still answer: its address would otherwise
+        // count as probed for ever.
+        let panicked = addr.to_string();
+        let job = move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                Err(ClientError::Io {
+                    addr: panicked,
+                    source: std::io::Error::other("the connection attempt panicked"),
+                })
+            })
+        };
         if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
             THREADS.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(Answer {
                 addr: owned,
                 result: job(),
             });
-            return;
+            return true;
         }
         let place = Place;
         let spawned = thread::Builder::new()
@@ -142,6 +161,7 @@ impl Probes {
                 }),
             });
         }
+        false
     }
 
     /// Is a probe of `addr` running?

@@ -6,7 +6,7 @@
 //! decide what an error means for the application (that is `session`), and
 //! never keep a connection after a network or protocol failure.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -44,6 +44,8 @@ pub(crate) struct Router {
     /// Connection attempts and node requests running on their own
     /// threads (see `probe`).
     probes: Probes,
+    /// See [`Router::set_read_wait`].
+    read_wait: Option<Duration>,
 }
 
 fn matches(c: &Connection, m: &Member) -> bool {
@@ -61,12 +63,31 @@ impl Router {
         let mut seen = std::collections::HashSet::new();
         seeds.retain(|a| seen.insert(a.clone()));
         let mut probes = Probes::new(opts.clone());
-        for addr in &seeds {
-            probes.connect(addr);
-        }
         let mut tried = Vec::new();
         let mut answered: Vec<(usize, Connection)> = Vec::new();
         let mut failed = Vec::new();
+        for (i, addr) in seeds.iter().enumerate() {
+            if !probes.connect(addr) {
+                continue;
+            }
+            // No room for a thread: it ran here, as attempts did before
+            // probes; stop at the first seed that answers, as they did.
+            if let Some(Answer { addr, result }) = probes.ready() {
+                match result {
+                    Ok((c, _)) => {
+                        answered.push((i, c));
+                        break;
+                    }
+                    Err(e) => {
+                        failed.push(i);
+                        tried.push(Attempt {
+                            addr,
+                            error: Box::new(e),
+                        });
+                    }
+                }
+            }
+        }
         let mut deadline = None;
         // Done once a seed answered and every seed before it has failed.
         let settled = |answered: &[(usize, Connection)], failed: &[usize]| {
@@ -114,6 +135,7 @@ impl Router {
             epoch_start: None,
             rng: StdRng::from_entropy(),
             probes,
+            read_wait: None,
         };
         router.adopt_hello(&first);
         if router.node.members.is_empty() {
@@ -199,7 +221,9 @@ impl Router {
                         self.conns.push(conn);
                     }
                 }
-                None => self.probes.connect(addr),
+                None => {
+                    self.probes.connect(addr);
+                }
             }
         }
         let mut tried = Vec::new();
@@ -247,17 +271,18 @@ impl Router {
     /// view it told, if any.
     fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
         let (conn, resp) = answer.result?;
+        // Said hello, or was out of `conns` while asked, before a newer
+        // epoch was heard: dropped, as `heard` drops the others.
+        if self.progress_epoch.is_some_and(|e| conn.hello().epoch < e) {
+            return Ok(None);
+        }
         let Some(resp) = resp else {
             // A new connection: its hello tells the node.
             let idx = self.admit(conn)?;
             let h = self.conns[idx].hello();
             return Ok(Some(((h.epoch, h.commit), h.node.clone())));
         };
-        // Out of `conns` while it was asked: a newer epoch heard meanwhile
-        // drops it, as `heard` drops the others.
-        if self.progress_epoch.is_none_or(|e| conn.hello().epoch >= e) {
-            self.conns.push(conn);
-        }
+        self.conns.push(conn);
         Ok(match resp.body {
             ResponseBody::Node { node, epoch, role } => {
                 self.heard(epoch, role, resp.commit);
@@ -360,15 +385,27 @@ impl Router {
             .position(|c| c.is_usable() && matches(c, m))
     }
 
-    fn connection_to_addr(&mut self, addr: &str) -> Result<ConnIdx> {
+    /// A connection to `addr`: one the router has (not closed by the
+    /// server), the one a running probe of it brings (waiting for it at
+    /// most `wait`; `None`: its own timeouts), or a new one.
+    fn connection_to_addr(&mut self, addr: &str, wait: Option<Duration>) -> Result<ConnIdx> {
         self.take_ready();
-        let usable = |c: &Connection| c.is_usable() && c.addr() == addr;
-        if let Some(idx) = self.conns.iter().position(usable) {
+        if let Some(idx) = self.open_connection(addr) {
             return Ok(idx);
         }
         // Being probed: wait for that answer rather than open another.
+        let deadline = wait.map(|w| Instant::now() + w);
         while self.probes.is_running(addr) {
-            let Some(answer) = self.probes.next(None) else {
+            let Some(answer) = self.probes.next(deadline) else {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(ClientError::Io {
+                        addr: addr.to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no hello within {:?}", wait.unwrap_or_default()),
+                        ),
+                    });
+                }
                 break;
             };
             let theirs = answer.addr == addr;
@@ -377,11 +414,27 @@ impl Router {
                 _ => {}
             }
         }
-        if let Some(idx) = self.conns.iter().position(usable) {
+        if let Some(idx) = self.open_connection(addr) {
             return Ok(idx);
         }
         let conn = Connection::connect(addr, SessionRole::Application, &self.opts)?;
         self.admit(conn)
+    }
+
+    /// A usable connection to `addr` the server has not closed; closed
+    /// ones found on the way are dropped (one that came in from a probe
+    /// may have waited long in its channel).
+    fn open_connection(&mut self, addr: &str) -> Option<ConnIdx> {
+        loop {
+            let idx = self
+                .conns
+                .iter()
+                .position(|c| c.is_usable() && c.addr() == addr)?;
+            if !self.conns[idx].is_stale() {
+                return Some(idx);
+            }
+            self.conns.remove(idx);
+        }
     }
 
     /// Keep a new connection if its server serves this session's
@@ -409,12 +462,19 @@ impl Router {
         Ok(self.conns.len() - 1)
     }
 
-    /// A connection to `m`, reusing one to the same server.
-    pub fn connection_to(&mut self, m: &Member) -> Result<ConnIdx> {
+    /// A connection to `m`, reusing one to the same server; `wait` as for
+    /// [`Router::connection_to_addr`].
+    fn connection_to(&mut self, m: &Member, wait: Option<Duration>) -> Result<ConnIdx> {
         match self.find(m) {
             Some(idx) => Ok(idx),
-            None => self.connection_to_addr(&m.addr),
+            None => self.connection_to_addr(&m.addr, wait),
         }
+    }
+
+    /// How long a read waits for a probe of its server already running
+    /// (the session's read failover timeout).
+    pub fn set_read_wait(&mut self, wait: Option<Duration>) {
+        self.read_wait = wait;
     }
 
     /// Drop every connection to `m`.
@@ -474,7 +534,9 @@ impl Router {
             self.commit_target = self.node.primary().cloned();
         }
         if let Some(t) = self.commit_target.clone() {
-            if self.find(&t).is_none() {
+            // Without room for a thread it would run here: the first
+            // commit connects instead.
+            if self.find(&t).is_none() && Probes::has_room() {
                 self.probes.connect(&t.addr);
             }
         }
@@ -497,7 +559,7 @@ impl Router {
                 if let Some(idx) = found {
                     self.conns.remove(idx);
                 }
-                self.connection_to(&target)?
+                self.connection_to(&target, None)?
             }
         };
         // Connecting may have taught a newer view without this server as
@@ -515,7 +577,7 @@ impl Router {
         tried: &mut Vec<Attempt>,
     ) -> Result<ConnIdx> {
         if let Some(t) = self.read_target.clone() {
-            match self.connection_to(&t) {
+            match self.connection_to(&t, self.read_wait) {
                 Ok(idx) => return Ok(idx),
                 Err(error) => {
                     exclude.push(t.addr.clone());
@@ -586,9 +648,28 @@ impl Router {
         // connections of the older one.
         let mut primary: Option<Member> = None;
         for m in &order {
-            let Some(idx) = self.find(m) else {
-                self.probes.connect(&m.addr);
-                continue;
+            let idx = match self.find(m) {
+                Some(idx) => idx,
+                // On a thread (or already running): waited for below.
+                None if !self.probes.connect(&m.addr) => continue,
+                // No room for a thread: it ran here and its answer is in.
+                None => {
+                    let Some(answer) = self.probes.ready() else {
+                        continue;
+                    };
+                    if let Err(error) = self.take_answer(answer) {
+                        exclude.push(m.addr.clone());
+                        tried.push(Attempt {
+                            addr: m.addr.clone(),
+                            error: Box::new(error),
+                        });
+                        continue;
+                    }
+                    let Some(idx) = self.find(m) else {
+                        continue;
+                    };
+                    idx
+                }
             };
             let role = self.conns[idx].hello().role;
             if !routing::serves_reads(role) {
@@ -673,7 +754,7 @@ impl Router {
 
     /// A connection to `m` if it serves reads.
     pub fn reader(&mut self, m: &Member) -> Option<ConnIdx> {
-        match self.connection_to(m) {
+        match self.connection_to(m, self.read_wait) {
             Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => Some(idx),
             _ => None,
         }

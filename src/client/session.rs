@@ -167,6 +167,7 @@ impl Session {
     pub fn connect_with<A: AsRef<str>>(addrs: &[A], opts: SessionOptions) -> Result<Session> {
         let seeds = addrs.iter().map(|a| a.as_ref().to_string()).collect();
         let mut router = Router::start(seeds, opts.connect)?;
+        router.set_read_wait(opts.read_failover_timeout);
         router.select_read_server(&mut Vec::new(), &mut Vec::new())?;
         router.prepare_commits();
         router.prune();

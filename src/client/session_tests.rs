@@ -924,3 +924,29 @@ fn a_hung_primary_keeps_no_session_from_connecting_and_reading() {
         }
     }
 }
+
+#[test]
+fn a_commit_connection_the_primary_closed_before_the_first_commit_is_not_used() {
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    s.serve(standard(node.clone(), s.addr.clone(), |_| None));
+    let mut session = Session::connect_with(&[&s.addr], options()).unwrap();
+    // The connection to the primary, opened in the background, is in...
+    let hello = |b: &RequestBody| matches!(b, RequestBody::Hello { .. });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.count(hello) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hello reached the primary"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // ... and the primary restarts before the first commit.
+    p.kill();
+    let mut again = Fake::bind_to(&p.addr);
+    again.serve(standard(node, p.addr.clone(), |_| None));
+    let out = session.append(Ref(9), &"x").unwrap();
+    assert_eq!(out.number, 11);
+    assert_eq!(again.count(is_commit), 1);
+}

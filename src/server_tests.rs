@@ -718,6 +718,54 @@ fn a_deep_read_of_large_objects_stops_at_its_byte_budget() {
 }
 
 #[test]
+fn a_deep_read_of_an_object_over_the_byte_budget_returns_it_alone() {
+    // Whatever it references would be on top of an object already as large
+    // as the budget (a frame-sized one would make the reply larger than a
+    // client accepts); the client reads on from what it got.
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(Config {
+        max_frame: 8 << 20,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let small: Vec<u64> = (0..3)
+        .map(|i| app.create_blob(format!("small {i}")))
+        .collect();
+    let mut value = vec![Value::from("x".repeat(5 << 20))];
+    value.extend(
+        small
+            .iter()
+            .map(|o| Value::Ext(crate::storage::object::REF_EXT, o.to_be_bytes().to_vec())),
+    );
+    let body = CommitBody {
+        news: vec![WireNew {
+            temp_id: 1,
+            class: "Big".into(),
+            value: Value::Array(value),
+        }],
+        ..CommitBody::default()
+    };
+    let big = match app.call(RequestBody::Commit(body)).body {
+        ResponseBody::Committed { new_oids, .. } => new_oids[0].1,
+        other => panic!("commit: {other:?}"),
+    };
+    let read = |app: &mut Conn, oid| match app
+        .call(RequestBody::Read {
+            oid,
+            depth: 1,
+            required_progress: Default::default(),
+        })
+        .body
+    {
+        ResponseBody::Objects { objects } => objects.iter().map(|o| o.oid).collect::<Vec<_>>(),
+        other => panic!("read: {other:?}"),
+    };
+    assert_eq!(read(&mut app, big), vec![big]);
+    server.shutdown(true).unwrap();
+}
+
+#[test]
 fn hellos_are_answered_while_the_storage_thread_is_busy() {
     let tmp = tempfile::tempdir().unwrap();
     let server = spawn(config(tmp.path())).unwrap();

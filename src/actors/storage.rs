@@ -146,7 +146,9 @@ impl StorageActor {
         let repo = self.repo()?;
         let first = repo.get(oid)?.ok_or(StorageError::UnknownObject(oid))?;
         let mut seen = HashSet::from([oid]);
-        let mut bytes = 0usize;
+        // The first object counts: with it as large as a frame allows, more
+        // would make the reply larger than the client accepts.
+        let mut bytes = first.value.len() + first.class.len();
         let mut queue = VecDeque::from([(first, 0u32)]);
         let mut out = Vec::new();
         'read: while let Some((obj, level)) = queue.pop_front() {
@@ -176,7 +178,8 @@ impl StorageActor {
     }
 }
 
-/// Past the first object, a read to a depth returns about this much.
+/// A read to a depth returns the first object, and more only while the
+/// objects stay within about this much in all.
 pub const MAX_GRAPH_BYTES: usize = 4 << 20;
 
 const CLOSED: &str = "serving a request after the repository was closed";

@@ -8,8 +8,9 @@
 //!   connection is closed. A second hello is refused, the connection stays;
 //! * admin requests on a session that is not `admin` get `not_admin`, the
 //!   connection stays;
-//! * peer requests (`catch_up`, `replicate`) on a session that is not
-//!   `peer` get `not_peer`, the connection stays;
+//! * peer requests (`catch_up`, `replicate`, `record_hash`, `promote`,
+//!   `hand_over`, `leaving`) on a session that is not `peer` get
+//!   `not_peer`, the connection stays;
 //! * requests this release cannot serve (take-over) get `unavailable`,
 //!   saying so;
 //! * backup requests go to the `BackupActor` (`backup.rs`).

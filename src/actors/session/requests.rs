@@ -35,10 +35,10 @@ type Answer = Result<ResponseBody, WireError>;
 
 /// Most elements one `collection_range` reply carries; a client pages on.
 pub const MAX_RANGE: u64 = 65_536;
-/// Past its first element, a `collection_range` reply carries at most this
-/// much element data, so that it stays far below any client's frame limit
-/// (16 MiB by default) and one request cannot make the storage thread read
-/// gigabytes of large elements.
+/// A `collection_range` reply carries its first element, and more only
+/// while their data stays within this much in all, so that it stays below
+/// any client's frame limit (16 MiB by default) and one request cannot
+/// make the storage thread read gigabytes of large elements.
 pub const MAX_RANGE_BYTES: u64 = 4 << 20;
 
 /// Ask the storage actor; map its error once, reporting fatal ones.

@@ -56,6 +56,8 @@ impl Drop for Place {
 /// request.
 pub(crate) struct Answer {
     pub addr: String,
+    /// When the probe started (its connection's hello is no older).
+    pub started: Instant,
     pub result: Result<(Connection, Option<Response>)>,
 }
 
@@ -118,7 +120,7 @@ impl Probes {
         job: impl FnOnce() -> Result<(Connection, Option<Response>)> + Send + 'static,
     ) -> bool {
         self.running.insert(addr.to_string());
-        let (tx, owned) = (self.tx.clone(), addr.to_string());
+        let (tx, owned, started) = (self.tx.clone(), addr.to_string(), Instant::now());
         // A panicking job must still answer: its address would otherwise
         // count as probed for ever.
         let panicked = addr.to_string();
@@ -134,6 +136,7 @@ impl Probes {
             THREADS.fetch_sub(1, Ordering::SeqCst);
             let _ = tx.send(Answer {
                 addr: owned,
+                started,
                 result: job(),
             });
             return true;
@@ -148,6 +151,7 @@ impl Probes {
                 // connection is dropped, which closes it.
                 let _ = tx.send(Answer {
                     addr: owned,
+                    started,
                     result,
                 });
             });
@@ -155,6 +159,7 @@ impl Probes {
             // The closure, and its place, went with the error.
             let _ = self.tx.send(Answer {
                 addr: addr.to_string(),
+                started,
                 result: Err(ClientError::Io {
                     addr: addr.to_string(),
                     source: e,

@@ -46,6 +46,9 @@ pub(crate) struct Router {
     probes: Probes,
     /// See [`Router::set_read_wait`].
     read_wait: Option<Duration>,
+    /// When a newer epoch's primary was last heard (and the connections
+    /// of older epochs dropped).
+    epoch_changed: Option<Instant>,
 }
 
 fn matches(c: &Connection, m: &Member) -> bool {
@@ -72,7 +75,7 @@ impl Router {
             }
             // No room for a thread: it ran here, as attempts did before
             // probes; stop at the first seed that answers, as they did.
-            if let Some(Answer { addr, result }) = probes.ready() {
+            if let Some(Answer { addr, result, .. }) = probes.ready() {
                 match result {
                     Ok((c, _)) => {
                         answered.push((i, c));
@@ -98,7 +101,7 @@ impl Router {
                 .is_some_and(|best| (0..best).all(|i| failed.contains(&i)))
         };
         while !settled(&answered, &failed) {
-            let Some(Answer { addr, result }) = probes.next(deadline) else {
+            let Some(Answer { addr, result, .. }) = probes.next(deadline) else {
                 break;
             };
             let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
@@ -136,6 +139,7 @@ impl Router {
             rng: StdRng::from_entropy(),
             probes,
             read_wait: None,
+            epoch_changed: None,
         };
         router.adopt_hello(&first);
         if router.node.members.is_empty() {
@@ -271,18 +275,23 @@ impl Router {
     /// view it told, if any.
     fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
         let (conn, resp) = answer.result?;
-        // Said hello, or was out of `conns` while asked, before a newer
-        // epoch was heard: dropped, as `heard` drops the others.
-        if self.progress_epoch.is_some_and(|e| conn.hello().epoch < e) {
-            return Ok(None);
-        }
+        // Out of `conns` (on its probe) when a newer epoch was heard, with
+        // a hello of an older one: dropped, as `heard` dropped the others.
+        let missed_retain = self.epoch_changed.is_some_and(|t| answer.started < t)
+            && self.progress_epoch.is_some_and(|e| conn.hello().epoch < e);
         let Some(resp) = resp else {
+            if missed_retain {
+                return Ok(None);
+            }
             // A new connection: its hello tells the node.
             let idx = self.admit(conn)?;
             let h = self.conns[idx].hello();
             return Ok(Some(((h.epoch, h.commit), h.node.clone())));
         };
-        self.conns.push(conn);
+        // The answer itself is current, whatever the hello was.
+        if !missed_retain {
+            self.conns.push(conn);
+        }
         Ok(match resp.body {
             ResponseBody::Node { node, epoch, role } => {
                 self.heard(epoch, role, resp.commit);
@@ -337,6 +346,7 @@ impl Router {
         // Connections opened before the failover said hello in the old
         // epoch: open them again, so each server's epoch is known afresh.
         self.conns.retain(|c| c.hello().epoch >= epoch);
+        self.epoch_changed = Some(Instant::now());
         if self.last_seen > commit {
             log::warn!(
                 "the node failed over (epoch {}.{}): commits {}..={} this session saw \

@@ -950,3 +950,83 @@ fn a_commit_connection_the_primary_closed_before_the_first_commit_is_not_used() 
     assert_eq!(out.number, 11);
     assert_eq!(again.count(is_commit), 1);
 }
+
+#[test]
+fn two_servers_naming_each_other_primary_are_not_bounced_between_at_full_speed() {
+    // A take-over under way: each still thinks the other is the primary.
+    let (mut a, mut b) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&a, MemberRole::Primary), (&b, MemberRole::Secondary)]);
+    let names = |other: String| {
+        move |body: &RequestBody| {
+            is_commit(body).then(|| {
+                Some(ResponseBody::Error {
+                    error: WireError::WrongServer {
+                        primary: Some(other.clone()),
+                    },
+                    message: "not me".into(),
+                })
+            })
+        }
+    };
+    a.serve(standard(
+        node.clone(),
+        a.addr.clone(),
+        names(b.addr.clone()),
+    ));
+    b.serve(standard(node, b.addr.clone(), names(a.addr.clone())));
+    let mut opts = options();
+    opts.reroute_timeout = Duration::from_secs(1);
+    let mut session = Session::connect_with(&[&a.addr], opts).unwrap();
+    let err = session.append(Ref(9), &"x").unwrap_err();
+    assert!(
+        matches!(err, ClientError::Server(WireError::WrongServer { .. })),
+        "{err:?}"
+    );
+    // Pauses of 20 ms doubling up to 500 ms fit about a dozen attempts in
+    // the second; without them, thousands.
+    let attempts = a.count(is_commit) + b.count(is_commit);
+    assert!((2..=40).contains(&attempts), "{attempts} attempts");
+    let tokens: std::collections::HashSet<_> = a
+        .seen()
+        .iter()
+        .chain(b.seen().iter())
+        .filter_map(token_of)
+        .collect();
+    assert_eq!(tokens.len(), 1, "every attempt resends the same commit");
+}
+
+#[test]
+fn a_secondary_whose_hello_names_an_older_epoch_still_serves_reads() {
+    // Secondaries may say hello in the epoch of the backup they started
+    // from; only a connection opened before a failover was heard is
+    // dropped for its epoch.
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    let older = match hello(&node, &s.addr) {
+        ResponseBody::Hello {
+            protocol_version,
+            server_id,
+            repository_id,
+            role,
+            node,
+            ..
+        } => ResponseBody::Hello {
+            protocol_version,
+            server_id,
+            repository_id,
+            role,
+            node,
+            epoch: Epoch { term: 0, server: 0 },
+        },
+        other => panic!("{other:?}"),
+    };
+    s.serve(standard(node, s.addr.clone(), move |b| {
+        matches!(b, RequestBody::Hello { .. }).then(|| Some(older.clone()))
+    }));
+    let mut session = Session::connect_with(&[&p.addr, &s.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    session.refresh_node().unwrap();
+    assert_eq!(session.read(4u64).unwrap().oid, 4);
+    assert_eq!((s.count(is_read), p.count(is_read)), (1, 0));
+}

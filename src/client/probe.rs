@@ -37,6 +37,10 @@ use crate::protocol::{RequestBody, Response, SessionRole};
 /// when it comes.
 pub(crate) const STRAGGLERS: Duration = Duration::from_millis(500);
 
+/// An answer taken within this long of coming in tells what its server
+/// says now; one that waited longer is only a connection (see `router`).
+pub(crate) const FRESH: Duration = Duration::from_millis(100);
+
 /// Most probe threads running at once in this process.
 pub(crate) const MAX_THREADS: usize = 256;
 
@@ -58,6 +62,9 @@ pub(crate) struct Answer {
     pub addr: String,
     /// When the probe started (its connection's hello is no older).
     pub started: Instant,
+    /// When it answered: what it says about the server's progress is as
+    /// old as this.
+    pub answered: Instant,
     pub result: Result<(Connection, Option<Response>)>,
 }
 
@@ -134,10 +141,12 @@ impl Probes {
         };
         if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
             THREADS.fetch_sub(1, Ordering::SeqCst);
+            let result = job();
             let _ = tx.send(Answer {
                 addr: owned,
                 started,
-                result: job(),
+                answered: Instant::now(),
+                result,
             });
             return true;
         }
@@ -152,6 +161,7 @@ impl Probes {
                 let _ = tx.send(Answer {
                     addr: owned,
                     started,
+                    answered: Instant::now(),
                     result,
                 });
             });
@@ -160,6 +170,7 @@ impl Probes {
             let _ = self.tx.send(Answer {
                 addr: addr.to_string(),
                 started,
+                answered: Instant::now(),
                 result: Err(ClientError::Io {
                     addr: addr.to_string(),
                     source: e,

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 
 use crate::client::connection::{progress_of, ConnectOptions, Connection};
 use crate::client::error::{Attempt, ClientError, Result};
-use crate::client::probe::{Answer, Probes, STRAGGLERS};
+use crate::client::probe::{Answer, Probes, FRESH, STRAGGLERS};
 use crate::client::routing::{self, ViewRank};
 use crate::protocol::{Response, ResponseBody, ServerRole, SessionRole, WireError};
 use crate::types::{CommitNumber, Epoch, Member, MemberRole, Node};
@@ -69,18 +69,16 @@ impl Router {
         let mut tried = Vec::new();
         let mut answered: Vec<(usize, Connection)> = Vec::new();
         let mut failed = Vec::new();
-        for (i, addr) in seeds.iter().enumerate() {
+        for addr in &seeds {
             if !probes.connect(addr) {
                 continue;
             }
             // No room for a thread: it ran here, as attempts did before
             // probes; stop at the first seed that answers, as they did.
-            if let Some(Answer { addr, result, .. }) = probes.ready() {
+            while let Some(Answer { addr, result, .. }) = probes.ready() {
+                let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
                 match result {
-                    Ok((c, _)) => {
-                        answered.push((i, c));
-                        break;
-                    }
+                    Ok((c, _)) => answered.push((i, c)),
                     Err(e) => {
                         failed.push(i);
                         tried.push(Attempt {
@@ -89,6 +87,9 @@ impl Router {
                         });
                     }
                 }
+            }
+            if !answered.is_empty() {
+                break;
             }
         }
         let mut deadline = None;
@@ -212,6 +213,8 @@ impl Router {
     /// others get [`STRAGGLERS`] more; a later answer is taken when it
     /// comes.
     pub fn refresh_node(&mut self) -> Result<()> {
+        // Answers already in are old: every address is asked afresh.
+        self.take_ready();
         let addrs = routing::known_addrs(&self.node, &self.seeds);
         for addr in &addrs {
             if self.probes.is_running(addr) {
@@ -239,14 +242,13 @@ impl Router {
             };
             let addr = answer.addr.clone();
             match self.take_answer(answer) {
-                Ok(view) => {
-                    if let Some((rank, node)) = view {
-                        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-                            best = Some((rank, node));
-                        }
+                Ok(Some((rank, node))) => {
+                    if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                        best = Some((rank, node));
                     }
                     deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
                 }
+                Ok(None) => {}
                 Err(error) => tried.push(Attempt {
                     addr,
                     error: Box::new(error),
@@ -273,7 +275,14 @@ impl Router {
 
     /// Keep what a probe found and count what its server said; the node
     /// view it told, if any.
+    ///
+    /// An answer that waited in the channel (taken by `take_ready`, after
+    /// the session went on without it) is kept as a connection only: the
+    /// epoch, role and commit it tells are as old as the answer, and
+    /// counting them now could take the session's progress back (a
+    /// primary's old commit read as a failover's cap).
     fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
+        let fresh = answer.answered.elapsed() < FRESH;
         let (conn, resp) = answer.result?;
         // Out of `conns` (on its probe) when a newer epoch was heard, with
         // a hello of an older one: dropped, as `heard` dropped the others.
@@ -281,6 +290,10 @@ impl Router {
             && self.progress_epoch.is_some_and(|e| conn.hello().epoch < e);
         let Some(resp) = resp else {
             if missed_retain {
+                return Ok(None);
+            }
+            if !fresh {
+                self.admit_quietly(conn)?;
                 return Ok(None);
             }
             // A new connection: its hello tells the node.
@@ -293,12 +306,29 @@ impl Router {
             self.conns.push(conn);
         }
         Ok(match resp.body {
-            ResponseBody::Node { node, epoch, role } => {
+            ResponseBody::Node { node, epoch, role } if fresh => {
                 self.heard(epoch, role, resp.commit);
                 Some(((epoch, resp.commit), node))
             }
             _ => None,
         })
+    }
+
+    /// Take the answers in that are for `addr`, keeping the others; the
+    /// outcome for `addr` if one was in (a probe that ran on this thread).
+    fn take_ready_for(&mut self, addr: &str) -> Option<Result<()>> {
+        let mut outcome = None;
+        while let Some(answer) = self.probes.ready() {
+            let theirs = answer.addr == addr;
+            let other = answer.addr.clone();
+            match self.take_answer(answer) {
+                Ok(_) if theirs => outcome = Some(Ok(())),
+                Err(e) if theirs => outcome = Some(Err(e)),
+                Err(e) => log::debug!("{other}: {e}"),
+                Ok(_) => {}
+            }
+        }
+        outcome
     }
 
     /// Keep what probes found since the last call, without waiting.
@@ -403,7 +433,12 @@ impl Router {
         if let Some(idx) = self.open_connection(addr) {
             return Ok(idx);
         }
-        // Being probed: wait for that answer rather than open another.
+        // Bounded (a read that could go elsewhere): connect on a probe and
+        // wait for it at most `wait`. Being probed already: wait for that
+        // answer rather than open another.
+        if wait.is_some() {
+            self.probes.connect(addr);
+        }
         let deadline = wait.map(|w| Instant::now() + w);
         while self.probes.is_running(addr) {
             let Some(answer) = self.probes.next(deadline) else {
@@ -447,9 +482,23 @@ impl Router {
         }
     }
 
+    /// [`Router::admit`] without counting what its (old) hello said.
+    fn admit_quietly(&mut self, conn: Connection) -> Result<ConnIdx> {
+        self.check_repository(&conn)?;
+        self.conns.push(conn);
+        Ok(self.conns.len() - 1)
+    }
+
     /// Keep a new connection if its server serves this session's
     /// repository, and count what its hello said.
     fn admit(&mut self, conn: Connection) -> Result<ConnIdx> {
+        self.check_repository(&conn)?;
+        self.adopt_hello(&conn);
+        self.conns.push(conn);
+        Ok(self.conns.len() - 1)
+    }
+
+    fn check_repository(&self, conn: &Connection) -> Result<()> {
         let (addr, theirs) = (conn.addr(), &conn.hello().repository_id);
         if *theirs != self.repository_id {
             log::warn!(
@@ -467,9 +516,7 @@ impl Router {
                 ),
             });
         }
-        self.adopt_hello(&conn);
-        self.conns.push(conn);
-        Ok(self.conns.len() - 1)
+        Ok(())
     }
 
     /// A connection to `m`, reusing one to the same server; `wait` as for
@@ -664,10 +711,7 @@ impl Router {
                 None if !self.probes.connect(&m.addr) => continue,
                 // No room for a thread: it ran here and its answer is in.
                 None => {
-                    let Some(answer) = self.probes.ready() else {
-                        continue;
-                    };
-                    if let Err(error) = self.take_answer(answer) {
+                    if let Some(Err(error)) = self.take_ready_for(&m.addr) {
                         exclude.push(m.addr.clone());
                         tried.push(Attempt {
                             addr: m.addr.clone(),

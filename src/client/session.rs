@@ -122,6 +122,11 @@ fn read_fails_over(e: &ClientError) -> bool {
         )
 }
 
+/// A network error that is a timeout: the server was silent, not gone.
+fn is_timeout(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// Server errors saying a commit was not applied there and belongs elsewhere.
 fn commit_reroutes(e: &ClientError) -> bool {
     matches!(
@@ -734,21 +739,38 @@ impl Session {
         let body = make(self.required_progress);
         let mut exclude = Vec::new();
         let mut tried = Vec::new();
+        // A server left only because it was silent past the read failover
+        // timeout; once no other could serve, it gets the whole read
+        // timeout (the node view may list servers that are gone).
+        let mut slow: Option<String> = None;
+        let mut patient = false;
         let result = loop {
             let idx = match self.router.read_connection(&mut exclude, &mut tried) {
                 Ok(idx) => idx,
-                Err(e) => break Err(e),
+                Err(e) => match slow.take() {
+                    Some(addr) if !patient => {
+                        log::info!("no other server could serve the read: back to {addr}");
+                        exclude.retain(|a| *a != addr);
+                        tried.retain(|a| a.addr != addr);
+                        patient = true;
+                        continue;
+                    }
+                    _ => break Err(e),
+                },
             };
             let addr = self.router.conn(idx).addr().to_string();
             let limit = self
                 .read_failover_timeout
-                .filter(|_| self.router.another_reader(&exclude));
+                .filter(|_| !patient && self.router.another_reader(&exclude));
             match self.call_read(idx, &body, limit) {
                 Ok(resp) => {
                     self.router.observe_on(idx, &resp);
                     break Ok(resp);
                 }
                 Err(error) if read_fails_over(&error) => {
+                    if limit.is_some() && is_timeout(&error) {
+                        slow = Some(addr.clone());
+                    }
                     log::info!("read server {addr} failed ({error}); failing over");
                     self.router.read_server_failed(idx, &mut exclude);
                     tried.push(Attempt {

@@ -1030,3 +1030,118 @@ fn a_secondary_whose_hello_names_an_older_epoch_still_serves_reads() {
     assert_eq!(session.read(4u64).unwrap().oid, 4);
     assert_eq!((s.count(is_read), p.count(is_read)), (1, 0));
 }
+
+/// A hello like `hello(node, addr)`, in `epoch`.
+fn hello_in(node: &Node, addr: &str, epoch: Epoch) -> ResponseBody {
+    match hello(node, addr) {
+        ResponseBody::Hello {
+            protocol_version,
+            server_id,
+            repository_id,
+            role,
+            node,
+            ..
+        } => ResponseBody::Hello {
+            protocol_version,
+            server_id,
+            repository_id,
+            role,
+            node,
+            epoch,
+        },
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_hello_that_waited_is_not_counted_as_news_of_a_failover() {
+    // The secondary says hello in an older epoch than the primary, whose
+    // hello comes late and is taken only at the first commit, after reads
+    // from the secondary saw further.
+    let (mut p, mut s) = (Fake::bind(), Fake::bind());
+    let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
+    p.commit.store(100, Ordering::SeqCst);
+    s.commit.store(140, Ordering::SeqCst);
+    let late = hello_in(
+        &node,
+        &p.addr,
+        Epoch {
+            term: 2,
+            server: 100,
+        },
+    );
+    p.serve(standard(node.clone(), p.addr.clone(), move |b| {
+        matches!(b, RequestBody::Hello { .. }).then(|| {
+            thread::sleep(Duration::from_millis(150));
+            Some(late.clone())
+        })
+    }));
+    let early = hello_in(
+        &node,
+        &s.addr,
+        Epoch {
+            term: 1,
+            server: 100,
+        },
+    );
+    s.serve(standard(node, s.addr.clone(), move |b| {
+        matches!(b, RequestBody::Hello { .. }).then(|| Some(early.clone()))
+    }));
+    let mut session = Session::connect_with(&[&s.addr, &p.addr], options()).unwrap();
+    assert_eq!(session.read_server(), Some(s.addr.as_str()));
+    session.read(4u64).unwrap();
+    assert_eq!(session.last_seen_commit(), 140);
+    // The primary's hello comes in and waits past FRESH.
+    let hello = |b: &RequestBody| matches!(b, RequestBody::Hello { .. });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.count(hello) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hello reached the primary"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(150) + 2 * crate::client::probe::FRESH);
+    session.set_required_progress(140);
+    session.append(Ref(9), &"x").unwrap();
+    session.read(5u64).unwrap();
+    assert_eq!(session.required_progress(), Some(140));
+    assert_eq!(session.last_seen_commit(), 140);
+}
+
+#[test]
+fn a_server_that_was_only_slow_gets_the_whole_read_timeout_once_no_other_can_serve() {
+    // The primary is gone (nothing listens at its address); the secondary
+    // answers reads, slowly.
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut s = Fake::bind();
+    let node = Node {
+        members: vec![
+            Member {
+                server_id: 100,
+                addr: gone,
+                role: MemberRole::Primary,
+            },
+            Member {
+                server_id: 101,
+                addr: s.addr.clone(),
+                role: MemberRole::Secondary,
+            },
+        ],
+    };
+    s.serve(standard(node, s.addr.clone(), |b| {
+        if is_read(b) {
+            thread::sleep(Duration::from_millis(600));
+        }
+        None
+    }));
+    let mut opts = options();
+    opts.read_failover_timeout = Some(Duration::from_millis(200));
+    let mut session = Session::connect_with(&[&s.addr], opts).unwrap();
+    assert_eq!(session.read(4u64).unwrap().oid, 4);
+    assert_eq!(s.count(is_read), 2);
+}

@@ -127,7 +127,19 @@ impl Probes {
         job: impl FnOnce() -> Result<(Connection, Option<Response>)> + Send + 'static,
     ) -> bool {
         self.running.insert(addr.to_string());
-        let (tx, owned, started) = (self.tx.clone(), addr.to_string(), Instant::now());
+        let (tx, started) = (self.tx.clone(), Instant::now());
+        // Sends what the job found, stamped with when (one per job).
+        let reply = {
+            let addr = addr.to_string();
+            move |tx: &Sender<Answer>, result| {
+                let _ = tx.send(Answer {
+                    addr,
+                    started,
+                    answered: Instant::now(),
+                    result,
+                });
+            }
+        };
         // A panicking job must still answer: its address would otherwise
         // count as probed for ever.
         let panicked = addr.to_string();
@@ -141,41 +153,27 @@ impl Probes {
         };
         if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
             THREADS.fetch_sub(1, Ordering::SeqCst);
-            let result = job();
-            let _ = tx.send(Answer {
-                addr: owned,
-                started,
-                answered: Instant::now(),
-                result,
-            });
+            reply(&tx, job());
             return true;
         }
         let place = Place;
+        // Kept to answer if the thread cannot start (the closure goes with
+        // the error).
+        let fallback = reply.clone();
         let spawned = thread::Builder::new()
             .name("magma-probe".into())
             .spawn(move || {
                 let _place = place;
-                let result = job();
                 // Nobody waits any more (the router is gone): the
                 // connection is dropped, which closes it.
-                let _ = tx.send(Answer {
-                    addr: owned,
-                    started,
-                    answered: Instant::now(),
-                    result,
-                });
+                reply(&tx, job());
             });
         if let Err(e) = spawned {
-            // The closure, and its place, went with the error.
-            let _ = self.tx.send(Answer {
+            let source = ClientError::Io {
                 addr: addr.to_string(),
-                started,
-                answered: Instant::now(),
-                result: Err(ClientError::Io {
-                    addr: addr.to_string(),
-                    source: e,
-                }),
-            });
+                source: e,
+            };
+            fallback(&self.tx, Err(source));
         }
         false
     }

@@ -802,6 +802,26 @@ fn an_unanswered_status_is_resent_but_an_unanswered_commit_is_not() {
     assert_eq!((p.count(is_status), s.count(is_status)), (1, 1));
 }
 
+/// Run `work` on a thread and return what it returns, failing with
+/// `held_up` if it takes 60 s: far less than the 120 s read timeout the
+/// tests that use it set, which waiting on a hung server would cost.
+fn unless_held_up<T: Send + 'static>(
+    held_up: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{held_up}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(worker.join().unwrap_err())
+        }
+    }
+}
+
 #[test]
 fn a_hung_seed_and_a_hung_secondary_hold_nothing_up() {
     // `h` never serves: its kernel completes connections and nothing is
@@ -817,10 +837,9 @@ fn a_hung_seed_and_a_hung_secondary_hold_nothing_up() {
     let mut opts = options();
     // What waiting on `h` would cost.
     opts.connect.read_timeout = Some(Duration::from_secs(120));
-    let (done, finished) = std::sync::mpsc::channel();
     let seeds = [h.addr.clone(), p.addr.clone()];
     let (p_addr, s_addr) = (p.addr.clone(), s.addr.clone());
-    let work = thread::spawn(move || {
+    unless_held_up("the session was held up by the hung server", move || {
         let mut session = Session::connect_with(&seeds, opts).unwrap();
         assert_eq!(session.read_server(), Some(s_addr.as_str()));
         assert_eq!(session.commit_server(), Some(p_addr.as_str()));
@@ -828,17 +847,7 @@ fn a_hung_seed_and_a_hung_secondary_hold_nothing_up() {
         assert_eq!(session.node().members.len(), 3);
         assert_eq!(session.read(4u64).unwrap().oid, 4);
         session.append(Ref(9), &"x").unwrap();
-        done.send(()).unwrap();
     });
-    match finished.recv_timeout(Duration::from_secs(60)) {
-        Ok(()) => {}
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("the session was held up by the hung server")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            std::panic::resume_unwind(work.join().unwrap_err())
-        }
-    }
     assert_eq!((s.count(is_read), p.count(is_commit)), (1, 1));
 }
 
@@ -862,24 +871,12 @@ fn a_read_the_server_never_answers_moves_to_another_server() {
     opts.read_failover_timeout = Some(Duration::from_millis(300));
     let mut session = Session::connect_with(&[&s.addr], opts).unwrap();
     assert_eq!(session.read_server(), Some(s.addr.as_str()));
-    let (done, finished) = std::sync::mpsc::channel();
-    let work = thread::spawn(move || {
+    let (oid, server) = unless_held_up("the read waited for the hung server", move || {
         let oid = session.read(4u64).unwrap().oid;
-        done.send((oid, session.read_server().map(str::to_string)))
-            .unwrap();
+        (oid, session.read_server().map(str::to_string))
     });
-    match finished.recv_timeout(Duration::from_secs(60)) {
-        Ok((oid, server)) => {
-            assert_eq!(oid, 4);
-            assert_eq!(server.as_deref(), Some(p.addr.as_str()));
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("the read waited for the hung server")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            std::panic::resume_unwind(work.join().unwrap_err())
-        }
-    }
+    assert_eq!(oid, 4);
+    assert_eq!(server.as_deref(), Some(p.addr.as_str()));
     assert_eq!((s.count(is_read), p.count(is_read)), (1, 1));
 }
 
@@ -908,21 +905,12 @@ fn a_hung_primary_keeps_no_session_from_connecting_and_reading() {
     s.serve(standard(node, s.addr.clone(), |_| None));
     let mut opts = options();
     opts.connect.read_timeout = Some(Duration::from_secs(120));
-    let (done, finished) = std::sync::mpsc::channel();
     let seeds = [s.addr.clone()];
-    let work = thread::spawn(move || {
+    let oid = unless_held_up("the session waited for the hung primary", move || {
         let mut session = Session::connect_with(&seeds, opts).unwrap();
-        done.send(session.read(4u64).unwrap().oid).unwrap();
+        session.read(4u64).unwrap().oid
     });
-    match finished.recv_timeout(Duration::from_secs(60)) {
-        Ok(oid) => assert_eq!(oid, 4),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("the session waited for the hung primary")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            std::panic::resume_unwind(work.join().unwrap_err())
-        }
-    }
+    assert_eq!(oid, 4);
 }
 
 #[test]

@@ -49,6 +49,18 @@ pub(crate) struct Router {
     /// When a newer epoch's primary was last heard (and the connections
     /// of older epochs dropped).
     epoch_changed: Option<Instant>,
+    /// When `last_seen` last grew: an answer from before then is older
+    /// than what the session saw.
+    seen_at: Option<Instant>,
+}
+
+/// What a round of [`Router::refresh_node`] heard so far.
+#[derive(Default)]
+struct Heard {
+    best: Option<(ViewRank, Node)>,
+    tried: Vec<Attempt>,
+    /// Set by the first view heard: the others get until then.
+    deadline: Option<Instant>,
 }
 
 fn matches(c: &Connection, m: &Member) -> bool {
@@ -92,7 +104,7 @@ impl Router {
                 break;
             }
         }
-        let mut deadline = None;
+        let mut deadline = (!answered.is_empty()).then(|| Instant::now() + STRAGGLERS);
         // Done once a seed answered and every seed before it has failed.
         let settled = |answered: &[(usize, Connection)], failed: &[usize]| {
             answered
@@ -141,6 +153,7 @@ impl Router {
             probes,
             read_wait: None,
             epoch_changed: None,
+            seen_at: None,
         };
         router.adopt_hello(&first);
         if router.node.members.is_empty() {
@@ -189,7 +202,7 @@ impl Router {
 
     /// Count the server's progress carried by a response.
     pub fn observe(&mut self, resp: &Response) {
-        self.last_seen = self.last_seen.max(progress_of(resp));
+        self.saw(progress_of(resp));
     }
 
     /// Count the progress of a response that came on connection `idx`,
@@ -216,6 +229,7 @@ impl Router {
         // Answers already in are old: every address is asked afresh.
         self.take_ready();
         let addrs = routing::known_addrs(&self.node, &self.seeds);
+        let mut heard = Heard::default();
         for addr in &addrs {
             if self.probes.is_running(addr) {
                 continue;
@@ -232,36 +246,45 @@ impl Router {
                     self.probes.connect(addr);
                 }
             }
-        }
-        let mut tried = Vec::new();
-        let mut best: Option<(ViewRank, Node)> = None;
-        let mut deadline = None;
-        while addrs.iter().any(|a| self.probes.is_running(a)) {
-            let Some(answer) = self.probes.next(deadline) else {
-                break;
-            };
-            let addr = answer.addr.clone();
-            match self.take_answer(answer) {
-                Ok(Some((rank, node))) => {
-                    if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-                        best = Some((rank, node));
-                    }
-                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
-                }
-                Ok(None) => {}
-                Err(error) => tried.push(Attempt {
-                    addr,
-                    error: Box::new(error),
-                }),
+            // Without room for threads, probes run here: take each answer
+            // at once, while it is fresh.
+            while let Some(answer) = self.probes.ready() {
+                self.note(answer, &mut heard);
             }
         }
+        while addrs.iter().any(|a| self.probes.is_running(a)) {
+            let Some(answer) = self.probes.next(heard.deadline) else {
+                break;
+            };
+            self.note(answer, &mut heard);
+        }
         self.conns.retain(Connection::is_usable);
-        match best {
+        match heard.best {
             Some((rank, node)) => {
                 self.adopt_view(rank, node);
                 Ok(())
             }
-            None => Err(ClientError::NoServerReachable { tried }),
+            None => Err(ClientError::NoServerReachable { tried: heard.tried }),
+        }
+    }
+
+    /// Count one answer of a [`Router::refresh_node`] round.
+    fn note(&mut self, answer: Answer, heard: &mut Heard) {
+        let addr = answer.addr.clone();
+        match self.take_answer(answer) {
+            Ok(Some((rank, node))) => {
+                if heard.best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                    heard.best = Some((rank, node));
+                }
+                heard
+                    .deadline
+                    .get_or_insert_with(|| Instant::now() + STRAGGLERS);
+            }
+            Ok(None) => {}
+            Err(error) => heard.tried.push(Attempt {
+                addr,
+                error: Box::new(error),
+            }),
         }
     }
 
@@ -277,12 +300,14 @@ impl Router {
     /// view it told, if any.
     ///
     /// An answer that waited in the channel (taken by `take_ready`, after
-    /// the session went on without it) is kept as a connection only: the
-    /// epoch, role and commit it tells are as old as the answer, and
-    /// counting them now could take the session's progress back (a
-    /// primary's old commit read as a failover's cap).
+    /// the session went on without it), or came before the session last
+    /// saw its progress grow, is kept as a connection only: the epoch,
+    /// role and commit it tells are older than what the session knows,
+    /// and counting them now could take its progress back (a primary's old
+    /// commit read as a failover's cap).
     fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
-        let fresh = answer.answered.elapsed() < FRESH;
+        let fresh =
+            answer.answered.elapsed() < FRESH && self.seen_at.is_none_or(|t| answer.answered >= t);
         let (conn, resp) = answer.result?;
         // Out of `conns` (on its probe) when a newer epoch was heard, with
         // a hello of an older one: dropped, as `heard` dropped the others.
@@ -360,14 +385,22 @@ impl Router {
     /// primary heard in a newer epoch holds every acknowledged commit. Its
     /// commit therefore caps what this session has seen, and (through
     /// [`Router::take_epoch_start`]) the progress it requires.
+    /// Count commit `n` as seen, noting when the count last grew.
+    fn saw(&mut self, n: CommitNumber) {
+        if n > self.last_seen {
+            self.last_seen = n;
+            self.seen_at = Some(Instant::now());
+        }
+    }
+
     fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber) {
         let Some(known) = self.progress_epoch else {
             self.progress_epoch = Some(epoch);
-            self.last_seen = self.last_seen.max(commit);
+            self.saw(commit);
             return;
         };
         if epoch >= known {
-            self.last_seen = self.last_seen.max(commit);
+            self.saw(commit);
         }
         if epoch <= known || role != ServerRole::Primary {
             return;
@@ -439,7 +472,8 @@ impl Router {
         if wait.is_some() {
             self.probes.connect(addr);
         }
-        let deadline = wait.map(|w| Instant::now() + w);
+        // A wait too long to add to now is no bound at all.
+        let deadline = wait.and_then(|w| Instant::now().checked_add(w));
         while self.probes.is_running(addr) {
             let Some(answer) = self.probes.next(deadline) else {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -603,6 +637,12 @@ impl Router {
     /// dropped it while idle) as needed. With no primary in the node view,
     /// `wrong_server` without a primary, as a secondary would answer.
     pub fn commit_connection(&mut self) -> Result<ConnIdx> {
+        self.commit_connection_within(None)
+    }
+
+    /// [`Router::commit_connection`], waiting for a new connection at most
+    /// `wait` (`None`: the connection timeouts).
+    pub fn commit_connection_within(&mut self, wait: Option<Duration>) -> Result<ConnIdx> {
         let target =
             match &self.commit_target {
                 Some(t) => t.clone(),
@@ -610,13 +650,15 @@ impl Router {
                     WireError::WrongServer { primary: None },
                 ))?,
             };
-        let idx = match self.find(&target) {
-            Some(idx) if !self.conns[idx].is_stale() => idx,
-            found => {
-                if let Some(idx) = found {
+        // Every connection to it the server closed is dropped first (there
+        // may be two: one by a seed's address, one by the member's).
+        let idx = loop {
+            match self.find(&target) {
+                Some(idx) if self.conns[idx].is_stale() => {
                     self.conns.remove(idx);
                 }
-                self.connection_to(&target, None)?
+                Some(idx) => break idx,
+                None => break self.connection_to_addr(&target.addr, wait)?,
             }
         };
         // Connecting may have taught a newer view without this server as

@@ -122,6 +122,9 @@ fn read_fails_over(e: &ClientError) -> bool {
         )
 }
 
+/// Longest wait for the primary to take a complaint.
+const COMPLAINT_PATIENCE: Duration = Duration::from_secs(1);
+
 /// A network error that is a timeout: the server was silent, not gone.
 fn is_timeout(e: &ClientError) -> bool {
     matches!(e, ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut)
@@ -747,7 +750,14 @@ impl Session {
         let result = loop {
             let idx = match self.router.read_connection(&mut exclude, &mut tried) {
                 Ok(idx) => idx,
-                Err(e) => match slow.take() {
+                // A server that did not say hello within the read failover
+                // timeout was only slow, too.
+                Err(e) => match slow.take().or_else(|| {
+                    tried
+                        .iter()
+                        .find(|a| is_timeout(&a.error))
+                        .map(|a| a.addr.clone())
+                }) {
                     Some(addr) if !patient => {
                         log::info!("no other server could serve the read: back to {addr}");
                         exclude.retain(|a| *a != addr);
@@ -800,11 +810,17 @@ impl Session {
         if !is_secondary {
             return;
         }
-        if let Ok(idx) = self.router.commit_connection() {
+        // Never long: the read it follows is done, and the primary may be
+        // the server that hangs.
+        let patience = self
+            .read_failover_timeout
+            .unwrap_or(COMPLAINT_PATIENCE)
+            .min(COMPLAINT_PATIENCE);
+        if let Ok(idx) = self.router.commit_connection_within(Some(patience)) {
             let body = RequestBody::Complain {
                 addr: addr.to_string(),
             };
-            match self.router.conn(idx).call(body) {
+            match self.router.conn(idx).call_within(&body, patience) {
                 Ok(_) => log::info!("told the primary that {addr} could not be reached"),
                 Err(e) => log::debug!("complaint about {addr} not delivered: {e}"),
             }

@@ -1133,3 +1133,23 @@ fn a_server_that_was_only_slow_gets_the_whole_read_timeout_once_no_other_can_ser
     assert_eq!(session.read(4u64).unwrap().oid, 4);
     assert_eq!(s.count(is_read), 2);
 }
+
+#[test]
+fn a_primary_reached_by_two_addresses_that_restarted_gets_the_commit() {
+    // The session knows the primary by its seed's spelling and by the
+    // member address: two connections to one server, both closed when it
+    // restarts.
+    let mut p = Fake::bind();
+    let port = p.addr.rsplit_once(':').unwrap().1.to_string();
+    let node = alone_as_primary(&node_of(&[(&p, MemberRole::Primary)]).members[0]);
+    p.serve(standard(node.clone(), p.addr.clone(), |_| None));
+    let seed = format!("localhost:{port}");
+    let mut session = Session::connect_with(&[&seed], options()).unwrap();
+    session.refresh_node().unwrap();
+    p.kill();
+    let mut again = Fake::bind_to(&p.addr);
+    again.serve(standard(node, p.addr.clone(), |_| None));
+    let out = session.append(Ref(9), &"x").unwrap();
+    assert_eq!(out.number, 11);
+    assert_eq!(again.count(is_commit), 1);
+}

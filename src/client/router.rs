@@ -155,7 +155,7 @@ impl Router {
             epoch_changed: None,
             seen_at: None,
         };
-        router.adopt_hello(&first);
+        router.adopt_hello(&first, Instant::now());
         if router.node.members.is_empty() {
             // A server that knows no node yet stands for the whole node.
             let h = first.hello();
@@ -202,7 +202,7 @@ impl Router {
 
     /// Count the server's progress carried by a response.
     pub fn observe(&mut self, resp: &Response) {
-        self.saw(progress_of(resp));
+        self.saw(progress_of(resp), Instant::now());
     }
 
     /// Count the progress of a response that came on connection `idx`,
@@ -300,14 +300,12 @@ impl Router {
     /// view it told, if any.
     ///
     /// An answer that waited in the channel (taken by `take_ready`, after
-    /// the session went on without it), or came before the session last
-    /// saw its progress grow, is kept as a connection only: the epoch,
-    /// role and commit it tells are older than what the session knows,
-    /// and counting them now could take its progress back (a primary's old
-    /// commit read as a failover's cap).
+    /// the session went on without it) is kept as a connection only: the
+    /// epoch, role and commit it tells are as old as the answer. What a
+    /// fresh one tells is counted as of when it came in (see `heard`).
     fn take_answer(&mut self, answer: Answer) -> Result<Option<(ViewRank, Node)>> {
-        let fresh =
-            answer.answered.elapsed() < FRESH && self.seen_at.is_none_or(|t| answer.answered >= t);
+        let fresh = answer.answered.elapsed() < FRESH;
+        let at = answer.answered;
         let (conn, resp) = answer.result?;
         // Out of `conns` (on its probe) when a newer epoch was heard, with
         // a hello of an older one: dropped, as `heard` dropped the others.
@@ -322,7 +320,7 @@ impl Router {
                 return Ok(None);
             }
             // A new connection: its hello tells the node.
-            let idx = self.admit(conn)?;
+            let idx = self.admit_at(conn, at)?;
             let h = self.conns[idx].hello();
             return Ok(Some(((h.epoch, h.commit), h.node.clone())));
         };
@@ -332,7 +330,7 @@ impl Router {
         }
         Ok(match resp.body {
             ResponseBody::Node { node, epoch, role } if fresh => {
-                self.heard(epoch, role, resp.commit);
+                self.heard(epoch, role, resp.commit, at);
                 Some(((epoch, resp.commit), node))
             }
             _ => None,
@@ -366,10 +364,11 @@ impl Router {
         }
     }
 
-    fn adopt_hello(&mut self, conn: &Connection) {
+    /// Count what `conn`'s hello said, as of `at` (when it came in).
+    fn adopt_hello(&mut self, conn: &Connection, at: Instant) {
         let h = conn.hello();
         let (epoch, role, commit, node) = (h.epoch, h.role, h.commit, h.node.clone());
-        self.heard(epoch, role, commit);
+        self.heard(epoch, role, commit, at);
         self.adopt_view((epoch, commit), node);
     }
 
@@ -385,22 +384,23 @@ impl Router {
     /// primary heard in a newer epoch holds every acknowledged commit. Its
     /// commit therefore caps what this session has seen, and (through
     /// [`Router::take_epoch_start`]) the progress it requires.
-    /// Count commit `n` as seen, noting when the count last grew.
-    fn saw(&mut self, n: CommitNumber) {
+    /// Count commit `n` as seen, as of `at` (when the answer telling it
+    /// came in), noting when the count last grew.
+    fn saw(&mut self, n: CommitNumber, at: Instant) {
         if n > self.last_seen {
             self.last_seen = n;
-            self.seen_at = Some(Instant::now());
+            self.seen_at = Some(self.seen_at.map_or(at, |t| t.max(at)));
         }
     }
 
-    fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber) {
+    fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber, at: Instant) {
         let Some(known) = self.progress_epoch else {
             self.progress_epoch = Some(epoch);
-            self.saw(commit);
+            self.saw(commit, at);
             return;
         };
         if epoch >= known {
-            self.saw(commit);
+            self.saw(commit, at);
         }
         if epoch <= known || role != ServerRole::Primary {
             return;
@@ -410,6 +410,12 @@ impl Router {
         // epoch: open them again, so each server's epoch is known afresh.
         self.conns.retain(|c| c.hello().epoch >= epoch);
         self.epoch_changed = Some(Instant::now());
+        // The primary said `commit` at `at`: what the session saw later
+        // (from it or its secondaries) may be further, not lost.
+        let commit = match self.seen_at {
+            Some(t) if t > at => commit.max(self.last_seen),
+            _ => commit,
+        };
         if self.last_seen > commit {
             log::warn!(
                 "the node failed over (epoch {}.{}): commits {}..={} this session saw \
@@ -526,8 +532,13 @@ impl Router {
     /// Keep a new connection if its server serves this session's
     /// repository, and count what its hello said.
     fn admit(&mut self, conn: Connection) -> Result<ConnIdx> {
+        self.admit_at(conn, Instant::now())
+    }
+
+    /// [`Router::admit`] of a hello that came in at `at`.
+    fn admit_at(&mut self, conn: Connection, at: Instant) -> Result<ConnIdx> {
         self.check_repository(&conn)?;
-        self.adopt_hello(&conn);
+        self.adopt_hello(&conn, at);
         self.conns.push(conn);
         Ok(self.conns.len() - 1)
     }
@@ -575,6 +586,8 @@ impl Router {
 
     /// Keep only the connections to the read and commit servers.
     pub fn prune(&mut self) {
+        // Connections probes brought in and nobody took are closed too.
+        self.take_ready();
         let keep: Vec<&Member> = self
             .read_target
             .iter()

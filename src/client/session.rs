@@ -167,6 +167,9 @@ const RANGE_PAGE: u64 = 65_536;
 
 impl Session {
     /// Connect to the node through the first reachable address of `addrs`.
+    /// Every address is asked at once; of those that answer, the first in
+    /// `addrs` is taken, waiting for earlier ones at most half a second
+    /// after the first answer (a hung server holds nobody up).
     pub fn connect<A: AsRef<str>>(addrs: &[A]) -> Result<Session> {
         Session::connect_with(addrs, SessionOptions::default())
     }

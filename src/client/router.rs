@@ -52,6 +52,8 @@ pub(crate) struct Router {
     /// When `last_seen` last grew: an answer from before then is older
     /// than what the session saw.
     seen_at: Option<Instant>,
+    /// The epoch of the server whose answer last made it grow, if known.
+    seen_epoch: Option<Epoch>,
 }
 
 /// What a round of [`Router::refresh_node`] heard so far.
@@ -154,6 +156,7 @@ impl Router {
             read_wait: None,
             epoch_changed: None,
             seen_at: None,
+            seen_epoch: None,
         };
         router.adopt_hello(&first, Instant::now());
         if router.node.members.is_empty() {
@@ -202,18 +205,16 @@ impl Router {
 
     /// Count the server's progress carried by a response.
     pub fn observe(&mut self, resp: &Response) {
-        self.saw(progress_of(resp), Instant::now());
+        self.saw(progress_of(resp), Instant::now(), None);
     }
 
     /// Count the progress of a response that came on connection `idx`,
     /// unless its server said hello in an older epoch than the one counted
     /// (a server that kept records the failover lost).
     pub fn observe_on(&mut self, idx: ConnIdx, resp: &Response) {
-        let older = self
-            .progress_epoch
-            .is_some_and(|e| self.conns[idx].hello().epoch < e);
-        if !older {
-            self.observe(resp);
+        let epoch = self.conns[idx].hello().epoch;
+        if self.progress_epoch.is_none_or(|e| epoch >= e) {
+            self.saw(progress_of(resp), Instant::now(), Some(epoch));
         }
     }
 
@@ -385,22 +386,24 @@ impl Router {
     /// commit therefore caps what this session has seen, and (through
     /// [`Router::take_epoch_start`]) the progress it requires.
     /// Count commit `n` as seen, as of `at` (when the answer telling it
-    /// came in), noting when the count last grew.
-    fn saw(&mut self, n: CommitNumber, at: Instant) {
+    /// came in) from a server in `epoch` (if known), noting when and from
+    /// which epoch the count last grew.
+    fn saw(&mut self, n: CommitNumber, at: Instant, epoch: Option<Epoch>) {
         if n > self.last_seen {
             self.last_seen = n;
             self.seen_at = Some(self.seen_at.map_or(at, |t| t.max(at)));
+            self.seen_epoch = epoch;
         }
     }
 
     fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber, at: Instant) {
         let Some(known) = self.progress_epoch else {
             self.progress_epoch = Some(epoch);
-            self.saw(commit, at);
+            self.saw(commit, at, Some(epoch));
             return;
         };
         if epoch >= known {
-            self.saw(commit, at);
+            self.saw(commit, at, Some(epoch));
         }
         if epoch <= known || role != ServerRole::Primary {
             return;
@@ -411,9 +414,10 @@ impl Router {
         self.conns.retain(|c| c.hello().epoch >= epoch);
         self.epoch_changed = Some(Instant::now());
         // The primary said `commit` at `at`: what the session saw later
-        // (from it or its secondaries) may be further, not lost.
-        let commit = match self.seen_at {
-            Some(t) if t > at => commit.max(self.last_seen),
+        // from a server already in this epoch (it, or a secondary of it) may
+        // be further, not lost. Seen from an older epoch, it may be lost.
+        let commit = match (self.seen_at, self.seen_epoch) {
+            (Some(t), Some(e)) if t > at && e >= epoch => commit.max(self.last_seen),
             _ => commit,
         };
         if self.last_seen > commit {

@@ -753,17 +753,15 @@ impl Session {
         let result = loop {
             let idx = match self.router.read_connection(&mut exclude, &mut tried) {
                 Ok(idx) => idx,
-                // A server that did not say hello within the read failover
-                // timeout was only slow, too.
-                Err(e) => match slow.take().or_else(|| {
-                    tried
-                        .iter()
-                        .find(|a| is_timeout(&a.error))
-                        .map(|a| a.addr.clone())
-                }) {
+                Err(e) => match slow.take() {
                     Some(addr) if !patient => {
                         log::info!("no other server could serve the read: back to {addr}");
                         exclude.retain(|a| *a != addr);
+                        // The servers that did fail are still complained
+                        // about; the slow one is not.
+                        if let ClientError::NoServerReachable { tried: failed } = e {
+                            tried = failed;
+                        }
                         tried.retain(|a| a.addr != addr);
                         patient = true;
                         continue;

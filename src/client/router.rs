@@ -139,25 +139,8 @@ impl Router {
         let first = answered
             .next()
             .ok_or(ClientError::NoServerReachable { tried })?;
-        let mut router = Router {
-            opts,
-            seeds,
-            repository_id: first.hello().repository_id.clone(),
-            node: Node::default(),
-            view: (Epoch::default(), 0),
-            conns: Vec::new(),
-            read_target: None,
-            commit_target: None,
-            last_seen: 0,
-            progress_epoch: None,
-            epoch_start: None,
-            rng: StdRng::from_entropy(),
-            probes,
-            read_wait: None,
-            epoch_changed: None,
-            seen_at: None,
-            seen_epoch: None,
-        };
+        let repository_id = first.hello().repository_id.clone();
+        let mut router = Router::new(opts, seeds, repository_id, probes);
         router.adopt_hello(&first, Instant::now());
         if router.node.members.is_empty() {
             // A server that knows no node yet stands for the whole node.
@@ -177,6 +160,34 @@ impl Router {
             let _ = router.admit(other);
         }
         Ok(router)
+    }
+
+    /// A router of `repository_id` that has heard nothing yet.
+    fn new(
+        opts: ConnectOptions,
+        seeds: Vec<String>,
+        repository_id: String,
+        probes: Probes,
+    ) -> Router {
+        Router {
+            opts,
+            seeds,
+            repository_id,
+            node: Node::default(),
+            view: (Epoch::default(), 0),
+            conns: Vec::new(),
+            read_target: None,
+            commit_target: None,
+            last_seen: 0,
+            progress_epoch: None,
+            epoch_start: None,
+            rng: StdRng::from_entropy(),
+            probes,
+            read_wait: None,
+            epoch_changed: None,
+            seen_at: None,
+            seen_epoch: None,
+        }
     }
 
     pub fn node(&self) -> &Node {
@@ -871,5 +882,59 @@ impl Router {
             Ok(idx) if routing::serves_reads(self.conns[idx].hello().role) => Some(idx),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let opts = ConnectOptions::default();
+        Router::new(opts.clone(), Vec::new(), "r".into(), Probes::new(opts))
+    }
+
+    const E1: Epoch = Epoch { term: 1, server: 1 };
+    const E2: Epoch = Epoch { term: 2, server: 2 };
+
+    #[test]
+    fn a_new_primary_heard_after_the_last_progress_caps_it_at_its_commit() {
+        // Commits 101..=140 of the old primary were never acknowledged.
+        let mut r = router();
+        let t0 = Instant::now();
+        r.heard(E1, ServerRole::Primary, 140, t0);
+        r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
+        assert_eq!(r.last_seen(), 100);
+        assert_eq!(r.take_epoch_start(), Some(100));
+    }
+
+    #[test]
+    fn progress_seen_in_the_new_epoch_after_its_primary_spoke_is_kept() {
+        // The primary said 100; a secondary of it later showed 140.
+        let mut r = router();
+        let t0 = Instant::now();
+        r.heard(E1, ServerRole::Secondary, 90, t0);
+        r.saw(140, t0 + Duration::from_millis(10), Some(E2));
+        r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
+        assert_eq!(r.last_seen(), 140);
+        assert_eq!(r.take_epoch_start(), Some(140));
+    }
+
+    #[test]
+    fn progress_seen_later_from_an_older_epoch_is_still_capped() {
+        // A server of the old epoch still held commits the failover lost.
+        let mut r = router();
+        let t0 = Instant::now();
+        r.heard(E1, ServerRole::Secondary, 90, t0);
+        r.saw(140, t0 + Duration::from_millis(10), Some(E1));
+        r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
+        assert_eq!(r.last_seen(), 100);
+        assert_eq!(r.take_epoch_start(), Some(100));
+        // ... and so is progress from a server whose epoch is unknown.
+        let mut r = router();
+        r.heard(E1, ServerRole::Secondary, 90, t0);
+        r.saw(140, t0 + Duration::from_millis(10), None);
+        r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
+        assert_eq!(r.last_seen(), 100);
     }
 }

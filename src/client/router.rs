@@ -52,8 +52,16 @@ pub(crate) struct Router {
     /// When `last_seen` last grew: an answer from before then is older
     /// than what the session saw.
     seen_at: Option<Instant>,
-    /// The epoch of the server whose answer last made it grow, if known.
-    seen_epoch: Option<Epoch>,
+    /// The server whose answer last made it grow, if known.
+    seen_from: Option<Seen>,
+}
+
+/// Who told the session the commit it last counted: the epoch its hello
+/// named and its server id (0: not known).
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    epoch: Epoch,
+    server_id: u64,
 }
 
 /// What a round of [`Router::refresh_node`] heard so far.
@@ -186,7 +194,7 @@ impl Router {
             read_wait: None,
             epoch_changed: None,
             seen_at: None,
-            seen_epoch: None,
+            seen_from: None,
         }
     }
 
@@ -219,13 +227,26 @@ impl Router {
         self.saw(progress_of(resp), Instant::now(), None);
     }
 
+    /// [`Router::observe`] of a response that came from `addr` (a commit's
+    /// or a status's, on the commit connection).
+    pub fn observe_from(&mut self, addr: &str, resp: &Response) {
+        match self.conns.iter().position(|c| c.addr() == addr) {
+            Some(idx) => self.observe_on(idx, resp),
+            None => self.observe(resp),
+        }
+    }
+
     /// Count the progress of a response that came on connection `idx`,
     /// unless its server said hello in an older epoch than the one counted
     /// (a server that kept records the failover lost).
     pub fn observe_on(&mut self, idx: ConnIdx, resp: &Response) {
-        let epoch = self.conns[idx].hello().epoch;
-        if self.progress_epoch.is_none_or(|e| epoch >= e) {
-            self.saw(progress_of(resp), Instant::now(), Some(epoch));
+        let h = self.conns[idx].hello();
+        let from = Seen {
+            epoch: h.epoch,
+            server_id: h.server_id,
+        };
+        if self.progress_epoch.is_none_or(|e| from.epoch >= e) {
+            self.saw(progress_of(resp), Instant::now(), Some(from));
         }
     }
 
@@ -397,24 +418,29 @@ impl Router {
     /// commit therefore caps what this session has seen, and (through
     /// [`Router::take_epoch_start`]) the progress it requires.
     /// Count commit `n` as seen, as of `at` (when the answer telling it
-    /// came in) from a server in `epoch` (if known), noting when and from
-    /// which epoch the count last grew.
-    fn saw(&mut self, n: CommitNumber, at: Instant, epoch: Option<Epoch>) {
+    /// came in) from the server `from` (if known), noting when and from
+    /// whom the count last grew.
+    fn saw(&mut self, n: CommitNumber, at: Instant, from: Option<Seen>) {
         if n > self.last_seen {
             self.last_seen = n;
             self.seen_at = Some(self.seen_at.map_or(at, |t| t.max(at)));
-            self.seen_epoch = epoch;
+            self.seen_from = from;
         }
     }
 
     fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber, at: Instant) {
+        // Who said it is not known here; what it said is of `epoch`.
+        let from = Some(Seen {
+            epoch,
+            server_id: 0,
+        });
         let Some(known) = self.progress_epoch else {
             self.progress_epoch = Some(epoch);
-            self.saw(commit, at, Some(epoch));
+            self.saw(commit, at, from);
             return;
         };
         if epoch >= known {
-            self.saw(commit, at, Some(epoch));
+            self.saw(commit, at, from);
         }
         if epoch <= known || role != ServerRole::Primary {
             return;
@@ -425,10 +451,12 @@ impl Router {
         self.conns.retain(|c| c.hello().epoch >= epoch);
         self.epoch_changed = Some(Instant::now());
         // The primary said `commit` at `at`: what the session saw later
-        // from a server already in this epoch (it, or a secondary of it) may
-        // be further, not lost. Seen from an older epoch, it may be lost.
-        let commit = match (self.seen_at, self.seen_epoch) {
-            (Some(t), Some(e)) if t > at && e >= epoch => commit.max(self.last_seen),
+        // from a server already in this epoch, or from this primary itself
+        // (the epoch names it), may be further, not lost. Seen from an
+        // older epoch, it may be lost.
+        let newer = |s: &Seen| s.epoch >= epoch || s.server_id == epoch.server;
+        let commit = match (self.seen_at, &self.seen_from) {
+            (Some(t), Some(s)) if t > at && newer(s) => commit.max(self.last_seen),
             _ => commit,
         };
         if self.last_seen > commit {
@@ -897,6 +925,22 @@ mod tests {
     const E1: Epoch = Epoch { term: 1, server: 1 };
     const E2: Epoch = Epoch { term: 2, server: 2 };
 
+    fn seen(epoch: Epoch, server_id: u64) -> Seen {
+        Seen { epoch, server_id }
+    }
+
+    #[test]
+    fn a_commit_the_new_primary_acknowledged_on_an_older_connection_is_kept() {
+        // The commit went to server 2 over a connection opened while it was
+        // a secondary (hello in E1); it then led E2 from commit 100.
+        let mut r = router();
+        let t0 = Instant::now();
+        r.heard(E1, ServerRole::Secondary, 90, t0);
+        r.saw(120, t0 + Duration::from_millis(10), Some(seen(E1, 2)));
+        r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
+        assert_eq!(r.last_seen(), 120);
+    }
+
     #[test]
     fn a_new_primary_heard_after_the_last_progress_caps_it_at_its_commit() {
         // Commits 101..=140 of the old primary were never acknowledged.
@@ -914,7 +958,7 @@ mod tests {
         let mut r = router();
         let t0 = Instant::now();
         r.heard(E1, ServerRole::Secondary, 90, t0);
-        r.saw(140, t0 + Duration::from_millis(10), Some(E2));
+        r.saw(140, t0 + Duration::from_millis(10), Some(seen(E2, 7)));
         r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
         assert_eq!(r.last_seen(), 140);
         assert_eq!(r.take_epoch_start(), Some(140));
@@ -926,7 +970,7 @@ mod tests {
         let mut r = router();
         let t0 = Instant::now();
         r.heard(E1, ServerRole::Secondary, 90, t0);
-        r.saw(140, t0 + Duration::from_millis(10), Some(E1));
+        r.saw(140, t0 + Duration::from_millis(10), Some(seen(E1, 7)));
         r.heard(E2, ServerRole::Primary, 100, t0 + Duration::from_millis(5));
         assert_eq!(r.last_seen(), 100);
         assert_eq!(r.take_epoch_start(), Some(100));

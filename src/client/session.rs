@@ -491,7 +491,7 @@ impl Session {
         };
         let result = match self.ask_primary(&request, Unanswered::Resend) {
             Ok((resp, addr)) => {
-                self.router.observe(&resp);
+                self.router.observe_from(&addr, &resp);
                 match resp.body {
                     ResponseBody::TokenStatus { number } => Ok(number),
                     other => Err(unexpected(&addr, "token_status", &other)),
@@ -670,7 +670,7 @@ impl Session {
         addr: &str,
         expects: (bool, bool),
     ) -> Result<CommitOutcome> {
-        self.router.observe(&resp);
+        self.router.observe_from(addr, &resp);
         match resp.body {
             ResponseBody::Committed {
                 number,
@@ -796,7 +796,17 @@ impl Session {
             }
         };
         self.router.prune();
-        let failed: Vec<String> = tried.iter().map(|a| a.addr.clone()).collect();
+        // Attempts the final error carries count too; each server once.
+        let carried = match &result {
+            Err(ClientError::NoServerReachable { tried: more }) => more.as_slice(),
+            _ => &[],
+        };
+        let mut failed: Vec<String> = Vec::new();
+        for a in tried.iter().chain(carried) {
+            if !failed.contains(&a.addr) {
+                failed.push(a.addr.clone());
+            }
+        }
         for addr in failed {
             self.complain(&addr);
         }

@@ -991,24 +991,7 @@ fn a_secondary_whose_hello_names_an_older_epoch_still_serves_reads() {
     let (mut p, mut s) = (Fake::bind(), Fake::bind());
     let node = node_of(&[(&p, MemberRole::Primary), (&s, MemberRole::Secondary)]);
     p.serve(standard(node.clone(), p.addr.clone(), |_| None));
-    let older = match hello(&node, &s.addr) {
-        ResponseBody::Hello {
-            protocol_version,
-            server_id,
-            repository_id,
-            role,
-            node,
-            ..
-        } => ResponseBody::Hello {
-            protocol_version,
-            server_id,
-            repository_id,
-            role,
-            node,
-            epoch: Epoch { term: 0, server: 0 },
-        },
-        other => panic!("{other:?}"),
-    };
+    let older = hello_in(&node, &s.addr, Epoch { term: 0, server: 0 });
     s.serve(standard(node, s.addr.clone(), move |b| {
         matches!(b, RequestBody::Hello { .. }).then(|| Some(older.clone()))
     }));

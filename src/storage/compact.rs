@@ -814,10 +814,10 @@ mod tests {
         assert_eq!(copy.digest().unwrap(), fx.repo.digest().unwrap());
     }
 
-    #[test]
-    fn large_collections_are_copied_in_bounded_ranges() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut repo = Repository::create(&tmp.path().join("live"), 7, "127.0.0.1:1").unwrap();
+    /// A live repository in `dir/live` whose root is a large collection of
+    /// 30 elements of 300 kB; the collection's oid.
+    fn with_big_elements(dir: &Path) -> (Repository, Oid) {
+        let mut repo = Repository::create(&dir.join("live"), 7, "127.0.0.1:1").unwrap();
         let c = repo
             .commit(CommitRequest {
                 news: vec![new(1, COLLECTION_CLASS, Value::Nil)],
@@ -826,14 +826,21 @@ mod tests {
             })
             .unwrap();
         let coll = c.new_oids[0].1;
-        // Big elements force byte-bounded ranges; many small ones, several
-        // element-bounded ranges.
         let big = "b".repeat(300_000);
         repo.commit(appends(
             coll,
             (0..30).map(|i| Value::from(format!("{i}{big}"))),
         ))
         .unwrap();
+        (repo, coll)
+    }
+
+    #[test]
+    fn large_collections_are_copied_in_bounded_ranges() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Big elements force byte-bounded ranges; many small ones, several
+        // element-bounded ranges.
+        let (mut repo, coll) = with_big_elements(tmp.path());
         for k in 0..3 {
             repo.commit(appends(
                 coll,
@@ -907,21 +914,7 @@ mod tests {
     #[test]
     fn a_source_changed_during_a_failed_copy_is_reported_as_changed_not_damaged() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut repo = Repository::create(&tmp.path().join("live"), 7, "127.0.0.1:1").unwrap();
-        let c = repo
-            .commit(CommitRequest {
-                news: vec![new(1, COLLECTION_CLASS, Value::Nil)],
-                set_root: Some(ObjRef::New(1)),
-                ..Default::default()
-            })
-            .unwrap();
-        let coll = c.new_oids[0].1;
-        let big = "b".repeat(300_000);
-        repo.commit(appends(
-            coll,
-            (0..30).map(|i| Value::from(format!("{i}{big}"))),
-        ))
-        .unwrap();
+        let (mut repo, coll) = with_big_elements(tmp.path());
         let snap = repo.snapshot(&tmp.path().join("scratch")).unwrap();
         let backup = tmp.path().join("backup");
         snap.copy_to(&backup).unwrap();

@@ -64,6 +64,46 @@ struct Seen {
     server_id: u64,
 }
 
+/// What [`Router::start`] heard from the seeds so far.
+#[derive(Default)]
+struct SeedsHeard {
+    /// Connections that said hello, by the seed's index.
+    answered: Vec<(usize, Connection)>,
+    failed: Vec<usize>,
+    tried: Vec<Attempt>,
+    /// Set by the first answer: earlier seeds get until then.
+    deadline: Option<Instant>,
+}
+
+impl SeedsHeard {
+    fn record(&mut self, seeds: &[String], Answer { addr, result, .. }: Answer) {
+        let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
+        match result {
+            Ok((c, _)) => {
+                self.answered.push((i, c));
+                self.deadline
+                    .get_or_insert_with(|| Instant::now() + STRAGGLERS);
+            }
+            Err(e) => {
+                self.failed.push(i);
+                self.tried.push(Attempt {
+                    addr,
+                    error: Box::new(e),
+                });
+            }
+        }
+    }
+
+    /// Done once a seed answered and every seed before it has failed.
+    fn settled(&self) -> bool {
+        self.answered
+            .iter()
+            .map(|(i, _)| *i)
+            .min()
+            .is_some_and(|best| (0..best).all(|i| self.failed.contains(&i)))
+    }
+}
+
 /// What a round of [`Router::refresh_node`] heard so far.
 #[derive(Default)]
 struct Heard {
@@ -88,60 +128,32 @@ impl Router {
         let mut seen = std::collections::HashSet::new();
         seeds.retain(|a| seen.insert(a.clone()));
         let mut probes = Probes::new(opts.clone());
-        let mut tried = Vec::new();
-        let mut answered: Vec<(usize, Connection)> = Vec::new();
-        let mut failed = Vec::new();
+        let mut seeds_heard = SeedsHeard::default();
         for addr in &seeds {
             if !probes.connect(addr) {
                 continue;
             }
             // No room for a thread: it ran here, as attempts did before
             // probes; stop at the first seed that answers, as they did.
-            while let Some(Answer { addr, result, .. }) = probes.ready() {
-                let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
-                match result {
-                    Ok((c, _)) => answered.push((i, c)),
-                    Err(e) => {
-                        failed.push(i);
-                        tried.push(Attempt {
-                            addr,
-                            error: Box::new(e),
-                        });
-                    }
-                }
+            while let Some(answer) = probes.ready() {
+                seeds_heard.record(&seeds, answer);
             }
-            if !answered.is_empty() {
+            if !seeds_heard.answered.is_empty() {
                 break;
             }
         }
-        let mut deadline = (!answered.is_empty()).then(|| Instant::now() + STRAGGLERS);
-        // Done once a seed answered and every seed before it has failed.
-        let settled = |answered: &[(usize, Connection)], failed: &[usize]| {
-            answered
-                .iter()
-                .map(|(i, _)| *i)
-                .min()
-                .is_some_and(|best| (0..best).all(|i| failed.contains(&i)))
-        };
-        while !settled(&answered, &failed) {
-            let Some(Answer { addr, result, .. }) = probes.next(deadline) else {
+        while !seeds_heard.settled() {
+            let deadline = seeds_heard.deadline;
+            let Some(answer) = probes.next(deadline) else {
                 break;
             };
-            let i = seeds.iter().position(|s| *s == addr).unwrap_or(usize::MAX);
-            match result {
-                Ok((c, _)) => {
-                    answered.push((i, c));
-                    deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
-                }
-                Err(e) => {
-                    failed.push(i);
-                    tried.push(Attempt {
-                        addr,
-                        error: Box::new(e),
-                    });
-                }
-            }
+            seeds_heard.record(&seeds, answer);
         }
+        let SeedsHeard {
+            mut answered,
+            tried,
+            ..
+        } = seeds_heard;
         answered.sort_by_key(|(i, _)| *i);
         let mut answered = answered.into_iter().map(|(_, c)| c);
         let first = answered
@@ -222,17 +234,12 @@ impl Router {
         &mut self.conns[idx]
     }
 
-    /// Count the server's progress carried by a response.
-    pub fn observe(&mut self, resp: &Response) {
-        self.saw(progress_of(resp), Instant::now(), None);
-    }
-
-    /// [`Router::observe`] of a response that came from `addr` (a commit's
-    /// or a status's, on the commit connection).
+    /// Count the server's progress carried by a response that came from
+    /// `addr` (a commit's or a status's, on the commit connection).
     pub fn observe_from(&mut self, addr: &str, resp: &Response) {
         match self.conns.iter().position(|c| c.addr() == addr) {
             Some(idx) => self.observe_on(idx, resp),
-            None => self.observe(resp),
+            None => self.saw(progress_of(resp), Instant::now(), None),
         }
     }
 
@@ -370,12 +377,12 @@ impl Router {
         })
     }
 
-    /// Take the answers in that are for `addr`, keeping the others; the
-    /// outcome for `addr` if one was in (a probe that ran on this thread).
-    fn take_ready_for(&mut self, addr: &str) -> Option<Result<()>> {
+    /// Take the answers in, keeping what they found; the outcome for
+    /// `addr` if one was in (a probe that ran on this thread).
+    fn take_ready_for(&mut self, addr: Option<&str>) -> Option<Result<()>> {
         let mut outcome = None;
         while let Some(answer) = self.probes.ready() {
-            let theirs = answer.addr == addr;
+            let theirs = Some(answer.addr.as_str()) == addr;
             let other = answer.addr.clone();
             match self.take_answer(answer) {
                 Ok(_) if theirs => outcome = Some(Ok(())),
@@ -389,12 +396,7 @@ impl Router {
 
     /// Keep what probes found since the last call, without waiting.
     fn take_ready(&mut self) {
-        while let Some(answer) = self.probes.ready() {
-            let addr = answer.addr.clone();
-            if let Err(e) = self.take_answer(answer) {
-                log::debug!("{addr}: {e}");
-            }
-        }
+        self.take_ready_for(None);
     }
 
     /// Count what `conn`'s hello said, as of `at` (when it came in).
@@ -403,6 +405,17 @@ impl Router {
         let (epoch, role, commit, node) = (h.epoch, h.role, h.commit, h.node.clone());
         self.heard(epoch, role, commit, at);
         self.adopt_view((epoch, commit), node);
+    }
+
+    /// Count commit `n` as seen, as of `at` (when the answer telling it
+    /// came in) from the server `from` (if known), noting when and from
+    /// whom the count last grew.
+    fn saw(&mut self, n: CommitNumber, at: Instant, from: Option<Seen>) {
+        if n > self.last_seen {
+            self.last_seen = n;
+            self.seen_at = Some(self.seen_at.map_or(at, |t| t.max(at)));
+            self.seen_from = from;
+        }
     }
 
     /// Count the epoch, role and commit a server answered a hello or a node
@@ -417,17 +430,6 @@ impl Router {
     /// primary heard in a newer epoch holds every acknowledged commit. Its
     /// commit therefore caps what this session has seen, and (through
     /// [`Router::take_epoch_start`]) the progress it requires.
-    /// Count commit `n` as seen, as of `at` (when the answer telling it
-    /// came in) from the server `from` (if known), noting when and from
-    /// whom the count last grew.
-    fn saw(&mut self, n: CommitNumber, at: Instant, from: Option<Seen>) {
-        if n > self.last_seen {
-            self.last_seen = n;
-            self.seen_at = Some(self.seen_at.map_or(at, |t| t.max(at)));
-            self.seen_from = from;
-        }
-    }
-
     fn heard(&mut self, epoch: Epoch, role: ServerRole, commit: CommitNumber, at: Instant) {
         // Who said it is not known here; what it said is of `epoch`.
         let from = Some(Seen {
@@ -549,15 +551,19 @@ impl Router {
         self.admit(conn)
     }
 
-    /// A usable connection to `addr` the server has not closed; closed
-    /// ones found on the way are dropped (one that came in from a probe
-    /// may have waited long in its channel).
+    /// A usable connection to `addr` the server has not closed (see
+    /// [`Router::open_where`]).
     fn open_connection(&mut self, addr: &str) -> Option<ConnIdx> {
+        self.open_where(|c| c.addr() == addr)
+    }
+
+    /// A usable connection `wanted` that the server has not closed; every
+    /// closed one found on the way is dropped (one that came in from a
+    /// probe may have waited long in its channel; a server may be known by
+    /// two addresses, its seed's and its member's).
+    fn open_where(&mut self, wanted: impl Fn(&Connection) -> bool) -> Option<ConnIdx> {
         loop {
-            let idx = self
-                .conns
-                .iter()
-                .position(|c| c.is_usable() && c.addr() == addr)?;
+            let idx = self.conns.iter().position(|c| c.is_usable() && wanted(c))?;
             if !self.conns[idx].is_stale() {
                 return Some(idx);
             }
@@ -706,16 +712,9 @@ impl Router {
                     WireError::WrongServer { primary: None },
                 ))?,
             };
-        // Every connection to it the server closed is dropped first (there
-        // may be two: one by a seed's address, one by the member's).
-        let idx = loop {
-            match self.find(&target) {
-                Some(idx) if self.conns[idx].is_stale() => {
-                    self.conns.remove(idx);
-                }
-                Some(idx) => break idx,
-                None => break self.connection_to_addr(&target.addr, wait)?,
-            }
+        let idx = match self.open_where(|c| matches(c, &target)) {
+            Some(idx) => idx,
+            None => self.connection_to_addr(&target.addr, wait)?,
         };
         // Connecting may have taught a newer view without this server as
         // primary; it then answers `wrong_server`, which re-routes.
@@ -809,7 +808,7 @@ impl Router {
                 None if !self.probes.connect(&m.addr) => continue,
                 // No room for a thread: it ran here and its answer is in.
                 None => {
-                    if let Some(Err(error)) = self.take_ready_for(&m.addr) {
+                    if let Some(Err(error)) = self.take_ready_for(Some(&m.addr)) {
                         exclude.push(m.addr.clone());
                         tried.push(Attempt {
                             addr: m.addr.clone(),

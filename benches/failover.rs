@@ -6,7 +6,11 @@
 //!   client's next commit goes to the successor, which takes over);
 //! * the longest pause between two acknowledged commits of a committing
 //!   client while `magma take-over` swaps the roles (with the default
-//!   settings, then with asynchronous replication and interval flushing).
+//!   settings, then with asynchronous replication and interval flushing);
+//! * with the secondary hung (SIGSTOP: its kernel still accepts
+//!   connections, nothing answers), how long a new session takes to
+//!   connect, and to connect, commit and read, with the hung server as
+//!   the first seed and as the second.
 //!
 //! Medians and maxima over the runs are printed.
 
@@ -120,6 +124,42 @@ fn take_over_pause(flags: &[&str]) -> Duration {
         .unwrap_or_default()
 }
 
+/// With the secondary of a fresh pair SIGSTOPped: per run, the time of
+/// `Session::connect` alone and of connect + commit + read, for seeds
+/// `[hung, primary]` then `[primary, hung]` (one sample each per run).
+fn with_a_hung_secondary(runs: usize) -> [Vec<Duration>; 4] {
+    let dir = tempfile::tempdir().unwrap();
+    // Commits never wait for it, and it stays a member.
+    let flags = ["--sync-replicas", "0", "--replica-timeout-ms", "600000"];
+    let (_p, s, a1, a2) = pair(&dir.path().join("p"), &dir.path().join("b"), &flags);
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc::kill(s.0.id() as i32, libc::SIGSTOP);
+    }
+    let mut out: [Vec<Duration>; 4] = Default::default();
+    for _ in 0..runs {
+        for (k, seeds) in [[&a2, &a1], [&a1, &a2]].into_iter().enumerate() {
+            let t0 = Instant::now();
+            let mut session = Session::connect(&seeds).unwrap();
+            out[2 * k].push(t0.elapsed());
+            session
+                .commit(|tx| {
+                    let c = tx.create_collection();
+                    tx.set_root(c);
+                })
+                .unwrap();
+            session.require_last_seen();
+            session.root().unwrap();
+            out[2 * k + 1].push(t0.elapsed());
+        }
+    }
+    // SAFETY: as above; the process is killed when `s` drops.
+    unsafe {
+        libc::kill(s.0.id() as i32, libc::SIGCONT);
+    }
+    out
+}
+
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
     println!(
@@ -150,4 +190,15 @@ fn main() {
         "the same with `--sync-replicas 0 --flush interval:1000`",
         (0..runs).map(|_| take_over_pause(&asynchronous)).collect(),
     );
+    let [hung_first, hung_first_all, hung_second, hung_second_all] = with_a_hung_secondary(runs);
+    summary(
+        "new session, secondary hung and first seed: connect",
+        hung_first,
+    );
+    summary("  connect + commit + read", hung_first_all);
+    summary(
+        "new session, secondary hung and second seed: connect",
+        hung_second,
+    );
+    summary("  connect + commit + read", hung_second_all);
 }

@@ -21,7 +21,7 @@
 //! before probes existed: a process opening sessions faster than a hung
 //! server's timeouts must not pile up threads without bound.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
@@ -73,8 +73,8 @@ pub(crate) struct Probes {
     opts: ConnectOptions,
     tx: Sender<Answer>,
     rx: Receiver<Answer>,
-    /// Addresses with a probe running.
-    running: HashSet<String>,
+    /// Addresses with a probe running, and when each started.
+    running: HashMap<String, Instant>,
 }
 
 impl Probes {
@@ -84,7 +84,7 @@ impl Probes {
             opts,
             tx,
             rx,
-            running: HashSet::new(),
+            running: HashMap::new(),
         }
     }
 
@@ -92,7 +92,7 @@ impl Probes {
     /// True when it ran on the caller's thread (no room for another
     /// thread): its answer is ready.
     pub fn connect(&mut self, addr: &str) -> bool {
-        if self.running.contains(addr) {
+        if self.running.contains_key(addr) {
             return false;
         }
         let (target, opts) = (addr.to_string(), self.opts.clone());
@@ -109,7 +109,7 @@ impl Probes {
     /// Ask the server on `conn` for the node, unless a probe of its
     /// address is running (then `conn` is handed back).
     pub fn ask(&mut self, mut conn: Connection) -> Option<Connection> {
-        if self.running.contains(conn.addr()) {
+        if self.running.contains_key(conn.addr()) {
             return Some(conn);
         }
         let addr = conn.addr().to_string();
@@ -126,8 +126,8 @@ impl Probes {
         addr: &str,
         job: impl FnOnce() -> Result<(Connection, Option<Response>)> + Send + 'static,
     ) -> bool {
-        self.running.insert(addr.to_string());
         let (tx, started) = (self.tx.clone(), Instant::now());
+        self.running.insert(addr.to_string(), started);
         // Sends what the job found, stamped with when (one per job).
         let reply = {
             let addr = addr.to_string();
@@ -180,7 +180,12 @@ impl Probes {
 
     /// Is a probe of `addr` running?
     pub fn is_running(&self, addr: &str) -> bool {
-        self.running.contains(addr)
+        self.running.contains_key(addr)
+    }
+
+    /// When the probe of `addr` still running started.
+    pub fn started(&self, addr: &str) -> Option<Instant> {
+        self.running.get(addr).copied()
     }
 
     /// The next answer, whichever probe gives it first, waiting at most

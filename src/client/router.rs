@@ -789,7 +789,7 @@ impl Router {
     /// connected is taken at once; otherwise every candidate without a
     /// connection is asked at once (see `probe`) and the first secondary
     /// to answer is taken. The primary is taken when no secondary can
-    /// serve, or none answered within [`STRAGGLERS`] of the primary.
+    /// serve, or none answered within [`STRAGGLERS`] of being asked.
     fn pick_reader(
         &mut self,
         exclude: &mut Vec<String>,
@@ -833,7 +833,18 @@ impl Router {
                 return Some(idx);
             }
         }
-        let mut deadline = primary.as_ref().map(|_| Instant::now() + STRAGGLERS);
+        // Once the primary can serve, each secondary still being asked gets
+        // STRAGGLERS from when its probe started (an earlier round's probe,
+        // e.g. of `start`, has used part of it already).
+        let stragglers_until = |probes: &Probes| {
+            order
+                .iter()
+                .filter(|m| !is_primary(m))
+                .filter_map(|m| probes.started(&m.addr))
+                .max()
+                .map_or_else(Instant::now, |t| t + STRAGGLERS)
+        };
+        let mut deadline = primary.as_ref().map(|_| stragglers_until(&self.probes));
         // While a secondary is being asked, or the primary is and nothing
         // else can serve.
         while order.iter().any(|m| {
@@ -872,7 +883,9 @@ impl Router {
                 return Some(idx);
             } else {
                 primary = Some(m);
-                deadline.get_or_insert_with(|| Instant::now() + STRAGGLERS);
+                if deadline.is_none() {
+                    deadline = Some(stragglers_until(&self.probes));
+                }
             }
         }
         let m = primary?;

@@ -22,7 +22,9 @@ pub const MAX_TOKEN_LEN: usize = 32;
 pub fn wire_error(err: &StorageError) -> WireError {
     match err {
         StorageError::Conflict { oids } => WireError::Conflict { oids: oids.clone() },
-        StorageError::UnknownObject(oid) => WireError::UnknownObject { oid: *oid },
+        StorageError::UnknownObject(oid) | StorageError::DroppedObject(oid) => {
+            WireError::UnknownObject { oid: *oid }
+        }
         StorageError::NotACollection(oid) => WireError::NotACollection { oid: *oid },
         StorageError::RestoreMode => WireError::RestoreMode,
         StorageError::LogTruncated { requested, oldest } => WireError::LogTruncated {
@@ -45,6 +47,7 @@ pub fn wire_error(err: &StorageError) -> WireError {
         | StorageError::BackupIo { .. }
         | StorageError::Corrupted(_)
         | StorageError::CorruptRecord { .. }
+        | StorageError::DroppedNeeded { .. }
         | StorageError::Locked(_)
         | StorageError::NotARepository(_)
         | StorageError::UnsupportedFormat { .. } => WireError::Internal {
@@ -162,6 +165,11 @@ mod tests {
         assert_eq!(
             wire_error(&StorageError::NotACollection(8)),
             WireError::NotACollection { oid: 8 }
+        );
+        // On this server the object is gone: the client learns which.
+        assert_eq!(
+            wire_error(&StorageError::DroppedObject(9)),
+            WireError::UnknownObject { oid: 9 }
         );
         assert_eq!(
             wire_error(&StorageError::RestoreMode),

@@ -486,24 +486,31 @@ impl NodeSupervisor {
             addr: self.parts.advertise.clone(),
             repository_id: self.repository_id.clone(),
         };
+        let fatal = self.parts.fatal.clone();
         Box::pin(
             async move {
                 // A commit the old primary acknowledged may be held by another
                 // secondary and not by us: take it before we number anything.
                 for peer in others {
-                    pull_from_peer(&storage, &flusher, &peer, &ask).await;
+                    if let Err(e) = pull_from_peer(&storage, &flusher, &peer, &ask).await {
+                        // Those records exist elsewhere and we cannot hold
+                        // them: promoting would lose them.
+                        fatal.do_send(crate::actors::controller::Fatal { reason: e.clone() });
+                        return Err(e);
+                    }
                 }
+                let leave = |e: String| format!("cannot leave restore mode: {e}");
                 // The newest epoch this copy has seen is in its records.
                 let info = storage
                     .send(GetInfo)
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| leave(e.to_string()))?
+                    .map_err(|e| leave(e.to_string()))?;
                 storage
                     .send(SetRestoreMode { on: false })
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| leave(e.to_string()))?
+                    .map_err(|e| leave(e.to_string()))?;
                 Ok::<_, String>(info.epoch)
             }
             .into_actor(self)
@@ -512,7 +519,7 @@ impl NodeSupervisor {
                     Ok(e) => e,
                     Err(e) => {
                         act.set_changing_role(false);
-                        error!("promotion failed: cannot leave restore mode: {e}");
+                        error!("promotion failed: {e}");
                         let failed: RoleFuture = Box::pin(fut::ready(Err(WireError::Internal {
                             reason: format!("promotion failed: {e}"),
                         })));
@@ -1920,13 +1927,14 @@ struct PullAsk {
 
 /// Before promoting: if `peer` holds records beyond ours that continue our
 /// log, pull and apply them (durably). A peer that cannot be reached, is
-/// not ahead, or diverged is left alone (logged).
+/// not ahead, or diverged is left alone (logged). An error only when
+/// applying them failed fatally: this copy must then not be promoted.
 async fn pull_from_peer(
     storage: &Addr<StorageActor>,
     flusher: &Addr<CommitLogActor>,
     peer: &str,
     ask: &PullAsk,
-) {
+) -> Result<(), String> {
     // A peer that holds the only copy of acknowledged commits may be
     // briefly stalled: a few tries before going on without it.
     let mut tries = 0;
@@ -1940,16 +1948,16 @@ async fn pull_from_peer(
             }
             Err(e) => {
                 warn!("before promoting: {peer} not reached ({e}); promoting without its records");
-                return;
+                return Ok(());
             }
         }
     };
     let Ok(Ok(info)) = storage.send(GetInfo).await else {
-        return;
+        return Ok(());
     };
     let mut last = info.last_commit;
     if link.hello.commit <= last {
-        return;
+        return Ok(());
     }
     info!(
         "before promoting: {peer} holds commits {}..={} we lack; pulling them",
@@ -1973,43 +1981,45 @@ async fn pull_from_peer(
                     "pulling from {peer} before promoting: unexpected answer, a `{}` response",
                     response_type(&other)
                 );
-                return;
+                return Ok(());
             }
             Err(e) => {
                 warn!("pulling from {peer} before promoting failed: {e}");
-                return;
+                return Ok(());
             }
         };
         if records.is_empty() {
-            return;
+            return Ok(());
         }
         let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
         let applied = match storage.send(ApplyRecords::plain(bodies)).await {
             Ok(Ok(a)) => a,
+            Ok(Err(e)) if e.is_fatal() && !crate::actors::storage::is_closed(&e) => {
+                return Err(format!("applying records pulled from {peer} failed: {e}"));
+            }
             Ok(Err(e)) => {
                 warn!("records from {peer} do not continue our log ({e}); promoting without them");
-                return;
+                return Ok(());
             }
             Err(e) => {
                 warn!("storage gone while pulling from {peer}: {e}");
-                return;
+                return Ok(());
             }
         };
         if let Some(sync) = applied.sync {
             match flusher.send(Flush { sync }).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    warn!("fsync of records pulled from {peer} failed: {e}");
-                    return;
+                    return Err(format!("fsync of records pulled from {peer} failed: {e}"));
                 }
                 Err(e) => {
                     warn!("flushing records pulled from {peer}: {e}");
-                    return;
+                    return Ok(());
                 }
             }
         }
         if applied.last <= last {
-            return;
+            return Ok(());
         }
         last = applied.last;
     }

@@ -9,7 +9,7 @@
 //! oid, version, class and value; a kept large collection keeps all its
 //! elements. The header is the source's (commit number, chain hash, epoch,
 //! repository id, next oid, restore-mode bit, server id 0) with the new
-//! length of `objects.dat`, so a server started on the copy catches up from
+//! length of `objects.dat` and the tombstones bit, so a server started on the copy catches up from
 //! the primary from `checkpoint + 1`, as on any backup. The copy is written
 //! in the documented formats through the same types a repository uses
 //! (`ObjectFile`, `IndexMap`, `Collections`) and sealed like a backup
@@ -19,6 +19,11 @@
 //! The target's `index.map` is mapped without a lock file (a backup has
 //! none): the directory is new, created by us, and holds no header until
 //! the end, so no server can open it meanwhile.
+//!
+//! Every object of the source that is not kept leaves a tombstone in the
+//! copy's `index.map` (the source's own tombstones are kept too), so that a
+//! later commit that uses it again is caught (`Repository::dropped_use`)
+//! instead of leaving a reference that dangles on this copy only.
 //!
 //! This module must never write into the source (it opens nothing there for
 //! writing, creates no lock file and never opens it as a `Repository`,
@@ -451,6 +456,24 @@ impl<'a> Copier<'a> {
         Ok(true)
     }
 
+    /// Leave a tombstone for every object of the source that was not
+    /// copied, and keep the source's own (a copy of a compacted copy): a
+    /// later commit that uses one of them is then refused or stops the
+    /// server, instead of leaving a reference dangling on this copy only
+    /// (`Repository::dropped_use`). Returns how many there are.
+    fn write_tombstones(&mut self) -> Result<u64, CompactError> {
+        let mut count = 0;
+        for oid in 0..self.src.index.capacity() {
+            let queued = self.seen[(oid / 64) as usize] & (1u64 << (oid % 64)) != 0;
+            let uncopied = !queued && self.src.index.get(oid)?.is_some();
+            if uncopied || self.src.index.dropped(oid)? {
+                self.index.set(oid, &IndexEntry::tombstone())?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     /// Copy elements `[0, len)` of a collection in bounded ranges.
     fn copy_elements(
         &mut self,
@@ -481,11 +504,13 @@ impl<'a> Copier<'a> {
 
     /// Make the data files durable and describe them for the manifest.
     fn finish(mut self) -> Result<Kept, CompactError> {
+        let tombstones = self.write_tombstones()?;
         self.objects.sync()?;
         self.colls.sync_dirty()?;
         self.index.flush()?;
         let header = Header {
             objects_len: self.objects.len(),
+            tombstones: tombstones > 0,
             ..self.src.header.clone()
         };
         let coll_dir = Path::new(COLL_DIR);
@@ -779,9 +804,11 @@ mod tests {
             after,
             Header {
                 objects_len: fs::metadata(out.join(OBJECTS_FILE)).unwrap().len(),
+                tombstones: true,
                 ..before.clone()
             }
         );
+        assert!(!before.tombstones);
         assert!(after.restore_mode && after.server_id == 0);
         assert!(after.objects_len < before.objects_len);
 
@@ -812,6 +839,186 @@ mod tests {
         assert_eq!(records.len(), 1);
         copy.apply_records(&records).unwrap();
         assert_eq!(copy.digest().unwrap(), fx.repo.digest().unwrap());
+    }
+
+    /// A commit on `repo` (the source or a copy) that writes the root so
+    /// that it links `extra`.
+    fn link_from_root(fx: &Fixture, repo: &Repository, extra: Oid) -> CommitRequest {
+        let root = repo.get(fx.root).unwrap().unwrap();
+        CommitRequest {
+            puts: vec![PutRequest {
+                oid: fx.root,
+                expected_version: root.version,
+                class: "Domain".into(),
+                value: encode_value(&map(vec![
+                    ("person", ref_value(fx.person)),
+                    ("log", ref_value(fx.log)),
+                    ("extra", ref_value(extra)),
+                ])),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// The compactions of `backup` named, then each opened; the last is a
+    /// compaction of the first, before it was opened.
+    fn compacted_copies(tmp: &Path, backup: &Path, names: &[&str]) -> Vec<PathBuf> {
+        let outs: Vec<PathBuf> = names.iter().map(|n| tmp.join(n)).collect();
+        for out in &outs[..outs.len() - 1] {
+            compact(backup, out, &mut no_progress()).unwrap();
+        }
+        compact(&outs[0], &outs[outs.len() - 1], &mut no_progress()).unwrap();
+        outs
+    }
+
+    #[test]
+    fn a_record_using_a_dropped_object_stops_the_copy_instead_of_dangling() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let blob = fx.garbage[0];
+        let outs = compacted_copies(tmp.path(), &backup, &["a", "of-a"]);
+        let checkpoint = fx.repo.info().last_commit;
+
+        // The application links the blob again; the source still has it.
+        let relink = fx
+            .repo
+            .commit(link_from_root(&fx, &fx.repo, blob))
+            .unwrap()
+            .number;
+        let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
+        // A copy of a copy keeps the tombstones: it stops the same way.
+        for out in &outs {
+            assert!(Header::read(out).unwrap().tombstones);
+            let mut copy = Repository::open(out).unwrap();
+            let err = copy.apply_records(&records).unwrap_err();
+            assert!(
+                matches!(err, StorageError::DroppedNeeded { number, oid }
+                    if number == relink && oid == blob),
+                "{err}"
+            );
+            assert!(
+                err.is_fatal() && err.to_string().contains("plain backup"),
+                "{err}"
+            );
+            assert_eq!(copy.info().last_commit, checkpoint);
+            drop(copy);
+            // Refused before it was logged: a restart finds the copy as it
+            // was, and stops at the same record again.
+            let mut copy = Repository::open(out).unwrap();
+            assert_eq!(copy.info().last_commit, checkpoint);
+            assert!(matches!(
+                copy.apply_records(&records),
+                Err(StorageError::DroppedNeeded { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_append_to_a_dropped_collection_stops_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let junk_coll = fx.garbage[1];
+        let out = tmp.path().join("compacted");
+        compact(&backup, &out, &mut no_progress()).unwrap();
+        let checkpoint = fx.repo.info().last_commit;
+        fx.repo
+            .commit(appends(fx.log, [Value::from("fine")]))
+            .unwrap();
+        fx.repo
+            .commit(appends(junk_coll, [Value::from("again")]))
+            .unwrap();
+        let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
+        let mut copy = Repository::open(&out).unwrap();
+        let err = copy.apply_records(&records).unwrap_err();
+        assert!(
+            matches!(err, StorageError::DroppedNeeded { number, oid }
+                if number == checkpoint + 2 && oid == junk_coll),
+            "{err}"
+        );
+        // The record before it stays applied.
+        assert_eq!(copy.info().last_commit, checkpoint + 1);
+    }
+
+    #[test]
+    fn a_dropped_object_written_back_in_full_is_whole_again_on_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let blob = fx.garbage[0];
+        let out = tmp.path().join("compacted");
+        compact(&backup, &out, &mut no_progress()).unwrap();
+        let checkpoint = fx.repo.info().last_commit;
+
+        let old = fx.repo.get(blob).unwrap().unwrap();
+        fx.repo
+            .commit(CommitRequest {
+                puts: vec![PutRequest {
+                    oid: blob,
+                    expected_version: old.version,
+                    class: "Blob".into(),
+                    value: encode_value(&Value::from("rewritten")),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        fx.repo.commit(link_from_root(&fx, &fx.repo, blob)).unwrap();
+        let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
+        let mut copy = Repository::open(&out).unwrap();
+        copy.apply_records(&records).unwrap();
+        assert_eq!(copy.get(blob).unwrap(), fx.repo.get(blob).unwrap());
+        assert_eq!(copy.digest().unwrap(), fx.repo.digest().unwrap());
+    }
+
+    #[test]
+    fn a_compacted_primary_refuses_commits_that_use_a_dropped_object() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let (blob, junk_coll) = (fx.garbage[0], fx.garbage[1]);
+        let out = tmp.path().join("compacted");
+        compact(&backup, &out, &mut no_progress()).unwrap();
+        let mut copy = Repository::open(&out).unwrap();
+        copy.set_restore_mode(false).unwrap();
+        let last = copy.info().last_commit;
+
+        let refused = |r: Result<_, StorageError>| match r {
+            Err(e @ StorageError::DroppedObject(oid)) => {
+                assert!(!e.is_fatal());
+                oid
+            }
+            Err(e @ StorageError::UnknownObject(oid)) => {
+                assert!(!e.is_fatal());
+                oid
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(refused(copy.commit(link_from_root(&fx, &copy, blob))), blob);
+        assert_eq!(
+            refused(copy.commit(appends(fx.log, [ref_value(blob)]))),
+            blob
+        );
+        assert_eq!(
+            refused(copy.commit(appends(junk_coll, [Value::from(1)]))),
+            junk_coll
+        );
+        assert_eq!(
+            refused(copy.commit(CommitRequest {
+                meta: vec![("k".into(), Some(encode_value(&ref_value(blob))))],
+                ..Default::default()
+            })),
+            blob
+        );
+        assert_eq!(
+            copy.info().last_commit,
+            last,
+            "a refused commit is not logged"
+        );
+        // What never existed may still dangle, as on any repository, and
+        // live objects link as before.
+        copy.commit(link_from_root(&fx, &copy, 999_998)).unwrap();
+        copy.commit(link_from_root(&fx, &copy, fx.inner)).unwrap();
     }
 
     /// A live repository in `dir/live` whose root is a large collection of

@@ -43,6 +43,22 @@ pub enum StorageError {
     UnknownObject(Oid),
     #[error("object {0} is not a large collection")]
     NotACollection(Oid),
+    /// A commit on a compacted repository links (or appends to) an object
+    /// that compaction dropped as unreachable: refused, so that no
+    /// reference dangles here that resolves on the other servers.
+    #[error(
+        "object {0} was dropped by compaction (it was unreachable when this copy was \
+         compacted), so a commit cannot use it again"
+    )]
+    DroppedObject(Oid),
+    /// A record from the primary needs an object that compaction dropped
+    /// from this copy: the copy can no longer follow the node.
+    #[error(
+        "commit record {number} uses object {oid}, which compaction dropped from this copy \
+         (it was unreachable at the backup's commit and a later commit used it again): this \
+         copy cannot follow the node; start this server from a plain backup"
+    )]
+    DroppedNeeded { number: CommitNumber, oid: Oid },
     #[error("commit record {got} is out of sequence: resend from {expected}")]
     OutOfSequence {
         expected: CommitNumber,
@@ -105,6 +121,7 @@ impl StorageError {
             StorageError::Io { .. }
                 | StorageError::Corrupted(_)
                 | StorageError::CorruptRecord { .. }
+                | StorageError::DroppedNeeded { .. }
         )
     }
 }

@@ -20,6 +20,7 @@ const MAGIC: &[u8; 8] = b"MAGMAHDR";
 pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 128;
 const FLAG_RESTORE_MODE: u32 = 1;
+const FLAG_TOMBSTONES: u32 = 2;
 
 /// Primitive attributes of a repository.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +30,10 @@ pub struct Header {
     /// a server first opens the copy).
     pub server_id: u64,
     pub restore_mode: bool,
+    /// Compaction left tombstones in `index.map` (objects it dropped), so
+    /// commits are checked against them. Set by `magma compact`, kept by
+    /// every copy made from this one.
+    pub tombstones: bool,
     /// Epoch of the last checkpointed record.
     pub epoch: Epoch,
     /// Last commit whose effects are durable in the data files and index.
@@ -46,11 +51,13 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        let flags = if self.restore_mode {
-            FLAG_RESTORE_MODE
-        } else {
-            0
-        };
+        let mut flags = 0;
+        if self.restore_mode {
+            flags |= FLAG_RESTORE_MODE;
+        }
+        if self.tombstones {
+            flags |= FLAG_TOMBSTONES;
+        }
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..32].copy_from_slice(&self.repository_id.0);
         b[32..40].copy_from_slice(&self.server_id.to_le_bytes());
@@ -112,6 +119,7 @@ impl Header {
             repository_id: RepositoryId(id),
             server_id: u(32),
             restore_mode: flags & FLAG_RESTORE_MODE != 0,
+            tombstones: flags & FLAG_TOMBSTONES != 0,
             epoch: Epoch {
                 term: u(40),
                 server: u(48),
@@ -174,6 +182,7 @@ mod tests {
             repository_id: RepositoryId([7; 16]),
             server_id: 42,
             restore_mode: true,
+            tombstones: true,
             epoch: Epoch { term: 3, server: 9 },
             checkpoint: 1000,
             checkpoint_hash: [5; 32],

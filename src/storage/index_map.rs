@@ -5,6 +5,12 @@
 //! `loc u64 | version u64 | coll_len u64 | flags u32 | crc32 u32`, where
 //! `loc` is 1 + the record's offset in `objects.dat` (0: no object) and the
 //! CRC covers the first 28 bytes. An all-zero entry is an absent oid.
+//! `flags`: [`FLAG_COLLECTION`] (a large collection) and [`FLAG_DROPPED`]: a
+//! *tombstone* (`loc` 0) that compaction leaves for an object it dropped as
+//! unreachable. A tombstone is an absent oid to every reader
+//! ([`IndexMap::get`] answers `None`); only [`IndexMap::dropped`] tells it
+//! apart, so that a later commit needing the object is caught instead of
+//! leaving a reference dangling on this copy only (`Repository`).
 //!
 //! The file holds only checkpointed state: the repository writes entries
 //! here at checkpoints and keeps newer ones in memory, so what the OS
@@ -47,6 +53,8 @@ pub(crate) const HEAD_LEN: u64 = 64;
 pub(crate) const ENTRY_LEN: u64 = 32;
 const INITIAL_CAPACITY: u64 = 4096;
 pub const FLAG_COLLECTION: u32 = 1;
+/// A tombstone: the oid's object was dropped by compaction (module doc).
+pub const FLAG_DROPPED: u32 = 2;
 
 /// One oid's location and version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +70,18 @@ pub struct IndexEntry {
 impl IndexEntry {
     pub fn is_collection(&self) -> bool {
         self.flags & FLAG_COLLECTION != 0
+    }
+
+    /// The tombstone of an object compaction dropped.
+    pub fn tombstone() -> IndexEntry {
+        IndexEntry {
+            flags: FLAG_DROPPED,
+            ..IndexEntry::default()
+        }
+    }
+
+    pub fn is_dropped(&self) -> bool {
+        self.flags & FLAG_DROPPED != 0
     }
 
     fn encode(&self) -> [u8; ENTRY_LEN as usize] {
@@ -92,7 +112,8 @@ fn head_bytes(capacity: u64) -> [u8; HEAD_LEN as usize] {
     h
 }
 
-/// Decode entry `oid` of a whole mapped index of `capacity` entries.
+/// Decode entry `oid` of a whole mapped index of `capacity` entries,
+/// tombstones included.
 fn entry_at(map: &[u8], capacity: u64, oid: Oid, path: &Path) -> Result<Option<IndexEntry>> {
     if oid >= capacity {
         return Ok(None);
@@ -200,8 +221,14 @@ impl IndexMap {
         self.capacity
     }
 
+    /// `oid`'s entry; `None` if it has none or a tombstone.
     pub fn get(&self, oid: Oid) -> Result<Option<IndexEntry>> {
-        entry_at(&self.map, self.capacity, oid, &self.path)
+        Ok(entry_at(&self.map, self.capacity, oid, &self.path)?.filter(|e| !e.is_dropped()))
+    }
+
+    /// Whether `oid` has a tombstone: compaction dropped its object.
+    pub fn dropped(&self, oid: Oid) -> Result<bool> {
+        Ok(entry_at(&self.map, self.capacity, oid, &self.path)?.is_some_and(|e| e.is_dropped()))
     }
 
     pub fn set(&mut self, oid: Oid, entry: &IndexEntry) -> Result<()> {
@@ -413,8 +440,14 @@ impl IndexReader {
         })
     }
 
+    /// `oid`'s entry; `None` if it has none or a tombstone.
     pub fn get(&self, oid: Oid) -> Result<Option<IndexEntry>> {
-        entry_at(&self.map, self.capacity, oid, &self.path)
+        Ok(entry_at(&self.map, self.capacity, oid, &self.path)?.filter(|e| !e.is_dropped()))
+    }
+
+    /// Whether `oid` has a tombstone: compaction dropped its object.
+    pub fn dropped(&self, oid: Oid) -> Result<bool> {
+        Ok(entry_at(&self.map, self.capacity, oid, &self.path)?.is_some_and(|e| e.is_dropped()))
     }
 
     /// Entries the file has room for: every oid at or above it is absent.
@@ -422,11 +455,14 @@ impl IndexReader {
         self.capacity
     }
 
-    /// How many oids have an entry.
+    /// How many oids have an entry (tombstones not counted).
     pub fn count(&self) -> u64 {
         self.map[HEAD_LEN as usize..]
             .chunks_exact(ENTRY_LEN as usize)
-            .filter(|e| e.iter().any(|&x| x != 0))
+            .filter(|e| {
+                let flags = u32::from_le_bytes(e[24..28].try_into().expect("4 bytes"));
+                e.iter().any(|&x| x != 0) && flags & FLAG_DROPPED == 0
+            })
             .count() as u64
     }
 }
@@ -469,6 +505,37 @@ mod tests {
         assert_eq!(ro.get(1).unwrap(), None);
         assert_eq!(ro.get(u64::MAX / 64).unwrap(), None);
         assert_eq!(ro.count(), 4);
+    }
+
+    #[test]
+    fn a_tombstone_is_absent_to_readers_but_known_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut idx = IndexMap::open(dir.path(), 0).unwrap();
+            let live = IndexEntry {
+                loc: 1,
+                version: 3,
+                coll_len: 0,
+                flags: 0,
+            };
+            idx.set(4, &live).unwrap();
+            idx.set(9, &IndexEntry::tombstone()).unwrap();
+            assert_eq!(idx.get(9).unwrap(), None);
+            assert!(idx.dropped(9).unwrap());
+            assert!(!idx.dropped(4).unwrap() && !idx.dropped(5).unwrap());
+            assert!(!idx.dropped(u64::MAX / 64).unwrap());
+            // A live entry written over the tombstone (a commit that wrote
+            // the object again) ends it.
+            idx.set(9, &live).unwrap();
+            assert!(!idx.dropped(9).unwrap());
+            assert_eq!(idx.get(9).unwrap(), Some(live));
+            idx.set(9, &IndexEntry::tombstone()).unwrap();
+            idx.flush().unwrap();
+        }
+        let ro = IndexReader::open(dir.path()).unwrap();
+        assert_eq!(ro.get(9).unwrap(), None);
+        assert!(ro.dropped(9).unwrap() && !ro.dropped(4).unwrap());
+        assert_eq!(ro.count(), 1, "a tombstone is not an object");
     }
 
     #[test]

@@ -329,6 +329,7 @@ impl Repository {
             repository_id,
             server_id,
             restore_mode: false,
+            tombstones: false,
             epoch: Epoch::initial(server_id),
             checkpoint: 0,
             checkpoint_hash: GENESIS_HASH,
@@ -703,11 +704,56 @@ impl Repository {
                 "a commit must change something".into(),
             ));
         }
+        if let Some(oid) = self.dropped_use(&ops)? {
+            return Err(StorageError::DroppedObject(oid));
+        }
         Ok(Plan {
             ops,
             new_oids,
             positions,
         })
+    }
+
+    /// The first object `ops` use (link, append to, make the root) that
+    /// compaction dropped from this copy and they do not write themselves.
+    /// Such a record cannot be applied faithfully here: the other servers
+    /// still have the object. Free unless this copy was compacted
+    /// (`Header::tombstones`); then every value of the record is parsed.
+    fn dropped_use(&self, ops: &[Op]) -> Result<Option<Oid>> {
+        if !self.header.tombstones {
+            return Ok(None);
+        }
+        // Writing a dropped object back in full (a secondary following a
+        // primary that kept it) makes it whole again.
+        let written: HashSet<Oid> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { oid, .. } => Some(*oid),
+                _ => None,
+            })
+            .collect();
+        let lost = |oid: Oid| -> Result<bool> {
+            Ok(!written.contains(&oid) && self.entry(oid)?.is_none() && self.index.dropped(oid)?)
+        };
+        for op in ops {
+            let (direct, value) = match op {
+                Op::Put { value, .. } => (None, Some(value)),
+                Op::Append { coll, value, .. } => (Some(*coll), Some(value)),
+                Op::SetRoot { oid } => (*oid, None),
+                Op::SetMeta { value, .. } => (None, value.as_ref()),
+                Op::SetNode { .. } => (None, None),
+            };
+            let refs = match value {
+                Some(v) => references_in(v)?,
+                None => Vec::new(),
+            };
+            for oid in direct.into_iter().chain(refs) {
+                if lost(oid)? {
+                    return Ok(Some(oid));
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn append_and_apply(
@@ -788,6 +834,14 @@ impl Repository {
             });
         }
         let record = CommitRecord::decode(body).map_err(received)?;
+        if let Some(oid) = self.dropped_use(&record.payload.ops)? {
+            // Refused before it is logged: a restart finds this copy as it
+            // was, and stops here again.
+            return Err(StorageError::DroppedNeeded {
+                number: record.number,
+                oid,
+            });
+        }
         self.log.append_buffered(record.number, body)?;
         self.log_bytes_since_checkpoint += body.len() as u64;
         self.apply_logged(&record)

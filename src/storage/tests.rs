@@ -434,6 +434,7 @@ fn a_creation_cut_short_before_the_first_commit_is_refused_plainly() {
         repository_id: crate::types::RepositoryId::random(),
         server_id: 7,
         restore_mode: false,
+        tombstones: false,
         epoch: Epoch::initial(7),
         checkpoint: 0,
         checkpoint_hash: record::GENESIS_HASH,

@@ -2,6 +2,9 @@
 //! a full backup of the primary is compacted offline with `magma compact`,
 //! the secondary is stopped gracefully and restarted on the compacted copy;
 //! it catches up, rejoins and serves the same content without the garbage.
+//! Then the application links a dropped object again: the compacted server,
+//! which can no longer hold what the node holds, stops with an error that
+//! says so, and the primary goes on without it.
 
 use std::fs;
 use std::path::Path;
@@ -276,4 +279,33 @@ fn t40_use_case_5_garbage_collection_without_stopping_the_node() {
     phase!("quiet: equal digests, every acknowledged append on both servers");
     stop_floods_and_verify(&mut floods, &[&a1, &a2c], "around the compaction");
     verify_structures(&mut Session::connect(&[a1.as_str()]).unwrap(), &st, false);
+
+    phase!("the application links a dropped object again: the compacted copy stops");
+    let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    let root = s.root().unwrap().expect("the domain root");
+    let mut map = root.value.as_map().unwrap().clone();
+    map.push(("again".into(), st.junk[0].to_value()));
+    // Acknowledged once the primary gives up on the stopped replica
+    // (`--replica-timeout-ms 1000`).
+    s.commit(|tx| {
+        tx.put_value(root.oid, root.version, &root.class, rmpv::Value::Map(map));
+    })
+    .unwrap();
+    let exit = c.servers[s2c].wait_exit(Duration::from_secs(60));
+    assert!(!exit.success(), "the compacted server went on: {exit:?}");
+    assert!(
+        c.servers[s2c].log_contains(&format!(
+            "uses object {}, which compaction dropped from this copy",
+            st.junk[0].0
+        )),
+        "the compacted server's log does not say why it stopped"
+    );
+    let mut check = Session::connect(&[a1.as_str()]).unwrap();
+    let again: String = check.get(st.junk[0]).unwrap().0;
+    assert!(again.starts_with('0'), "{again:.20}");
+    wait_until(
+        Duration::from_secs(30),
+        "the primary to drop the stopped server from the node",
+        || (status(&a1).members.len() == 1).then_some(()),
+    );
 }

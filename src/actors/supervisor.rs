@@ -496,10 +496,10 @@ impl NodeSupervisor {
                         // Those records exist elsewhere and we cannot hold
                         // them: promoting would lose them.
                         fatal.do_send(crate::actors::controller::Fatal { reason: e.clone() });
-                        return Err(e);
+                        return Err((true, e));
                     }
                 }
-                let leave = |e: String| format!("cannot leave restore mode: {e}");
+                let leave = |e: String| (false, format!("cannot leave restore mode: {e}"));
                 // The newest epoch this copy has seen is in its records.
                 let info = storage
                     .send(GetInfo)
@@ -511,14 +511,21 @@ impl NodeSupervisor {
                     .await
                     .map_err(|e| leave(e.to_string()))?
                     .map_err(|e| leave(e.to_string()))?;
-                Ok::<_, String>(info.epoch)
+                Ok::<_, (bool, String)>(info.epoch)
             }
             .into_actor(self)
             .then(move |res, act, ctx| {
                 let current = match res {
                     Ok(e) => e,
-                    Err(e) => {
-                        act.set_changing_role(false);
+                    Err((fatal, e)) => {
+                        // After a fatal failure the server is stopping:
+                        // still "changing role", it refuses every other
+                        // promotion (a retry could find the peer holding
+                        // those records unreachable and promote without
+                        // them).
+                        if !fatal {
+                            act.set_changing_role(false);
+                        }
                         error!("promotion failed: {e}");
                         let failed: RoleFuture = Box::pin(fut::ready(Err(WireError::Internal {
                             reason: format!("promotion failed: {e}"),

@@ -951,24 +951,80 @@ mod tests {
         compact(&backup, &out, &mut no_progress()).unwrap();
         let checkpoint = fx.repo.info().last_commit;
 
+        // One record writes the blob in full and links it.
         let old = fx.repo.get(blob).unwrap().unwrap();
-        fx.repo
-            .commit(CommitRequest {
-                puts: vec![PutRequest {
-                    oid: blob,
-                    expected_version: old.version,
-                    class: "Blob".into(),
-                    value: encode_value(&Value::from("rewritten")),
-                }],
-                ..Default::default()
-            })
-            .unwrap();
-        fx.repo.commit(link_from_root(&fx, &fx.repo, blob)).unwrap();
+        let mut both = link_from_root(&fx, &fx.repo, blob);
+        both.puts.push(PutRequest {
+            oid: blob,
+            expected_version: old.version,
+            class: "Blob".into(),
+            value: encode_value(&Value::from("rewritten")),
+        });
+        fx.repo.commit(both).unwrap();
         let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
         let mut copy = Repository::open(&out).unwrap();
         copy.apply_records(&records).unwrap();
         assert_eq!(copy.get(blob).unwrap(), fx.repo.get(blob).unwrap());
         assert_eq!(copy.digest().unwrap(), fx.repo.digest().unwrap());
+        // Checkpointed, the live entry has replaced the tombstone.
+        copy.checkpoint().unwrap();
+        drop(copy);
+        assert!(!IndexReader::open(&out).unwrap().dropped(blob).unwrap());
+        let copy = Repository::open(&out).unwrap();
+        assert_eq!(copy.get(blob).unwrap(), fx.repo.get(blob).unwrap());
+    }
+
+    #[test]
+    fn a_record_making_a_dropped_object_the_root_stops_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let blob = fx.garbage[0];
+        let out = tmp.path().join("compacted");
+        compact(&backup, &out, &mut no_progress()).unwrap();
+        let checkpoint = fx.repo.info().last_commit;
+        fx.repo
+            .commit(CommitRequest {
+                set_root: Some(ObjRef::Oid(blob)),
+                ..Default::default()
+            })
+            .unwrap();
+        let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
+        let mut copy = Repository::open(&out).unwrap();
+        assert!(matches!(
+            copy.apply_records(&records),
+            Err(StorageError::DroppedNeeded { oid, .. }) if oid == blob
+        ));
+    }
+
+    #[test]
+    fn tombstones_survive_checkpoints_and_backups_of_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::build(tmp.path());
+        let backup = fx.backup(tmp.path());
+        let (blob, junk_coll) = (fx.garbage[0], fx.garbage[1]);
+        let out = tmp.path().join("compacted");
+        compact(&backup, &out, &mut no_progress()).unwrap();
+        let checkpoint = fx.repo.info().last_commit;
+        fx.repo
+            .commit(appends(fx.log, [Value::from("after")]))
+            .unwrap();
+        let records = fx.repo.read_records(checkpoint + 1, 100, 1 << 20).unwrap();
+        let mut copy = Repository::open(&out).unwrap();
+        copy.apply_records(&records).unwrap();
+        copy.checkpoint().unwrap();
+        let again = tmp.path().join("backup-of-copy");
+        copy.snapshot(&tmp.path().join("scratch2"))
+            .unwrap()
+            .copy_to(&again)
+            .unwrap();
+        drop(copy);
+        for dir in [&out, &again] {
+            assert!(Header::read(dir).unwrap().tombstones, "{}", dir.display());
+            let index = IndexReader::open(dir).unwrap();
+            assert!(index.dropped(blob).unwrap() && index.dropped(junk_coll).unwrap());
+        }
+        verify(&again).unwrap();
     }
 
     #[test]
@@ -988,20 +1044,12 @@ mod tests {
                 assert!(!e.is_fatal());
                 oid
             }
-            Err(e @ StorageError::UnknownObject(oid)) => {
-                assert!(!e.is_fatal());
-                oid
-            }
-            other => panic!("expected a refusal, got {other:?}"),
+            other => panic!("expected a refusal of a dropped object, got {other:?}"),
         };
         assert_eq!(refused(copy.commit(link_from_root(&fx, &copy, blob))), blob);
         assert_eq!(
             refused(copy.commit(appends(fx.log, [ref_value(blob)]))),
             blob
-        );
-        assert_eq!(
-            refused(copy.commit(appends(junk_coll, [Value::from(1)]))),
-            junk_coll
         );
         assert_eq!(
             refused(copy.commit(CommitRequest {
@@ -1010,6 +1058,12 @@ mod tests {
             })),
             blob
         );
+        // Naming a dropped object directly was refused before tombstones
+        // too: it does not exist here.
+        assert!(matches!(
+            copy.commit(appends(junk_coll, [Value::from(1)])),
+            Err(StorageError::UnknownObject(oid)) if oid == junk_coll
+        ));
         assert_eq!(
             copy.info().last_commit,
             last,

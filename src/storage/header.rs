@@ -17,7 +17,14 @@ use crate::types::{CommitNumber, Epoch, Hash, Oid, RepositoryId};
 pub const HEADER_FILE: &str = "header";
 const HEADER_TMP: &str = "header.tmp";
 const MAGIC: &[u8; 8] = b"MAGMAHDR";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest repository format this build reads and writes. Format 2 is
+/// format 1 plus tombstones in `index.map` (flags bit 1 here); a header
+/// says 2 only when that bit is set, so that a build that knows only
+/// format 1 refuses a compacted copy instead of misreading its tombstones
+/// as objects (and clearing the bit at its next checkpoint).
+pub const FORMAT_VERSION: u32 = 2;
+/// Format of a repository without tombstones.
+const FORMAT_PLAIN: u32 = 1;
 pub const HEADER_LEN: usize = 128;
 const FLAG_RESTORE_MODE: u32 = 1;
 const FLAG_TOMBSTONES: u32 = 2;
@@ -47,10 +54,19 @@ pub struct Header {
 }
 
 impl Header {
+    /// The format this header is written in (see [`FORMAT_VERSION`]).
+    pub fn format(&self) -> u32 {
+        if self.tombstones {
+            FORMAT_VERSION
+        } else {
+            FORMAT_PLAIN
+        }
+    }
+
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.format().to_le_bytes());
         let mut flags = 0;
         if self.restore_mode {
             flags |= FLAG_RESTORE_MODE;
@@ -82,13 +98,14 @@ impl Header {
         let crc_fails = |b: &[u8]| {
             u32::from_le_bytes(b[120..124].try_into().unwrap()) != crc32fast::hash(&b[0..120])
         };
-        if b.len() == HEADER_LEN && version != FORMAT_VERSION && crc_fails(b) {
+        let known = (FORMAT_PLAIN..=FORMAT_VERSION).contains(&version);
+        if b.len() == HEADER_LEN && !known && crc_fails(b) {
             return Err(StorageError::Corrupted(format!(
                 "header {} fails its checksum",
                 path.display()
             )));
         }
-        if version != FORMAT_VERSION {
+        if !known {
             return Err(StorageError::UnsupportedFormat {
                 path: path.to_path_buf(),
                 found: version,
@@ -194,9 +211,19 @@ mod tests {
     #[test]
     fn header_round_trips_through_disk() {
         let dir = tempfile::tempdir().unwrap();
-        sample().write(dir.path()).unwrap();
-        assert_eq!(Header::read(dir.path()).unwrap(), sample());
-        assert!(!dir.path().join(HEADER_TMP).exists());
+        for tombstones in [true, false] {
+            let h = Header {
+                tombstones,
+                ..sample()
+            };
+            h.write(dir.path()).unwrap();
+            assert_eq!(Header::read(dir.path()).unwrap(), h);
+            assert!(!dir.path().join(HEADER_TMP).exists());
+            // Only a compacted copy needs a build that knows tombstones.
+            let version = &fs::read(dir.path().join(HEADER_FILE)).unwrap()[8..12];
+            let want = if tombstones { 2u32 } else { 1 };
+            assert_eq!(version, want.to_le_bytes());
+        }
     }
 
     #[test]

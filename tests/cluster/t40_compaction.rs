@@ -285,8 +285,8 @@ fn t40_use_case_5_garbage_collection_without_stopping_the_node() {
     let root = s.root().unwrap().expect("the domain root");
     let mut map = root.value.as_map().unwrap().clone();
     map.push(("again".into(), st.junk[0].to_value()));
-    // Acknowledged once the primary gives up on the stopped replica
-    // (`--replica-timeout-ms 1000`).
+    // Acknowledged once the stopping replica has told the primary it
+    // leaves (or, failing that, after `--replica-timeout-ms 1000`).
     s.commit(|tx| {
         tx.put_value(root.oid, root.version, &root.class, rmpv::Value::Map(map));
     })

@@ -157,7 +157,13 @@ pub fn seal(
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
         manifest_version: MANIFEST_VERSION,
-        repository_format: FORMAT_VERSION,
+        // The header's own format (bytes 8..12): 2 only for a copy with
+        // tombstones.
+        repository_format: header
+            .get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(FORMAT_VERSION),
         repository_id: repository_id.to_string(),
         snapshot_commit,
         created_unix_ms: super::unix_ms_now(),

@@ -203,7 +203,7 @@ pub fn verify(dir: &Path) -> Result<Verified, Vec<Problem>> {
             manifest.manifest_version
         )));
     }
-    if manifest.repository_format != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&manifest.repository_format) {
         problems.push(Problem::BadManifest(format!(
             "repository format {} is not supported (this build reads {FORMAT_VERSION})",
             manifest.repository_format

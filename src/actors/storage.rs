@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use crate::actors::commit_log::Flush;
 use crate::storage::object::references_in;
 use crate::storage::{
-    Anchor, CommitRequest, Committed, LogSync, RepoInfo, Repository, StorageError, StoredObject,
-    Unwritten,
+    Anchor, CommitRequest, Committed, DigestView, LogSync, RepoInfo, Repository, StorageError,
+    StoredObject, Unwritten,
 };
 use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
 
@@ -713,16 +713,27 @@ impl Handler<Hold> for StorageActor {
     }
 }
 
-/// (last commit, content digest). Sender: sessions.
+/// A view that computes the content digest as of the last commit on any
+/// thread (`storage::digest`): this thread only checkpoints and copies the
+/// index, so a digest of a large repository holds up commits and reads no
+/// longer than a backup's snapshot does. Sender: sessions.
 #[derive(Message)]
-#[rtype(result = "Result<(CommitNumber, Hash), StorageError>")]
+#[rtype(result = "Result<DigestView, StorageError>")]
 pub struct Digest;
 
 impl Handler<Digest> for StorageActor {
-    type Result = Result<(CommitNumber, Hash), StorageError>;
+    type Result = Result<DigestView, StorageError>;
 
     fn handle(&mut self, _: Digest, _: &mut SyncContext<Self>) -> Self::Result {
-        self.repo_mut()?.digest()
+        let started = std::time::Instant::now();
+        let view = self.repo_mut()?.digest_view()?;
+        // Commits and reads wait meanwhile, as for a checkpoint.
+        info!(
+            "digest of commit {} prepared (checkpoint and index copy) in {:.1} ms",
+            view.commit(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(view)
     }
 }
 

@@ -32,9 +32,11 @@
 //!   reference into the old mapping can outlive it.
 //!
 //! [`IndexReader`] maps the index of a backup read-only, for offline tools
-//! (compaction). Its caller holds the directory's lock if it has one, and a
-//! backup that has none was never opened by a server; a server opening it
-//! later only grows the file. Either way nothing truncates it while mapped.
+//! (compaction). Its caller holds the directory's lock if it has one, and
+//! a backup that has none was never opened by a server; a server opening
+//! it later only grows the file. Either way nothing truncates it while
+//! mapped. It also maps a private copy of the live index for a digest
+//! (`storage::digest`): an unnamed file nobody else can open.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -387,6 +389,13 @@ impl IndexMap {
         Ok(self.map.len() as u64)
     }
 
+    /// Write the whole index, as it is now, to `file` (for digests).
+    pub fn copy_into(&self, file: &mut File) -> Result<()> {
+        use std::io::Write;
+        file.write_all(&self.map[..])
+            .map_err(|e| StorageError::io("writing a copy of the index", e))
+    }
+
     /// Every oid below `limit` that has an entry, in order.
     #[cfg(test)]
     pub fn oids(&self, limit: Oid) -> impl Iterator<Item = Oid> + '_ {
@@ -410,8 +419,16 @@ impl IndexReader {
     /// Map `DIR/index.map` read-only; it must exist and have a valid head.
     pub fn open(dir: &Path) -> Result<IndexReader> {
         let path = dir.join(INDEX_FILE);
+        let file = File::open(&path)
+            .map_err(|e| StorageError::io(format!("opening {}", path.display()), e))?;
+        Self::from_file(file, &path)
+    }
+
+    /// Map an index read-only from an open `file` (named `path` in errors):
+    /// a copy nobody else writes, or a backup's (see [`IndexReader::open`]).
+    pub fn from_file(file: File, path: &Path) -> Result<IndexReader> {
+        let path = path.to_path_buf();
         let ctx = |what: &str| format!("{what} {}", path.display());
-        let file = File::open(&path).map_err(|e| StorageError::io(ctx("opening"), e))?;
         let len = file
             .metadata()
             .map_err(|e| StorageError::io(ctx("inspecting"), e))?

@@ -24,6 +24,7 @@
 pub mod backup;
 mod commit_log;
 pub mod compact;
+mod digest;
 pub mod error;
 mod header;
 mod index_map;
@@ -34,6 +35,7 @@ mod repository;
 mod sync;
 
 pub use commit_log::LogSync;
+pub use digest::DigestView;
 pub use error::StorageError;
 pub use header::Header;
 pub use object::StoredObject;

@@ -17,6 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::storage::error::{Result, StorageError};
+use crate::storage::index_map::IndexEntry;
+use crate::storage::object::StoredObject;
 use crate::storage::sync::SyncTarget;
 use crate::types::Oid;
 
@@ -144,6 +146,25 @@ impl ObjectFile {
             self.write_pending()?;
         }
         Ok(at)
+    }
+
+    /// `oid`'s object at its index entry `e`, checked against the record
+    /// the entry points at.
+    pub fn stored(&self, oid: Oid, e: &IndexEntry) -> Result<StoredObject> {
+        let rec = self.read(e.loc - 1)?;
+        if rec.oid != oid || rec.version != e.version {
+            return Err(StorageError::Corrupted(format!(
+                "index entry of oid {oid} (version {}) points at a record of oid {} version {}",
+                e.version, rec.oid, rec.version
+            )));
+        }
+        Ok(StoredObject {
+            oid,
+            version: rec.version,
+            class: rec.class,
+            value: rec.value,
+            collection_len: e.is_collection().then_some(e.coll_len),
+        })
     }
 
     pub fn read(&self, offset: u64) -> Result<ObjectRecord> {

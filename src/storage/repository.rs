@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rmpv::Value;
 
 use crate::storage::commit_log::{CommitLog, LogSync, Start, DEFAULT_SEGMENT_BYTES, LOG_DIR};
+use crate::storage::digest::{digest_graph, DigestView, GraphSource, PAGE_BYTES, PAGE_ELEMENTS};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::header::{Header, HEADER_FILE};
 use crate::storage::index_map::{IndexEntry, IndexMap, FLAG_COLLECTION, INDEX_FILE};
@@ -960,23 +961,10 @@ impl Repository {
     }
 
     pub fn get(&self, oid: Oid) -> Result<Option<StoredObject>> {
-        let Some(e) = self.entry(oid)? else {
-            return Ok(None);
-        };
-        let rec = self.objects.read(e.loc - 1)?;
-        if rec.oid != oid || rec.version != e.version {
-            return Err(StorageError::Corrupted(format!(
-                "index entry of oid {oid} (version {}) points at a record of oid {} version {}",
-                e.version, rec.oid, rec.version
-            )));
+        match self.entry(oid)? {
+            Some(e) => self.objects.stored(oid, &e).map(Some),
+            None => Ok(None),
         }
-        Ok(Some(StoredObject {
-            oid,
-            version: rec.version,
-            class: rec.class,
-            value: rec.value,
-            collection_len: e.is_collection().then_some(e.coll_len),
-        }))
     }
 
     /// Number of elements of a large collection.
@@ -1110,52 +1098,24 @@ impl Repository {
     }
 
     /// (last commit, BLAKE3 over every object reachable from the anchor, in
-    /// traversal order: oid, version, class, value and collection elements).
-    /// Two repositories with the same content print the same digest,
-    /// whatever garbage either still holds.
+    /// traversal order: oid, version, class, value and collection elements;
+    /// `storage::digest`). Two repositories with the same content print the
+    /// same digest, whatever garbage either still holds. Runs on the
+    /// caller's thread, as long as the graph takes to read: a server uses
+    /// [`Repository::digest_view`] instead.
     pub fn digest(&mut self) -> Result<(CommitNumber, Hash)> {
-        let mut hasher = blake3::Hasher::new();
-        let mut seen = HashSet::new();
-        let mut queue = VecDeque::from([ROOT_ANCHOR]);
-        seen.insert(ROOT_ANCHOR);
-        let mut push_refs = |bytes: &[u8], queue: &mut VecDeque<Oid>| -> Result<()> {
-            for r in references_in(bytes)? {
-                if seen.insert(r) {
-                    queue.push_back(r);
-                }
-            }
-            Ok(())
-        };
-        while let Some(oid) = queue.pop_front() {
-            let Some(obj) = self.get(oid)? else {
-                // A dangling reference: part of the content as "absent".
-                hasher.update(&oid.to_le_bytes());
-                hasher.update(b"absent");
-                continue;
-            };
-            hasher.update(&oid.to_le_bytes());
-            hasher.update(&obj.version.to_le_bytes());
-            hasher.update(&(obj.class.len() as u64).to_le_bytes());
-            hasher.update(obj.class.as_bytes());
-            hasher.update(&(obj.value.len() as u64).to_le_bytes());
-            hasher.update(&obj.value);
-            push_refs(&obj.value, &mut queue)?;
-            if let Some(len) = obj.collection_len {
-                hasher.update(&len.to_le_bytes());
-                let mut at = 0;
-                while at < len {
-                    // Pages of at most 4096 elements and about 8 MiB: a digest
-                    // of huge elements stays small in memory.
-                    for v in self.colls.range(oid, len, at, 4096, 8 << 20)? {
-                        hasher.update(&(v.len() as u64).to_le_bytes());
-                        hasher.update(&v);
-                        push_refs(&v, &mut queue)?;
-                        at += 1;
-                    }
-                }
-            }
-        }
-        Ok((self.log.last(), *hasher.finalize().as_bytes()))
+        let hash = digest_graph(self)?;
+        Ok((self.log.last(), hash))
+    }
+
+    /// Checkpoint and return a view of the repository as of its last
+    /// commit that computes the same digest on any thread, while this
+    /// repository goes on (`storage::digest`). Costs a checkpoint and a
+    /// copy of `index.map` (into a file without a name).
+    pub fn digest_view(&mut self) -> Result<DigestView> {
+        self.checkpoint()?;
+        let objects = ObjectFile::open_read_only(&self.dir, self.objects.len())?;
+        DigestView::new(&self.dir, self.log.last(), &self.index, objects)
     }
 
     /// Checkpoint and capture a consistent view; `scratch` receives a copy of
@@ -1243,6 +1203,16 @@ impl Repository {
             LOG_DIR,
             LOCK_FILE,
         ]
+    }
+}
+
+impl GraphSource for Repository {
+    fn object(&mut self, oid: Oid) -> Result<Option<StoredObject>> {
+        self.get(oid)
+    }
+
+    fn elements(&mut self, coll: Oid, len: u64, at: u64) -> Result<Vec<Vec<u8>>> {
+        self.colls.range(coll, len, at, PAGE_ELEMENTS, PAGE_BYTES)
     }
 }
 

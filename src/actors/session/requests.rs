@@ -51,17 +51,23 @@ where
 {
     match env.storage.send(msg).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if is_closed(&e) => Err(WireError::ShuttingDown),
-        Ok(Err(e)) => {
-            if e.is_fatal() {
-                env.fatal.do_send(Fatal {
-                    reason: format!("storage failed serving a read: {e}"),
-                });
-            }
-            Err(wire_error(&e))
-        }
+        Ok(Err(e)) => Err(storage_refused(env, e)),
         Err(e) => Err(mailbox_error("the storage actor", e)),
     }
+}
+
+/// The answer to a read that storage failed; a fatal failure (damage, I/O
+/// on the live repository) also stops the server.
+fn storage_refused(env: &SessionEnv, e: StorageError) -> WireError {
+    if is_closed(&e) {
+        return WireError::ShuttingDown;
+    }
+    if e.is_fatal() {
+        env.fatal.do_send(Fatal {
+            reason: format!("storage failed serving a read: {e}"),
+        });
+    }
+    wire_error(&e)
 }
 
 /// May this server answer a read: not while deposed (it holds commits the
@@ -292,7 +298,15 @@ pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
 }
 
 pub(super) async fn digest(env: Arc<SessionEnv>) -> Answer {
-    let (commit, digest) = ask(&env, Digest).await?;
+    // The storage thread only checkpoints and copies the index; the graph
+    // is read on a blocking-pool thread, so commits and reads go on.
+    let view = ask(&env, Digest).await?;
+    let (commit, digest) = actix_rt::task::spawn_blocking(move || view.digest())
+        .await
+        .map_err(|e| WireError::Internal {
+            reason: format!("the digest task failed: {e}"),
+        })?
+        .map_err(|e| storage_refused(&env, e))?;
     Ok(ResponseBody::Digest {
         commit,
         digest: hex(&digest),

@@ -157,8 +157,10 @@ pub struct BroadcastActor {
     /// Which connection `LinkEvent`s must come from; bumped on every
     /// (re)connect and break, so a dead pipe's late events are ignored.
     generation: u64,
-    /// Requests sent and not yet answered: id, when sent.
-    in_flight: VecDeque<(u64, Instant)>,
+    /// Requests sent and not yet answered: id, when sent, and the
+    /// `primary_last` they carried (what their answer may be credited with,
+    /// see [`credited`]).
+    in_flight: VecDeque<(u64, Instant, CommitNumber)>,
     /// Connecting, or reading records back from the log.
     busy: bool,
     /// Next record number to send.
@@ -425,7 +427,8 @@ impl BroadcastActor {
                 }
                 self.next += count;
                 self.last_send = Instant::now();
-                self.in_flight.push_back((id, self.last_send));
+                self.in_flight
+                    .push_back((id, self.last_send, self.primary_last));
                 // Records that came meanwhile may go as the next batch.
                 self.pump(ctx);
             }
@@ -435,17 +438,20 @@ impl BroadcastActor {
 
     /// What the secondary answered to one of our requests.
     fn on_reply(&mut self, id: u64, body: Result<ResponseBody, LinkError>) {
-        let Some(pos) = self.in_flight.iter().position(|(i, _)| *i == id) else {
+        let Some(pos) = self.in_flight.iter().position(|(i, _, _)| *i == id) else {
             self.on_link_error(LinkError::Protocol {
                 addr: self.peer.addr.clone(),
                 reason: format!("answer to request {id}, which is not outstanding"),
             });
             return;
         };
-        self.in_flight.remove(pos);
+        let (_, _, sent_last) = self.in_flight.remove(pos).expect("found above");
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
-                let (applied, durable) = credited(applied, durable, self.primary_last);
+                // Clamped to what we held when the request went: a record
+                // applied here since (a new n) was not in it, and the
+                // secondary's n may be an older one.
+                let (applied, durable) = credited(applied, durable, sent_last);
                 self.heard = true;
                 if applied > self.acked {
                     self.acked = applied;
@@ -642,7 +648,7 @@ impl BroadcastActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if let Some((_, sent)) = self.in_flight.front() {
+        if let Some((_, sent, _)) = self.in_flight.front() {
             if sent.elapsed() >= self.settings.call_timeout {
                 let after = sent.elapsed();
                 self.on_link_error(LinkError::Timeout {
@@ -867,6 +873,60 @@ mod tests {
         b.acked = 90;
         let s = b.stats();
         assert_eq!((s.applied, s.lag_commits), (90, 10));
+    }
+
+    /// An answer is clamped to what the primary held when its request
+    /// went, not when the answer comes: a heartbeat sent at 95, answered
+    /// (100, 100) by a secondary holding an older 96..100, must not credit
+    /// it with the primary's new 96, applied meanwhile and still on its way.
+    #[actix::test]
+    async fn an_answer_is_credited_with_what_its_request_carried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo =
+            crate::storage::Repository::create(&tmp.path().join("r"), 1, "127.0.0.1:1").unwrap();
+        let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
+        let storage = StorageActor::start(
+            repo,
+            tokio::sync::watch::channel(0).0,
+            tokio::sync::watch::channel(identity).0,
+        );
+        let sink = Sink.start();
+        let settings = LinkSettings {
+            replica_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(2),
+            coalesce: None,
+            max_in_flight: 4,
+            ack: ReplicateAck::Durable,
+        };
+        let peer = Member {
+            server_id: 2,
+            addr: "127.0.0.1:1".into(),
+            role: crate::types::MemberRole::Secondary,
+        };
+        let mut b = BroadcastActor::new(
+            peer,
+            1,
+            Epoch::initial(1),
+            96,
+            95,
+            storage,
+            sink.clone().recipient(),
+            sink.recipient(),
+            settings,
+        );
+        let now = Instant::now();
+        b.in_flight.push_back((1, now, 95));
+        b.primary_last = 96;
+        b.in_flight.push_back((2, now, 96));
+        b.next = 97;
+        b.on_reply(
+            1,
+            Ok(ResponseBody::Replicated {
+                applied: 100,
+                durable: 100,
+            }),
+        );
+        assert_eq!((b.acked, b.durable), (95, 95));
     }
 
     #[test]

@@ -240,8 +240,11 @@ impl CommitCoordinator {
     }
 
     /// Answer every waiter that is now as durable and as replicated as
-    /// promised.
+    /// promised. Never while fenced: the fence answered them as unknown.
     fn release(&mut self) {
+        if self.fenced {
+            return;
+        }
         let local = match self.policy {
             FlushPolicy::Group => self.durable,
             FlushPolicy::Interval(_) => CommitNumber::MAX,

@@ -582,13 +582,17 @@ impl NodeSupervisor {
     /// unknown, and publish `role` (deposed, or secondary after a swap).
     fn step_down(&mut self, role: ServerRole, primary: Option<NodeAddr>, note: Option<String>) {
         self.is_primary = false;
+        // The fence first: it answers the waiting commits as unknown and
+        // forgets the replicas. Removing the replicas first would leave
+        // none to wait for, and the coordinator would acknowledge those
+        // commits (a deposed primary's, which its replicas refused).
+        self.parts.commits.do_send(Fence {
+            reason: "this server is no longer the primary".into(),
+        });
         let ids: Vec<u64> = self.broadcasters.keys().copied().collect();
         for id in ids {
             self.stop_broadcaster(id);
         }
-        self.parts.commits.do_send(Fence {
-            reason: "this server is no longer the primary".into(),
-        });
         self.publish(role, primary, note);
     }
 

@@ -1025,6 +1025,86 @@ fn a_client_that_never_reads_its_replies_is_disconnected() {
     server.shutdown(true).unwrap();
 }
 
+/// The `/proc/net/tcp` fields of the server side of the loopback
+/// connection from `client_port` to `server_port`, if it exists.
+fn server_side(server_port: u16, client_port: u16) -> Option<Vec<String>> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_of = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).unwrap();
+    tcp.lines().skip(1).find_map(|line| {
+        let f: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        (port_of(&f[1]) == server_port && port_of(&f[2]) == client_port).then_some(f)
+    })
+}
+
+/// Whether this process still holds that server side (a socket a process
+/// closed has inode 0, or is gone).
+fn server_side_open(server_port: u16, client_port: u16) -> bool {
+    server_side(server_port, client_port).is_some_and(|f| f[9] != "0")
+}
+
+/// A connection whose client vanishes without a word is found out by TCP
+/// keepalive: the server side of an idle session has its keepalive timer
+/// running (`/proc/net/tcp` timer kind 2).
+#[test]
+fn accepted_connections_have_tcp_keepalive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let addr = server.local_addr();
+    let app = Conn::open(addr, SessionRole::Application);
+    let client_port = app.stream.local_addr().unwrap().port();
+    // Field 5 is "timer kind:expiry".
+    let timer = server_side(addr.port(), client_port).map(|f| f[5][..2].to_string());
+    assert_eq!(timer.as_deref(), Some("02"));
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn a_client_that_stops_reading_and_sending_is_closed_once_the_writer_gives_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, mut app, oid) = serving_a_blob(tmp.path(), Duration::from_millis(300), 2 << 20);
+    let addr = server.local_addr();
+    // A small receive buffer, so three 2 MiB replies (under the reply
+    // queue's byte budget: the reader goes back to waiting for a request)
+    // stall the writer.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut quiet = Conn {
+        stream: socket.into(),
+        next_id: 1,
+    };
+    quiet
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(matches!(
+        quiet
+            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body,
+        ResponseBody::Hello { .. }
+    ));
+    let client_port = quiet.stream.local_addr().unwrap().port();
+    assert!(server_side_open(addr.port(), client_port));
+    for _ in 0..3 {
+        quiet.send(RequestBody::Read {
+            oid,
+            depth: 0,
+            required_progress: Default::default(),
+        });
+    }
+    // It neither reads nor sends again: the server must close it anyway.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server_side_open(addr.port(), client_port) {
+        assert!(
+            Instant::now() < deadline,
+            "the session of a client that took no reply bytes is still open after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    app.assert_served();
+    server.shutdown(true).unwrap();
+}
+
 #[test]
 fn a_client_reading_slowly_but_steadily_gets_a_reply_longer_than_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();

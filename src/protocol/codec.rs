@@ -1,6 +1,8 @@
 //! Framing: a 4-byte big-endian length, then a MessagePack body with named
 //! fields. Blocking (`std::io`) and async (`tokio`) readers share one limit
 //! check, done before any allocation, so an oversized length costs nothing.
+//! A body over [`EAGER_BODY`] grows with the bytes that arrive: a length
+//! prefix alone (16 MiB declared, nothing sent) costs 64 KiB, not 16 MiB.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,6 +13,9 @@ use crate::protocol::error::ProtocolError;
 
 /// Default limit on a frame's body (16 MiB).
 pub const DEFAULT_MAX_FRAME: u64 = 16 * 1024 * 1024;
+/// Bodies up to this size are allocated whole at once (one allocation for
+/// every ordinary request); larger ones as their bytes arrive.
+pub const EAGER_BODY: usize = 64 * 1024;
 
 /// Encode `msg` as a complete frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -23,9 +28,20 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
-/// Decode a frame body.
+/// Decode a frame body: exactly one MessagePack value. Bytes after it are
+/// malformed, not ignored (they could be a second request, which would go
+/// unanswered).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    rmp_serde::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    let value = T::deserialize(&mut de).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let used = de.position();
+    if used != body.len() as u64 {
+        return Err(ProtocolError::Malformed(format!(
+            "{} bytes follow the message (a frame holds exactly one MessagePack value)",
+            body.len() as u64 - used
+        )));
+    }
+    Ok(value)
 }
 
 fn check_len(prefix: [u8; 4], limit: u64) -> Result<usize, ProtocolError> {
@@ -47,9 +63,30 @@ pub fn read_frame<R: Read>(r: &mut R, limit: u64) -> Result<Vec<u8>, ProtocolErr
         Err(e) => return Err(e.into()),
     }
     let len = check_len(prefix, limit)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    if len <= EAGER_BODY {
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        return Ok(body);
+    }
+    let mut body = Vec::with_capacity(EAGER_BODY);
+    r.take(len as u64).read_to_end(&mut body)?;
+    short_body(&body, len)?;
     Ok(body)
+}
+
+/// A body that ended before its length: the stream ended mid-frame.
+fn short_body(body: &[u8], len: usize) -> Result<(), ProtocolError> {
+    if body.len() < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "the stream ended after {} of a frame's {len} bytes",
+                body.len()
+            ),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Async twin of [`read_frame`].
@@ -66,8 +103,14 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let len = check_len(prefix, limit)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    if len <= EAGER_BODY {
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await?;
+        return Ok(body);
+    }
+    let mut body = Vec::with_capacity(EAGER_BODY);
+    r.take(len as u64).read_to_end(&mut body).await?;
+    short_body(&body, len)?;
     Ok(body)
 }
 
@@ -120,6 +163,56 @@ mod tests {
             read_frame(&mut &[][..], 1024),
             Err(ProtocolError::Closed)
         ));
+    }
+
+    #[test]
+    fn bytes_after_the_message_are_malformed() {
+        let req = Request {
+            id: 9,
+            body: RequestBody::Ping,
+        };
+        let mut two = encode(&req)[4..].to_vec();
+        let one = two.clone();
+        two.extend_from_slice(&one);
+        match decode::<Request>(&two) {
+            Err(ProtocolError::Malformed(why)) => {
+                assert!(
+                    why.contains(&format!("{} bytes follow", one.len())),
+                    "{why}"
+                )
+            }
+            other => panic!("expected malformed, got {other:?}"),
+        }
+        assert_eq!(decode::<Request>(&one).unwrap(), req);
+    }
+
+    /// A declared length costs memory only as its bytes arrive: a reader
+    /// that has seen the prefix and a few bytes holds about EAGER_BODY.
+    #[tokio::test]
+    async fn a_large_declared_body_grows_with_what_arrives() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let declared = 8 * 1024 * 1024u32;
+        tokio::io::AsyncWriteExt::write_all(&mut client, &declared.to_be_bytes())
+            .await
+            .unwrap();
+        let body: Vec<u8> = (0..declared).map(|i| i as u8).collect();
+        let reading = tokio::spawn(async move {
+            let mut server = server;
+            read_frame_async(&mut server, DEFAULT_MAX_FRAME).await
+        });
+        tokio::io::AsyncWriteExt::write_all(&mut client, &body)
+            .await
+            .unwrap();
+        assert_eq!(reading.await.unwrap().unwrap(), body);
+
+        // Cut short: an I/O error naming how much came.
+        let frame = [&declared.to_be_bytes()[..], &body[..100_000]].concat();
+        match read_frame(&mut &frame[..], DEFAULT_MAX_FRAME) {
+            Err(ProtocolError::Io(e)) => {
+                assert!(e.to_string().contains("after 100000 of"), "{e}")
+            }
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
     }
 
     #[test]

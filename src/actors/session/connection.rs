@@ -340,6 +340,12 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let stream = self.stream.take().expect("a session starts once");
         let _ = stream.set_nodelay(true);
+        // A client that vanished without a FIN or RST (power lost, a NAT
+        // forgetting the flow) would hold its session for ever: nothing
+        // else times out an idle session after its hello.
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive()) {
+            debug!("cannot set TCP keepalive on {}: {e}", self.peer);
+        }
         let (rd, wr) = stream.into_split();
         // Buffered: a frame's length prefix and body (and often the next
         // frame of a pipelining client) come in with one read.
@@ -367,7 +373,13 @@ impl Actor for Session {
                     permit,
                     queued: queued.clone(),
                 };
-                let frame = read_frame_async(&mut rd, limit).await;
+                // The writer gives up on a client that takes no reply bytes
+                // (or on a broken connection) while we may be waiting for
+                // a request that never comes: its end ends the session.
+                let frame = tokio::select! {
+                    frame = read_frame_async(&mut rd, limit) => frame,
+                    () = tx.closed() => return "the replies could not be written",
+                };
                 let last = frame.is_err();
                 match me.send(Inbound { frame, slot }).await {
                     Ok(Flow::Continue) if !last => {}
@@ -407,6 +419,16 @@ impl Actor for Session {
         }
         self.registry.do_send(SessionClosed { id: self.id });
     }
+}
+
+/// TCP keepalive of every accepted connection: probes after 60 s idle,
+/// every 10 s, 6 unanswered ones close it (a dead client is noticed within
+/// two minutes).
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6)
 }
 
 /// Whether the reader goes on after a frame.

@@ -89,7 +89,7 @@ impl Conn {
     fn call(&mut self, body: RequestBody) -> Response {
         let id = self.send(body);
         let r = self.recv();
-        assert_eq!(r.id, id);
+        assert_eq!(r.id, id, "{r:?}");
         r
     }
 
@@ -1464,5 +1464,30 @@ fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
         std::thread::sleep(Duration::from_millis(10));
     }
     append(&mut app, coll, "after");
+    server.shutdown(true).unwrap();
+}
+
+/// Error texts quote at most 256 bytes of what a client sent (an
+/// operator's address, a peer's repository id), however long it was.
+#[test]
+fn error_texts_quote_at_most_256_bytes_of_client_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut admin = Conn::open(server.local_addr(), SessionRole::Admin);
+    // Within the test server's 4 KiB frame limit.
+    let long = format!("{}:1", "h".repeat(2000));
+    match admin.error(RequestBody::RemoveSecondary { addr: long.clone() }) {
+        WireError::Unavailable { reason } => {
+            assert!(reason.contains("(2002 bytes)"), "{reason}");
+            assert!(reason.len() < 400, "{} bytes: {reason:.300}", reason.len());
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    match admin.error(RequestBody::Follow { primary: long }) {
+        WireError::Unavailable { reason } | WireError::BadRequest { reason } => {
+            assert!(reason.len() < 600, "{} bytes: {reason:.300}", reason.len())
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     server.shutdown(true).unwrap();
 }

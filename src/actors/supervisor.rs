@@ -50,6 +50,7 @@ use crate::actors::follower::{
     FollowState, FollowerActor, FollowerReport, PrimaryHeard, Resync, StopFollowing,
 };
 use crate::actors::peer_link::{reachable, LinkError, PeerLink};
+use crate::actors::session::{clipped, MAX_ECHO};
 use crate::actors::storage::{
     ApplyRecords, GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode,
     StorageActor,
@@ -1062,7 +1063,10 @@ impl Handler<RemoveMember> for NodeSupervisor {
             .cloned()
         else {
             return Box::pin(fut::ready(Err(WireError::Unavailable {
-                reason: format!("{} is not a secondary of this node", msg.addr),
+                reason: format!(
+                    "{} is not a secondary of this node",
+                    clipped(&msg.addr, MAX_ECHO)
+                ),
             })));
         };
         let mut node = self.node.clone();
@@ -1177,13 +1181,13 @@ impl Handler<FollowPrimary> for NodeSupervisor {
                     Err(e) => return Err(mailbox_error("the storage actor", e)),
                 }
                 let link = res.map_err(|e| WireError::Unavailable {
-                    reason: format!("cannot reach {}: {e}", msg.primary),
+                    reason: format!("cannot reach {}: {e}", clipped(&msg.primary, MAX_ECHO)),
                 })?;
                 let h = &link.hello;
                 if h.repository_id != act.repository_id {
                     return Err(WireError::RepositoryMismatch {
                         expected: act.repository_id.clone(),
-                        got: h.repository_id.clone(),
+                        got: clipped(&h.repository_id, MAX_ECHO),
                     });
                 }
                 if h.role != ServerRole::Primary {

@@ -448,10 +448,10 @@ pub struct Inbound {
 }
 
 /// Most bytes of client-chosen text quoted back in a log line or an error.
-pub(super) const MAX_ECHO: usize = 256;
+pub(crate) const MAX_ECHO: usize = 256;
 
 /// `text` cut to at most `max` bytes (on a character boundary), saying so.
-pub(super) fn clipped(text: &str, max: usize) -> String {
+pub(crate) fn clipped(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }

@@ -17,5 +17,6 @@ mod connection;
 mod dispatch;
 mod requests;
 
+pub(crate) use connection::{clipped, MAX_ECHO};
 pub use connection::{CloseSession, Inbound, Session, SessionEnv, SessionSettings};
 pub use requests::MAX_RANGE_BYTES;

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
 use crate::actors::coordinator::{AwaitAcknowledgeable, NoteReplicated, SubmitCommit};
-use crate::actors::session::connection::SessionEnv;
+use crate::actors::session::connection::{clipped, SessionEnv, MAX_ECHO};
 use crate::actors::storage::{
     is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetInfo, GetMeta,
     ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
@@ -351,7 +351,7 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
     if ask_.repository_id != ours {
         return Err(WireError::RepositoryMismatch {
             expected: ours,
-            got: ask_.repository_id,
+            got: clipped(&ask_.repository_id, MAX_ECHO),
         });
     }
     let records = ask(

@@ -510,3 +510,73 @@ fn t50_a_take_over_target_restarted_before_promoting_gives_the_node_back() {
     assert!(probe_commit(&[&a1, &a2]) > before);
     wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(60));
 }
+
+/// A primary deposed by a newer epoch acknowledges a commit that was
+/// waiting for its replica only if the replica, now the primary, holds it:
+/// server1 commits record 30 while server2 hangs, then hangs itself;
+/// server2 takes over; server1 comes back and is deposed. Whatever server1
+/// answered for record 30, an acknowledgement must be backed by server2.
+#[test]
+fn t50_a_deposed_primary_acknowledges_only_what_the_new_primary_holds() {
+    const LAST: u64 = 30;
+    let mut c = Cluster::new();
+    // The replica stays in the node however long it hangs.
+    let (s1, s2, a1, a2) = pair(&mut c, &["--replica-timeout-ms", "60000"]);
+
+    phase!("commits up to record {} on both servers", LAST - 1);
+    let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    while status(&a1).commit < LAST - 1 {
+        s.commit(|tx| {
+            tx.set_meta("n", Some(&1));
+        })
+        .unwrap();
+    }
+    assert_eq!(status(&a1).commit, LAST - 1, "the set-up overshot");
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+
+    phase!("server2 hangs; record {LAST} is committed on server1 and waits for it");
+    c.servers[s2].freeze();
+    let to_s1 = a1.clone();
+    let waiting = std::thread::spawn(move || {
+        let opts = ConnectOptions {
+            read_timeout: Some(Duration::from_secs(120)),
+            ..ConnectOptions::default()
+        };
+        let mut conn = Connection::connect(&to_s1, SessionRole::Application, &opts).unwrap();
+        conn.call(RequestBody::Commit(CommitBody {
+            meta: vec![(
+                "record-30".into(),
+                Some(rmp_serde::to_vec(&true).unwrap().into()),
+            )],
+            ..Default::default()
+        }))
+    });
+    wait_until(Duration::from_secs(30), "record 30 applied on server1", || {
+        (status(&a1).commit == LAST).then_some(())
+    });
+
+    phase!("server1 hangs; server2 takes over");
+    c.servers[s1].freeze();
+    c.servers[s2].thaw();
+    probe_commit(&[&a2]);
+    assert_eq!(role(&a2), ServerRole::Primary);
+
+    phase!("server1 comes back and is deposed; an acknowledgement is backed");
+    c.servers[s1].thaw();
+    let answer = waiting.join().unwrap();
+    wait_until(Duration::from_secs(30), "server1 deposed", || {
+        (role(&a1) == ServerRole::Deposed).then_some(())
+    });
+    let on_s2 = Session::connect(&[a2.as_str()])
+        .unwrap()
+        .meta("record-30")
+        .unwrap()
+        .is_some();
+    eprintln!("server1 answered {answer:?}; server2 holds record 30: {on_s2:?}");
+    if answer.is_ok() {
+        assert!(
+            on_s2,
+            "record {LAST} was acknowledged, but the new primary does not hold it"
+        );
+    }
+}

@@ -53,10 +53,15 @@ pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_millis(2000);
 pub const PROGRESS_WAIT: Duration = Duration::from_secs(1);
 /// Default `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Sessions beyond the limit kept for admins and peers (an operator and
-/// the node's own links get in while applications are turned away);
-/// connections beyond both are closed unread.
+/// Admin and peer sessions served at once, besides the applications' limit
+/// (an operator and the node's own links get in while applications are
+/// turned away).
 pub const RESERVED_CONNECTIONS: usize = 64;
+/// Connections that have not said hello yet, kept apart from both: when
+/// more arrive, the oldest silent one is closed, so idle sockets can never
+/// crowd out sessions that did say hello. Connections beyond all three are
+/// closed unread.
+pub const PRE_HELLO_CONNECTIONS: usize = 64;
 /// File descriptors the server needs besides client connections: open
 /// collections (at most 256, two files each), log segments and their
 /// readers, data files, backup and pull files, links to peers, the
@@ -213,12 +218,14 @@ fn raise_fd_limit() -> u64 {
 }
 
 /// The connection limit the descriptor limit `fds` allows: application
-/// connections, the reserve and the storage engine's files must fit.
+/// connections, the admin and peer reserve, the pre-hello pool and the
+/// storage engine's files must fit.
 fn connection_limit(wanted: usize, fds: u64) -> usize {
     // Under a small limit the server's own share shrinks too, but never
     // below what its collection cache alone may hold open, plus a margin.
     let own = FDS_FOR_STORAGE.min(fds / 2).max(MIN_FDS_FOR_STORAGE);
-    let room = fds.saturating_sub(own + RESERVED_CONNECTIONS as u64) as usize;
+    let others = (RESERVED_CONNECTIONS + PRE_HELLO_CONNECTIONS) as u64;
+    let room = fds.saturating_sub(own + others) as usize;
     if wanted > room {
         let limit = room.max(1);
         warn!(

@@ -808,6 +808,19 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
     server.shutdown(true).unwrap();
 }
 
+/// `peer_link::reachable`, as a secondary checks its primary, from a
+/// blocking test.
+fn reachable(addr: SocketAddr) -> bool {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(crate::actors::peer_link::reachable(
+            &addr.to_string(),
+            Duration::from_secs(5),
+        ))
+}
+
 #[test]
 fn applications_beyond_the_connection_limit_are_turned_away_but_admins_get_in() {
     let tmp = tempfile::tempdir().unwrap();
@@ -832,20 +845,78 @@ fn applications_beyond_the_connection_limit_are_turned_away_but_admins_get_in() 
         ResponseBody::Status(_)
     ));
 
-    // Beyond the reserve too, connections are closed unread.
-    let held: Vec<Conn> = (0..crate::server::RESERVED_CONNECTIONS - 1)
-        .map(|_| Conn::raw(addr))
+    // Admins and peers have every place left of limit + reserve: with the
+    // two applications, 64 of them; one more is refused.
+    let held: Vec<Conn> = (1..crate::server::RESERVED_CONNECTIONS)
+        .map(|_| Conn::open(addr, SessionRole::Peer))
         .collect();
     let mut last = Conn::raw(addr);
-    let _ = write_frame(
-        &mut last.stream,
-        &Request {
-            id: 1,
-            body: hello(SessionRole::Admin, PROTOCOL_VERSION),
-        },
-    );
-    assert!(read_frame(&mut last.stream, codec::DEFAULT_MAX_FRAME).is_err());
+    match last.error(hello(SessionRole::Peer, PROTOCOL_VERSION)) {
+        WireError::Unavailable { reason } => assert!(
+            reason.contains(&format!(
+                "at most {} sessions",
+                2 + crate::server::RESERVED_CONNECTIONS
+            )),
+            "{reason}"
+        ),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    last.assert_closed();
+    // That refusal is an answer: a secondary checking this primary finds it
+    // alive, and does not take over.
+    assert!(reachable(addr));
+    // A place freed is a place taken again.
     drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = Conn::raw(addr);
+        match again.call(hello(SessionRole::Peer, PROTOCOL_VERSION)).body {
+            ResponseBody::Hello { .. } => break,
+            ResponseBody::Error {
+                error: WireError::Unavailable { .. },
+                ..
+            } if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            other => panic!("hello: {other:?}"),
+        }
+    }
+    server.shutdown(true).unwrap();
+}
+
+#[test]
+fn idle_connections_never_lock_out_admins_peers_or_applications() {
+    use crate::server::{PRE_HELLO_CONNECTIONS, RESERVED_CONNECTIONS};
+    let tmp = tempfile::tempdir().unwrap();
+    let limit = 4;
+    let server = spawn(Config {
+        max_connections: limit,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let addr = server.local_addr();
+    // More silent sockets than every pool together holds.
+    let extra = 32;
+    let mut idle: Vec<Conn> = (0..limit + RESERVED_CONNECTIONS + PRE_HELLO_CONNECTIONS + extra)
+        .map(|_| Conn::raw(addr))
+        .collect();
+    // Each connection below closes the oldest silent one.
+    let mut admin = Conn::open(addr, SessionRole::Admin);
+    assert!(matches!(
+        admin.call(RequestBody::Status).body,
+        ResponseBody::Status(_)
+    ));
+    assert!(reachable(addr), "a peer's check of this server failed");
+    Conn::open(addr, SessionRole::Application).assert_served();
+    // The oldest silent ones were closed; the newest still may speak.
+    idle[0].assert_closed();
+    let newest = idle.last_mut().unwrap();
+    match newest
+        .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+        .body
+    {
+        ResponseBody::Hello { .. } => newest.assert_served(),
+        other => panic!("hello: {other:?}"),
+    }
+    drop(idle);
     server.shutdown(true).unwrap();
 }
 
@@ -869,10 +940,11 @@ fn a_connection_that_never_says_hello_is_closed() {
 #[test]
 fn the_connection_limit_fits_the_open_file_limit() {
     assert_eq!(connection_limit(1024, 1 << 20), 1024);
-    // 2048 descriptors: the server's own 1024 and the reserve's 64 first.
-    assert_eq!(connection_limit(1024, 2048), 960);
+    // 2048 descriptors: the server's own 1024, the reserve's 64 and the
+    // pre-hello pool's 64 first.
+    assert_eq!(connection_limit(1024, 2048), 896);
     // A 1024 limit: the server keeps what its collection cache may need.
-    assert_eq!(connection_limit(1024, 1024), 320);
+    assert_eq!(connection_limit(1024, 1024), 256);
     assert_eq!(connection_limit(1024, 4096), 1024);
     assert_eq!(connection_limit(10, 100), 1);
 }

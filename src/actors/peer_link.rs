@@ -298,6 +298,14 @@ impl Drop for PeerPipe {
 }
 
 /// Is a server answering at `addr`? (connect + hello within `timeout`).
+///
+/// Any answer to the hello counts, a refusal too (`unavailable` from a
+/// server at its connection limit): a server that answers runs, and taking
+/// it for dead would promote a second primary beside it. Only a failed
+/// connect, no answer in time or a broken connection is "unreachable".
 pub async fn reachable(addr: &str, timeout: Duration) -> bool {
-    PeerLink::connect(addr, timeout).await.is_ok()
+    match PeerLink::connect(addr, timeout).await {
+        Ok(_) => true,
+        Err(e) => !e.is_unreachable(),
+    }
 }

@@ -128,12 +128,12 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     log_segment_bytes: u64,
 
-    /// Application connections served at once. Beyond it a client's hello
-    /// is answered `unavailable` (admin and peer sessions still get in: 64
-    /// more are kept for them); beyond both, connections are closed
-    /// unread. Lowered at start, with a warning, to what the open-file
-    /// limit (raised to its hard limit) allows. A connection that sends no
-    /// hello within 10 s is closed.
+    /// Application sessions served at once. Beyond it a client's hello is
+    /// answered `unavailable`. Admin and peer sessions have 64 places of
+    /// their own, connections without a hello yet 64 more (a new one
+    /// closes the oldest of them). Lowered at start, with a warning, to
+    /// what the open-file limit (raised to its hard limit) allows. A
+    /// connection that sends no hello within 10 s is closed.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: usize,
 }

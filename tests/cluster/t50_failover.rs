@@ -551,9 +551,11 @@ fn t50_a_deposed_primary_acknowledges_only_what_the_new_primary_holds() {
             ..Default::default()
         }))
     });
-    wait_until(Duration::from_secs(30), "record 30 applied on server1", || {
-        (status(&a1).commit == LAST).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "record 30 applied on server1",
+        || (status(&a1).commit == LAST).then_some(()),
+    );
 
     phase!("server1 hangs; server2 takes over");
     c.servers[s1].freeze();

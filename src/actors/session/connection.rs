@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::actors::controller::{Fatal, RequestShutdown};
 use crate::actors::coordinator::SubmitCommit;
 use crate::actors::flush_policy::FlushPolicy;
-use crate::actors::listener::SessionClosed;
+use crate::actors::listener::{SaidHello, SessionClosed};
 use crate::actors::session::dispatch::{After, Routed};
 use crate::actors::storage::StorageActor;
 use crate::protocol::codec::{self, read_frame_async};
@@ -52,7 +52,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Read-only settings every session needs.
 #[derive(Clone, Debug)]
 pub struct SessionSettings {
-    /// Application sessions served at once (see `Listener`).
+    /// Application sessions served at once (admitted by the `Listener`).
     pub max_connections: usize,
     /// A connection silent past this long without a hello is closed.
     pub hello_timeout: Duration,
@@ -102,19 +102,20 @@ pub struct SessionEnv {
 
 /// One connection; see the module doc.
 pub struct Session {
-    id: u64,
+    pub(super) id: u64,
     peer: SocketAddr,
     pub(super) env: Arc<SessionEnv>,
     registry: Recipient<SessionClosed>,
+    /// Asked at hello whether the session is admitted (the listener counts
+    /// sessions by role).
+    pub(super) admission: Recipient<SaidHello>,
     stream: Option<TcpStream>,
     writer: Option<JoinHandle<()>>,
-    /// Set by a successful hello.
+    /// Set by a hello (before the listener admits it: no other request is
+    /// read meanwhile, and the hello timeout no longer applies).
     pub(super) role: Option<SessionRole>,
     pub(super) client: String,
     close_reason: Option<String>,
-    /// Accepted beyond `max_connections`: only an admin or peer hello is
-    /// served (the reserve).
-    pub(super) over_limit: bool,
     /// The request being answered (one at a time outside peer sessions)
     /// and its reply slot, so a shutdown can answer it `shutting_down`
     /// rather than drop it unanswered.
@@ -130,31 +131,56 @@ impl Session {
         peer: SocketAddr,
         env: Arc<SessionEnv>,
         registry: Recipient<SessionClosed>,
-        over_limit: bool,
+        admission: Recipient<SaidHello>,
     ) -> Self {
         Session {
             id,
             peer,
             env,
             registry,
+            admission,
             stream: Some(stream),
             writer: None,
             role: None,
             client: String::new(),
             close_reason: None,
-            over_limit,
             in_flight: None,
         }
     }
 
-    pub(super) fn log_opened(&self) {
-        info!(
+    /// The log line of an admitted hello.
+    pub(super) fn opened(&self) -> String {
+        format!(
             "session {} from {} opened as {} (client {:?})",
             self.id,
             self.peer,
             role_name(self.role),
             self.client
-        );
+        )
+    }
+
+    /// Do what a reply asked for once it is queued.
+    fn follow(&mut self, after: After, ctx: &mut Context<Self>) -> Flow {
+        match after {
+            After::Continue => Flow::Continue,
+            After::Close(reason) => {
+                self.close(reason, ctx);
+                Flow::Close
+            }
+            After::Shutdown { save } => {
+                // Out of the listener's registry, this connection is not
+                // closed with the others: it stays open until the process
+                // exits, after the repository is closed and its lock
+                // released, so the operator's `magma shutdown`, waiting for
+                // the close, returns only once the server is really gone.
+                self.registry.do_send(SessionClosed { id: self.id });
+                self.env.shutdown.do_send(RequestShutdown {
+                    save,
+                    reason: format!("admin request from {}", self.peer),
+                });
+                Flow::Continue
+            }
+        }
     }
 
     fn close(&mut self, reason: impl Into<String>, ctx: &mut Context<Self>) {
@@ -574,28 +600,14 @@ impl Handler<Inbound> for Session {
         match self.route(request.body) {
             Routed::Now(body, after) => {
                 reply(&self.env, slot, id, *body);
-                match after {
-                    After::Continue => Box::pin(fut::ready(Flow::Continue)),
-                    After::Close(reason) => {
-                        self.close(reason, ctx);
-                        Box::pin(fut::ready(Flow::Close))
-                    }
-                    After::Shutdown { save } => {
-                        // Out of the listener's registry, this connection is
-                        // not closed with the others: it stays open until
-                        // the process exits, after the repository is closed
-                        // and its lock released, so the operator's
-                        // `magma shutdown`, waiting for the close, returns
-                        // only once the server is really gone.
-                        self.registry.do_send(SessionClosed { id: self.id });
-                        self.env.shutdown.do_send(RequestShutdown {
-                            save,
-                            reason: format!("admin request from {}", self.peer),
-                        });
-                        Box::pin(fut::ready(Flow::Continue))
-                    }
-                }
+                Box::pin(fut::ready(self.follow(after, ctx)))
             }
+            Routed::LaterThen(work) => Box::pin(fut::wrap_future(work).map(
+                move |(body, after), act: &mut Self, ctx| {
+                    reply(&act.env, slot, id, body);
+                    act.follow(after, ctx)
+                },
+            )),
             Routed::Later(work) => {
                 let env = self.env.clone();
                 let cell: InFlightSlot = std::rc::Rc::new(std::cell::RefCell::new(Some(slot)));
@@ -618,6 +630,23 @@ impl Handler<Inbound> for Session {
                 }));
                 Box::pin(fut::ready(Flow::Continue))
             }
+        }
+    }
+}
+
+/// Close a connection that has not said hello: a newer one takes its place
+/// in the pre-hello pool. Sender: the `Listener`. A session whose hello is
+/// already under way stays (the listener counts it by its role then).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSilent;
+
+impl Handler<CloseSilent> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: CloseSilent, ctx: &mut Context<Self>) {
+        if self.role.is_none() {
+            self.close("no hello yet, and newer connections needed its place", ctx);
         }
     }
 }

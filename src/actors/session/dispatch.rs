@@ -6,6 +6,10 @@
 //! * the first request must be `hello` with this build's protocol version;
 //!   otherwise the reply is `hello_expected` / `unsupported_protocol` and the
 //!   connection is closed. A second hello is refused, the connection stays;
+//! * a hello is admitted by the `Listener`, which counts sessions by role:
+//!   beyond `--max-connections` application sessions, or the reserve of
+//!   admin and peer sessions, the reply is `unavailable` and the connection
+//!   is closed;
 //! * admin requests on a session that is not `admin` get `not_admin`, the
 //!   connection stays;
 //! * peer requests (`catch_up`, `replicate`, `record_hash`, `promote`,
@@ -18,9 +22,13 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::actors::session::connection::{error_body, Session, MAX_ECHO};
+use log::info;
+
+use crate::actors::listener::SaidHello;
+use crate::actors::session::connection::{error_body, Session, SessionEnv, MAX_ECHO};
 use crate::actors::session::{backup, requests};
 use crate::protocol::{RequestBody, ResponseBody, SessionRole, WireError, PROTOCOL_VERSION};
+use crate::server::RESERVED_CONNECTIONS;
 
 /// A request's answer as a future that needs no session state.
 pub(super) type Work = Pin<Box<dyn Future<Output = ResponseBody>>>;
@@ -31,6 +39,9 @@ pub(super) enum Routed {
     Now(Box<ResponseBody>, After),
     /// Computed by other actors.
     Later(Work),
+    /// Computed by other actors; then do `After` (a hello, which the
+    /// listener may refuse).
+    LaterThen(Pin<Box<dyn Future<Output = (ResponseBody, After)>>>),
     /// Computed by other actors while the session reads on: the reply goes
     /// out when ready, possibly after later requests' (peers match replies
     /// by id). Only for `replicate`, which a primary pipelines and whose
@@ -224,23 +235,58 @@ impl Session {
                 After::Close("client_name too long".into()),
             );
         }
-        if self.over_limit && role == SessionRole::Application {
-            let limit = self.env.settings.max_connections;
-            return now(
-                error_body(WireError::Unavailable {
-                    reason: format!(
-                        "this server serves at most {limit} application connections \
-                         (--max-connections); retry later or use another member"
-                    ),
-                }),
-                After::Close(format!("over the limit of {limit} connections")),
-            );
-        }
         self.role = Some(role);
         self.client = client_name;
-        self.log_opened();
-        later(requests::hello(self.env.clone(), role))
+        let opened = self.opened();
+        let admitted = self.admission.send(SaidHello { id: self.id, role });
+        let env = self.env.clone();
+        Routed::LaterThen(Box::pin(async move {
+            match admitted.await {
+                Ok(true) => {
+                    info!("{opened}");
+                    let body = requests::hello(env, role).await;
+                    (body.unwrap_or_else(error_body), After::Continue)
+                }
+                Ok(false) => refused(&env, role),
+                // The listener is gone: the server is stopping.
+                Err(_) => (
+                    error_body(WireError::ShuttingDown),
+                    After::Close("server shutting down".into()),
+                ),
+            }
+        }))
     }
+}
+
+/// The answer to a hello the listener did not admit: its role's sessions
+/// are at their limit.
+fn refused(env: &SessionEnv, role: SessionRole) -> (ResponseBody, After) {
+    let (reason, close) = match role {
+        SessionRole::Application => {
+            let limit = env.settings.max_connections;
+            (
+                format!(
+                    "this server serves at most {limit} application connections \
+                     (--max-connections); retry later or use another member"
+                ),
+                format!("over the limit of {limit} connections"),
+            )
+        }
+        SessionRole::Admin | SessionRole::Peer => {
+            let all = env.settings.max_connections + RESERVED_CONNECTIONS;
+            (
+                format!(
+                    "this server serves at most {all} sessions (--max-connections and \
+                     {RESERVED_CONNECTIONS} more for admins and peers); retry later"
+                ),
+                format!("over the limit of {all} sessions"),
+            )
+        }
+    };
+    (
+        error_body(WireError::Unavailable { reason }),
+        After::Close(close),
+    )
 }
 
 #[cfg(test)]

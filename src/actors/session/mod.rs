@@ -18,5 +18,5 @@ mod dispatch;
 mod requests;
 
 pub(crate) use connection::{clipped, MAX_ECHO};
-pub use connection::{CloseSession, Inbound, Session, SessionEnv, SessionSettings};
+pub use connection::{CloseSession, CloseSilent, Inbound, Session, SessionEnv, SessionSettings};
 pub use requests::MAX_RANGE_BYTES;

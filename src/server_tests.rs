@@ -1563,3 +1563,41 @@ fn error_texts_quote_at_most_256_bytes_of_client_input() {
     }
     server.shutdown(true).unwrap();
 }
+
+/// A client that writes a whole oversized frame at once (header and body,
+/// as the Python client of PROTOCOL.md does) reads the `frame_too_large`
+/// reply: the server reads and drops what follows before it closes, so the
+/// close is not a reset that destroys the reply on its way.
+#[test]
+fn a_client_sending_a_whole_oversized_frame_reads_the_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut c = Conn::open(server.local_addr(), SessionRole::Application);
+    // The test server's limit is 4 KiB; 2 MiB more than the socket buffers
+    // take at once, so the server closes while the body still comes.
+    let body = vec![0x90u8; 2 << 20];
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    c.stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let written = c.stream.write_all(&frame);
+    let reply = read_frame(&mut c.stream, 1 << 20);
+    match (&written, &reply) {
+        (Ok(()), Ok(bytes)) => {
+            let r: Response = codec::decode(bytes).unwrap();
+            assert!(
+                matches!(
+                    r.body,
+                    ResponseBody::Error {
+                        error: WireError::FrameTooLarge { .. },
+                        ..
+                    }
+                ),
+                "{r:?}"
+            );
+        }
+        _ => panic!("the refusal was lost: write {written:?}, read {reply:?}"),
+    }
+    server.shutdown(true).unwrap();
+}

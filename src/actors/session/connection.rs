@@ -48,6 +48,12 @@ const OUT_QUEUE: usize = 32;
 const QUEUE_BYTES: usize = 8 << 20;
 /// How long a closing session waits for its last replies to be written.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Longest drain of a client's input after an error reply closes its
+/// session (see `linger`) ...
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// ... and most bytes drained (a whole frame at the default limit, and
+/// more).
+const LINGER_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Read-only settings every session needs.
 #[derive(Clone, Debug)]
@@ -111,6 +117,8 @@ pub struct Session {
     pub(super) admission: Recipient<SaidHello>,
     stream: Option<TcpStream>,
     writer: Option<JoinHandle<()>>,
+    /// Ends the reader task's waits when the session stops.
+    stop_reading: Arc<tokio::sync::Notify>,
     /// Set by a hello (before the listener admits it: no other request is
     /// read meanwhile, and the hello timeout no longer applies).
     pub(super) role: Option<SessionRole>,
@@ -141,6 +149,7 @@ impl Session {
             admission,
             stream: Some(stream),
             writer: None,
+            stop_reading: Arc::new(tokio::sync::Notify::new()),
             role: None,
             client: String::new(),
             close_reason: None,
@@ -160,11 +169,11 @@ impl Session {
     }
 
     /// Do what a reply asked for once it is queued.
-    fn follow(&mut self, after: After, ctx: &mut Context<Self>) -> Flow {
+    fn follow(&mut self, after: After) -> Flow {
         match after {
             After::Continue => Flow::Continue,
             After::Close(reason) => {
-                self.close(reason, ctx);
+                self.closing(reason);
                 Flow::Close
             }
             After::Shutdown { save } => {
@@ -181,6 +190,13 @@ impl Session {
                 Flow::Continue
             }
         }
+    }
+
+    /// Close once the reader has the answer that says so (`Flow::Close`):
+    /// stopping here would drop that answer, and with it the reader's
+    /// chance to drain the client's input (`linger`).
+    fn closing(&mut self, reason: impl Into<String>) {
+        self.close_reason.get_or_insert_with(|| reason.into());
     }
 
     fn close(&mut self, reason: impl Into<String>, ctx: &mut Context<Self>) {
@@ -387,37 +403,49 @@ impl Actor for Session {
         )));
         let me = ctx.address();
         let limit = self.env.settings.max_frame;
-        async move {
-            loop {
-                while queued.full() && !tx.is_closed() {
-                    queued.room.notified().await;
-                }
-                let Ok(permit) = tx.clone().reserve_owned().await else {
-                    return "the connection cannot be written to";
+        let stop = self.stop_reading.clone();
+        // A task of its own, not a future of this actor: after an error
+        // reply that closes the session it outlives the actor to drain what
+        // the client still sends (see `linger`).
+        tokio::spawn(async move {
+            let reason = loop {
+                // Stopping the session (`stopped`) ends every wait here,
+                // but not the hand-over of a request to the actor below:
+                // its answer says whether to linger.
+                let slot = tokio::select! {
+                    slot = reserve(&tx, &queued) => slot,
+                    () = stop.notified() => break "closed",
                 };
-                let slot = Slot {
-                    permit,
-                    queued: queued.clone(),
+                let Some(slot) = slot else {
+                    break "the connection cannot be written to";
                 };
                 // The writer gives up on a client that takes no reply bytes
                 // (or on a broken connection) while we may be waiting for
                 // a request that never comes: its end ends the session.
                 let frame = tokio::select! {
                     frame = read_frame_async(&mut rd, limit) => frame,
-                    () = tx.closed() => return "the replies could not be written",
+                    () = tx.closed() => break "the replies could not be written",
+                    () = stop.notified() => break "closed",
                 };
+                // The client is gone, or reading broke: nothing to drain.
+                let gone = matches!(&frame, Err(ProtocolError::Closed | ProtocolError::Io(_)));
                 let last = frame.is_err();
                 match me.send(Inbound { frame, slot }).await {
                     Ok(Flow::Continue) if !last => {}
-                    _ => return "closed",
+                    Ok(Flow::Close) if !gone => {
+                        me.do_send(ReaderEnded("closed"));
+                        // The writer flushes the error reply and sends FIN.
+                        drop(tx);
+                        linger(&mut rd).await;
+                        return;
+                    }
+                    _ => break "closed",
                 }
-            }
-        }
-        .into_actor(self)
-        // Whatever ended the reading ends the session (the first reason
-        // given is the one logged).
-        .map(|reason, act, ctx| act.close(reason, ctx))
-        .spawn(ctx);
+            };
+            // Whatever ended the reading ends the session (the first reason
+            // given is the one logged).
+            me.do_send(ReaderEnded(reason));
+        });
         // A connection that never says hello would hold a descriptor for
         // ever (nothing else times an idle session out).
         let wait = self.env.settings.hello_timeout;
@@ -444,6 +472,55 @@ impl Actor for Session {
             ),
         }
         self.registry.do_send(SessionClosed { id: self.id });
+        // The reader task ends with the session, unless it is draining
+        // after an error reply (then it holds nothing but the socket).
+        self.stop_reading.notify_one();
+    }
+}
+
+/// A place in the outgoing queue for the next reply, once the queue has
+/// room (`None`: the writer is gone).
+async fn reserve(tx: &mpsc::Sender<Vec<u8>>, queued: &Arc<Queued>) -> Option<Slot> {
+    while queued.full() && !tx.is_closed() {
+        queued.room.notified().await;
+    }
+    let permit = tx.clone().reserve_owned().await.ok()?;
+    Some(Slot {
+        permit,
+        queued: queued.clone(),
+    })
+}
+
+/// After an error reply that closes the session: read and drop what the
+/// client still sends, until it closes, for at most [`LINGER_TIME`] and
+/// [`LINGER_BYTES`]. Closing a socket with unread input makes the kernel
+/// answer with a reset, which can destroy the error reply on its way and
+/// fail a client still writing (one that sent a whole oversized frame at
+/// once gets "broken pipe" instead of `frame_too_large`).
+async fn linger<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) {
+    let mut piece = vec![0u8; 64 * 1024];
+    let mut drained = 0u64;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while drained < LINGER_BYTES {
+            match tokio::io::AsyncReadExt::read(rd, &mut piece).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n as u64,
+            }
+        }
+    })
+    .await;
+}
+
+/// Reading ended; the reason is logged. Sender: the session's reader task.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReaderEnded(&'static str);
+
+impl Handler<ReaderEnded> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReaderEnded, ctx: &mut Context<Self>) {
+        self.close(msg.0, ctx);
     }
 }
 
@@ -520,7 +597,7 @@ impl Handler<Inbound> for Session {
         let body = match msg.frame {
             Ok(body) => body,
             Err(ProtocolError::Closed) => {
-                self.close("closed by the client", ctx);
+                self.closing("closed by the client");
                 return Box::pin(fut::ready(Flow::Close));
             }
             Err(ProtocolError::FrameTooLarge { size, limit }) => {
@@ -534,11 +611,11 @@ impl Handler<Inbound> for Session {
                     0,
                     error_body(WireError::FrameTooLarge { size, limit }),
                 );
-                self.close("frame too large", ctx);
+                self.closing("frame too large");
                 return Box::pin(fut::ready(Flow::Close));
             }
             Err(e) => {
-                self.close(format!("read failed: {e}"), ctx);
+                self.closing(format!("read failed: {e}"));
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
@@ -556,7 +633,7 @@ impl Handler<Inbound> for Session {
                     ),
                 }),
             );
-            self.close("too many items in a request", ctx);
+            self.closing("too many items in a request");
             return Box::pin(fut::ready(Flow::Close));
         }
         let request: Request = match direct::decode_request(&body) {
@@ -576,7 +653,7 @@ impl Handler<Inbound> for Session {
                     id,
                     error_body(WireError::BadRequest { reason }),
                 );
-                self.close("undecodable request", ctx);
+                self.closing("undecodable request");
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
@@ -600,12 +677,12 @@ impl Handler<Inbound> for Session {
         match self.route(request.body) {
             Routed::Now(body, after) => {
                 reply(&self.env, slot, id, *body);
-                Box::pin(fut::ready(self.follow(after, ctx)))
+                Box::pin(fut::ready(self.follow(after)))
             }
             Routed::LaterThen(work) => Box::pin(fut::wrap_future(work).map(
-                move |(body, after), act: &mut Self, ctx| {
+                move |(body, after), act: &mut Self, _| {
                     reply(&act.env, slot, id, body);
-                    act.follow(after, ctx)
+                    act.follow(after)
                 },
             )),
             Routed::Later(work) => {

@@ -32,14 +32,15 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 /// malformed, not ignored (they could be a second request, which would go
 /// unanswered).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
-    let value = T::deserialize(&mut de).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    let used = de.position();
-    if used != body.len() as u64 {
-        return Err(ProtocolError::Malformed(format!(
-            "{} bytes follow the message (a frame holds exactly one MessagePack value)",
-            body.len() as u64 - used
-        )));
+    let value = rmp_serde::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    // Decoded, so the value is whole: `value_len` finds its end.
+    if let Some(end) = crate::protocol::direct::value_len(body) {
+        if end != body.len() {
+            return Err(ProtocolError::Malformed(format!(
+                "{} bytes follow the message (a frame holds exactly one MessagePack value)",
+                body.len() - end
+            )));
+        }
     }
     Ok(value)
 }

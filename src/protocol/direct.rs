@@ -62,17 +62,44 @@ pub fn items_within(body: &[u8], limit: usize) -> bool {
         // path never pays for the walk).
         return true;
     }
+    !matches!(walk(body, limit), Walked::TooMany)
+}
+
+/// The bytes the MessagePack value at the start of `body` takes (`None`
+/// if it is truncated or malformed), found without decoding it: what
+/// follows it in a frame is not part of the request.
+pub fn value_len(body: &[u8]) -> Option<usize> {
+    match walk(body, usize::MAX) {
+        Walked::Len(n) => Some(n),
+        Walked::TooMany | Walked::Malformed => None,
+    }
+}
+
+/// What [`walk`] found.
+enum Walked {
+    /// One whole value, of this many bytes.
+    Len(usize),
+    /// More than the limit of items.
+    TooMany,
+    /// Truncated, or a marker no encoder writes.
+    Malformed,
+}
+
+/// Walk one value at the start of `body`, counting its items (every value,
+/// map key and container) up to `limit`: one pass, without recursion or
+/// allocation.
+fn walk(body: &[u8], limit: usize) -> Walked {
     let mut rd = body;
     let mut pending: u64 = 1;
     let mut seen = 0usize;
     while pending > 0 {
         let Some(marker) = read_marker(&mut rd) else {
-            return true;
+            return Walked::Malformed;
         };
         pending -= 1;
         seen += 1;
         if seen > limit {
-            return false;
+            return Walked::TooMany;
         }
         let (skip, more) = match marker {
             0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
@@ -85,31 +112,31 @@ pub fn items_within(body: &[u8], limit: usize) -> bool {
             0xcf | 0xd3 | 0xcb => (8, 0),
             0xd9 | 0xc4 => match read_len(&mut rd, 1) {
                 Some(n) => (n, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xda | 0xc5 => match read_len(&mut rd, 2) {
                 Some(n) => (n, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xdb | 0xc6 => match read_len(&mut rd, 4) {
                 Some(n) => (n, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xdc => match read_len(&mut rd, 2) {
                 Some(n) => (0, n as u64),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xdd => match read_len(&mut rd, 4) {
                 Some(n) => (0, n as u64),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xde => match read_len(&mut rd, 2) {
                 Some(n) => (0, 2 * n as u64),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xdf => match read_len(&mut rd, 4) {
                 Some(n) => (0, 2 * n as u64),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xd4 => (2, 0),
             0xd5 => (3, 0),
@@ -118,26 +145,26 @@ pub fn items_within(body: &[u8], limit: usize) -> bool {
             0xd8 => (17, 0),
             0xc7 => match read_len(&mut rd, 1) {
                 Some(n) => (n + 1, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xc8 => match read_len(&mut rd, 2) {
                 Some(n) => (n + 1, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             0xc9 => match read_len(&mut rd, 4) {
                 Some(n) => (n + 1, 0),
-                None => return true,
+                None => return Walked::Malformed,
             },
             // 0xc1: never used; the decoder refuses it.
-            _ => return true,
+            _ => return Walked::Malformed,
         };
         match rd.get(skip..) {
             Some(rest) => rd = rest,
-            None => return true,
+            None => return Walked::Malformed,
         }
         pending += more;
     }
-    true
+    Walked::Len(body.len() - rd.len())
 }
 
 /// Decode a request; commits take the direct path.
@@ -618,6 +645,18 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+        #[test]
+        fn value_len_is_where_a_value_ends(v in value(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let one = plain(&v);
+            let mut framed = one.clone();
+            framed.extend_from_slice(&tail);
+            prop_assert_eq!(value_len(&framed), Some(one.len()));
+            // Cut short, it is no value.
+            if !one.is_empty() {
+                prop_assert_eq!(value_len(&one[..one.len() - 1]), None);
+            }
+        }
 
         #[test]
         fn every_commit_request_takes_the_direct_path(id: u64, commit in commit_body()) {

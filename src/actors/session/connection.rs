@@ -2,19 +2,23 @@
 //!
 //! Socket I/O never runs inside a handler:
 //!
-//! * a reader future, spawned in the actor's context, reserves one slot of
-//!   the outgoing queue, reads one frame (through a read buffer, so one
-//!   small request costs one `recv`) and sends it to the actor as
-//!   [`Inbound`], awaiting the reply before reading the next: requests are
-//!   served in order and a client that stops reading its replies stops being
-//!   read (at most `OUT_QUEUE` replies and about `QUEUE_BYTES` wait);
+//! * a reader task reserves one slot of the outgoing queue, reads one frame
+//!   (through a read buffer, so one small request costs one `recv`) and
+//!   sends it to the actor as [`Inbound`], awaiting the reply before reading
+//!   the next: requests are served in order and a client that stops reading
+//!   its replies stops being read (at most `OUT_QUEUE` replies and about
+//!   `QUEUE_BYTES` wait);
 //! * a writer task owns the write half and writes queued replies, batching
 //!   whatever is ready into one flush. When every sender is gone (the actor
 //!   stopped), it writes what is left and shuts the socket down. A client
 //!   that takes no reply bytes for `reply_timeout` is disconnected.
 //!
-//! The reader dies with the actor; the writer outlives it just long enough
-//! to deliver the last replies.
+//! The reader ends with the actor (`stopped` wakes its waits), except after
+//! an error reply that closes the session: then it drains what the client
+//! still sends for a moment (`linger`), so that the close is no reset, and
+//! only then tells the `Listener` the connection is gone (it stays counted
+//! meanwhile: it holds a descriptor). The writer outlives the actor just
+//! long enough to deliver the last replies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,6 +123,9 @@ pub struct Session {
     writer: Option<JoinHandle<()>>,
     /// Ends the reader task's waits when the session stops.
     stop_reading: Arc<tokio::sync::Notify>,
+    /// The reader drains the client's input after the close (see
+    /// `linger`) and reports the connection gone itself.
+    lingering: bool,
     /// Set by a hello (before the listener admits it: no other request is
     /// read meanwhile, and the hello timeout no longer applies).
     pub(super) role: Option<SessionRole>,
@@ -150,6 +157,7 @@ impl Session {
             stream: Some(stream),
             writer: None,
             stop_reading: Arc::new(tokio::sync::Notify::new()),
+            lingering: false,
             role: None,
             client: String::new(),
             close_reason: None,
@@ -404,6 +412,7 @@ impl Actor for Session {
         let me = ctx.address();
         let limit = self.env.settings.max_frame;
         let stop = self.stop_reading.clone();
+        let (registry, id) = (self.registry.clone(), self.id);
         // A task of its own, not a future of this actor: after an error
         // reply that closes the session it outlives the actor to drain what
         // the client still sends (see `linger`).
@@ -433,10 +442,14 @@ impl Actor for Session {
                 match me.send(Inbound { frame, slot }).await {
                     Ok(Flow::Continue) if !last => {}
                     Ok(Flow::Close) if !gone => {
-                        me.do_send(ReaderEnded("closed"));
+                        me.do_send(ReaderEnded {
+                            reason: "closed",
+                            lingering: true,
+                        });
                         // The writer flushes the error reply and sends FIN.
                         drop(tx);
                         linger(&mut rd).await;
+                        registry.do_send(SessionClosed { id });
                         return;
                     }
                     _ => break "closed",
@@ -444,7 +457,10 @@ impl Actor for Session {
             };
             // Whatever ended the reading ends the session (the first reason
             // given is the one logged).
-            me.do_send(ReaderEnded(reason));
+            me.do_send(ReaderEnded {
+                reason,
+                lingering: false,
+            });
         });
         // A connection that never says hello would hold a descriptor for
         // ever (nothing else times an idle session out).
@@ -471,7 +487,10 @@ impl Actor for Session {
                 self.id, self.peer
             ),
         }
-        self.registry.do_send(SessionClosed { id: self.id });
+        // A lingering reader still holds the socket: it reports the end.
+        if !self.lingering {
+            self.registry.do_send(SessionClosed { id: self.id });
+        }
         // The reader task ends with the session, unless it is draining
         // after an error reply (then it holds nothing but the socket).
         self.stop_reading.notify_one();
@@ -497,30 +516,39 @@ async fn reserve(tx: &mpsc::Sender<Vec<u8>>, queued: &Arc<Queued>) -> Option<Slo
 /// answer with a reset, which can destroy the error reply on its way and
 /// fail a client still writing (one that sent a whole oversized frame at
 /// once gets "broken pipe" instead of `frame_too_large`).
-async fn linger<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) {
-    let mut piece = vec![0u8; 64 * 1024];
+async fn linger<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) {
+    use tokio::io::AsyncBufReadExt;
     let mut drained = 0u64;
     let _ = tokio::time::timeout(LINGER_TIME, async {
+        // Through the read buffer the session has anyway: no more memory.
         while drained < LINGER_BYTES {
-            match tokio::io::AsyncReadExt::read(rd, &mut piece).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n as u64,
-            }
+            let n = match rd.fill_buf().await {
+                Ok([]) | Err(_) => break,
+                Ok(bytes) => bytes.len(),
+            };
+            rd.consume(n);
+            drained += n as u64;
         }
     })
     .await;
 }
 
-/// Reading ended; the reason is logged. Sender: the session's reader task.
+/// Reading ended; the reason is logged. `lingering`: the reader drains the
+/// client's input and reports the connection gone to the `Listener` itself
+/// when done. Sender: the session's reader task.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct ReaderEnded(&'static str);
+struct ReaderEnded {
+    reason: &'static str,
+    lingering: bool,
+}
 
 impl Handler<ReaderEnded> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: ReaderEnded, ctx: &mut Context<Self>) {
-        self.close(msg.0, ctx);
+        self.lingering = msg.lingering;
+        self.close(msg.reason, ctx);
     }
 }
 

@@ -48,6 +48,7 @@ pub fn wire_error(err: &StorageError) -> WireError {
         | StorageError::Corrupted(_)
         | StorageError::CorruptRecord { .. }
         | StorageError::DroppedNeeded { .. }
+        | StorageError::Stopped(_)
         | StorageError::Locked(_)
         | StorageError::NotARepository(_)
         | StorageError::UnsupportedFormat { .. } => WireError::Internal {

@@ -51,6 +51,12 @@ pub enum StorageError {
          compacted), so a commit cannot use it again"
     )]
     DroppedObject(Oid),
+    /// An earlier failure (a record logged but not wholly applied, a
+    /// checkpoint cut short) left memory, log or index in a state only a
+    /// restart sorts out: nothing more is committed, applied, checkpointed
+    /// or read until then.
+    #[error("the repository stopped after an earlier failure ({0}); restart the server")]
+    Stopped(String),
     /// A record from the primary needs an object that compaction dropped
     /// from this copy: the copy can no longer follow the node.
     #[error(
@@ -122,6 +128,7 @@ impl StorageError {
                 | StorageError::Corrupted(_)
                 | StorageError::CorruptRecord { .. }
                 | StorageError::DroppedNeeded { .. }
+                | StorageError::Stopped(_)
         )
     }
 }

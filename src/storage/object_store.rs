@@ -258,6 +258,8 @@ pub struct Collections {
     dir: PathBuf,
     open: HashMap<Oid, CollFiles>,
     dirty: HashSet<Oid>,
+    /// Files were created in `coll/` since its last sync (`sync_new_names`).
+    created: bool,
 }
 
 /// The length of an open element file, for checking offsets read from
@@ -464,6 +466,7 @@ impl Collections {
             dir,
             open: HashMap::new(),
             dirty: HashSet::new(),
+            created: false,
         })
     }
 
@@ -503,6 +506,9 @@ impl Collections {
                 // buffered elements is dirty, see `write`).
                 self.sync_dirty()?;
                 self.open.clear();
+            }
+            if !idx_path(&self.dir, coll).exists() {
+                self.created = true;
             }
             let files = CollFiles::open(&self.dir, coll)?;
             self.open.insert(coll, files);
@@ -653,6 +659,17 @@ impl Collections {
             }
         }
         Ok(targets)
+    }
+
+    /// Sync `coll/` itself if files were created in it since the last call:
+    /// a synced file whose name is not durable can vanish with a power
+    /// loss (the checkpoint that covers it must not rely on the file
+    /// system committing the name with the data).
+    pub fn sync_new_names(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.created) {
+            crate::storage::header::sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// Write and sync every collection changed since the last call.

@@ -197,6 +197,9 @@ impl Default for RepoOptions {
 }
 
 const LOCK_FILE: &str = "LOCK";
+/// Most bytes of the root anchor (root, node and every meta attribute),
+/// checked before a commit that sets meta attributes.
+pub const MAX_ANCHOR_BYTES: usize = 64 * 1024 * 1024;
 
 /// An open repository. Owned by one thread; see the module doc of `storage`.
 pub struct Repository {
@@ -212,6 +215,9 @@ pub struct Repository {
     index: IndexMap,
     /// Index entries changed since the last checkpoint (see `index_map`).
     overlay: HashMap<Oid, IndexEntry>,
+    /// Why this repository refuses every change and read until reopened
+    /// (see `poisoning`).
+    poisoned: Option<String>,
     objects: ObjectFile,
     colls: Collections,
     epoch: Epoch,
@@ -461,6 +467,7 @@ impl Repository {
             log,
             index,
             overlay: HashMap::new(),
+            poisoned: None,
             objects,
             colls,
             tokens: HashMap::new(),
@@ -535,6 +542,7 @@ impl Repository {
     /// the commit may be acknowledged or replicated. Lets a batch of commits
     /// cost one log write instead of one each.
     pub fn commit_unwritten(&mut self, req: CommitRequest) -> Result<Unwritten> {
+        self.usable()?;
         if self.header.restore_mode {
             return Err(StorageError::RestoreMode);
         }
@@ -554,7 +562,8 @@ impl Repository {
             }
         }
         let plan = self.plan(&req)?;
-        let (number, body) = self.append_and_apply(plan.ops, req.token, req.new_epoch)?;
+        let appended = self.append_and_apply(plan.ops, req.token, req.new_epoch);
+        let (number, body) = self.poisoning(appended)?;
         Ok(Unwritten {
             number,
             body,
@@ -687,6 +696,28 @@ impl Repository {
             }
             ops.push(Op::SetRoot { oid: Some(oid) });
         }
+        if !req.meta.is_empty() {
+            // The anchor holds every meta attribute and is rewritten whole
+            // by each change of root, meta or node: bounded, it stays a
+            // record any server can write and read back (its length field
+            // is 32 bits).
+            let now = match self.entry(ROOT_ANCHOR)? {
+                Some(e) => self.objects.stored(ROOT_ANCHOR, &e)?.value.len(),
+                None => 0,
+            };
+            let added: usize = req
+                .meta
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + 16)
+                .sum();
+            if now + added > MAX_ANCHOR_BYTES {
+                return Err(StorageError::Invalid(format!(
+                    "meta attributes would take up to {} bytes with these; at most {} in all",
+                    now + added,
+                    MAX_ANCHOR_BYTES
+                )));
+            }
+        }
         for (key, value) in &req.meta {
             let value = match value {
                 Some(v) => Some(checked(v)?),
@@ -804,9 +835,37 @@ impl Repository {
     /// write for the batch). Records before the first failing one stay
     /// applied; returns the last applied number.
     pub fn apply_records<B: AsRef<[u8]>>(&mut self, bodies: &[B]) -> Result<CommitNumber> {
+        self.usable()?;
         let result = bodies.iter().try_for_each(|b| self.apply_one(b.as_ref()));
-        self.log.write_pending()?;
+        let result = self.poisoning(result);
+        let written = self.log.write_pending();
+        self.poisoning(written)?;
         result.map(|_| self.log.last())
+    }
+
+    /// Refuse once a failure poisoned the repository (`StorageError::Stopped`).
+    fn usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(StorageError::Stopped(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Poison the repository on a fatal failure: a record logged but not
+    /// wholly applied, or a log write that failed, leaves memory and log
+    /// apart. Later commits would be planned on that memory and logged
+    /// after the record (replayed, they would overwrite its effects), and
+    /// a checkpoint would make the half-applied state the repository's.
+    /// The server stops on the fatal error; until it has, nothing more
+    /// changes or is read.
+    fn poisoning<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            if e.is_fatal() && self.poisoned.is_none() {
+                log::error!("{}: stopped taking changes: {e}", self.dir.display());
+                self.poisoned = Some(e.to_string());
+            }
+        }
+        result
     }
 
     fn apply_one(&mut self, body: &[u8]) -> Result<()> {
@@ -961,6 +1020,7 @@ impl Repository {
     }
 
     pub fn get(&self, oid: Oid) -> Result<Option<StoredObject>> {
+        self.usable()?;
         match self.entry(oid)? {
             Some(e) => self.objects.stored(oid, &e).map(Some),
             None => Ok(None),
@@ -969,6 +1029,7 @@ impl Repository {
 
     /// Number of elements of a large collection.
     pub fn collection_len(&self, coll: Oid) -> Result<u64> {
+        self.usable()?;
         let e = self.entry(coll)?.ok_or(StorageError::UnknownObject(coll))?;
         if !e.is_collection() {
             return Err(StorageError::NotACollection(coll));
@@ -1026,13 +1087,34 @@ impl Repository {
 
     /// Make everything applied so far durable in the data files and index,
     /// then record it in the header; older log segments may then go.
+    /// Make everything applied durable in the data files and index, and
+    /// name it in the header. Any failure poisons the repository (see
+    /// `poisoning`): a checkpoint cut short after the index entries were
+    /// written must be undone at the next open, and a second one in this
+    /// process would overwrite the undo file with entries already changed.
     pub fn checkpoint(&mut self) -> Result<()> {
+        self.usable()?;
+        let done = self.write_checkpoint();
+        if let Err(e) = &done {
+            if self.poisoned.is_none() {
+                log::error!(
+                    "{}: checkpoint failed, stopped taking changes: {e}",
+                    self.dir.display()
+                );
+                self.poisoned = Some(format!("a checkpoint failed: {e}"));
+            }
+        }
+        done
+    }
+
+    fn write_checkpoint(&mut self) -> Result<()> {
         // Everything the index and header will describe is durable before
         // either is written; the files are synced together (see `sync`).
         let mut targets = self.colls.dirty_sync_targets()?;
         targets.push(self.objects.sync_target()?);
         targets.extend(self.log.sync_target()?);
         crate::storage::sync::sync_all(&targets)?;
+        self.colls.sync_new_names()?;
         let mut entries: Vec<_> = self.overlay.iter().map(|(k, v)| (*k, *v)).collect();
         entries.sort_unstable_by_key(|(k, _)| *k);
         // Undoable until the header below names this checkpoint.

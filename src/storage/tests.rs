@@ -92,6 +92,55 @@ fn a_checkpoint_cut_short_before_its_header_is_undone_at_open() {
     assert_eq!(Repository::open(&path).unwrap().digest().unwrap(), after);
 }
 
+/// After a checkpoint cut short, the repository takes nothing more until
+/// it is reopened: a commit, a record from a primary, a read and above all
+/// a second checkpoint (which would overwrite the undo file with entries
+/// the first one already changed) are refused; the reopened repository is
+/// the one before the failure.
+#[test]
+fn a_failed_checkpoint_stops_the_repository_until_it_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let mut repo = Repository::create(&path, 1, "a:1").unwrap();
+    repo.checkpoint().unwrap();
+    let (root, coll) = setup_root_with_collection(&mut repo);
+    append(&mut repo, coll, "a");
+    let before = repo.digest().unwrap();
+    let records = repo.read_records(1, 100, 1 << 20).unwrap();
+    repo.crash_before_header = true;
+    assert!(repo.checkpoint().is_err());
+    repo.crash_before_header = false;
+    let undo = path.join(super::index_map::UNDO_FILE);
+    let undo_bytes = fs::read(&undo).unwrap();
+
+    let stopped = |r: Result<(), StorageError>| match r {
+        Err(e @ StorageError::Stopped(_)) => assert!(e.is_fatal(), "{e}"),
+        other => panic!("expected stopped, got {other:?}"),
+    };
+    stopped(
+        repo.commit(CommitRequest {
+            meta: vec![("k".into(), Some(s("v")))],
+            ..Default::default()
+        })
+        .map(|_| ()),
+    );
+    stopped(repo.checkpoint());
+    stopped(repo.get(root).map(|_| ()));
+    stopped(repo.collection_len(coll).map(|_| ()));
+    stopped(repo.apply_records(&records).map(|_| ()));
+    assert_eq!(
+        fs::read(&undo).unwrap(),
+        undo_bytes,
+        "the undo file was rewritten"
+    );
+    drop(repo);
+
+    let mut repo = Repository::open(&path).unwrap();
+    assert_eq!(repo.digest().unwrap(), before);
+    append(&mut repo, coll, "b");
+    repo.checkpoint().unwrap();
+}
+
 #[test]
 fn appends_to_more_collections_than_stay_open_are_all_kept() {
     let dir = tempfile::tempdir().unwrap();
@@ -985,4 +1034,39 @@ proptest! {
     ) {
         run_crash_case(actions, damages);
     }
+}
+
+/// Meta attributes live in the root anchor, rewritten whole by each change:
+/// a commit that would take it past MAX_ANCHOR_BYTES is refused before
+/// anything is logged.
+#[test]
+fn meta_attributes_are_bounded_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = Repository::create(&dir.path().join("r"), 1, "a:1").unwrap();
+    let last = repo.info().last_commit;
+    let big = crate::storage::object::encode_value(&rmpv::Value::Binary(vec![
+        7u8;
+        super::repository::MAX_ANCHOR_BYTES
+            / 2
+    ]));
+    let err = repo
+        .commit(CommitRequest {
+            meta: vec![
+                ("a".into(), Some(big.clone())),
+                ("b".into(), Some(big.clone())),
+            ],
+            ..Default::default()
+        })
+        .map(|c| c.number)
+        .expect_err("refused");
+    assert!(
+        matches!(&err, StorageError::Invalid(why) if why.contains("at most 67108864")),
+        "{err}"
+    );
+    assert_eq!(repo.info().last_commit, last);
+    repo.commit(CommitRequest {
+        meta: vec![("a".into(), Some(big))],
+        ..Default::default()
+    })
+    .unwrap();
 }

@@ -408,29 +408,6 @@ impl Repository {
                 header.checkpoint
             );
         }
-        let objects = ObjectFile::open(dir, header.objects_len)?;
-        let mut colls = Collections::open(dir)?;
-        // Cut collection files to their checkpointed lengths; later
-        // elements are replayed at their explicit positions.
-        for coll in colls.existing()? {
-            let len = match index.get(coll)? {
-                Some(e) => e.coll_len,
-                // Created after the checkpoint (oids from its next_oid on
-                // are new since): replayed from the log.
-                None if coll >= header.next_oid => 0,
-                // Checkpointed collections have entries: cutting the files
-                // to nothing would destroy their elements.
-                None => {
-                    return Err(StorageError::Corrupted(format!(
-                        "{}: collection {coll} has files but no entry, though the \
-                         checkpoint's next oid is {}",
-                        dir.join(crate::storage::index_map::INDEX_FILE).display(),
-                        header.next_oid
-                    )))
-                }
-            };
-            colls.truncate(coll, len)?;
-        }
         // Tokens of the records the checkpoint already covers are read
         // back from the log too (`trim_log` keeps them): a commit applied
         // just before a checkpoint and a kill is still recognised when its
@@ -458,6 +435,33 @@ impl Repository {
                 Ok(())
             },
         )?;
+        // Only now, the log read and found whole (up to a torn tail), are
+        // the data files cut back to the checkpoint: an open refused for a
+        // damaged log leaves them as they were (they hold the other copy
+        // of what the damaged records did).
+        let objects = ObjectFile::open(dir, header.objects_len)?;
+        let mut colls = Collections::open(dir)?;
+        // Cut collection files to their checkpointed lengths; later
+        // elements are replayed at their explicit positions.
+        for coll in colls.existing()? {
+            let len = match index.get(coll)? {
+                Some(e) => e.coll_len,
+                // Created after the checkpoint (oids from its next_oid on
+                // are new since): replayed from the log.
+                None if coll >= header.next_oid => 0,
+                // Checkpointed collections have entries: cutting the files
+                // to nothing would destroy their elements.
+                None => {
+                    return Err(StorageError::Corrupted(format!(
+                        "{}: collection {coll} has files but no entry, though the \
+                         checkpoint's next oid is {}",
+                        dir.join(crate::storage::index_map::INDEX_FILE).display(),
+                        header.next_oid
+                    )))
+                }
+            };
+            colls.truncate(coll, len)?;
+        }
         let mut repo = Repository {
             dir: dir.to_path_buf(),
             _lock: lock,

@@ -801,8 +801,11 @@ fn corrupt_middle_record_is_an_error_naming_file_and_offset() {
     let end = {
         let mut repo = new_repo(dir.path());
         let (_, coll) = setup_root_with_collection(&mut repo);
+        repo.checkpoint().unwrap();
+        // Past the collection's write buffer: its files grow beyond the
+        // checkpoint before any new checkpoint.
         for i in 0..20 {
-            append(&mut repo, coll, &format!("v{i}"));
+            append(&mut repo, coll, &format!("v{i}-{}", "x".repeat(100_000)));
         }
         repo.sync().unwrap();
         repo.log_end_offset() as usize
@@ -817,12 +820,32 @@ fn corrupt_middle_record_is_an_error_naming_file_and_offset() {
     let at = end / 2;
     bytes[at] ^= 0xff;
     fs::write(&seg, &bytes).unwrap();
+    let sizes = |p: &std::path::Path| -> Vec<(std::path::PathBuf, u64)> {
+        let mut out: Vec<_> = [p.join("objects.dat")]
+            .into_iter()
+            .chain(
+                fs::read_dir(p.join("coll"))
+                    .unwrap()
+                    .map(|e| e.unwrap().path()),
+            )
+            .map(|f| {
+                let len = fs::metadata(&f).unwrap().len();
+                (f, len)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let before = sizes(&path);
     let err = Repository::open(&path).err().expect("must refuse");
     let text = err.to_string();
     assert!(
         matches!(err, StorageError::CorruptRecord { .. }) && text.contains("log"),
         "{text}"
     );
+    // Refused before anything was cut: the data files still hold what the
+    // records after the checkpoint did (the other copy of the damaged one).
+    assert_eq!(sizes(&path), before);
 }
 
 // ---- crash recovery, as a property ----

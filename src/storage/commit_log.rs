@@ -250,11 +250,18 @@ impl CommitLog {
             let Ok(first) = stem.parse::<u64>() else {
                 continue;
             };
+            // Its file's length until it is scanned (`ensure_offsets` sets
+            // the records' end): what it takes on disk counts toward
+            // `--max-log-bytes` from the start.
+            let len = entry
+                .metadata()
+                .map_err(|e| io_at(&entry.path(), "inspecting", e))?
+                .len();
             segments.push(Segment {
                 first,
                 path: entry.path(),
                 offsets: None,
-                len: 0,
+                len,
                 allocated: 0,
             });
         }

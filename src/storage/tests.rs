@@ -1093,3 +1093,39 @@ fn meta_attributes_are_bounded_in_all() {
     })
     .unwrap();
 }
+
+/// After a restart, segments not read yet count toward the log's size on
+/// disk (and so toward `max_log_bytes`) by their files' lengths.
+#[test]
+fn the_log_on_disk_is_counted_whole_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    // Few tokens: the open reads back only the last segments for them.
+    let opts = || RepoOptions {
+        segment_bytes: 2048,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&path, 1, "a:1", opts()).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    repo.retain_from(1).unwrap();
+    for i in 0..200 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.checkpoint().unwrap();
+    let before = repo.log_disk_bytes();
+    drop(repo);
+    let on_disk: u64 = fs::read_dir(path.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let repo = Repository::open_with(&path, opts()).unwrap();
+    assert!(before > 4 * 2048, "several segments: {before}");
+    // The current segment is preallocated beyond its records; every other
+    // one is counted in full.
+    assert!(
+        repo.log_disk_bytes() >= before && repo.log_disk_bytes() <= on_disk,
+        "{} counted; {before} before the restart, {on_disk} on disk",
+        repo.log_disk_bytes()
+    );
+}

@@ -427,6 +427,21 @@ fn finish(
 pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
     let started = Instant::now();
     let dir = opts.to.as_path();
+    if dir.join(MANIFEST_FILE).exists() && dir.join(STATE_FILE).exists() {
+        // An earlier run sealed the copy and stopped before it removed its
+        // state: finish it.
+        let verified = finish_sealed(dir)?;
+        return Ok(PullSummary {
+            server: opts.server.clone(),
+            dir: dir.to_path_buf(),
+            verified,
+            elapsed: started.elapsed(),
+            fetched: 0,
+            resumed: true,
+            restarted: false,
+            reconnects: 0,
+        });
+    }
     let earlier = existing_state(dir)?;
     let resumed = earlier.is_some();
     let mut link = Link::new(&opts.server)?;
@@ -491,8 +506,9 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
     };
     let snap = &state.snapshot;
     let repository_id = parse_repository_id(&snap.repository_id)?;
-    let state_path = dir.join(STATE_FILE);
-    fs::remove_file(&state_path).map_err(io_err(&state_path))?;
+    // Sealed first, the state removed after: a stop in between leaves a
+    // sealed copy whose state says so (the next run finishes it), never
+    // an incomplete one that cannot be continued.
     seal(
         dir,
         &snap.header,
@@ -502,7 +518,33 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
         &opts.server,
     )
     .map_err(|e| PullError::Backup(e.to_string()))?;
-    let verified = verify(dir).map_err(|problems| {
+    let verified = finish_sealed(dir)?;
+    debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
+    Ok(PullSummary {
+        server: opts.server.clone(),
+        dir: dir.to_path_buf(),
+        verified,
+        elapsed: started.elapsed(),
+        fetched,
+        resumed,
+        restarted,
+        reconnects: link.reconnects,
+    })
+}
+
+/// A sealed copy: remove the pull's state (its name durably), then verify
+/// the copy; one that fails is marked so, never to be opened.
+fn finish_sealed(dir: &Path) -> Result<Verified, PullError> {
+    let state_path = dir.join(STATE_FILE);
+    match fs::remove_file(&state_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&state_path)(e)),
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    verify(dir).map_err(|problems| {
         let described = describe_problems(dir, &problems);
         // Sealed but wrong: never to be opened as a repository.
         if let Err(e) = write_marker(
@@ -515,17 +557,6 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
             log::error!("marking {} as failed: {e}", dir.display());
         }
         PullError::InvalidBackup(described)
-    })?;
-    debug_assert!(!dir.join(INCOMPLETE_FILE).exists());
-    Ok(PullSummary {
-        server: opts.server.clone(),
-        dir: dir.to_path_buf(),
-        verified,
-        elapsed: started.elapsed(),
-        fetched,
-        resumed,
-        restarted,
-        reconnects: link.reconnects,
     })
 }
 
@@ -562,6 +593,33 @@ mod tests {
         fs::write(tmp.path().join(MANIFEST_FILE), b"{}").unwrap();
         let e = existing_state(tmp.path()).unwrap_err();
         assert!(e.to_string().contains("complete backup"), "{e}");
+    }
+
+    /// A run stopped after sealing the copy but before removing its state
+    /// is finished by the next one (the state removed, the copy verified),
+    /// without the server: never left as a directory nobody can continue.
+    #[test]
+    fn a_copy_sealed_before_its_state_was_removed_is_finished_by_the_next_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo =
+            crate::storage::Repository::create(&tmp.path().join("live"), 3, "127.0.0.1:1").unwrap();
+        let backup = tmp.path().join("backup");
+        repo.snapshot(&tmp.path().join("scratch"))
+            .unwrap()
+            .copy_to(&backup)
+            .unwrap();
+        fs::write(backup.join(STATE_FILE), b"{}").unwrap();
+        let summary = run(&PullOptions {
+            // Nothing listens there: the run must not need the server.
+            server: "127.0.0.1:1".into(),
+            to: backup.clone(),
+            rate: None,
+            progress: indicatif::ProgressBar::hidden(),
+        })
+        .unwrap();
+        assert!(summary.resumed && summary.fetched == 0);
+        assert!(!backup.join(STATE_FILE).exists());
+        verify(&backup).unwrap();
     }
 
     #[test]

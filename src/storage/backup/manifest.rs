@@ -97,7 +97,10 @@ pub fn write_marker(dir: &Path, text: &str) -> Result<()> {
     f.write_all(text.as_bytes())
         .map_err(|e| StorageError::backup_io(ctx("writing"), e))?;
     f.sync_all()
-        .map_err(|e| StorageError::backup_io(ctx("syncing"), e))
+        .map_err(|e| StorageError::backup_io(ctx("syncing"), e))?;
+    // Its name too: a marker that vanished would make an unfinished copy
+    // look like one with nothing to say.
+    sync_backup_dir(dir)
 }
 
 /// The text of `DIR/BACKUP-INCOMPLETE`, if there is one.

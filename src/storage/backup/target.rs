@@ -96,6 +96,14 @@ pub fn prepare_target(live: &Path, target: &Path) -> Result<(), TargetRefusal> {
             blocker.display()
         ))));
     }
+    // The directories made here, deepest first: each one's name is made
+    // durable in its parent, or a power loss could take a completed backup
+    // away whole.
+    let existing = target.ancestors().skip(1).find(|a| a.exists());
+    let made: Vec<&Path> = target
+        .ancestors()
+        .take_while(|a| Some(*a) != existing)
+        .collect();
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent).map_err(not_creatable)?;
     }
@@ -105,6 +113,15 @@ pub fn prepare_target(live: &Path, target: &Path) -> Result<(), TargetRefusal> {
             return Err(TargetRefusal::Exists(target.to_path_buf()))
         }
         Err(e) => return Err(not_creatable(e)),
+    }
+    for dir in made {
+        if let Some(parent) = dir.parent() {
+            let synced = fs::File::open(parent).and_then(|d| d.sync_all());
+            if let Err(e) = synced {
+                let _ = fs::remove_dir_all(target);
+                return Err(not_creatable(e));
+            }
+        }
     }
     let text = incomplete_text(
         "in progress",

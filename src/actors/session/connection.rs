@@ -439,7 +439,15 @@ impl Actor for Session {
                 // The client is gone, or reading broke: nothing to drain.
                 let gone = matches!(&frame, Err(ProtocolError::Closed | ProtocolError::Io(_)));
                 let last = frame.is_err();
-                match me.send(Inbound { frame, slot }).await {
+                // A session stopped from outside (shutdown, hello timeout,
+                // eviction) answers what it must itself: waiting for its
+                // answer here would keep `tx`, and with it the writer that
+                // must deliver that answer, until the actor is gone.
+                let answer = tokio::select! {
+                    answer = me.send(Inbound { frame, slot }) => answer,
+                    () = stop.notified() => break "closed",
+                };
+                match answer {
                     Ok(Flow::Continue) if !last => {}
                     Ok(Flow::Close) if !gone => {
                         me.do_send(ReaderEnded {

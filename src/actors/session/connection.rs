@@ -2,7 +2,8 @@
 //!
 //! Socket I/O never runs inside a handler:
 //!
-//! * a reader task reserves one slot of the outgoing queue, reads one frame
+//! * a reader future, spawned in the actor's context, reserves one slot of
+//!   the outgoing queue, reads one frame
 //!   (through a read buffer, so one small request costs one `recv`) and
 //!   sends it to the actor as [`Inbound`], awaiting the reply before reading
 //!   the next: requests are served in order and a client that stops reading
@@ -13,12 +14,12 @@
 //!   stopped), it writes what is left and shuts the socket down. A client
 //!   that takes no reply bytes for `reply_timeout` is disconnected.
 //!
-//! The reader ends with the actor (`stopped` wakes its waits), except after
-//! an error reply that closes the session: then it drains what the client
-//! still sends for a moment (`linger`), so that the close is no reset, and
-//! only then tells the `Listener` the connection is gone (it stays counted
-//! meanwhile: it holds a descriptor). The writer outlives the actor just
-//! long enough to deliver the last replies.
+//! The reader dies with the actor, except after an error reply that closes
+//! the session: then its read half drains what the client still sends for
+//! a moment, in a task of its own (`linger`), so that the close is no
+//! reset, and only then tells the `Listener` the connection is gone (it
+//! stays counted meanwhile: it holds a descriptor). The writer outlives the
+//! actor just long enough to deliver the last replies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,8 +122,6 @@ pub struct Session {
     pub(super) admission: Recipient<SaidHello>,
     stream: Option<TcpStream>,
     writer: Option<JoinHandle<()>>,
-    /// Ends the reader task's waits when the session stops.
-    stop_reading: Arc<tokio::sync::Notify>,
     /// The reader drains the client's input after the close (see
     /// `linger`) and reports the connection gone itself.
     lingering: bool,
@@ -156,7 +155,6 @@ impl Session {
             admission,
             stream: Some(stream),
             writer: None,
-            stop_reading: Arc::new(tokio::sync::Notify::new()),
             lingering: false,
             role: None,
             client: String::new(),
@@ -411,65 +409,54 @@ impl Actor for Session {
         )));
         let me = ctx.address();
         let limit = self.env.settings.max_frame;
-        let stop = self.stop_reading.clone();
-        let (registry, id) = (self.registry.clone(), self.id);
-        // A task of its own, not a future of this actor: after an error
-        // reply that closes the session it outlives the actor to drain what
-        // the client still sends (see `linger`).
-        tokio::spawn(async move {
-            let reason = loop {
-                // Stopping the session (`stopped`) ends every wait here,
-                // but not the hand-over of a request to the actor below:
-                // its answer says whether to linger.
-                let slot = tokio::select! {
-                    slot = reserve(&tx, &queued) => slot,
-                    () = stop.notified() => break "closed",
-                };
-                let Some(slot) = slot else {
-                    break "the connection cannot be written to";
+        // A future of this actor: stopping the session (shutdown, hello
+        // timeout, eviction) drops it, and with it the queue's sender, so
+        // the writer delivers what is queued and ends. Only after an error
+        // reply that closes the session does the read half outlive the
+        // actor, in a task of its own that drains the client's input (see
+        // `linger`).
+        async move {
+            loop {
+                let Some(slot) = reserve(&tx, &queued).await else {
+                    return Ended::Closed("the connection cannot be written to");
                 };
                 // The writer gives up on a client that takes no reply bytes
                 // (or on a broken connection) while we may be waiting for
                 // a request that never comes: its end ends the session.
                 let frame = tokio::select! {
                     frame = read_frame_async(&mut rd, limit) => frame,
-                    () = tx.closed() => break "the replies could not be written",
-                    () = stop.notified() => break "closed",
+                    () = tx.closed() => return Ended::Closed("the replies could not be written"),
                 };
                 // The client is gone, or reading broke: nothing to drain.
                 let gone = matches!(&frame, Err(ProtocolError::Closed | ProtocolError::Io(_)));
                 let last = frame.is_err();
-                // A session stopped from outside (shutdown, hello timeout,
-                // eviction) answers what it must itself: waiting for its
-                // answer here would keep `tx`, and with it the writer that
-                // must deliver that answer, until the actor is gone.
-                let answer = tokio::select! {
-                    answer = me.send(Inbound { frame, slot }) => answer,
-                    () = stop.notified() => break "closed",
-                };
-                match answer {
+                match me.send(Inbound { frame, slot }).await {
                     Ok(Flow::Continue) if !last => {}
-                    Ok(Flow::Close) if !gone => {
-                        me.do_send(ReaderEnded {
-                            reason: "closed",
-                            lingering: true,
-                        });
-                        // The writer flushes the error reply and sends FIN.
-                        drop(tx);
-                        linger(&mut rd).await;
-                        registry.do_send(SessionClosed { id });
-                        return;
-                    }
-                    _ => break "closed",
+                    // The writer flushes the error reply and sends FIN once
+                    // the sender is gone.
+                    Ok(Flow::Close) if !gone => return Ended::Linger(rd),
+                    _ => return Ended::Closed("closed"),
                 }
-            };
-            // Whatever ended the reading ends the session (the first reason
-            // given is the one logged).
-            me.do_send(ReaderEnded {
-                reason,
-                lingering: false,
-            });
-        });
+            }
+        }
+        .into_actor(self)
+        // Whatever ended the reading ends the session (the first reason
+        // given is the one logged).
+        .map(|ended, act, ctx| match ended {
+            Ended::Closed(reason) => act.close(reason, ctx),
+            Ended::Linger(mut rd) => {
+                // Counted by the listener until the drain is over: it
+                // holds a descriptor.
+                act.lingering = true;
+                let (registry, id) = (act.registry.clone(), act.id);
+                tokio::spawn(async move {
+                    linger(&mut rd).await;
+                    registry.do_send(SessionClosed { id });
+                });
+                act.close("closed", ctx);
+            }
+        })
+        .spawn(ctx);
         // A connection that never says hello would hold a descriptor for
         // ever (nothing else times an idle session out).
         let wait = self.env.settings.hello_timeout;
@@ -499,9 +486,6 @@ impl Actor for Session {
         if !self.lingering {
             self.registry.do_send(SessionClosed { id: self.id });
         }
-        // The reader task ends with the session, unless it is draining
-        // after an error reply (then it holds nothing but the socket).
-        self.stop_reading.notify_one();
     }
 }
 
@@ -541,23 +525,11 @@ async fn linger<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) {
     .await;
 }
 
-/// Reading ended; the reason is logged. `lingering`: the reader drains the
-/// client's input and reports the connection gone to the `Listener` itself
-/// when done. Sender: the session's reader task.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ReaderEnded {
-    reason: &'static str,
-    lingering: bool,
-}
-
-impl Handler<ReaderEnded> for Session {
-    type Result = ();
-
-    fn handle(&mut self, msg: ReaderEnded, ctx: &mut Context<Self>) {
-        self.lingering = msg.lingering;
-        self.close(msg.reason, ctx);
-    }
+/// How the reader ended: the session closes, or it closes and the read
+/// half drains the client's input first (see `linger`).
+enum Ended {
+    Closed(&'static str),
+    Linger(BufReader<tokio::net::tcp::OwnedReadHalf>),
 }
 
 /// TCP keepalive of every accepted connection: probes after 60 s idle,

@@ -1525,8 +1525,13 @@ fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
     // Its refusal of the records (the node change adding it first) gets it
     // removed: the commit, which would wait for it, completes.
     let (_, coll) = make_root_with_collection(&mut app);
-    assert!(refused.load(Ordering::SeqCst) > 0);
+    // The records reach it on the primary's stream, which need not have
+    // sent them by the time the commit (not waiting for a joiner) is done.
     let deadline = Instant::now() + Duration::from_secs(10);
+    while refused.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no record was ever sent to it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     loop {
         match app.call(RequestBody::GetNode).body {
             ResponseBody::Node { node, .. } if node.members.len() == 1 => break,
@@ -1598,6 +1603,90 @@ fn a_client_sending_a_whole_oversized_frame_reads_the_refusal() {
             );
         }
         _ => panic!("the refusal was lost: write {written:?}, read {reply:?}"),
+    }
+    server.shutdown(true).unwrap();
+}
+
+/// A secondary whose log the primary's stream does not continue (it holds
+/// a record a failover lost) stops serving: deposed, it refuses reads, as
+/// well as the commits that would make it take over.
+#[test]
+fn a_secondary_whose_log_diverged_from_the_stream_is_deposed() {
+    use crate::protocol::ReplicateAck;
+    use crate::storage::{CommitRequest, Repository};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
+    // The node's later primary: the same history up to here, then its own.
+    let fork_dir = tmp.path().join("fork");
+    old.snapshot(&tmp.path().join("scratch2"))
+        .unwrap()
+        .copy_to(&fork_dir)
+        .unwrap();
+    let mut new = Repository::open(&fork_dir).unwrap();
+    new.set_restore_mode(false).unwrap();
+    let base = old.info().last_commit;
+    let meta = |v: u8| CommitRequest {
+        meta: vec![("k".into(), Some(vec![v]))],
+        ..Default::default()
+    };
+    old.commit(meta(1)).unwrap();
+    new.commit(meta(2)).unwrap();
+    new.commit(meta(3)).unwrap();
+    let record = |repo: &mut Repository, n| {
+        vec![serde_bytes::ByteBuf::from(
+            repo.read_records(n, 1, 1 << 20).unwrap().remove(0),
+        )]
+    };
+    let (lost, next) = (record(&mut old, base + 1), record(&mut new, base + 2));
+    let epoch = old.info().epoch;
+
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    assert!(matches!(
+        peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION)).body,
+        ResponseBody::Hello { .. }
+    ));
+    let mut replicate = |records: Vec<serde_bytes::ByteBuf>| {
+        peer.call(RequestBody::Replicate {
+            epoch,
+            primary_id: 7,
+            records,
+            primary_last: base + 2,
+            ack: ReplicateAck::Applied,
+        })
+        .body
+    };
+    assert!(matches!(replicate(lost), ResponseBody::Replicated { .. }));
+    match replicate(next) {
+        ResponseBody::Error {
+            error: WireError::Diverged { number },
+            ..
+        } => assert_eq!(number, base + 2),
+        other => panic!("expected diverged, got {other:?}"),
+    }
+    let mut admin = Conn::raw(server.local_addr());
+    admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin.call(RequestBody::Status).body {
+            ResponseBody::Status(s) if s.role == ServerRole::Deposed => break,
+            ResponseBody::Status(s) if Instant::now() < deadline => {
+                let _ = s;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("still not deposed: {other:?}"),
+        }
+    }
+    let mut app = Conn::raw(server.local_addr());
+    app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
+    match app.error(RequestBody::ReadRoot {
+        depth: 0,
+        required_progress: None,
+    }) {
+        WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
+        other => panic!("a deposed server must refuse reads: {other:?}"),
     }
     server.shutdown(true).unwrap();
 }

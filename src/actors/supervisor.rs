@@ -143,6 +143,9 @@ pub struct NodeSupervisor {
     /// The server this one handed the node over to, until this one leads
     /// again (see [`NamedAsPrimary`]).
     handed_over_to: Option<u64>,
+    /// This copy's log diverged from the primary's stream (see
+    /// [`StreamDiverged`]): deposed for good in this process.
+    diverged: Option<String>,
 }
 
 impl NodeSupervisor {
@@ -166,6 +169,7 @@ impl NodeSupervisor {
             removal_gen: 0,
             changing_role: false,
             handed_over_to: None,
+            diverged: None,
         }
     }
 
@@ -211,6 +215,11 @@ impl NodeSupervisor {
     }
 
     fn publish_follow_state(&self) {
+        if let Some(note) = &self.diverged {
+            let primary = self.node.primary().map(|p| p.addr.clone());
+            self.publish(ServerRole::Deposed, primary, Some(note.clone()));
+            return;
+        }
         let Some(state) = &self.follow_state else {
             self.publish(ServerRole::Restore, None, None);
             return;
@@ -1349,7 +1358,13 @@ impl NodeSupervisor {
                 Some(FollowState::Streaming { primary } | FollowState::CatchingUp { primary }),
             ) = (&new_primary, &self.follow_state)
             {
-                if p != primary && *p != self.parts.advertise {
+                // Only the stream tells what the node is now. A catch-up
+                // glob replays history: its nodes may name a primary long
+                // gone (before a failover), and switching to it would drop
+                // the server actually followed (`--primary` included). A
+                // server followed that is no longer the primary says so
+                // itself (`wrong_server` naming the new one).
+                if live && p != primary && *p != self.parts.advertise {
                     info!("the node's primary is now {p}: following it");
                     let p = p.clone();
                     self.start_following(p, ctx);
@@ -1383,6 +1398,41 @@ impl Handler<NeedResync> for NodeSupervisor {
         if let Some(f) = &self.follower {
             f.do_send(Resync);
         }
+    }
+}
+
+/// The primary streamed a batch that does not continue this server's hash
+/// chain: this copy holds records the node does not (a failover lost
+/// them). It stops following and is deposed: it refuses reads, commits
+/// and catch-up until the operator starts it from a new backup. Sender:
+/// sessions handling `replicate`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StreamDiverged {
+    pub number: CommitNumber,
+}
+
+impl Handler<StreamDiverged> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StreamDiverged, _: &mut Context<Self>) {
+        if self.is_primary || self.diverged.is_some() {
+            return;
+        }
+        let note = format!(
+            "its log diverged from the primary's at record {}: it holds records the node \
+             does not; start it from a new backup",
+            msg.number
+        );
+        error!("{note}");
+        if let Some(f) = self.follower.take() {
+            f.do_send(StopFollowing);
+        }
+        self.diverged = Some(note.clone());
+        self.follow_state = Some(FollowState::Stopped {
+            reason: note.clone(),
+        });
+        self.publish_follow_state();
     }
 }
 
@@ -1541,6 +1591,12 @@ impl NodeSupervisor {
     fn orphan_check(&mut self, asked: bool) -> ResponseActFuture<Self, Result<(), WireError>> {
         if self.is_primary {
             return Box::pin(fut::ready(Ok(())));
+        }
+        if let Some(note) = &self.diverged {
+            // Its records are not the node's: never the next primary.
+            return Box::pin(fut::ready(Err(WireError::Unavailable {
+                reason: format!("this server is deposed: {note}"),
+            })));
         }
         if self.changing_role {
             return Box::pin(fut::ready(Err(WireError::Unavailable {

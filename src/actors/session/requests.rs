@@ -22,7 +22,7 @@ use crate::actors::storage::{
 use crate::actors::supervisor::{
     CommitAtSecondary, Complaint, FollowPrimary, GetMembers, HandOverTo, Leave, NeedResync,
     PeerCatchingUp, PeerCaughtUp, PromoteIfOrphaned, RemoveMember,
-    Replicated as SupervisorReplicated, TakeOverNow,
+    Replicated as SupervisorReplicated, StreamDiverged, TakeOverNow,
 };
 use crate::protocol::{
     CommitBody, MemberStatus, ReplicateAck, ResponseBody, ServerRole, SessionRole, StatusReport,
@@ -440,7 +440,10 @@ async fn replicated(
             return Err(WireError::Resend { from: expected });
         }
         Ok(Err(StorageError::ChainMismatch { number })) => {
-            return Err(WireError::Diverged { number })
+            // This copy holds records the node does not: it must stop
+            // serving them, not only refuse the primary's.
+            env.node.do_send(StreamDiverged { number });
+            return Err(WireError::Diverged { number });
         }
         Ok(Err(StorageError::StaleEpoch { got, current, .. })) => {
             return Err(WireError::StaleEpoch { got, current })

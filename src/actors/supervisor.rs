@@ -683,7 +683,9 @@ impl NodeSupervisor {
     }
 
     /// Compare our log with `primary`'s: a prefix → follow it; diverged →
-    /// keep our extra commits in a file and wait for the operator.
+    /// keep our extra commits in a file and wait for the operator; its log
+    /// trimmed past what must be compared → deposed, waiting for the
+    /// operator too (nothing can be told).
     fn rejoin(&mut self, primary: NodeAddr, ctx: &mut Context<Self>) {
         self.publish(
             ServerRole::Deposed,
@@ -698,8 +700,10 @@ impl NodeSupervisor {
                 .await
                 .map_err(|e| e.to_string())?;
             // Fast path: our whole log is a prefix of theirs.
-            if same_record(&storage, &mut link, last).await? {
-                return Ok(None);
+            match same_record(&storage, &mut link, last).await? {
+                Same::Yes => return Ok(Rejoin::Prefix),
+                Same::No => {}
+                Same::Trimmed { oldest } => return Ok(Rejoin::Unknown { oldest }),
             }
             // Highest n < last where both hold the same record. Records
             // older than our log (a copy seeded from the node, or trimmed)
@@ -713,17 +717,18 @@ impl NodeSupervisor {
             let (mut lo, mut hi) = (oldest.saturating_sub(1).min(last), last.saturating_sub(1));
             while lo < hi {
                 let mid = lo + (hi - lo).div_ceil(2);
-                if same_record(&storage, &mut link, mid).await? {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
+                match same_record(&storage, &mut link, mid).await? {
+                    Same::Yes => lo = mid,
+                    Same::No => hi = mid - 1,
+                    // Where the logs part is older than the peer keeps.
+                    Same::Trimmed { oldest } => return Ok(Rejoin::Unknown { oldest }),
                 }
             }
-            Ok::<_, String>(Some(lo))
+            Ok::<_, String>(Rejoin::Diverged { common: lo })
         }
         .into_actor(self)
         .map(move |res, act, ctx| match res {
-            Ok(None) => {
+            Ok(Rejoin::Prefix) => {
                 info!("our log is a prefix of {primary}'s: catching up as its secondary");
                 let storage = act.parts.storage.clone();
                 let p = primary.clone();
@@ -739,7 +744,18 @@ impl NodeSupervisor {
                     })
                     .spawn(ctx);
             }
-            Ok(Some(common)) => act.keep_divergent(common, primary, ctx),
+            Ok(Rejoin::Diverged { common }) => act.keep_divergent(common, primary, ctx),
+            Ok(Rejoin::Unknown { oldest }) => {
+                // Not a divergence found: a log too old to compare. Our
+                // commits may all be on the new primary, or not.
+                let note = format!(
+                    "{primary}'s log starts at commit {oldest}, after records this server \
+                     would have to compare: it cannot tell whether its commits are on the \
+                     new primary; start it from a new backup"
+                );
+                error!("{note}");
+                act.publish(ServerRole::Deposed, Some(primary), Some(note));
+            }
             Err(e) => {
                 warn!("cannot compare logs with {primary}: {e}; retrying");
                 ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
@@ -1525,11 +1541,33 @@ async fn makes_progress(
 /// the caller then looks further back. Anything else that stops the
 /// comparison (the link, a timeout, a failing storage on either side) is an
 /// error, never evidence of divergence: the caller retries.
+/// What comparing our log with a new primary's found.
+enum Rejoin {
+    /// Ours is a prefix of theirs.
+    Prefix,
+    /// Both hold the same records up to `common`, and differ after it.
+    Diverged { common: CommitNumber },
+    /// Their log no longer reaches back to what must be compared.
+    Unknown { oldest: CommitNumber },
+}
+
+/// Whether a peer holds the same record `n` as we do.
+#[derive(Debug, PartialEq, Eq)]
+enum Same {
+    Yes,
+    No,
+    /// The peer's log no longer reaches back to `n` (it trimmed it):
+    /// nothing can be told.
+    Trimmed {
+        oldest: CommitNumber,
+    },
+}
+
 async fn same_record(
     storage: &Addr<StorageActor>,
     link: &mut PeerLink,
     n: CommitNumber,
-) -> Result<bool, String> {
+) -> Result<Same, String> {
     let mine: Hash = storage
         .send(RecordHashOf { number: n })
         .await
@@ -1542,11 +1580,20 @@ async fn same_record(
         )
         .await
     {
-        Ok((_, ResponseBody::RecordHash { hash, .. })) => Ok(hash[..] == mine[..]),
+        Ok((_, ResponseBody::RecordHash { hash, .. })) => Ok(if hash[..] == mine[..] {
+            Same::Yes
+        } else {
+            Same::No
+        }),
         Err(LinkError::Server {
-            error: WireError::BadRequest { .. } | WireError::LogTruncated { .. },
+            error: WireError::LogTruncated { oldest, .. },
             ..
-        }) => Ok(false),
+        }) => Ok(Same::Trimmed { oldest }),
+        // Beyond its last record: it does not hold ours.
+        Err(LinkError::Server {
+            error: WireError::BadRequest { .. },
+            ..
+        }) => Ok(Same::No),
         Ok((_, other)) => Err(format!(
             "record_hash {n} answered with {}",
             response_type(&other)

@@ -37,13 +37,74 @@ async fn a_peer_that_goes_away_is_an_error_never_a_divergence() {
     let mut link = PeerLink::connect(&peer.local_addr().to_string(), Duration::from_secs(5))
         .await
         .unwrap();
-    assert_eq!(same_record(&storage, &mut link, 0).await, Ok(true));
+    assert_eq!(same_record(&storage, &mut link, 0).await, Ok(Same::Yes));
     // The peer holds no record 1: a definite "different".
-    assert_eq!(same_record(&storage, &mut link, 1).await, Ok(false));
+    assert_eq!(same_record(&storage, &mut link, 1).await, Ok(Same::No));
 
     // A peer that stops (or a link that breaks) says nothing about the
     // logs: the rejoin must retry, not set our commits aside as divergent.
     peer.shutdown(true).unwrap();
     let e = same_record(&storage, &mut link, 1).await.unwrap_err();
     assert!(e.contains("record_hash 1"), "{e}");
+}
+
+/// A peer whose log was trimmed past the record asked for tells nothing:
+/// not a divergence (a rejoin would otherwise set our commits aside as
+/// divergent when they may all be on the new primary).
+#[actix_rt::test]
+async fn a_record_the_peer_trimmed_is_unknown_not_different() {
+    use crate::client::{ConnectOptions, Connection};
+    use crate::protocol::{CommitBody, SessionRole};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let storage = storage_with_one_commit(tmp.path());
+    let peer = spawn(Config {
+        dir: tmp.path().join("peer"),
+        listen: "127.0.0.1:0".into(),
+        max_log_bytes: 64 * 1024,
+        log_segment_bytes: 16 * 1024,
+        checkpoint_interval: Duration::from_millis(50),
+        ..Config::default()
+    })
+    .unwrap();
+    let addr = peer.local_addr().to_string();
+    // Enough commits to roll several segments past the bound, from a
+    // thread of its own (the client is blocking).
+    let to = addr.clone();
+    std::thread::spawn(move || {
+        let mut c =
+            Connection::connect(&to, SessionRole::Application, &ConnectOptions::default()).unwrap();
+        for i in 0..400u32 {
+            c.call(RequestBody::Commit(CommitBody {
+                meta: vec![(
+                    "k".into(),
+                    Some(rmp_serde::to_vec(&format!("{i:0400}")).unwrap().into()),
+                )],
+                ..Default::default()
+            }))
+            .unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let mut link = PeerLink::connect(&addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match same_record(&storage, &mut link, 1).await {
+            Ok(Same::Trimmed { oldest }) => {
+                assert!(oldest > 1);
+                break;
+            }
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the peer never trimmed record 1: {other:?}"
+                );
+                actix_rt::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    peer.shutdown(true).unwrap();
 }

@@ -829,11 +829,17 @@ mod tests {
         fn handle(&mut self, _: ReplicaTrouble, _: &mut Context<Self>) {}
     }
 
-    #[actix::test]
-    async fn a_secondary_not_heard_from_is_not_shown_level() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A broadcaster to secondary 2 of a fresh repository, its stream at
+    /// `next` with the primary at `primary_last`, nothing connected; the
+    /// directory must outlive it.
+    fn broadcaster(
+        tmp: &std::path::Path,
+        next: CommitNumber,
+        primary_last: CommitNumber,
+        max_in_flight: usize,
+    ) -> BroadcastActor {
         let mut repo =
-            crate::storage::Repository::create(&tmp.path().join("r"), 1, "127.0.0.1:1").unwrap();
+            crate::storage::Repository::create(&tmp.join("r"), 1, "127.0.0.1:1").unwrap();
         let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
         let storage = StorageActor::start(
             repo,
@@ -845,7 +851,7 @@ mod tests {
             replica_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(2),
             coalesce: None,
-            max_in_flight: 1,
+            max_in_flight,
             ack: ReplicateAck::Durable,
         };
         let peer = Member {
@@ -853,19 +859,25 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             role: crate::types::MemberRole::Secondary,
         };
-        // Promoted at 100; the secondary's stream starts at 101, but it
-        // has said nothing yet (it may hold 90).
-        let mut b = BroadcastActor::new(
+        BroadcastActor::new(
             peer,
             1,
             Epoch::initial(1),
-            101,
-            100,
+            next,
+            primary_last,
             storage,
             sink.clone().recipient(),
             sink.recipient(),
             settings,
-        );
+        )
+    }
+
+    #[actix::test]
+    async fn a_secondary_not_heard_from_is_not_shown_level() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Promoted at 100; the secondary's stream starts at 101, but it
+        // has said nothing yet (it may hold 90).
+        let mut b = broadcaster(tmp.path(), 101, 100, 1);
         let s = b.stats();
         assert_eq!((s.applied, s.lag_commits), (0, 100));
         // Its first answer tells.
@@ -882,38 +894,7 @@ mod tests {
     #[actix::test]
     async fn an_answer_is_credited_with_what_its_request_carried() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut repo =
-            crate::storage::Repository::create(&tmp.path().join("r"), 1, "127.0.0.1:1").unwrap();
-        let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
-        let storage = StorageActor::start(
-            repo,
-            tokio::sync::watch::channel(0).0,
-            tokio::sync::watch::channel(identity).0,
-        );
-        let sink = Sink.start();
-        let settings = LinkSettings {
-            replica_timeout: Duration::from_secs(2),
-            call_timeout: Duration::from_secs(2),
-            coalesce: None,
-            max_in_flight: 4,
-            ack: ReplicateAck::Durable,
-        };
-        let peer = Member {
-            server_id: 2,
-            addr: "127.0.0.1:1".into(),
-            role: crate::types::MemberRole::Secondary,
-        };
-        let mut b = BroadcastActor::new(
-            peer,
-            1,
-            Epoch::initial(1),
-            96,
-            95,
-            storage,
-            sink.clone().recipient(),
-            sink.recipient(),
-            settings,
-        );
+        let mut b = broadcaster(tmp.path(), 96, 95, 4);
         let now = Instant::now();
         b.in_flight.push_back((1, now, 95));
         b.primary_last = 96;

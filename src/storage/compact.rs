@@ -699,6 +699,17 @@ mod tests {
             }
         }
 
+        /// The fixture, compacted from a backup into `dir/compacted`, and
+        /// the source's last commit (the copy's checkpoint).
+        fn compacted(dir: &Path) -> (Fixture, PathBuf, CommitNumber) {
+            let mut fx = Fixture::build(dir);
+            let backup = fx.backup(dir);
+            let out = dir.join("compacted");
+            compact(&backup, &out, &mut no_progress()).unwrap();
+            let checkpoint = fx.repo.info().last_commit;
+            (fx, out, checkpoint)
+        }
+
         fn backup(&mut self, dir: &Path) -> PathBuf {
             let target = dir.join("backup");
             let snap = self.repo.snapshot(&dir.join("scratch")).unwrap();
@@ -917,12 +928,8 @@ mod tests {
     #[test]
     fn an_append_to_a_dropped_collection_stops_the_copy() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut fx = Fixture::build(tmp.path());
-        let backup = fx.backup(tmp.path());
+        let (mut fx, out, checkpoint) = Fixture::compacted(tmp.path());
         let junk_coll = fx.garbage[1];
-        let out = tmp.path().join("compacted");
-        compact(&backup, &out, &mut no_progress()).unwrap();
-        let checkpoint = fx.repo.info().last_commit;
         fx.repo
             .commit(appends(fx.log, [Value::from("fine")]))
             .unwrap();
@@ -944,12 +951,8 @@ mod tests {
     #[test]
     fn a_dropped_object_written_back_in_full_is_whole_again_on_the_copy() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut fx = Fixture::build(tmp.path());
-        let backup = fx.backup(tmp.path());
+        let (mut fx, out, checkpoint) = Fixture::compacted(tmp.path());
         let blob = fx.garbage[0];
-        let out = tmp.path().join("compacted");
-        compact(&backup, &out, &mut no_progress()).unwrap();
-        let checkpoint = fx.repo.info().last_commit;
 
         // One record writes the blob in full and links it.
         let old = fx.repo.get(blob).unwrap().unwrap();
@@ -977,12 +980,8 @@ mod tests {
     #[test]
     fn a_record_making_a_dropped_object_the_root_stops_the_copy() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut fx = Fixture::build(tmp.path());
-        let backup = fx.backup(tmp.path());
+        let (mut fx, out, checkpoint) = Fixture::compacted(tmp.path());
         let blob = fx.garbage[0];
-        let out = tmp.path().join("compacted");
-        compact(&backup, &out, &mut no_progress()).unwrap();
-        let checkpoint = fx.repo.info().last_commit;
         fx.repo
             .commit(CommitRequest {
                 set_root: Some(ObjRef::Oid(blob)),
@@ -1000,12 +999,8 @@ mod tests {
     #[test]
     fn tombstones_survive_checkpoints_and_backups_of_the_copy() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut fx = Fixture::build(tmp.path());
-        let backup = fx.backup(tmp.path());
+        let (mut fx, out, checkpoint) = Fixture::compacted(tmp.path());
         let (blob, junk_coll) = (fx.garbage[0], fx.garbage[1]);
-        let out = tmp.path().join("compacted");
-        compact(&backup, &out, &mut no_progress()).unwrap();
-        let checkpoint = fx.repo.info().last_commit;
         fx.repo
             .commit(appends(fx.log, [Value::from("after")]))
             .unwrap();
@@ -1030,11 +1025,8 @@ mod tests {
     #[test]
     fn a_compacted_primary_refuses_commits_that_use_a_dropped_object() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut fx = Fixture::build(tmp.path());
-        let backup = fx.backup(tmp.path());
+        let (fx, out, _) = Fixture::compacted(tmp.path());
         let (blob, junk_coll) = (fx.garbage[0], fx.garbage[1]);
-        let out = tmp.path().join("compacted");
-        compact(&backup, &out, &mut no_progress()).unwrap();
         let mut copy = Repository::open(&out).unwrap();
         copy.set_restore_mode(false).unwrap();
         let last = copy.info().last_commit;

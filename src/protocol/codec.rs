@@ -28,11 +28,18 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
-/// Decode a frame body: exactly one MessagePack value. Bytes after it are
-/// malformed, not ignored (they could be a second request, which would go
-/// unanswered).
+/// Decode a frame body.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    let value = rmp_serde::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    rmp_serde::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// Decode a frame body that must be exactly one MessagePack value: what a
+/// server reads from a client, where bytes after the value could be a
+/// second request that would go unanswered. (Responses are decoded with
+/// [`decode`]: walking a large reply once more to find its end would cost
+/// every read on the client, for nothing a client could do about it.)
+pub fn decode_whole<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
+    let value = decode(body)?;
     // Decoded, so the value is whole: `value_len` finds its end.
     if let Some(end) = crate::protocol::direct::value_len(body) {
         if end != body.len() {
@@ -175,7 +182,7 @@ mod tests {
         let mut two = encode(&req)[4..].to_vec();
         let one = two.clone();
         two.extend_from_slice(&one);
-        match decode::<Request>(&two) {
+        match decode_whole::<Request>(&two) {
             Err(ProtocolError::Malformed(why)) => {
                 assert!(
                     why.contains(&format!("{} bytes follow", one.len())),
@@ -184,7 +191,7 @@ mod tests {
             }
             other => panic!("expected malformed, got {other:?}"),
         }
-        assert_eq!(decode::<Request>(&one).unwrap(), req);
+        assert_eq!(decode_whole::<Request>(&one).unwrap(), req);
     }
 
     /// A declared length costs memory only as its bytes arrive: a reader

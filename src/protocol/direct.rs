@@ -13,7 +13,8 @@
 //! They are shortcuts, never a second grammar: any message they do not
 //! recognise — another variant, `"type"` not first, extra top-level keys,
 //! a field they cannot read — goes to the generic decoder, so the result
-//! (value or error) is always what [`codec::decode`] gives. Owns no I/O.
+//! (value or error) is always what the generic decoder gives
+//! ([`codec::decode_whole`] for requests, [`codec::decode`] for responses). Owns no I/O.
 //!
 //! Reading the fields straight from the bytes is not by itself the same
 //! grammar: rmp-serde is more lenient than serde reading its buffered copy.
@@ -171,7 +172,7 @@ fn walk(body: &[u8], limit: usize) -> Walked {
 pub fn decode_request(body: &[u8]) -> Result<Request, ProtocolError> {
     match direct_request(body) {
         Some(request) => Ok(request),
-        None => codec::decode(body),
+        None => codec::decode_whole(body),
     }
 }
 
@@ -663,7 +664,7 @@ mod tests {
             // Compared with the generic decoder, not with `commit`: a
             // meta value `Some(Nil)` is sent as nil and read back as `None`.
             let body = body_of(&Request { id, body: RequestBody::Commit(commit) });
-            prop_assert_eq!(direct_request(&body), Some(codec::decode(&body).unwrap()));
+            prop_assert_eq!(direct_request(&body), Some(codec::decode_whole(&body).unwrap()));
         }
 
         #[test]
@@ -678,7 +679,7 @@ mod tests {
         ) {
             let request = Request { id, body: RequestBody::Commit(commit) };
             let body = damaged(body_of(&request), at, byte, how);
-            prop_assert!(same_outcome(&decode_request(&body), &codec::decode(&body)));
+            prop_assert!(same_outcome(&decode_request(&body), &codec::decode_whole(&body)));
         }
 
         #[test]
@@ -843,7 +844,7 @@ mod tests {
             let body = body_of(&Request { id, body: RequestBody::Commit(commit) });
             let v = rmpv::decode::read_value(&mut &body[..]).unwrap();
             let body = encoded(&v, ints);
-            prop_assert_eq!(direct_request(&body), Some(codec::decode(&body).unwrap()));
+            prop_assert_eq!(direct_request(&body), Some(codec::decode_whole(&body).unwrap()));
         }
 
         #[test]
@@ -861,7 +862,7 @@ mod tests {
         ) {
             let request = Request { id, body: RequestBody::Commit(commit) };
             if let Some(body) = retyped(&body_of(&request), how, pick, ints) {
-                let (direct, generic) = (decode_request(&body), codec::decode(&body));
+                let (direct, generic) = (decode_request(&body), codec::decode_whole(&body));
                 prop_assert!(same_outcome(&direct, &generic), "{:?} vs {:?}", direct, generic);
             }
         }
@@ -893,7 +894,7 @@ mod tests {
              a4 70 75 74 73 c4 00 a7 61 70 70 65 6e 64 73 91 82 a4 63 6f 6c 6c 81 \
              a3 6f 69 64 07 a5 76 61 6c 75 65 a1 78",
         );
-        let generic = codec::decode::<Request>(&body);
+        let generic = codec::decode_whole::<Request>(&body);
         assert!(generic.is_err(), "{generic:?}");
         assert_eq!(direct_request(&body), None);
         assert!(same_outcome(&decode_request(&body), &generic));
@@ -1022,7 +1023,7 @@ mod tests {
             }
             let v = rmpv::decode::read_value(&mut &commit_map(entries, None)[..]).unwrap();
             let body = encoded(&v, ints);
-            let (direct, generic) = (decode_request(&body), codec::decode::<Request>(&body));
+            let (direct, generic) = (decode_request(&body), codec::decode_whole::<Request>(&body));
             if !same_outcome(&direct, &generic) {
                 parted.push(format!(
                     "{field}: {value} ({ints:?}): {direct:?} vs {generic:?}"
@@ -1104,7 +1105,7 @@ mod tests {
         let body = commit_map(vec![one_append(), ("type", Value::from("commit"))], None);
         assert_eq!(direct_request(&body), None);
         let request = decode_request(&body).unwrap();
-        assert_eq!(request, codec::decode::<Request>(&body).unwrap());
+        assert_eq!(request, codec::decode_whole::<Request>(&body).unwrap());
         assert!(matches!(request.body, RequestBody::Commit(c) if c.appends.len() == 1));
     }
 
@@ -1119,7 +1120,7 @@ mod tests {
             None,
         );
         assert_eq!(direct_request(&body), None);
-        let (direct, generic) = (decode_request(&body), codec::decode::<Request>(&body));
+        let (direct, generic) = (decode_request(&body), codec::decode_whole::<Request>(&body));
         assert!(generic.is_err(), "{generic:?}");
         assert!(same_outcome(&direct, &generic));
     }
@@ -1131,7 +1132,10 @@ mod tests {
             Some(("trace", Value::from("abc"))),
         );
         assert_eq!(direct_request(&body), None);
-        assert!(same_outcome(&decode_request(&body), &codec::decode(&body)));
+        assert!(same_outcome(
+            &decode_request(&body),
+            &codec::decode_whole(&body)
+        ));
         assert!(decode_request(&body).is_ok());
     }
 
@@ -1171,7 +1175,7 @@ mod tests {
         assert_eq!(direct_request(&body), None);
         assert_eq!(
             decode_request(&body).unwrap(),
-            codec::decode(&body).unwrap()
+            codec::decode_whole(&body).unwrap()
         );
     }
 }

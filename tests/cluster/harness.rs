@@ -511,6 +511,19 @@ pub fn pair_with(
     c.servers[s2].start();
     let a2 = c.servers[s2].addr.clone();
     wait_for_members(&a1, &[&a1, &a2], Duration::from_secs(90));
+    // The primary lists s2 as soon as it committed the node change; s2
+    // knows itself a member only once that record reached it. A take-over
+    // asked of it before then is refused.
+    wait_until(
+        Duration::from_secs(30),
+        "s2 to see itself a secondary",
+        || {
+            let s = AdminSession::connect(&a2)
+                .and_then(|mut a| a.status())
+                .ok()?;
+            (s.role == magma::protocol::ServerRole::Secondary).then_some(())
+        },
+    );
     (s1, s2, a1, a2)
 }
 

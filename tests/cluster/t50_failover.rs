@@ -447,7 +447,13 @@ fn take_over_and_lose_the_target(c: &mut Cluster, s2: usize, a2: &str) {
         .args(["take-over", "--server", a2])
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "server2 died before taking over");
+    // Refused for another reason, server2 would not exit: say why at once.
+    assert!(
+        stderr.contains("network"),
+        "take-over failed, but not by server2's death: {stderr}"
+    );
     let end = c.servers[s2].wait_exit(Duration::from_secs(30));
     assert_eq!(end.code(), Some(137), "the hook ended server2");
 }

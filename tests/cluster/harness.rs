@@ -14,6 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use magma::client::{AdminSession, ConnectOptions};
+use magma::protocol::ServerRole;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
 pub const CLI: &str = env!("CARGO_BIN_EXE_magma");
@@ -514,17 +515,23 @@ pub fn pair_with(
     // The primary lists s2 as soon as it committed the node change; s2
     // knows itself a member only once that record reached it. A take-over
     // asked of it before then is refused.
+    wait_for_role(&a2, ServerRole::Secondary, Duration::from_secs(30));
+    (s1, s2, a1, a2)
+}
+
+/// Wait until the server at `addr` reports `role` itself (its status;
+/// a server that does not answer yet is asked again).
+pub fn wait_for_role(addr: &str, role: ServerRole, timeout: Duration) {
     wait_until(
-        Duration::from_secs(30),
-        "s2 to see itself a secondary",
+        timeout,
+        &format!("{addr} to report itself {role:?}"),
         || {
-            let s = AdminSession::connect(&a2)
+            let s = AdminSession::connect(addr)
                 .and_then(|mut a| a.status())
                 .ok()?;
-            (s.role == magma::protocol::ServerRole::Secondary).then_some(())
+            (s.role == role).then_some(())
         },
     );
-    (s1, s2, a1, a2)
 }
 
 /// Wait until every server prints the same digest line.

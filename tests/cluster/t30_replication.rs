@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use magma::client::{from_value, ConnectOptions, Connection, Ref, Session, SessionOptions};
-use magma::protocol::{RequestBody, ServerRole, SessionRole};
+use magma::protocol::{RequestBody, SessionRole};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
@@ -219,11 +219,8 @@ fn t30_a_hung_secondary_holds_up_no_new_session() {
     // What a session waiting on the hung server would wait.
     let mut opts = SessionOptions::default();
     opts.connect.read_timeout = Some(Duration::from_secs(120));
-    // A session reading from the secondary before it hangs (once it knows
-    // it is one: the primary lists it a moment before).
-    wait_until(Duration::from_secs(30), "server2 to serve reads", || {
-        (status(&a2).role == ServerRole::Secondary).then_some(())
-    });
+    // A session reading from the secondary before it hangs (`pair` waits
+    // until it knows it is one).
     let mut early = Session::connect_with(&[a2.as_str()], opts.clone()).unwrap();
     assert_eq!(early.read_server(), Some(a2.as_str()));
     early.root().unwrap();

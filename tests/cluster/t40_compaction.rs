@@ -16,8 +16,8 @@ use magma::protocol::{ServerRole, WireError};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, status, stop_floods_and_verify, wait_for_members, wait_for_more_acks, wait_until,
-    Cluster, Flood, CLI,
+    backup, status, stop_floods_and_verify, wait_for_members, wait_for_more_acks, wait_for_role,
+    wait_until, Cluster, Flood, CLI,
 };
 use crate::phase;
 
@@ -259,11 +259,7 @@ fn t40_use_case_5_garbage_collection_without_stopping_the_node() {
     c.servers[s2c].start();
     let a2c = c.servers[s2c].addr.clone();
     wait_for_members(&a1, &[&a1, &a2c], JOIN);
-    wait_until(
-        JOIN,
-        "the compacted server to report itself secondary",
-        || (status(&a2c).role == ServerRole::Secondary).then_some(()),
-    );
+    wait_for_role(&a2c, ServerRole::Secondary, JOIN);
 
     phase!("the early structures through the compacted server; the garbage is gone there");
     let mut via = Session::connect(&[a2c.as_str()]).unwrap();

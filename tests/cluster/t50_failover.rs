@@ -9,7 +9,8 @@ use magma::protocol::{CommitBody, RequestBody, ServerRole, SessionRole, WireAppe
 
 use crate::harness::{
     backup, dump, pair, pair_with, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
-    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
+    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_for_role, wait_until,
+    Cluster, Flood,
 };
 use crate::phase;
 
@@ -126,9 +127,7 @@ fn t50_use_cases_2_3_4_primary_killed_former_primary_rejoins_then_swap_back() {
         c.servers[s1].start();
     }
     wait_for_members(&a2, &[&a1, &a2], JOIN);
-    wait_until(JOIN, "server1 to be server2's secondary", || {
-        (role(&a1) == ServerRole::Secondary).then_some(())
-    });
+    wait_for_role(&a1, ServerRole::Secondary, JOIN);
 
     phase!("use case 4: take-over under flood; clients notice nothing");
     take_over(&a1, &a2);
@@ -182,9 +181,7 @@ fn t50_a_diverged_former_primary_keeps_its_commits_in_a_file_and_merges_nothing(
             .find(|e| e.file_name().to_string_lossy().starts_with("divergent-"))
             .map(|e| e.path())
     });
-    wait_until(Duration::from_secs(10), "server1 deposed", || {
-        (role(&a1) == ServerRole::Deposed).then_some(())
-    });
+    wait_for_role(&a1, ServerRole::Deposed, Duration::from_secs(10));
     let bytes = std::fs::read(&file).unwrap();
     let mut records = 0;
     let mut at = 0;
@@ -382,9 +379,7 @@ fn t50_graceful_stops_leave_the_node_and_a_stopping_primary_hands_over() {
     });
     c.servers[s1].admin().shutdown(true).unwrap();
     assert!(c.servers[s1].wait_exit(Duration::from_secs(30)).success());
-    wait_until(Duration::from_secs(30), "server2 primary", || {
-        (role(&a2) == ServerRole::Primary).then_some(())
-    });
+    wait_for_role(&a2, ServerRole::Primary, Duration::from_secs(30));
     let n = f.acked().len();
     wait_until(Duration::from_secs(60), "the flood to go on", || {
         (f.acked().len() >= n + 200).then_some(())
@@ -509,9 +504,7 @@ fn t50_a_take_over_target_restarted_before_promoting_gives_the_node_back() {
     phase!("server2 restarted at once, no commit in between: server1 takes the node back");
     c.servers[s2].env.clear();
     c.servers[s2].start();
-    wait_until(Duration::from_secs(60), "server1 to lead again", || {
-        (role(&a1) == ServerRole::Primary).then_some(())
-    });
+    wait_for_role(&a1, ServerRole::Primary, Duration::from_secs(60));
     wait_for_members(&a1, &[&a1, &a2], JOIN);
     assert!(probe_commit(&[&a1, &a2]) > before);
     wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(60));
@@ -572,9 +565,7 @@ fn t50_a_deposed_primary_acknowledges_only_what_the_new_primary_holds() {
     phase!("server1 comes back and is deposed; an acknowledgement is backed");
     c.servers[s1].thaw();
     let answer = waiting.join().unwrap();
-    wait_until(Duration::from_secs(30), "server1 deposed", || {
-        (role(&a1) == ServerRole::Deposed).then_some(())
-    });
+    wait_for_role(&a1, ServerRole::Deposed, Duration::from_secs(30));
     let on_s2 = Session::connect(&[a2.as_str()])
         .unwrap()
         .meta("record-30")

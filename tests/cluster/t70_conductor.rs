@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::harness::{
     backup, dump, status, stop_or_move_on, verify_flood, wait_for_equal_digests, wait_for_members,
-    wait_for_more_acks, wait_until, Cluster, Flood, CLI,
+    wait_for_more_acks, wait_for_role, wait_until, Cluster, Flood, CLI,
 };
 use crate::phase;
 
@@ -192,6 +192,9 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
     );
 
     phase!("use case 4: deliberate swap under flood, then 10 s more");
+    // Re-seeded with --join, server1 knows itself a member a moment after
+    // server2 lists it; a take-over asked before then is refused.
+    wait_for_role(&a1, ServerRole::Secondary, JOIN);
     magma(&["take-over", "--server", &a1]);
     let t = Instant::now();
     wait_until(

@@ -1690,3 +1690,128 @@ fn a_secondary_whose_log_diverged_from_the_stream_is_deposed() {
     }
     server.shutdown(true).unwrap();
 }
+
+/// Forwards what a broadcaster reports into a channel.
+struct Reports(std::sync::mpsc::Sender<String>);
+
+impl actix::Actor for Reports {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<crate::actors::broadcast::ReplicaAck> for Reports {
+    type Result = ();
+    fn handle(&mut self, m: crate::actors::broadcast::ReplicaAck, _: &mut Self::Context) {
+        let _ = self.0.send(format!("durable {}", m.durable));
+    }
+}
+
+impl actix::Handler<crate::actors::broadcast::ReplicaTrouble> for Reports {
+    type Result = ();
+    fn handle(&mut self, m: crate::actors::broadcast::ReplicaTrouble, _: &mut Self::Context) {
+        let _ = self
+            .0
+            .send(format!("trouble {:?}: {}", m.diverged, m.reason));
+    }
+}
+
+/// After a failover a secondary may hold a former primary's record under a
+/// number the new primary holds too. A stream that starts after that
+/// number (the new primary restarted, or has just promoted) sends a
+/// heartbeat first, and the secondary answers that it holds the record.
+/// That must not count as holding the new primary's: the record goes
+/// again, the secondary compares it with its own and refuses it, and the
+/// broadcaster reports the divergence without ever crediting it.
+#[test]
+fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it() {
+    use crate::actors::broadcast::{BroadcastActor, LinkSettings};
+    use crate::actors::storage::{Identity, StorageActor};
+    use crate::protocol::ReplicateAck;
+    use crate::storage::{CommitRequest, Repository};
+    use actix::Actor;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let fork_dir = tmp.path().join("fork");
+    old.snapshot(&tmp.path().join("scratch2"))
+        .unwrap()
+        .copy_to(&fork_dir)
+        .unwrap();
+    let mut new = Repository::open(&fork_dir).unwrap();
+    new.set_restore_mode(false).unwrap();
+    let base = old.info().last_commit;
+    let meta = |v: u8| CommitRequest {
+        meta: vec![("k".into(), Some(vec![v]))],
+        ..Default::default()
+    };
+    old.commit(meta(1)).unwrap();
+    new.commit(meta(2)).unwrap();
+    let lost = old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0);
+    let epoch = old.info().epoch;
+
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    let took = peer.call(RequestBody::Replicate {
+        epoch,
+        primary_id: 7,
+        records: vec![serde_bytes::ByteBuf::from(lost)],
+        primary_last: base + 1,
+        ack: ReplicateAck::Durable,
+    });
+    assert!(
+        matches!(took.body, ResponseBody::Replicated { applied, .. } if applied == base + 1),
+        "{took:?}"
+    );
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = server.local_addr().to_string();
+    actix::System::new().block_on(async move {
+        let identity = Identity::of(&mut new).unwrap();
+        let storage = StorageActor::start(
+            new,
+            tokio::sync::watch::channel(0).0,
+            tokio::sync::watch::channel(identity).0,
+        );
+        let reports = Reports(tx).start();
+        let settings = LinkSettings {
+            replica_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(5),
+            coalesce: None,
+            max_in_flight: 4,
+            ack: ReplicateAck::Durable,
+        };
+        let member = crate::types::Member {
+            server_id: 2,
+            addr,
+            role: crate::types::MemberRole::Secondary,
+        };
+        let _b = BroadcastActor::new(
+            member,
+            9,
+            epoch,
+            base + 2,
+            base + 1,
+            storage,
+            reports.clone().recipient(),
+            reports.recipient(),
+            settings,
+        )
+        .start();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match rx.try_recv() {
+                Ok(r) if r.starts_with("trouble") => {
+                    assert!(r.contains(&format!("Some({})", base + 1)), "{r}");
+                    break;
+                }
+                Ok(r) => panic!("credited with another primary's record: {r}"),
+                Err(_) if Instant::now() < deadline => {
+                    actix_rt::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("no report within 10 s: {e}"),
+            }
+        }
+    });
+    server.shutdown(true).unwrap();
+}

@@ -157,16 +157,23 @@ pub struct BroadcastActor {
     /// Which connection `LinkEvent`s must come from; bumped on every
     /// (re)connect and break, so a dead pipe's late events are ignored.
     generation: u64,
-    /// Requests sent and not yet answered: id, when sent, and the
-    /// `primary_last` they carried (what their answer may be credited with,
-    /// see [`credited`]).
-    in_flight: VecDeque<(u64, Instant, CommitNumber)>,
+    /// Requests sent and not yet answered, oldest first.
+    in_flight: VecDeque<Sent>,
     /// Connecting, or reading records back from the log.
     busy: bool,
     /// Next record number to send.
     next: CommitNumber,
     /// Highest record the secondary acknowledged as applied.
     acked: CommitNumber,
+    /// Highest record this connection has shown the secondary holds as
+    /// ours: a batch of records up to it passed the secondary's chain check
+    /// (its first record continued the secondary's log, or the newest one
+    /// it already held is ours byte for byte). No answer is credited beyond
+    /// it: an answer tells how many records the secondary holds, not
+    /// whose, and after a failover or a restart it may hold another
+    /// primary's record under one of our numbers. Reset with each
+    /// connection.
+    verified: CommitNumber,
     /// The secondary answered at least once: until then `acked` is only
     /// where the stream starts, not what it holds (status must not show a
     /// lagging secondary level with us after a promotion).
@@ -196,6 +203,17 @@ pub struct BroadcastActor {
     /// [`ProbeDurable`] asked; cleared by the next request asking for
     /// `durable`.
     probe: bool,
+}
+
+/// A request sent and not yet answered.
+struct Sent {
+    id: u64,
+    at: Instant,
+    /// The `primary_last` it carried: what its answer may be credited with
+    /// (see [`credited`]).
+    primary_last: CommitNumber,
+    /// The last record it carried; `None` for a heartbeat.
+    last_record: Option<CommitNumber>,
 }
 
 /// Records held in memory for one secondary, bounded by count and by bytes
@@ -290,6 +308,7 @@ impl BroadcastActor {
             busy: false,
             next,
             acked: next.saturating_sub(1),
+            verified: 0,
             heard: false,
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
@@ -404,6 +423,7 @@ impl BroadcastActor {
             }
         }
         let count = batch.len() as u64;
+        let last_record = (count > 0).then(|| self.next + count - 1);
         let ack = if batch.is_empty() {
             ReplicateAck::Durable
         } else {
@@ -427,8 +447,12 @@ impl BroadcastActor {
                 }
                 self.next += count;
                 self.last_send = Instant::now();
-                self.in_flight
-                    .push_back((id, self.last_send, self.primary_last));
+                self.in_flight.push_back(Sent {
+                    id,
+                    at: self.last_send,
+                    primary_last: self.primary_last,
+                    last_record,
+                });
                 // Records that came meanwhile may go as the next batch.
                 self.pump(ctx);
             }
@@ -438,20 +462,25 @@ impl BroadcastActor {
 
     /// What the secondary answered to one of our requests.
     fn on_reply(&mut self, id: u64, body: Result<ResponseBody, LinkError>) {
-        let Some(pos) = self.in_flight.iter().position(|(i, _, _)| *i == id) else {
+        let Some(pos) = self.in_flight.iter().position(|s| s.id == id) else {
             self.on_link_error(LinkError::Protocol {
                 addr: self.peer.addr.clone(),
                 reason: format!("answer to request {id}, which is not outstanding"),
             });
             return;
         };
-        let (_, _, sent_last) = self.in_flight.remove(pos).expect("found above");
+        let sent = self.in_flight.remove(pos).expect("found above");
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
                 // Clamped to what we held when the request went: a record
                 // applied here since (a new n) was not in it, and the
                 // secondary's n may be an older one.
-                let (applied, durable) = credited(applied, durable, sent_last);
+                let (held, held_durable) = credited(applied, durable, sent.primary_last);
+                if let Some(last) = sent.last_record {
+                    // It took our records: its chain check passed.
+                    self.verified = self.verified.max(last.min(held));
+                }
+                let (applied, durable) = (held.min(self.verified), held_durable.min(self.verified));
                 self.heard = true;
                 if applied > self.acked {
                     self.acked = applied;
@@ -466,17 +495,36 @@ impl BroadcastActor {
                         durable,
                     });
                 }
-                // The secondary may be ahead of what we sent (a resend
-                // after reconnecting overlaps what it has).
-                if applied + 1 > self.next {
-                    self.next = applied + 1;
-                }
-                // Nothing else outstanding, yet it lacks records counted as
-                // sent: a stream started at our last record + 1 (after a
-                // restart or a promotion) to a secondary that never got the
-                // last ones. Without new commits nothing else would bring
-                // them: send them again from what it has.
-                if self.in_flight.is_empty() && applied + 1 < self.next {
+                if held > self.verified {
+                    // It holds records no batch of this connection has
+                    // shown to be ours (a heartbeat answered first, after a
+                    // reconnect, a restart or a promotion). Once nothing
+                    // else is outstanding, send what makes it check them:
+                    // the record after its last, chained onto it, or with
+                    // none after, its last again, compared byte for byte.
+                    // A secondary holding other records refuses either
+                    // (`diverged`) before anything counts on it.
+                    if self.in_flight.is_empty() {
+                        self.next = if held < self.primary_last {
+                            held + 1
+                        } else {
+                            held
+                        };
+                        // Until then it is credited with what it was shown
+                        // to hold (`acked` may be where the stream started).
+                        self.acked = applied;
+                        debug!(
+                            "replication to {}: it holds up to {held}, unchecked: sending from {}",
+                            self.peer.addr, self.next
+                        );
+                    }
+                } else if self.in_flight.is_empty() && applied + 1 < self.next {
+                    // Nothing else outstanding, yet it lacks records counted
+                    // as sent: a stream started at our last record + 1
+                    // (after a restart or a promotion) to a secondary that
+                    // never got the last ones. Without new commits nothing
+                    // else would bring them: send them again from what it
+                    // has.
                     info!(
                         "replication to {}: it holds up to {applied}, not {}: sending again from {}",
                         self.peer.addr,
@@ -613,6 +661,7 @@ impl BroadcastActor {
         self.pipe = None;
         self.generation += 1;
         self.in_flight.clear();
+        self.verified = 0;
         self.next = self.acked + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
@@ -648,9 +697,9 @@ impl BroadcastActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if let Some((_, sent, _)) = self.in_flight.front() {
-            if sent.elapsed() >= self.settings.call_timeout {
-                let after = sent.elapsed();
+        if let Some(sent) = self.in_flight.front() {
+            if sent.at.elapsed() >= self.settings.call_timeout {
+                let after = sent.at.elapsed();
                 self.on_link_error(LinkError::Timeout {
                     addr: self.peer.addr.clone(),
                     after,
@@ -894,11 +943,10 @@ mod tests {
     #[actix::test]
     async fn an_answer_is_credited_with_what_its_request_carried() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut b = broadcaster(tmp.path(), 96, 95, 4);
-        let now = Instant::now();
-        b.in_flight.push_back((1, now, 95));
+        let mut b = broadcaster(tmp.path(), 95, 94, 4);
+        b.in_flight.push_back(sent(1, 95, Some(95)));
         b.primary_last = 96;
-        b.in_flight.push_back((2, now, 96));
+        b.in_flight.push_back(sent(2, 96, None));
         b.next = 97;
         b.on_reply(
             1,
@@ -908,6 +956,77 @@ mod tests {
             }),
         );
         assert_eq!((b.acked, b.durable), (95, 95));
+    }
+
+    /// A request in flight: `id`, carrying `primary_last` and records up
+    /// to `last_record` (`None`: a heartbeat).
+    fn sent(id: u64, primary_last: CommitNumber, last_record: Option<CommitNumber>) -> Sent {
+        Sent {
+            id,
+            at: Instant::now(),
+            primary_last,
+            last_record,
+        }
+    }
+
+    fn answer(b: &mut BroadcastActor, id: u64, applied: CommitNumber, durable: CommitNumber) {
+        b.on_reply(id, Ok(ResponseBody::Replicated { applied, durable }));
+    }
+
+    /// After a restart or a promotion at 100 the stream starts at 101, and
+    /// a heartbeat goes first. The secondary's answer (100, 100) says how
+    /// many records it holds, not whose: it may hold a former primary's
+    /// record 100. Nothing is credited until a batch it accepts shows it:
+    /// record 100 goes again, for it to compare with its own.
+    #[actix::test]
+    async fn a_heartbeat_answer_is_credited_only_once_a_batch_shows_the_records_are_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = broadcaster(tmp.path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        assert_eq!((b.acked, b.durable), (0, 0), "credited on a heartbeat");
+        assert_eq!(b.next, 100, "its last record goes again");
+        // It accepted record 100: its chain check passed.
+        b.in_flight.push_back(sent(2, 100, Some(100)));
+        answer(&mut b, 2, 100, 100);
+        assert_eq!((b.acked, b.durable, b.verified), (100, 100, 100));
+        // Later heartbeats are credited up to what was shown.
+        b.in_flight.push_back(sent(3, 100, None));
+        answer(&mut b, 3, 100, 100);
+        assert_eq!((b.acked, b.durable), (100, 100));
+        // A new connection shows it all again.
+        b.break_link();
+        assert_eq!(b.verified, 0);
+    }
+
+    /// A secondary behind the stream's start gets the records after its
+    /// last: the first one's chain check shows that what it holds is ours.
+    #[actix::test]
+    async fn a_secondary_behind_gets_the_records_after_its_last_before_any_credit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = broadcaster(tmp.path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 90, 90);
+        assert_eq!((b.acked, b.durable, b.next), (0, 0, 91));
+        b.in_flight.push_back(sent(2, 100, Some(100)));
+        answer(&mut b, 2, 100, 95);
+        assert_eq!((b.acked, b.durable, b.verified), (100, 95, 100));
+    }
+
+    /// A heartbeat answered while a batch is in flight waits for the
+    /// batch's answer: nothing is resent meanwhile.
+    #[actix::test]
+    async fn an_unchecked_answer_with_a_batch_in_flight_waits_for_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = broadcaster(tmp.path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        b.primary_last = 102;
+        b.in_flight.push_back(sent(2, 102, Some(102)));
+        b.next = 103;
+        answer(&mut b, 1, 100, 100);
+        assert_eq!((b.durable, b.next), (0, 103));
+        answer(&mut b, 2, 102, 102);
+        assert_eq!((b.acked, b.durable, b.next), (102, 102, 103));
     }
 
     #[test]

@@ -452,7 +452,9 @@ impl NodeSupervisor {
             let mut keep = from;
             for b in stats {
                 if let Ok(s) = b.send(GetReplicaStats).await {
-                    keep = keep.min(s.durable + 1);
+                    // Its last durable record too: a new connection sends
+                    // it again for the secondary to compare with its own.
+                    keep = keep.min(s.durable.max(1));
                 }
             }
             if keep != CommitNumber::MAX {

@@ -1815,3 +1815,129 @@ fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it
     });
     server.shutdown(true).unwrap();
 }
+
+/// A secondary restarted after a failover may hold a former primary's last
+/// record, which the new primary replaced. The glob it then pulls does not
+/// continue its log: it is deposed (no reads of what the node does not
+/// hold), not left in restore mode serving them.
+#[test]
+fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
+    use crate::protocol::ReplicateAck;
+    use crate::storage::{CommitRequest, Repository};
+    use crate::types::{Member, MemberRole, Node};
+    use std::net::TcpListener;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let fork_dir = tmp.path().join("fork");
+    old.snapshot(&tmp.path().join("scratch2"))
+        .unwrap()
+        .copy_to(&fork_dir)
+        .unwrap();
+    let mut new = Repository::open(&fork_dir).unwrap();
+    new.set_restore_mode(false).unwrap();
+    let base = old.info().last_commit;
+    let meta = |v: u8| CommitRequest {
+        meta: vec![("k".into(), Some(vec![v]))],
+        ..Default::default()
+    };
+    old.commit(meta(1)).unwrap();
+    new.commit(meta(2)).unwrap();
+    new.commit(meta(3)).unwrap();
+    let lost = old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0);
+    let next = new.read_records(base + 2, 1, 1 << 20).unwrap().remove(0);
+    let (epoch, repository_id) = (old.info().epoch, old.info().repository_id.to_string());
+
+    // The new primary, faked: it answers hello and serves record base + 2
+    // to whoever catches up.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = listener.local_addr().unwrap().to_string();
+    let node = Node {
+        members: vec![Member {
+            server_id: 9,
+            addr: fake.clone(),
+            role: MemberRole::Primary,
+        }],
+    };
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let (node, next, repository_id) = (node.clone(), next.clone(), repository_id.clone());
+            std::thread::spawn(move || {
+                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
+                    let req: Request = codec::decode(&frame).unwrap();
+                    let body = match req.body {
+                        RequestBody::Hello { .. } => ResponseBody::Hello {
+                            protocol_version: PROTOCOL_VERSION,
+                            server_id: 9,
+                            repository_id: repository_id.clone(),
+                            role: ServerRole::Primary,
+                            node: node.clone(),
+                            epoch,
+                        },
+                        RequestBody::CatchUp { from, .. } => ResponseBody::Records {
+                            records: if from == base + 2 {
+                                vec![serde_bytes::ByteBuf::from(next.clone())]
+                            } else {
+                                vec![]
+                            },
+                            last: base + 2,
+                            epoch,
+                            level: true,
+                        },
+                        _ => ResponseBody::Ok,
+                    };
+                    let resp = Response {
+                        id: req.id,
+                        commit: base + 2,
+                        body,
+                    };
+                    if write_frame(&mut s, &resp).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    let server = spawn(cfg).unwrap();
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    let took = peer.call(RequestBody::Replicate {
+        epoch,
+        primary_id: 7,
+        records: vec![serde_bytes::ByteBuf::from(lost)],
+        primary_last: base + 1,
+        ack: ReplicateAck::Durable,
+    });
+    assert!(
+        matches!(took.body, ResponseBody::Replicated { applied, .. } if applied == base + 1),
+        "{took:?}"
+    );
+    let mut admin = Conn::raw(server.local_addr());
+    admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
+    let followed = admin.call(RequestBody::Follow { primary: fake });
+    assert!(matches!(followed.body, ResponseBody::Ok), "{followed:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin.call(RequestBody::Status).body {
+            ResponseBody::Status(s) if s.role == ServerRole::Deposed => break,
+            ResponseBody::Status(s) if Instant::now() < deadline => {
+                let _ = s;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("still not deposed: {other:?}"),
+        }
+    }
+    let mut app = Conn::raw(server.local_addr());
+    app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
+    match app.error(RequestBody::ReadRoot {
+        depth: 0,
+        required_progress: None,
+    }) {
+        WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
+        other => panic!("a deposed server must refuse reads: {other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}

@@ -23,6 +23,7 @@ use crate::actors::controller::Fatal;
 use crate::actors::peer_link::{LinkError, PeerLink};
 use crate::actors::storage::{ApplyRecords, StorageActor};
 use crate::protocol::{RequestBody, ResponseBody, WireError};
+use crate::storage::StorageError;
 use crate::types::{CommitNumber, NodeAddr};
 
 const GLOB_RECORDS: u32 = 10_000;
@@ -51,6 +52,13 @@ pub enum FollowState {
     Streaming { primary: NodeAddr },
     /// Gave up; needs the operator (e.g. a new backup).
     Stopped { reason: String },
+}
+
+/// Why applying a glob failed.
+enum GlobFailed {
+    /// Its first record does not continue our log (at this number).
+    Diverged(CommitNumber),
+    Other(String),
 }
 
 /// State changes. Receiver: the `NodeSupervisor`.
@@ -93,6 +101,8 @@ pub struct FollowerActor {
     report: Recipient<FollowerReport>,
     nodes: Recipient<crate::actors::supervisor::NodeLearned>,
     named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
+    /// Told when the primary's records do not continue our log.
+    diverged: Recipient<crate::actors::supervisor::StreamDiverged>,
     /// Stops the server when caught-up records cannot be applied or synced.
     fatal: Recipient<Fatal>,
     settings: LinkSettings,
@@ -122,6 +132,7 @@ impl FollowerActor {
         report: Recipient<FollowerReport>,
         nodes: Recipient<crate::actors::supervisor::NodeLearned>,
         named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
+        diverged: Recipient<crate::actors::supervisor::StreamDiverged>,
         fatal: Recipient<Fatal>,
         settings: LinkSettings,
     ) -> Self {
@@ -138,6 +149,7 @@ impl FollowerActor {
             report,
             nodes,
             named_us,
+            diverged,
             fatal,
             settings,
             link: None,
@@ -308,24 +320,28 @@ impl FollowerActor {
             let applied = storage
                 .send(ApplyRecords::plain(bodies))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| GlobFailed::Other(e.to_string()))?
                 .map_err(|e| {
-                    if e.is_fatal() && !crate::actors::storage::is_closed(&e) {
+                    if let StorageError::ChainMismatch { number } = e {
+                        GlobFailed::Diverged(number)
+                    } else if e.is_fatal() && !crate::actors::storage::is_closed(&e) {
                         // Half applied, or the disk failing: this copy
                         // must not go on.
-                        stop(format!("applying caught-up records failed: {e}"))
+                        GlobFailed::Other(stop(format!("applying caught-up records failed: {e}")))
                     } else {
-                        e.to_string()
+                        GlobFailed::Other(e.to_string())
                     }
                 })?;
             if let Some(sync) = applied.sync.clone() {
                 flusher
                     .send(Flush { sync })
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| stop(format!("fsync of caught-up records failed: {e}")))?;
+                    .map_err(|e| GlobFailed::Other(e.to_string()))?
+                    .map_err(|e| {
+                        GlobFailed::Other(stop(format!("fsync of caught-up records failed: {e}")))
+                    })?;
             }
-            Ok::<_, String>((applied.last, applied.node_changed))
+            Ok::<_, GlobFailed>((applied.last, applied.node_changed))
         }
         .into_actor(self)
         .map(move |res, act, ctx| {
@@ -354,7 +370,19 @@ impl FollowerActor {
                         act.pull(ctx);
                     }
                 }
-                Err(e) => {
+                Err(GlobFailed::Diverged(number)) => {
+                    // Our last record is not the primary's: this copy holds
+                    // a record the node does not (a failover lost it). It
+                    // must stop serving it, not only stop following.
+                    act.diverged
+                        .do_send(crate::actors::supervisor::StreamDiverged { number });
+                    act.set_state(FollowState::Stopped {
+                        reason: format!(
+                            "the primary's record {number} does not continue this server's log"
+                        ),
+                    });
+                }
+                Err(GlobFailed::Other(e)) => {
                     error!("catch-up: applying records from {} failed: {e}", act.primary);
                     act.set_state(FollowState::Stopped {
                         reason: format!("applying the primary's records failed: {e}"),

@@ -421,6 +421,7 @@ impl NodeSupervisor {
             ctx.address().recipient(),
             ctx.address().recipient(),
             ctx.address().recipient(),
+            ctx.address().recipient(),
             self.parts.fatal.clone(),
             self.parts.settings,
         )
@@ -1422,8 +1423,9 @@ impl Handler<NeedResync> for NodeSupervisor {
 /// The primary streamed a batch that does not continue this server's hash
 /// chain: this copy holds records the node does not (a failover lost
 /// them). It stops following and is deposed: it refuses reads, commits
-/// and catch-up until the operator starts it from a new backup. Sender:
-/// sessions handling `replicate`.
+/// and catch-up until the operator starts it from a new backup. Senders:
+/// sessions handling `replicate`, and the `FollowerActor` when a glob it
+/// pulled does not continue our log.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StreamDiverged {

@@ -22,12 +22,16 @@ use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::controller::Fatal;
 use crate::actors::peer_link::{LinkError, PeerLink};
 use crate::actors::storage::{ApplyRecords, StorageActor};
+use crate::actors::supervisor::NodeSupervisor;
 use crate::protocol::{RequestBody, ResponseBody, WireError};
 use crate::storage::StorageError;
 use crate::types::{CommitNumber, NodeAddr};
 
 const GLOB_RECORDS: u32 = 10_000;
 const GLOB_BYTES: u64 = 8 << 20;
+/// The primary followed while catching up could not be reached for this
+/// long: ask the node who leads now (and again as often while it lasts).
+const PRIMARY_LOST_AFTER: Duration = Duration::from_secs(2);
 /// The smallest glob asked for after timeouts.
 const MIN_GLOB_BYTES: u64 = 64 << 10;
 
@@ -98,11 +102,9 @@ pub struct FollowerActor {
     repository_id: String,
     storage: Addr<StorageActor>,
     flusher: Addr<CommitLogActor>,
-    report: Recipient<FollowerReport>,
-    nodes: Recipient<crate::actors::supervisor::NodeLearned>,
-    named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
-    /// Told when the primary's records do not continue our log.
-    diverged: Recipient<crate::actors::supervisor::StreamDiverged>,
+    /// Told of state changes, node changes, divergence, and a primary that
+    /// cannot be reached or names us.
+    supervisor: Addr<NodeSupervisor>,
     /// Stops the server when caught-up records cannot be applied or synced.
     fatal: Recipient<Fatal>,
     settings: LinkSettings,
@@ -117,6 +119,10 @@ pub struct FollowerActor {
     started_at: Instant,
     /// Bytes asked for per glob (see [`next_glob_bytes`]).
     glob_bytes: u64,
+    /// Since when the primary cannot be reached (catching up).
+    unreachable_since: Option<Instant>,
+    /// When the supervisor was last told so.
+    told_lost_at: Option<Instant>,
 }
 
 impl FollowerActor {
@@ -129,10 +135,7 @@ impl FollowerActor {
         applied: CommitNumber,
         storage: Addr<StorageActor>,
         flusher: Addr<CommitLogActor>,
-        report: Recipient<FollowerReport>,
-        nodes: Recipient<crate::actors::supervisor::NodeLearned>,
-        named_us: Recipient<crate::actors::supervisor::NamedAsPrimary>,
-        diverged: Recipient<crate::actors::supervisor::StreamDiverged>,
+        supervisor: Addr<NodeSupervisor>,
         fatal: Recipient<Fatal>,
         settings: LinkSettings,
     ) -> Self {
@@ -146,10 +149,7 @@ impl FollowerActor {
             repository_id,
             storage,
             flusher,
-            report,
-            nodes,
-            named_us,
-            diverged,
+            supervisor,
             fatal,
             settings,
             link: None,
@@ -160,13 +160,15 @@ impl FollowerActor {
             pulled: 0,
             started_at: Instant::now(),
             glob_bytes: GLOB_BYTES,
+            unreachable_since: None,
+            told_lost_at: None,
         }
     }
 
     fn set_state(&mut self, state: FollowState) {
         if state != self.state {
             self.state = state.clone();
-            self.report.do_send(FollowerReport {
+            self.supervisor.do_send(FollowerReport {
                 state,
                 applied: self.applied,
             });
@@ -216,6 +218,7 @@ impl FollowerActor {
                 ),
             )) => {
                 act.link = Some(link);
+                act.unreachable_since = None;
                 act.glob_bytes = next_glob_bytes(act.glob_bytes, false);
                 act.apply(records, level, last, ctx);
             }
@@ -252,7 +255,7 @@ impl FollowerActor {
                     "catch-up: {} names this server as the primary; retrying",
                     self.primary
                 );
-                self.named_us
+                self.supervisor
                     .do_send(crate::actors::supervisor::NamedAsPrimary {
                         by: self.primary.clone(),
                     });
@@ -289,8 +292,29 @@ impl FollowerActor {
             }
             other => {
                 warn!("catch-up from {}: {other}; retrying", self.primary);
+                if other.is_unreachable() {
+                    self.primary_unreachable();
+                }
                 self.retry(Duration::from_millis(500));
             }
+        }
+    }
+
+    /// A server catching up is not a member: no new primary streams to
+    /// it, and a dead primary would be followed for ever. After
+    /// [`PRIMARY_LOST_AFTER`], the supervisor asks the node who leads now.
+    fn primary_unreachable(&mut self) {
+        let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+        let told_recently = self
+            .told_lost_at
+            .is_some_and(|t| t.elapsed() < PRIMARY_LOST_AFTER);
+        if since.elapsed() >= PRIMARY_LOST_AFTER && !told_recently {
+            self.told_lost_at = Some(Instant::now());
+            self.supervisor
+                .do_send(crate::actors::supervisor::PrimaryUnreachable {
+                    primary: self.primary.clone(),
+                    since: since.elapsed(),
+                });
         }
     }
 
@@ -350,7 +374,7 @@ impl FollowerActor {
                 Ok((last, node_changed)) => {
                     act.applied = last;
                     if let Some(node) = node_changed {
-                        act.nodes
+                        act.supervisor
                             .do_send(crate::actors::supervisor::NodeLearned { node, at: last });
                     }
                     act.pulled += 1;
@@ -374,7 +398,7 @@ impl FollowerActor {
                     // Our last record is not the primary's: this copy holds
                     // a record the node does not (a failover lost it). It
                     // must stop serving it, not only stop following.
-                    act.diverged
+                    act.supervisor
                         .do_send(crate::actors::supervisor::StreamDiverged { number });
                     act.set_state(FollowState::Stopped {
                         reason: format!(
@@ -419,7 +443,7 @@ impl Actor for FollowerActor {
             self.primary,
             self.applied + 1
         );
-        self.report.do_send(FollowerReport {
+        self.supervisor.do_send(FollowerReport {
             state: self.state.clone(),
             applied: self.applied,
         });

@@ -140,6 +140,8 @@ pub struct NodeSupervisor {
     removal_gen: u64,
     /// A promotion or hand-over is under way.
     changing_role: bool,
+    /// Asking the members who leads (see [`PrimaryUnreachable`]).
+    looking_for_primary: bool,
     /// The server this one handed the node over to, until this one leads
     /// again (see [`NamedAsPrimary`]).
     handed_over_to: Option<u64>,
@@ -168,6 +170,7 @@ impl NodeSupervisor {
             retiring: HashMap::new(),
             removal_gen: 0,
             changing_role: false,
+            looking_for_primary: false,
             handed_over_to: None,
             diverged: None,
         }
@@ -418,10 +421,7 @@ impl NodeSupervisor {
             self.last(),
             self.parts.storage.clone(),
             self.parts.flusher.clone(),
-            ctx.address().recipient(),
-            ctx.address().recipient(),
-            ctx.address().recipient(),
-            ctx.address().recipient(),
+            ctx.address(),
             self.parts.fatal.clone(),
             self.parts.settings,
         )
@@ -1453,6 +1453,73 @@ impl Handler<StreamDiverged> for NodeSupervisor {
             reason: note.clone(),
         });
         self.publish_follow_state();
+    }
+}
+
+/// The primary this server follows while catching up cannot be reached.
+/// Sender: the `FollowerActor`, after 2 s and every 2 s while it lasts.
+///
+/// A catching-up server is no member: a successor that promoted does not
+/// stream to it, and it would follow the dead primary for ever. It asks
+/// the other members of the node it knows; one that answers as primary in
+/// an epoch at least ours is followed instead.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PrimaryUnreachable {
+    pub primary: NodeAddr,
+    pub since: Duration,
+}
+
+impl NodeSupervisor {
+    /// Catching up from `primary`?
+    fn catching_up_from(&self, primary: &NodeAddr) -> bool {
+        matches!(&self.follow_state, Some(FollowState::CatchingUp { primary: p }) if p == primary)
+    }
+}
+
+impl Handler<PrimaryUnreachable> for NodeSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PrimaryUnreachable, ctx: &mut Context<Self>) {
+        if self.is_primary
+            || self.changing_role
+            || self.looking_for_primary
+            || !self.catching_up_from(&msg.primary)
+        {
+            return;
+        }
+        self.looking_for_primary = true;
+        let my_epoch = self.epoch;
+        self.probe_members()
+            .into_actor(self)
+            .map(move |peers, act, ctx| {
+                act.looking_for_primary = false;
+                if act.is_primary || act.changing_role || !act.catching_up_from(&msg.primary) {
+                    return;
+                }
+                let leader = peers
+                    .into_iter()
+                    .filter(|(a, h)| {
+                        h.role == ServerRole::Primary && h.epoch >= my_epoch && *a != msg.primary
+                    })
+                    .max_by_key(|(_, h)| h.epoch);
+                match leader {
+                    Some((addr, h)) => {
+                        warn!(
+                            "the primary {} cannot be reached for {:?}; {addr} leads in epoch {}: \
+                             following it",
+                            msg.primary, msg.since, h.epoch
+                        );
+                        act.start_following(addr, ctx);
+                    }
+                    None => info!(
+                        "the primary {} cannot be reached for {:?}, and no other member leads; \
+                         retrying",
+                        msg.primary, msg.since
+                    ),
+                }
+            })
+            .spawn(ctx);
     }
 }
 

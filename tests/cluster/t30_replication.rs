@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use magma::client::{from_value, ConnectOptions, Connection, Ref, Session, SessionOptions};
-use magma::protocol::{RequestBody, SessionRole};
+use magma::protocol::{RequestBody, ServerRole, SessionRole};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
     backup, dump, pair, pair_with, status, stop_floods_and_verify, verify_flood,
-    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_until, Cluster, Flood,
+    wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_for_role, wait_until,
+    Cluster, Flood,
 };
 use crate::phase;
 
@@ -643,4 +644,36 @@ fn t30_join_from_nothing_pulls_a_backup_catches_up_and_joins() {
     f.kill();
     wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
     verify_flood(&dump(&a2, "j"), "j", &f.acked(), 1);
+}
+
+/// A server catching up from a backup is no member yet: when its primary
+/// dies, the successor does not stream to it. It asks the members of the
+/// node it knows who leads now, and joins the new primary.
+#[test]
+fn t30_a_server_catching_up_from_a_dead_primary_joins_its_successor() {
+    let mut c = Cluster::new();
+    let (s1, _, a1, a2) = pair(&mut c, &[]);
+    let b3 = c.root.path().join("b3");
+    backup(&a1, &b3);
+
+    phase!("the primary dies; server3 starts on a backup of it and cannot reach it");
+    c.servers[s1].kill();
+    let s3 = c.add_server_on("s3", &b3, &[]);
+    c.servers[s3].start();
+    let a3 = c.servers[s3].addr.clone();
+
+    phase!("a commit reaching server2 makes it the primary");
+    wait_until(Duration::from_secs(60), "a commit through server2", || {
+        let mut s = Session::connect(&[a2.as_str()]).ok()?;
+        s.commit(|tx| {
+            tx.set_meta("after", Some(&"the primary died"));
+        })
+        .ok()
+    });
+    wait_for_role(&a2, ServerRole::Primary, Duration::from_secs(30));
+
+    phase!("server3 finds server2 and joins it");
+    wait_for_members(&a2, &[&a2, &a3], JOIN);
+    wait_for_role(&a3, ServerRole::Secondary, JOIN);
+    wait_for_equal_digests(&[&a2, &a3], Duration::from_secs(60));
 }

@@ -406,6 +406,7 @@ impl Server {
             .start();
             let backup = BackupActor::new(
                 storage.clone().recipient(),
+                storage.clone().recipient(),
                 me.clone().recipient(),
                 config.dir.clone(),
                 settings.advertise.clone(),

@@ -782,6 +782,27 @@ impl Handler<TakeSnapshot> for StorageActor {
     }
 }
 
+/// The backup of the snapshot taken at `snapshot_commit` ended: the log
+/// is kept for the newest completed backup (see
+/// `Repository::backup_ended`). Sender: the `BackupActor`; may be dropped
+/// (the log is then kept longer, within its bound).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BackupEnded {
+    pub snapshot_commit: CommitNumber,
+    pub completed: bool,
+}
+
+impl Handler<BackupEnded> for StorageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BackupEnded, _: &mut SyncContext<Self>) {
+        if let Ok(repo) = self.repo_mut() {
+            repo.backup_ended(msg.snapshot_commit, msg.completed);
+        }
+    }
+}
+
 /// Close the repository, releasing its lock; with `save`, write a final
 /// checkpoint first. Every later request fails. Sender: the `Controller`,
 /// after the commit pipeline drained (so the log is already synced).

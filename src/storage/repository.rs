@@ -228,11 +228,15 @@ pub struct Repository {
     log_bytes_since_checkpoint: u64,
     last_checkpoint: Instant,
     retain_from: CommitNumber,
-    /// The first record a server started from this process's newest backup
-    /// will pull (its snapshot commit + 1): kept, within `max_log_bytes`,
-    /// so a backup that took long is not useless by the time it is
-    /// started. Not persisted: a restart forgets it.
+    /// The first record a server started from this process's newest
+    /// *completed* backup will pull (its snapshot commit + 1): kept, within
+    /// `max_log_bytes`, so a backup that took long is not useless by the
+    /// time it is started. A backup that fails or is aborted leaves it
+    /// where it was. Not persisted: a restart forgets it.
     backup_from: CommitNumber,
+    /// The same for the backup being copied, from its snapshot until it
+    /// ends ([`Repository::backup_ended`]).
+    backup_running_from: Option<CommitNumber>,
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
@@ -481,6 +485,7 @@ impl Repository {
             last_checkpoint: Instant::now(),
             retain_from: 1,
             backup_from: CommitNumber::MAX,
+            backup_running_from: None,
             opts,
             #[cfg(test)]
             crash_before_header: false,
@@ -1154,6 +1159,7 @@ impl Repository {
         let keep = self
             .retain_from
             .min(self.backup_from)
+            .min(self.backup_running_from.unwrap_or(CommitNumber::MAX))
             .min(token_history_from(
                 self.header.checkpoint,
                 self.opts.max_tokens,
@@ -1247,7 +1253,7 @@ impl Repository {
                 });
             }
         }
-        self.backup_from = self.header.checkpoint + 1;
+        self.backup_running_from = Some(self.header.checkpoint + 1);
         Ok(Snapshot {
             commit: self.header.checkpoint,
             repository_id: self.header.repository_id,
@@ -1259,6 +1265,19 @@ impl Repository {
     pub fn set_restore_mode(&mut self, on: bool) -> Result<()> {
         self.header.restore_mode = on;
         self.checkpoint()
+    }
+
+    /// The backup of the snapshot at `snapshot_commit` ended. Completed, it
+    /// is the newest one a server may be started from: the log is kept from
+    /// its commit on. Otherwise the log stays kept for the last completed
+    /// one, which the operator still holds.
+    pub fn backup_ended(&mut self, snapshot_commit: CommitNumber, completed: bool) {
+        if completed {
+            self.backup_from = snapshot_commit + 1;
+        }
+        if self.backup_running_from == Some(snapshot_commit + 1) {
+            self.backup_running_from = None;
+        }
     }
 
     /// Keep log records from `n` on for catch-up (within the byte bound).

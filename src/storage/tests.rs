@@ -724,6 +724,53 @@ fn the_log_a_backup_needs_to_catch_up_is_kept_within_the_bound() {
     ));
 }
 
+/// A backup that failed or was aborted does not move the log kept for
+/// the last completed one: that is the backup the operator holds.
+#[test]
+fn a_failed_backup_keeps_the_log_the_last_completed_one_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RepoOptions {
+        segment_bytes: 2048,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&dir.path().join("r"), 1, "a:1", opts).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    let done = repo.snapshot(&dir.path().join("scratch")).unwrap().commit;
+    repo.backup_ended(done, true);
+    // Secondaries hold everything: they alone would let every
+    // checkpointed record go.
+    repo.retain_from(u64::MAX).unwrap();
+    for i in 0..300 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    let failed = repo.snapshot(&dir.path().join("scratch2")).unwrap().commit;
+    for i in 0..300 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.backup_ended(failed, false);
+    repo.checkpoint().unwrap();
+    let got = repo.read_records(done + 1, 10, 1 << 20).unwrap();
+    assert_eq!(
+        got.len(),
+        10,
+        "a server started from the completed backup catches up"
+    );
+
+    // A completed backup moves it on: the earlier one is no longer kept.
+    let newer = repo.snapshot(&dir.path().join("scratch3")).unwrap().commit;
+    repo.backup_ended(newer, true);
+    for i in 0..300 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.checkpoint().unwrap();
+    assert!(
+        repo.info().log_start > done + 1,
+        "the log is kept from {newer} only"
+    );
+    assert!(repo.read_records(newer + 1, 10, 1 << 20).is_ok());
+}
+
 #[test]
 fn a_commit_refused_for_a_long_class_name_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();

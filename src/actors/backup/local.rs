@@ -22,7 +22,7 @@ use crate::actors::backup::{
     PauseBackup, ResumeBackup, StartBackup, LOCAL_CHUNK,
 };
 use crate::actors::controller::Fatal;
-use crate::actors::storage::TakeSnapshot;
+use crate::actors::storage::{BackupEnded, TakeSnapshot};
 use crate::protocol::{BackupReport, BackupState};
 use crate::storage::backup::{
     prepare_target, remove_scratch, unix_ms_now, write_marker, SnapshotCopy, Step,
@@ -323,6 +323,10 @@ impl BackupActor {
             warn!("backup to {} {}: {reason}", report.target, state.name());
         }
         self.last = Some(report.clone());
+        self.ended.do_send(BackupEnded {
+            snapshot_commit: report.snapshot_commit,
+            completed: state == BackupState::Completed,
+        });
         let copier = job.copier.take();
         let target = job.target_path.clone();
         let scratch = job.scratch.clone();

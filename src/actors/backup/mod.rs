@@ -49,7 +49,7 @@ use log::{debug, info};
 use tokio::sync::watch;
 
 use crate::actors::controller::Fatal;
-use crate::actors::storage::TakeSnapshot;
+use crate::actors::storage::{BackupEnded, TakeSnapshot};
 use crate::protocol::{BackupReport, PullFile, PullSnapshot, WireError};
 use crate::storage::backup::{clear_scratch, TargetRefusal, SCRATCH_DIR};
 use crate::types::CommitNumber;
@@ -322,6 +322,9 @@ pub struct Pacing {
 /// Runs backup jobs; see the module doc.
 pub struct BackupActor {
     storage: Recipient<TakeSnapshot>,
+    /// Told when a job ends, so the log is kept for the newest completed
+    /// backup, not for one that failed.
+    ended: Recipient<BackupEnded>,
     fatal: Recipient<Fatal>,
     live_dir: PathBuf,
     /// Names this server in manifests.
@@ -344,6 +347,7 @@ impl BackupActor {
     /// no backup may go); `source` names this server in manifests.
     pub fn new(
         storage: Recipient<TakeSnapshot>,
+        ended: Recipient<BackupEnded>,
         fatal: Recipient<Fatal>,
         live_dir: PathBuf,
         source: String,
@@ -351,6 +355,7 @@ impl BackupActor {
     ) -> BackupActor {
         BackupActor {
             storage,
+            ended,
             fatal,
             live_dir,
             source,

@@ -24,7 +24,7 @@ use crate::actors::backup::{
     blocking, effective_rate, yield_to_commits, BackupActor, BackupError, FinishPull, Pace,
     PullChunk, StartPull, MAX_PULL_CHUNK, PULL_IDLE_TIMEOUT,
 };
-use crate::actors::storage::TakeSnapshot;
+use crate::actors::storage::{BackupEnded, TakeSnapshot};
 use crate::protocol::{BackupReport, BackupState, PullFile, PullSnapshot};
 use crate::storage::backup::{remove_scratch, unix_ms_now};
 use crate::storage::Snapshot;
@@ -160,6 +160,10 @@ impl BackupActor {
             );
         }
         self.last = Some(report.clone());
+        self.ended.do_send(BackupEnded {
+            snapshot_commit: report.snapshot_commit,
+            completed: state == BackupState::Completed,
+        });
         let scratch = job.scratch;
         ctx.spawn(
             blocking(move || {

@@ -892,12 +892,15 @@ impl Actor for NodeSupervisor {
                     act.check_restart(ctx);
                 }
             } else {
-                let primary = act.parts.follow.clone().or_else(|| {
-                    act.node
-                        .primary()
-                        .filter(|p| p.server_id != act.server_id)
-                        .map(|p| p.addr.clone())
-                });
+                if let Some(p) = act.parts.follow.clone() {
+                    act.follow_explicit(p, ctx);
+                    return;
+                }
+                let primary = act
+                    .node
+                    .primary()
+                    .filter(|p| p.server_id != act.server_id)
+                    .map(|p| p.addr.clone());
                 match primary {
                     Some(p) => act.start_following(p, ctx),
                     None => act.publish(
@@ -1175,13 +1178,45 @@ impl Handler<FollowPrimary> for NodeSupervisor {
     type Result = ResponseActFuture<Self, Result<(), WireError>>;
 
     fn handle(&mut self, msg: FollowPrimary, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(
+            self.follow_checked(msg.primary)
+                .map(|res, _, _| res.map_err(FollowRefused::into_wire)),
+        )
+    }
+}
+
+/// Why a server does not follow the primary it was pointed at.
+enum FollowRefused {
+    /// It cannot be reached (yet).
+    Unreachable(WireError),
+    /// It is no primary of ours, or this server cannot follow at all.
+    Refused(WireError),
+}
+
+impl FollowRefused {
+    fn into_wire(self) -> WireError {
+        match self {
+            FollowRefused::Unreachable(e) | FollowRefused::Refused(e) => e,
+        }
+    }
+}
+
+impl NodeSupervisor {
+    /// Follow `primary` once it proves to be a primary of this repository,
+    /// not behind this server, which must be a backup (`magma follow`,
+    /// `--primary`).
+    fn follow_checked(
+        &mut self,
+        primary: NodeAddr,
+    ) -> std::pin::Pin<Box<dyn ActorFuture<Self, Output = Result<(), FollowRefused>>>> {
+        let refused = |e| Err(FollowRefused::Refused(e));
         if self.is_primary {
-            return Box::pin(fut::ready(Err(WireError::Unavailable {
+            return Box::pin(fut::ready(refused(WireError::Unavailable {
                 reason: "this server is the primary; a primary cannot follow another".into(),
             })));
         }
         let timeout = self.parts.settings.call_timeout;
-        let target = msg.primary.clone();
+        let target = primary.clone();
         let storage = self.parts.storage.clone();
         Box::pin(
             async move {
@@ -1198,45 +1233,81 @@ impl Handler<FollowPrimary> for NodeSupervisor {
                 match info {
                     Ok(Ok(i)) if i.restore_mode => {}
                     Ok(Ok(_)) => {
-                        return Err(WireError::Unavailable {
+                        return refused(WireError::Unavailable {
                             reason: "this server is not a backup (not in restore mode): it \
                                          served as a primary; restart it on its directory to \
                                          rejoin, or start it on a new backup"
                                 .into(),
                         })
                     }
-                    Ok(Err(e)) => return Err(wire_error(&e)),
-                    Err(e) => return Err(mailbox_error("the storage actor", e)),
+                    Ok(Err(e)) => return refused(wire_error(&e)),
+                    Err(e) => return refused(mailbox_error("the storage actor", e)),
                 }
-                let link = res.map_err(|e| WireError::Unavailable {
-                    reason: format!("cannot reach {}: {e}", clipped(&msg.primary, MAX_ECHO)),
+                let link = res.map_err(|e| {
+                    FollowRefused::Unreachable(WireError::Unavailable {
+                        reason: format!("cannot reach {}: {e}", clipped(&primary, MAX_ECHO)),
+                    })
                 })?;
                 let h = &link.hello;
                 if h.repository_id != act.repository_id {
-                    return Err(WireError::RepositoryMismatch {
+                    return refused(WireError::RepositoryMismatch {
                         expected: act.repository_id.clone(),
                         got: clipped(&h.repository_id, MAX_ECHO),
                     });
                 }
                 if h.role != ServerRole::Primary {
-                    return Err(WireError::WrongServer {
+                    return refused(WireError::WrongServer {
                         primary: h.node.primary().map(|p| p.addr.clone()),
                     });
                 }
                 if h.commit < act.last() {
-                    return Err(WireError::Unavailable {
+                    return refused(WireError::Unavailable {
                         reason: format!(
                             "{} is at commit {}, behind this server's {}",
-                            msg.primary,
+                            clipped(&primary, MAX_ECHO),
                             h.commit,
                             act.last()
                         ),
                     });
                 }
-                act.start_following(msg.primary.clone(), ctx);
+                act.start_following(primary, ctx);
                 Ok(())
             }),
         )
+    }
+
+    /// `--primary`: the checks of `magma follow` before following. A target
+    /// not reachable yet is asked again every second; one refused leaves
+    /// this server in restore mode, saying why (status and log).
+    fn follow_explicit(&mut self, primary: NodeAddr, ctx: &mut Context<Self>) {
+        self.follow_checked(primary.clone())
+            .map(move |res, act, ctx| match res {
+                Ok(()) => {}
+                Err(FollowRefused::Unreachable(e)) => {
+                    if act.follow_state.is_some() || act.is_primary {
+                        return;
+                    }
+                    act.publish(
+                        ServerRole::Restore,
+                        None,
+                        Some(format!("--primary {primary}: {e}; asking again")),
+                    );
+                    ctx.run_later(Duration::from_secs(1), move |act, ctx| {
+                        if act.follow_state.is_none() && !act.is_primary {
+                            act.follow_explicit(primary, ctx);
+                        }
+                    });
+                }
+                Err(FollowRefused::Refused(e)) => {
+                    error!("--primary {primary} refused: {e}");
+                    act.publish(
+                        ServerRole::Restore,
+                        None,
+                        Some(format!("--primary {primary} refused: {e}")),
+                    );
+                }
+            })
+            .spawn(ctx);
     }
 }
 

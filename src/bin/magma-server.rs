@@ -72,7 +72,11 @@ struct Args {
 
     /// Follow this primary as a warm backup (beWarmBackupFor) instead of the
     /// primary named by the repository's node. Only for a directory in
-    /// restore mode (a backup or a secondary).
+    /// restore mode (a backup or a secondary). Checked as `magma follow`
+    /// checks it: a server of another repository, one that is not the
+    /// primary, or one behind this copy is refused (the log says why, and
+    /// the server stays a backup); one not reachable yet is asked again
+    /// every second.
     #[arg(long, value_name = "ADDR")]
     primary: Option<String>,
 

@@ -677,3 +677,49 @@ fn t30_a_server_catching_up_from_a_dead_primary_joins_its_successor() {
     wait_for_role(&a3, ServerRole::Secondary, JOIN);
     wait_for_equal_digests(&[&a2, &a3], Duration::from_secs(60));
 }
+
+/// `--primary` at start makes the checks of `magma follow`: a target that
+/// is not a primary, or serves another repository, is refused (the log
+/// says why) and the server stays a backup; the right one is followed.
+#[test]
+fn t30_primary_at_start_is_checked_like_follow() {
+    let mut c = Cluster::new();
+    let (_, _, a1, a2) = pair(&mut c, &[]);
+    let b3 = c.root.path().join("b3");
+    backup(&a1, &b3);
+    let other = c.add_server("other", &[]);
+    c.servers[other].start();
+    let ao = c.servers[other].addr.clone();
+
+    phase!("--primary naming another repository's primary: refused");
+    let s3 = c.add_server_on("s3", &b3, &["--primary", &ao]);
+    c.servers[s3].start();
+    let a3 = c.servers[s3].addr.clone();
+    wait_until(Duration::from_secs(30), "server3 to refuse it", || {
+        c.servers[s3]
+            .log_contains(&format!("--primary {ao} refused: repository"))
+            .then_some(())
+    });
+    assert_eq!(status(&a3).role, ServerRole::Restore);
+
+    phase!("--primary naming a secondary: refused, not redirected");
+    c.servers[s3].kill();
+    c.servers[s3].args = vec!["--primary".into(), a2.clone()];
+    c.servers[s3].start();
+    wait_until(Duration::from_secs(30), "server3 to refuse it", || {
+        c.servers[s3]
+            .log_contains(&format!(
+                "--primary {a2} refused: wrong server; the primary is {a1}"
+            ))
+            .then_some(())
+    });
+    assert_eq!(status(&a3).role, ServerRole::Restore);
+    assert_eq!(status(&a1).members.len(), 2, "server3 must not have joined");
+
+    phase!("--primary naming the primary: followed");
+    c.servers[s3].kill();
+    c.servers[s3].args = vec!["--primary".into(), a1.clone()];
+    c.servers[s3].start();
+    wait_for_members(&a1, &[&a1, &a2, &a3], JOIN);
+    wait_for_equal_digests(&[&a1, &a3], Duration::from_secs(60));
+}

@@ -782,14 +782,14 @@ impl Handler<TakeSnapshot> for StorageActor {
     }
 }
 
-/// The backup of the snapshot taken at `snapshot_commit` ended: the log
-/// is kept for the newest completed backup (see
-/// `Repository::backup_ended`). Sender: the `BackupActor`; may be dropped
-/// (the log is then kept longer, within its bound).
+/// The backup of the snapshot taken at `snapshot_commit` ended (`None`:
+/// it failed to start): the log is kept for the newest completed backup
+/// (see `Repository::backup_ended`). Sender: the `BackupActor`; may be
+/// dropped (the log is then kept longer, within its bound).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BackupEnded {
-    pub snapshot_commit: CommitNumber,
+    pub snapshot_commit: Option<CommitNumber>,
     pub completed: bool,
 }
 

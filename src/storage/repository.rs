@@ -1267,15 +1267,17 @@ impl Repository {
         self.checkpoint()
     }
 
-    /// The backup of the snapshot at `snapshot_commit` ended. Completed, it
-    /// is the newest one a server may be started from: the log is kept from
-    /// its commit on. Otherwise the log stays kept for the last completed
-    /// one, which the operator still holds.
-    pub fn backup_ended(&mut self, snapshot_commit: CommitNumber, completed: bool) {
-        if completed {
-            self.backup_from = snapshot_commit + 1;
+    /// The backup of the snapshot at `snapshot_commit` ended (`None`: one
+    /// that failed to start, whose snapshot may or may not have been
+    /// taken). Completed, it is the newest one a server may be started
+    /// from: the log is kept from its commit on. Otherwise the log stays
+    /// kept for the last completed one, which the operator still holds.
+    pub fn backup_ended(&mut self, snapshot_commit: Option<CommitNumber>, completed: bool) {
+        match snapshot_commit {
+            Some(c) if completed => self.backup_from = c + 1,
+            _ => {}
         }
-        if self.backup_running_from == Some(snapshot_commit + 1) {
+        if snapshot_commit.is_none_or(|c| self.backup_running_from == Some(c + 1)) {
             self.backup_running_from = None;
         }
     }

@@ -737,7 +737,7 @@ fn a_failed_backup_keeps_the_log_the_last_completed_one_needs() {
     let mut repo = Repository::create_with(&dir.path().join("r"), 1, "a:1", opts).unwrap();
     let (_, coll) = setup_root_with_collection(&mut repo);
     let done = repo.snapshot(&dir.path().join("scratch")).unwrap().commit;
-    repo.backup_ended(done, true);
+    repo.backup_ended(Some(done), true);
     // Secondaries hold everything: they alone would let every
     // checkpointed record go.
     repo.retain_from(u64::MAX).unwrap();
@@ -748,7 +748,7 @@ fn a_failed_backup_keeps_the_log_the_last_completed_one_needs() {
     for i in 0..300 {
         append(&mut repo, coll, &format!("{i:040}"));
     }
-    repo.backup_ended(failed, false);
+    repo.backup_ended(Some(failed), false);
     repo.checkpoint().unwrap();
     let got = repo.read_records(done + 1, 10, 1 << 20).unwrap();
     assert_eq!(
@@ -759,7 +759,7 @@ fn a_failed_backup_keeps_the_log_the_last_completed_one_needs() {
 
     // A completed backup moves it on: the earlier one is no longer kept.
     let newer = repo.snapshot(&dir.path().join("scratch3")).unwrap().commit;
-    repo.backup_ended(newer, true);
+    repo.backup_ended(Some(newer), true);
     for i in 0..300 {
         append(&mut repo, coll, &format!("{i:040}"));
     }

@@ -17,6 +17,7 @@ use actix::prelude::*;
 use log::{error, info, warn};
 use tokio::sync::oneshot;
 
+use crate::actors::backup::vanished;
 use crate::actors::backup::{
     blocking, effective_rate, yield_to_commits, AbortBackup, BackupActor, BackupError, Pace,
     PauseBackup, ResumeBackup, StartBackup, LOCAL_CHUNK,
@@ -181,7 +182,13 @@ impl Handler<StartBackup> for BackupActor {
         );
         Box::pin(work.into_actor(self).map(move |res, act, ctx| {
             act.starting = None;
-            let snapshot = res?;
+            let snapshot = match res {
+                Ok(s) => s,
+                Err(e) => {
+                    act.failed_to_start(&e);
+                    return Err(e);
+                }
+            };
             let copier = SnapshotCopy::new(snapshot, &target, &act.source);
             let job = LocalJob::new(copier, msg.to, scratch, rate);
             info!(
@@ -201,6 +208,14 @@ impl Handler<StartBackup> for BackupActor {
             act.local = Some(job);
             if act.stopping {
                 act.abort_local("the server shut down", ctx);
+            } else if !act.abort_on_start.is_empty() {
+                for waiter in std::mem::take(&mut act.abort_on_start) {
+                    if let Some(done) = act.abort_local("aborted by an operator", ctx) {
+                        actix::spawn(async move {
+                            let _ = waiter.send(done.await.map_err(|_| vanished()));
+                        });
+                    }
+                }
             } else {
                 ctx.notify(CopyChunk);
             }
@@ -324,7 +339,7 @@ impl BackupActor {
         }
         self.last = Some(report.clone());
         self.ended.do_send(BackupEnded {
-            snapshot_commit: report.snapshot_commit,
+            snapshot_commit: Some(report.snapshot_commit),
             completed: state == BackupState::Completed,
         });
         let copier = job.copier.take();
@@ -372,6 +387,7 @@ impl Handler<PauseBackup> for BackupActor {
         if self.pull.is_some() {
             return Err(BackupError::PullNotPausable);
         }
+        self.check_started()?;
         let Some(job) = self.local.as_mut() else {
             return Err(self.not_running());
         };
@@ -394,6 +410,7 @@ impl Handler<ResumeBackup> for BackupActor {
         if self.pull.is_some() {
             return Err(BackupError::PullNotPausable);
         }
+        self.check_started()?;
         let Some(job) = self.local.as_mut() else {
             return Err(self.not_running());
         };
@@ -417,15 +434,17 @@ impl Handler<AbortBackup> for BackupActor {
             let report = self.end_pull(BackupState::Aborted, "aborted by an operator", ctx);
             return Box::pin(actix::fut::ready(Ok(report)));
         }
+        if self.starting.is_some() {
+            // Taking its snapshot: aborted as soon as it is a job.
+            let (tx, rx) = oneshot::channel();
+            self.abort_on_start.push(tx);
+            return Box::pin(
+                async move { rx.await.unwrap_or_else(|_| Err(vanished())) }.into_actor(self),
+            );
+        }
         let Some(done) = self.abort_local("aborted by an operator", ctx) else {
             return Box::pin(actix::fut::ready(Err(self.not_running())));
         };
-        Box::pin(
-            async move {
-                done.await
-                    .map_err(|_| BackupError::Internal("the backup job vanished".into()))
-            }
-            .into_actor(self),
-        )
+        Box::pin(async move { done.await.map_err(|_| vanished()) }.into_actor(self))
     }
 }

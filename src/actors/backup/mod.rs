@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use log::{debug, info};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::actors::controller::Fatal;
 use crate::actors::storage::{BackupEnded, TakeSnapshot};
@@ -100,6 +100,8 @@ pub enum BackupError {
     BadRate,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("a backup is starting ({what}): it is taking its snapshot; ask again in a moment")]
+    Starting { what: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -114,6 +116,11 @@ impl BackupError {
             },
         }
     }
+}
+
+/// A job's end was never reported (its actor stopped first).
+fn vanished() -> BackupError {
+    BackupError::Internal("the backup job vanished".into())
 }
 
 /// Run `f` on a blocking thread.
@@ -336,6 +343,8 @@ pub struct BackupActor {
     instance: String,
     /// A job being set up (target checked, snapshot taken): its target.
     starting: Option<String>,
+    /// Aborts asked while a job was starting: answered once it is one.
+    abort_on_start: Vec<oneshot::Sender<Result<BackupReport, BackupError>>>,
     local: Option<LocalJob>,
     pull: Option<PullJob>,
     last: Option<BackupReport>,
@@ -364,6 +373,7 @@ impl BackupActor {
             commit_path: CommitPath::new(pacing.applied),
             instance: format!("{:08x}-", rand::random::<u32>()),
             starting: None,
+            abort_on_start: Vec::new(),
             local: None,
             pull: None,
             last: None,
@@ -397,6 +407,28 @@ impl BackupActor {
             .join(SCRATCH_DIR)
             .join(format!("{}{id}", self.instance));
         (id, scratch)
+    }
+
+    /// Pause and resume need a job: not one still taking its snapshot.
+    fn check_started(&self) -> Result<(), BackupError> {
+        match &self.starting {
+            Some(what) => Err(BackupError::Starting { what: what.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// The job being set up failed before it ran: the log kept for it is
+    /// released, and aborts waiting for it are told.
+    fn failed_to_start(&mut self, e: &BackupError) {
+        self.ended.do_send(BackupEnded {
+            snapshot_commit: None,
+            completed: false,
+        });
+        for waiter in std::mem::take(&mut self.abort_on_start) {
+            let _ = waiter.send(Err(BackupError::NotRunning {
+                last: Some(format!("failed to start: {e}")),
+            }));
+        }
     }
 
     fn not_running(&self) -> BackupError {
@@ -539,6 +571,118 @@ impl Handler<StopBackups> for BackupActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::storage::BackupEnded;
+    use crate::protocol::BackupState;
+    use crate::storage::{Repository, Snapshot, StorageError};
+    use std::sync::{Arc, Mutex};
+
+    /// Takes real snapshots, each once the test opens the gate.
+    struct GatedStorage {
+        repo: Arc<Mutex<Repository>>,
+        gate: Arc<tokio::sync::Notify>,
+    }
+
+    impl Actor for GatedStorage {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<TakeSnapshot> for GatedStorage {
+        type Result = ResponseFuture<Result<Snapshot, StorageError>>;
+        fn handle(&mut self, m: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
+            let (repo, gate) = (self.repo.clone(), self.gate.clone());
+            Box::pin(async move {
+                gate.notified().await;
+                let snapshot = repo.lock().unwrap().snapshot(&m.scratch);
+                snapshot
+            })
+        }
+    }
+
+    /// Records what the storage actor and the controller are told.
+    struct Told(Arc<Mutex<Vec<String>>>);
+
+    impl Actor for Told {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<BackupEnded> for Told {
+        type Result = ();
+        fn handle(&mut self, m: BackupEnded, _: &mut Context<Self>) {
+            self.0.lock().unwrap().push(format!(
+                "ended {:?} completed {}",
+                m.snapshot_commit, m.completed
+            ));
+        }
+    }
+
+    impl Handler<Fatal> for Told {
+        type Result = ();
+        fn handle(&mut self, m: Fatal, _: &mut Context<Self>) {
+            self.0.lock().unwrap().push(format!("fatal {}", m.reason));
+        }
+    }
+
+    /// An operator who aborts a backup still taking its snapshot gets it
+    /// aborted, not "no backup is running" and a backup that then runs;
+    /// pausing it meanwhile says it is starting.
+    #[actix::test]
+    async fn a_backup_aborted_while_it_takes_its_snapshot_is_aborted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let live = tmp.path().join("live");
+        let repo = Repository::create(&live, 1, "127.0.0.1:1").unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let storage = GatedStorage {
+            repo: Arc::new(Mutex::new(repo)),
+            gate: gate.clone(),
+        }
+        .start();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let sink = Told(told.clone()).start();
+        let backup = BackupActor::new(
+            storage.recipient(),
+            sink.clone().recipient(),
+            sink.recipient(),
+            live.clone(),
+            "test".into(),
+            Pacing {
+                rate: None,
+                busy_rate: None,
+                applied: watch::channel(0).1,
+            },
+        )
+        .start();
+        let target = tmp.path().join("b").to_string_lossy().to_string();
+        let start = backup.send(StartBackup {
+            to: target.clone(),
+            rate: None,
+        });
+        let start = actix_rt::spawn(start);
+        // Messages are handled in order: these find the job starting.
+        let paused = backup.send(PauseBackup).await.unwrap();
+        assert!(
+            matches!(&paused, Err(BackupError::Starting { .. })),
+            "{paused:?}"
+        );
+        let abort = actix_rt::spawn(backup.send(AbortBackup));
+        // Let the abort reach the actor before the snapshot is taken.
+        let status = backup.send(GetBackupReport).await.unwrap();
+        assert!(status.is_none(), "no job yet: {status:?}");
+        gate.notify_one();
+        let started = start.await.unwrap().unwrap().unwrap();
+        assert_eq!(started.target, target);
+        let aborted = abort.await.unwrap().unwrap().unwrap();
+        assert_eq!(aborted.state, BackupState::Aborted, "{aborted:?}");
+        let last = backup.send(GetBackupReport).await.unwrap().unwrap();
+        assert_eq!(last.state, BackupState::Aborted);
+        let told = told.lock().unwrap().clone();
+        assert_eq!(
+            told,
+            vec![format!(
+                "ended Some({}) completed false",
+                started.snapshot_commit
+            )]
+        );
+    }
 
     #[test]
     fn pace_spaces_chunks_by_rate_and_never_banks_idle_time() {

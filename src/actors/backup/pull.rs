@@ -161,7 +161,7 @@ impl BackupActor {
         }
         self.last = Some(report.clone());
         self.ended.do_send(BackupEnded {
-            snapshot_commit: report.snapshot_commit,
+            snapshot_commit: Some(report.snapshot_commit),
             completed: state == BackupState::Completed,
         });
         let scratch = job.scratch;
@@ -227,6 +227,7 @@ impl Handler<StartPull> for BackupActor {
             let snapshot = match res {
                 Ok(s) => s,
                 Err(e) => {
+                    act.failed_to_start(&e);
                     ctx.spawn(
                         blocking(move || {
                             remove_scratch(&scratch);
@@ -266,6 +267,15 @@ impl Handler<StartPull> for BackupActor {
             if act.stopping {
                 act.end_pull(BackupState::Aborted, "the server shut down", ctx);
                 return Err(BackupError::ShuttingDown);
+            }
+            if !act.abort_on_start.is_empty() {
+                let report = act.end_pull(BackupState::Aborted, "aborted by an operator", ctx);
+                for waiter in std::mem::take(&mut act.abort_on_start) {
+                    let _ = waiter.send(Ok(report.clone()));
+                }
+                return Err(BackupError::NotRunning {
+                    last: Some(format!("to {}: aborted", report.target)),
+                });
             }
             Ok(reply)
         }))

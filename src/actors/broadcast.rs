@@ -174,6 +174,13 @@ pub struct BroadcastActor {
     /// primary's record under one of our numbers. Reset with each
     /// connection.
     verified: CommitNumber,
+    /// The secondary's last record, sent again for it to compare with its
+    /// own (see `on_reply`); `unchecked` once it proved unreadable here.
+    checking: Option<CommitNumber>,
+    /// A record this primary cannot read back (a primary started from a
+    /// backup holds no records up to its snapshot): not asked again on
+    /// this connection; the next batch's chain check tells instead.
+    unchecked: Option<CommitNumber>,
     /// The secondary answered at least once: until then `acked` is only
     /// where the stream starts, not what it holds (status must not show a
     /// lagging secondary level with us after a promotion).
@@ -309,6 +316,8 @@ impl BroadcastActor {
             next,
             acked: next.saturating_sub(1),
             verified: 0,
+            checking: None,
+            unchecked: None,
             heard: false,
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
@@ -371,6 +380,14 @@ impl BroadcastActor {
                             act.pump(ctx);
                         }
                         Ok(Ok(_)) => {}
+                        Ok(Err(e)) if act.checking == Some(from) => {
+                            debug!(
+                                "replication to {}: cannot read record {from} to check it: {e}",
+                                act.peer.addr
+                            );
+                            act.skip_check(from);
+                            act.pump(ctx);
+                        }
                         Ok(Err(e)) => {
                             warn!(
                                 "replication to {}: cannot read records from {from}: {e}",
@@ -480,7 +497,10 @@ impl BroadcastActor {
                     // It took our records: its chain check passed.
                     self.verified = self.verified.max(last.min(held));
                 }
-                let (applied, durable) = (held.min(self.verified), held_durable.min(self.verified));
+                // Durability is credited only as far as shown; `applied`
+                // (status, lag, where a new connection resumes) is what
+                // it says it holds, checked again by each connection.
+                let (applied, durable) = (held, held_durable.min(self.verified));
                 self.heard = true;
                 if applied > self.acked {
                     self.acked = applied;
@@ -505,14 +525,11 @@ impl BroadcastActor {
                     // A secondary holding other records refuses either
                     // (`diverged`) before anything counts on it.
                     if self.in_flight.is_empty() {
-                        self.next = if held < self.primary_last {
-                            held + 1
-                        } else {
-                            held
-                        };
-                        // Until then it is credited with what it was shown
-                        // to hold (`acked` may be where the stream started).
-                        self.acked = applied;
+                        let check = held >= self.primary_last && self.unchecked != Some(held);
+                        self.next = if check { held } else { held + 1 };
+                        self.checking = check.then_some(held);
+                        // `acked` may be where the stream started.
+                        self.acked = held;
                         debug!(
                             "replication to {}: it holds up to {held}, unchecked: sending from {}",
                             self.peer.addr, self.next
@@ -662,8 +679,19 @@ impl BroadcastActor {
         self.generation += 1;
         self.in_flight.clear();
         self.verified = 0;
+        self.checking = None;
+        self.unchecked = None;
         self.next = self.acked + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
+    }
+
+    /// The record `from`, sent only for the secondary to compare, cannot be
+    /// read here: the first record after it will be checked instead, by
+    /// its chain, once there is one. Not asked again on this connection.
+    fn skip_check(&mut self, from: CommitNumber) {
+        self.checking = None;
+        self.unchecked = Some(from);
+        self.next = from + 1;
     }
 
     /// Outstanding records not acknowledged: since when?
@@ -984,8 +1012,19 @@ mod tests {
         let mut b = broadcaster(tmp.path(), 101, 100, 4);
         b.in_flight.push_back(sent(1, 100, None));
         answer(&mut b, 1, 100, 100);
-        assert_eq!((b.acked, b.durable), (0, 0), "credited on a heartbeat");
-        assert_eq!(b.next, 100, "its last record goes again");
+        assert_eq!(b.durable, 0, "credited on a heartbeat");
+        assert_eq!(
+            (b.next, b.checking),
+            (100, Some(100)),
+            "its last record goes again"
+        );
+        // A connection lost meanwhile resumes where it holds (and checks
+        // again), never from the start of the log.
+        b.break_link();
+        assert_eq!((b.next, b.verified, b.checking), (101, 0, None));
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        assert_eq!(b.next, 100);
         // It accepted record 100: its chain check passed.
         b.in_flight.push_back(sent(2, 100, Some(100)));
         answer(&mut b, 2, 100, 100);
@@ -1007,7 +1046,7 @@ mod tests {
         let mut b = broadcaster(tmp.path(), 101, 100, 4);
         b.in_flight.push_back(sent(1, 100, None));
         answer(&mut b, 1, 90, 90);
-        assert_eq!((b.acked, b.durable, b.next), (0, 0, 91));
+        assert_eq!((b.acked, b.durable, b.next, b.checking), (90, 0, 91, None));
         b.in_flight.push_back(sent(2, 100, Some(100)));
         answer(&mut b, 2, 100, 95);
         assert_eq!((b.acked, b.durable, b.verified), (100, 95, 100));
@@ -1027,6 +1066,29 @@ mod tests {
         assert_eq!((b.durable, b.next), (0, 103));
         answer(&mut b, 2, 102, 102);
         assert_eq!((b.acked, b.durable, b.next), (102, 102, 103));
+    }
+
+    /// A primary started from a backup holds no record up to its snapshot:
+    /// its secondary's last one cannot be sent to compare. The check is
+    /// skipped, not retried for ever; the next record's chain check tells.
+    #[actix::test]
+    async fn a_record_that_cannot_be_read_to_check_is_left_to_the_next_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = broadcaster(tmp.path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        assert_eq!(b.checking, Some(100));
+        b.skip_check(100);
+        assert_eq!((b.next, b.checking, b.unchecked), (101, None, Some(100)));
+        // Heartbeats answered meanwhile ask for no check again.
+        b.in_flight.push_back(sent(2, 100, None));
+        answer(&mut b, 2, 100, 100);
+        assert_eq!((b.next, b.checking, b.durable), (101, None, 0));
+        // The next commit goes as a batch; once taken, all is credited.
+        b.primary_last = 101;
+        b.in_flight.push_back(sent(3, 101, Some(101)));
+        answer(&mut b, 3, 101, 101);
+        assert_eq!((b.durable, b.verified), (101, 101));
     }
 
     #[test]

@@ -1816,22 +1816,19 @@ fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it
     server.shutdown(true).unwrap();
 }
 
-/// A secondary restarted after a failover may hold a former primary's last
-/// record, which the new primary replaced. The glob it then pulls does not
-/// continue its log: it is deposed (no reads of what the node does not
-/// hold), not left in restore mode serving them.
-#[test]
-fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
-    use crate::protocol::ReplicateAck;
+/// Two copies of one repository that part after its first commits: the
+/// node's backup at `dir` (restore mode), holding the old primary's next
+/// record, and what the new primary holds instead (its next two records).
+/// Returns (epoch, repository id, the old record, the new primary's second
+/// record, the number before them).
+fn forked_backup(
+    tmp: &std::path::Path,
+    dir: &std::path::Path,
+) -> (crate::types::Epoch, String, Vec<u8>, Vec<u8>, u64) {
     use crate::storage::{CommitRequest, Repository};
-    use crate::types::{Member, MemberRole, Node};
-    use std::net::TcpListener;
-
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
-    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
-    let fork_dir = tmp.path().join("fork");
-    old.snapshot(&tmp.path().join("scratch2"))
+    let mut old = primary_with_backup_at(tmp, dir);
+    let fork_dir = tmp.join("fork");
+    old.snapshot(&tmp.join("scratch2"))
         .unwrap()
         .copy_to(&fork_dir)
         .unwrap();
@@ -1847,23 +1844,38 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
     new.commit(meta(3)).unwrap();
     let lost = old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0);
     let next = new.read_records(base + 2, 1, 1 << 20).unwrap().remove(0);
-    let (epoch, repository_id) = (old.info().epoch, old.info().repository_id.to_string());
+    let info = old.info();
+    (info.epoch, info.repository_id.to_string(), lost, next, base)
+}
 
-    // The new primary, faked: it answers hello and serves record base + 2
-    // to whoever catches up.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fake = listener.local_addr().unwrap().to_string();
+/// A fake primary of `repository_id` in `epoch`: answers hello, and serves
+/// `record` (number `base + 2`) to whoever catches up from it. Returns its
+/// address and how many `catch_up` requests it got.
+fn fake_primary(
+    epoch: crate::types::Epoch,
+    repository_id: String,
+    record: Vec<u8>,
+    base: u64,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use crate::types::{Member, MemberRole, Node};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
     let node = Node {
         members: vec![Member {
             server_id: 9,
-            addr: fake.clone(),
+            addr: addr.clone(),
             role: MemberRole::Primary,
         }],
     };
+    let counter = asked.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
-            let (node, next, repository_id) = (node.clone(), next.clone(), repository_id.clone());
+            let (node, record, repository_id) =
+                (node.clone(), record.clone(), repository_id.clone());
+            let counter = counter.clone();
             std::thread::spawn(move || {
                 while let Ok(frame) = read_frame(&mut s, 1 << 20) {
                     let req: Request = codec::decode(&frame).unwrap();
@@ -1876,16 +1888,19 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
                             node: node.clone(),
                             epoch,
                         },
-                        RequestBody::CatchUp { from, .. } => ResponseBody::Records {
-                            records: if from == base + 2 {
-                                vec![serde_bytes::ByteBuf::from(next.clone())]
-                            } else {
-                                vec![]
-                            },
-                            last: base + 2,
-                            epoch,
-                            level: true,
-                        },
+                        RequestBody::CatchUp { from, .. } => {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            ResponseBody::Records {
+                                records: if from == base + 2 {
+                                    vec![serde_bytes::ByteBuf::from(record.clone())]
+                                } else {
+                                    vec![]
+                                },
+                                last: base + 2,
+                                epoch,
+                                level: true,
+                            }
+                        }
                         _ => ResponseBody::Ok,
                     };
                     let resp = Response {
@@ -1900,14 +1915,27 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
             });
         }
     });
+    (addr, asked)
+}
 
+/// A server on `cfg` that took `record` (number `base + 1`) from a primary
+/// in `epoch`, then is told to follow `primary`; returns it and an admin
+/// connection to it.
+fn follower_holding(
+    cfg: Config,
+    epoch: crate::types::Epoch,
+    record: Vec<u8>,
+    base: u64,
+    primary: String,
+) -> (ServerThread, Conn) {
+    use crate::protocol::ReplicateAck;
     let server = spawn(cfg).unwrap();
     let mut peer = Conn::raw(server.local_addr());
     peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
     let took = peer.call(RequestBody::Replicate {
         epoch,
         primary_id: 7,
-        records: vec![serde_bytes::ByteBuf::from(lost)],
+        records: vec![serde_bytes::ByteBuf::from(record)],
         primary_last: base + 1,
         ack: ReplicateAck::Durable,
     });
@@ -1917,8 +1945,22 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
     );
     let mut admin = Conn::raw(server.local_addr());
     admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
-    let followed = admin.call(RequestBody::Follow { primary: fake });
+    let followed = admin.call(RequestBody::Follow { primary });
     assert!(matches!(followed.body, ResponseBody::Ok), "{followed:?}");
+    (server, admin)
+}
+
+/// A secondary restarted after a failover may hold a former primary's last
+/// record, which the new primary replaced. The glob it then pulls does not
+/// continue its log: it is deposed (no reads of what the node does not
+/// hold), not left in restore mode serving them.
+#[test]
+fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (epoch, repository_id, lost, next, base) = forked_backup(tmp.path(), &cfg.dir);
+    let (fake, _) = fake_primary(epoch, repository_id, next, base);
+    let (server, mut admin) = follower_holding(cfg, epoch, lost, base, fake);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match admin.call(RequestBody::Status).body {
@@ -1938,6 +1980,36 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
     }) {
         WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
         other => panic!("a deposed server must refuse reads: {other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}
+
+/// The same glob from a server of an older epoch than the copy's (a former
+/// primary back, still serving as one) says nothing about the copy: it is
+/// not deposed, and does not take the glob.
+#[test]
+fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let (epoch, repository_id, lost, next, base) = forked_backup(tmp.path(), &cfg.dir);
+    let older = crate::types::Epoch {
+        term: epoch.term - 1,
+        server: epoch.server,
+    };
+    let (fake, asked) = fake_primary(older, repository_id, next, base);
+    let (server, mut admin) = follower_holding(cfg, epoch, lost, base, fake);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while asked.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "not asked again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match admin.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => {
+            assert_ne!(s.role, ServerRole::Deposed);
+            assert_eq!(s.commit, base + 1, "the stale glob was not applied");
+        }
+        other => panic!("{other:?}"),
     }
     server.shutdown(true).unwrap();
 }

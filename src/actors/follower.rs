@@ -21,11 +21,11 @@ use crate::actors::broadcast::LinkSettings;
 use crate::actors::commit_log::{CommitLogActor, Flush};
 use crate::actors::controller::Fatal;
 use crate::actors::peer_link::{LinkError, PeerLink};
-use crate::actors::storage::{ApplyRecords, StorageActor};
+use crate::actors::storage::{ApplyRecords, GetInfo, StorageActor};
 use crate::actors::supervisor::NodeSupervisor;
 use crate::protocol::{RequestBody, ResponseBody, WireError};
 use crate::storage::StorageError;
-use crate::types::{CommitNumber, NodeAddr};
+use crate::types::{CommitNumber, Epoch, NodeAddr};
 
 const GLOB_RECORDS: u32 = 10_000;
 const GLOB_BYTES: u64 = 8 << 20;
@@ -60,6 +60,11 @@ pub enum FollowState {
 
 /// Why applying a glob failed.
 enum GlobFailed {
+    /// It came from a server of an older epoch than our copy's.
+    Stale {
+        theirs: Epoch,
+        ours: Epoch,
+    },
     /// Its first record does not continue our log (at this number).
     Diverged(CommitNumber),
     Other(String),
@@ -213,14 +218,14 @@ impl FollowerActor {
                         records,
                         level,
                         last,
-                        ..
+                        epoch,
                     },
                 ),
             )) => {
                 act.link = Some(link);
                 act.unreachable_since = None;
                 act.glob_bytes = next_glob_bytes(act.glob_bytes, false);
-                act.apply(records, level, last, ctx);
+                act.apply(records, level, last, epoch, ctx);
             }
             Ok((link, (_, other))) => {
                 act.busy = false;
@@ -328,6 +333,7 @@ impl FollowerActor {
         records: Vec<serde_bytes::ByteBuf>,
         level: bool,
         primary_last: CommitNumber,
+        epoch: Epoch,
         ctx: &mut Context<Self>,
     ) {
         let bodies: Vec<Vec<u8>> = records.into_iter().map(|b| b.into_vec()).collect();
@@ -341,6 +347,18 @@ impl FollowerActor {
             reason
         };
         async move {
+            // A server of an older epoch (a former primary back, or cut
+            // off, that still serves as one) is not the node's primary: its
+            // records say nothing about whether ours diverged.
+            let ours = storage
+                .send(GetInfo)
+                .await
+                .map_err(|e| GlobFailed::Other(e.to_string()))?
+                .map_err(|e| GlobFailed::Other(e.to_string()))?
+                .epoch;
+            if epoch < ours {
+                return Err(GlobFailed::Stale { theirs: epoch, ours });
+            }
             let applied = storage
                 .send(ApplyRecords::plain(bodies))
                 .await
@@ -405,6 +423,19 @@ impl FollowerActor {
                             "the primary's record {number} does not continue this server's log"
                         ),
                     });
+                }
+                Err(GlobFailed::Stale { theirs, ours }) => {
+                    warn!(
+                        "catch-up: {} serves epoch {theirs}, older than this copy's {ours}: \
+                         it is not the node's primary; looking for the primary",
+                        act.primary
+                    );
+                    act.retry(Duration::from_secs(1));
+                    act.supervisor
+                        .do_send(crate::actors::supervisor::PrimaryUnreachable {
+                            primary: act.primary.clone(),
+                            since: Duration::ZERO,
+                        });
                 }
                 Err(GlobFailed::Other(e)) => {
                     error!("catch-up: applying records from {} failed: {e}", act.primary);

@@ -614,19 +614,38 @@ impl NodeSupervisor {
         &self,
     ) -> impl std::future::Future<Output = Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>>
     {
+        self.probe_members_except("")
+    }
+
+    /// [`Self::probe_members`] but `skip`, all at once: a dead member costs
+    /// one timeout (1 s), not one each.
+    fn probe_members_except(
+        &self,
+        skip: &str,
+    ) -> impl std::future::Future<Output = Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>>
+    {
         let addrs: Vec<NodeAddr> = self
             .node
             .members
             .iter()
-            .filter(|m| m.server_id != self.server_id)
+            .filter(|m| m.server_id != self.server_id && m.addr != skip)
             .map(|m| m.addr.clone())
             .collect();
         let timeout = Duration::from_millis(1000);
         async move {
+            let asks: Vec<_> = addrs
+                .into_iter()
+                .map(|a| {
+                    actix_rt::spawn(async move {
+                        let link = PeerLink::connect(&a, timeout).await.ok()?;
+                        Some((a, link.hello))
+                    })
+                })
+                .collect();
             let mut out = Vec::new();
-            for a in addrs {
-                if let Ok(link) = PeerLink::connect(&a, timeout).await {
-                    out.push((a, link.hello));
+            for ask in asks {
+                if let Ok(Some(answer)) = ask.await {
+                    out.push(answer);
                 }
             }
             out
@@ -1179,7 +1198,7 @@ impl Handler<FollowPrimary> for NodeSupervisor {
 
     fn handle(&mut self, msg: FollowPrimary, _: &mut Context<Self>) -> Self::Result {
         Box::pin(
-            self.follow_checked(msg.primary)
+            self.follow_checked(msg.primary, false)
                 .map(|res, _, _| res.map_err(FollowRefused::into_wire)),
         )
     }
@@ -1204,10 +1223,13 @@ impl FollowRefused {
 impl NodeSupervisor {
     /// Follow `primary` once it proves to be a primary of this repository,
     /// not behind this server, which must be a backup (`magma follow`,
-    /// `--primary`).
+    /// `--primary`). `unless_following`: not if this server started
+    /// following another meanwhile (an operator's `magma follow` wins over
+    /// `--primary`'s retries).
     fn follow_checked(
         &mut self,
         primary: NodeAddr,
+        unless_following: bool,
     ) -> std::pin::Pin<Box<dyn ActorFuture<Self, Output = Result<(), FollowRefused>>>> {
         let refused = |e| Err(FollowRefused::Refused(e));
         if self.is_primary {
@@ -1270,6 +1292,15 @@ impl NodeSupervisor {
                         ),
                     });
                 }
+                // What changed while we asked.
+                if act.is_primary || act.diverged.is_some() {
+                    return refused(WireError::Unavailable {
+                        reason: "this server changed role meanwhile; it follows no primary".into(),
+                    });
+                }
+                if unless_following && act.follow_state.is_some() {
+                    return Ok(());
+                }
                 act.start_following(primary, ctx);
                 Ok(())
             }),
@@ -1280,7 +1311,7 @@ impl NodeSupervisor {
     /// not reachable yet is asked again every second; one refused leaves
     /// this server in restore mode, saying why (status and log).
     fn follow_explicit(&mut self, primary: NodeAddr, ctx: &mut Context<Self>) {
-        self.follow_checked(primary.clone())
+        self.follow_checked(primary.clone(), true)
             .map(move |res, act, ctx| match res {
                 Ok(()) => {}
                 Err(FollowRefused::Unreachable(e)) => {
@@ -1560,37 +1591,50 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
             return;
         }
         self.looking_for_primary = true;
-        let my_epoch = self.epoch;
-        self.probe_members()
-            .into_actor(self)
-            .map(move |peers, act, ctx| {
-                act.looking_for_primary = false;
-                if act.is_primary || act.changing_role || !act.catching_up_from(&msg.primary) {
-                    return;
-                }
-                let leader = peers
-                    .into_iter()
-                    .filter(|(a, h)| {
-                        h.role == ServerRole::Primary && h.epoch >= my_epoch && *a != msg.primary
-                    })
-                    .max_by_key(|(_, h)| h.epoch);
-                match leader {
-                    Some((addr, h)) => {
-                        warn!(
-                            "the primary {} cannot be reached for {:?}; {addr} leads in epoch {}: \
+        let storage = self.parts.storage.clone();
+        let asking = self.probe_members_except(&msg.primary);
+        async move {
+            // Our copy's epoch now (the supervisor's own is set only at
+            // start and on promotion): a server that followed through
+            // failovers must not take an older primary back for the node's.
+            let info = storage.send(GetInfo).await.ok().and_then(|r| r.ok());
+            (info, asking.await)
+        }
+        .into_actor(self)
+        .map(move |(info, peers), act, ctx| {
+            act.looking_for_primary = false;
+            if act.is_primary || act.changing_role || !act.catching_up_from(&msg.primary) {
+                return;
+            }
+            let Some(info) = info else { return };
+            let ours = info.repository_id.to_string();
+            // What `magma follow` checks, and the newest epoch first.
+            let leader = peers
+                .into_iter()
+                .filter(|(_, h)| {
+                    h.role == ServerRole::Primary
+                        && h.epoch >= info.epoch
+                        && h.repository_id == ours
+                        && h.commit >= info.last_commit
+                })
+                .max_by_key(|(_, h)| h.epoch);
+            match leader {
+                Some((addr, h)) => {
+                    warn!(
+                        "the primary {} cannot be reached for {:?}; {addr} leads in epoch {}: \
                              following it",
-                            msg.primary, msg.since, h.epoch
-                        );
-                        act.start_following(addr, ctx);
-                    }
-                    None => info!(
-                        "the primary {} cannot be reached for {:?}, and no other member leads; \
-                         retrying",
-                        msg.primary, msg.since
-                    ),
+                        msg.primary, msg.since, h.epoch
+                    );
+                    act.start_following(addr, ctx);
                 }
-            })
-            .spawn(ctx);
+                None => info!(
+                    "the primary {} cannot be reached for {:?}, and no other member leads; \
+                         retrying",
+                    msg.primary, msg.since
+                ),
+            }
+        })
+        .spawn(ctx);
     }
 }
 

@@ -76,7 +76,8 @@ struct Args {
     /// checks it: a server of another repository, one that is not the
     /// primary, or one behind this copy is refused (the log says why, and
     /// the server stays a backup); one not reachable yet is asked again
-    /// every second.
+    /// every second, for as long as it takes (`magma follow` points the
+    /// server elsewhere meanwhile).
     #[arg(long, value_name = "ADDR")]
     primary: Option<String>,
 

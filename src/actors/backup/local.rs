@@ -148,7 +148,9 @@ async fn set_up(
 /// fatal, as any failed checkpoint; one that failed on the scratch copy is
 /// the backup's failure only.
 pub(super) fn snapshot_failure(fatal: &Recipient<Fatal>, e: StorageError) -> BackupError {
-    if e.is_fatal() {
+    // The repository closed under it: the server is stopping, which is
+    // not a failure.
+    if e.is_fatal() && !crate::actors::storage::is_closed(&e) {
         fatal.do_send(Fatal {
             reason: format!("the checkpoint of a backup snapshot failed: {e}"),
         });
@@ -206,11 +208,16 @@ impl Handler<StartBackup> for BackupActor {
             );
             let report = job.report();
             act.local = Some(job);
-            if act.stopping {
-                act.abort_local("the server shut down", ctx);
-            } else if !act.abort_on_start.is_empty() {
-                for waiter in std::mem::take(&mut act.abort_on_start) {
-                    if let Some(done) = act.abort_local("aborted by an operator", ctx) {
+            let waiters = std::mem::take(&mut act.abort_on_start);
+            if act.stopping || !waiters.is_empty() {
+                let reason = if act.stopping {
+                    "the server shut down"
+                } else {
+                    "aborted by an operator"
+                };
+                act.abort_local(reason, ctx);
+                for waiter in waiters {
+                    if let Some(done) = act.abort_local(reason, ctx) {
                         actix::spawn(async move {
                             let _ = waiter.send(done.await.map_err(|_| vanished()));
                         });

@@ -546,6 +546,19 @@ impl Handler<StopBackups> for BackupActor {
 
     fn handle(&mut self, _: StopBackups, ctx: &mut Context<Self>) -> Self::Result {
         self.stopping = true;
+        if self.starting.is_some() {
+            // Taking its snapshot: it is aborted as soon as it is a job
+            // (or fails to start); the shutdown waits for that.
+            info!("shutdown: aborting the backup being started");
+            let (tx, rx) = oneshot::channel();
+            self.abort_on_start.push(tx);
+            return Box::pin(
+                async move {
+                    let _ = rx.await;
+                }
+                .into_actor(self),
+            );
+        }
         if self.pull.is_some() {
             self.end_pull(
                 crate::protocol::BackupState::Aborted,
@@ -625,10 +638,16 @@ mod tests {
     /// An operator who aborts a backup still taking its snapshot gets it
     /// aborted, not "no backup is running" and a backup that then runs;
     /// pausing it meanwhile says it is starting.
-    #[actix::test]
-    async fn a_backup_aborted_while_it_takes_its_snapshot_is_aborted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let live = tmp.path().join("live");
+    /// A backup actor whose snapshots wait for `gate`; what it tells the
+    /// storage actor and the controller goes to `told`.
+    fn gated_backups(
+        tmp: &std::path::Path,
+    ) -> (
+        Addr<BackupActor>,
+        Arc<tokio::sync::Notify>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let live = tmp.join("live");
         let repo = Repository::create(&live, 1, "127.0.0.1:1").unwrap();
         let gate = Arc::new(tokio::sync::Notify::new());
         let storage = GatedStorage {
@@ -642,7 +661,7 @@ mod tests {
             storage.recipient(),
             sink.clone().recipient(),
             sink.recipient(),
-            live.clone(),
+            live,
             "test".into(),
             Pacing {
                 rate: None,
@@ -651,6 +670,13 @@ mod tests {
             },
         )
         .start();
+        (backup, gate, told)
+    }
+
+    #[actix::test]
+    async fn a_backup_aborted_while_it_takes_its_snapshot_is_aborted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (backup, gate, told) = gated_backups(tmp.path());
         let target = tmp.path().join("b").to_string_lossy().to_string();
         let start = backup.send(StartBackup {
             to: target.clone(),
@@ -804,5 +830,34 @@ mod tests {
             effective_rate(Some(0), Some(7)),
             Err(BackupError::BadRate)
         ));
+    }
+
+    /// A shutdown while a job takes its snapshot waits for it and aborts
+    /// it, rather than closing the repository under it.
+    #[actix::test]
+    async fn a_shutdown_while_a_backup_starts_waits_for_it_and_aborts_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (backup, gate, told) = gated_backups(tmp.path());
+        let target = tmp.path().join("b").to_string_lossy().to_string();
+        let start = actix_rt::spawn(backup.send(StartBackup {
+            to: target,
+            rate: None,
+        }));
+        let stop = actix_rt::spawn(backup.send(StopBackups));
+        // The stop waits for the snapshot.
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        assert!(!stop.is_finished(), "the shutdown did not wait");
+        gate.notify_one();
+        stop.await.unwrap().unwrap();
+        let started = start.await.unwrap().unwrap().unwrap();
+        let last = backup.send(GetBackupReport).await.unwrap().unwrap();
+        assert_eq!(last.state, BackupState::Aborted);
+        assert_eq!(
+            told.lock().unwrap().clone(),
+            vec![format!(
+                "ended Some({}) completed false",
+                started.snapshot_commit
+            )]
+        );
     }
 }

@@ -264,17 +264,23 @@ impl Handler<StartPull> for BackupActor {
                 job.report().bytes_total
             );
             act.pull = Some(job);
-            if act.stopping {
-                act.end_pull(BackupState::Aborted, "the server shut down", ctx);
-                return Err(BackupError::ShuttingDown);
-            }
-            if !act.abort_on_start.is_empty() {
-                let report = act.end_pull(BackupState::Aborted, "aborted by an operator", ctx);
-                for waiter in std::mem::take(&mut act.abort_on_start) {
+            let waiters = std::mem::take(&mut act.abort_on_start);
+            if act.stopping || !waiters.is_empty() {
+                let reason = if act.stopping {
+                    "the server shut down"
+                } else {
+                    "aborted by an operator"
+                };
+                let report = act.end_pull(BackupState::Aborted, reason, ctx);
+                for waiter in waiters {
                     let _ = waiter.send(Ok(report.clone()));
                 }
-                return Err(BackupError::NotRunning {
-                    last: Some(format!("to {}: aborted", report.target)),
+                return Err(if act.stopping {
+                    BackupError::ShuttingDown
+                } else {
+                    BackupError::NotRunning {
+                        last: Some(format!("to {}: aborted", report.target)),
+                    }
                 });
             }
             Ok(reply)

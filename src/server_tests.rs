@@ -1723,11 +1723,8 @@ impl actix::Handler<crate::actors::broadcast::ReplicaTrouble> for Reports {
 /// broadcaster reports the divergence without ever crediting it.
 #[test]
 fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it() {
-    use crate::actors::broadcast::{BroadcastActor, LinkSettings};
-    use crate::actors::storage::{Identity, StorageActor};
     use crate::protocol::ReplicateAck;
     use crate::storage::{CommitRequest, Repository};
-    use actix::Actor;
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
@@ -1764,12 +1761,37 @@ fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it
         "{took:?}"
     );
 
+    let first = stream_from(new, epoch, base + 1, &server, |r| {
+        r.starts_with("trouble") || r.starts_with("durable")
+    });
+    assert!(
+        first.starts_with("trouble") && first.contains(&format!("Some({})", base + 1)),
+        "credited with another primary's record: {first}"
+    );
+    server.shutdown(true).unwrap();
+}
+
+/// Run a broadcaster of `primary` (epoch `epoch`, its last commit
+/// `primary_last`, its stream starting after it as after a restart) to
+/// `secondary` until it reports something `wanted`; that report.
+fn stream_from(
+    mut primary: crate::storage::Repository,
+    epoch: crate::types::Epoch,
+    primary_last: u64,
+    secondary: &ServerThread,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    use crate::actors::broadcast::{BroadcastActor, LinkSettings};
+    use crate::actors::storage::{Identity, StorageActor};
+    use crate::protocol::ReplicateAck;
+    use actix::Actor;
+
     let (tx, rx) = std::sync::mpsc::channel();
-    let addr = server.local_addr().to_string();
+    let addr = secondary.local_addr().to_string();
     actix::System::new().block_on(async move {
-        let identity = Identity::of(&mut new).unwrap();
+        let identity = Identity::of(&mut primary).unwrap();
         let storage = StorageActor::start(
-            new,
+            primary,
             tokio::sync::watch::channel(0).0,
             tokio::sync::watch::channel(identity).0,
         );
@@ -1790,8 +1812,8 @@ fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it
             member,
             9,
             epoch,
-            base + 2,
-            base + 1,
+            primary_last + 1,
+            primary_last,
             storage,
             reports.clone().recipient(),
             reports.recipient(),
@@ -1801,18 +1823,46 @@ fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match rx.try_recv() {
-                Ok(r) if r.starts_with("trouble") => {
-                    assert!(r.contains(&format!("Some({})", base + 1)), "{r}");
-                    break;
-                }
-                Ok(r) => panic!("credited with another primary's record: {r}"),
+                Ok(r) if wanted(&r) => return r,
+                Ok(_) => {}
                 Err(_) if Instant::now() < deadline => {
                     actix_rt::time::sleep(Duration::from_millis(10)).await
                 }
                 Err(e) => panic!("no report within 10 s: {e}"),
             }
         }
+    })
+}
+
+/// A primary started from a backup holds no log record up to its
+/// snapshot: its secondary's last record cannot be sent to compare. Its
+/// hash is compared instead, and the secondary, a copy of the same
+/// backup, is credited with holding it durably (a quiet node, where no
+/// next record would be chained onto it).
+#[test]
+fn a_primary_started_from_a_backup_credits_its_secondary_by_hash() {
+    use crate::storage::Repository;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
+    let restored_dir = tmp.path().join("restored");
+    old.snapshot(&tmp.path().join("scratch2"))
+        .unwrap()
+        .copy_to(&restored_dir)
+        .unwrap();
+    drop(old);
+    let mut restored = Repository::open(&restored_dir).unwrap();
+    restored.set_restore_mode(false).unwrap();
+    let (last, epoch) = (restored.info().last_commit, restored.info().epoch);
+    assert!(
+        restored.read_records(last, 1, 1 << 20).is_err(),
+        "the restored copy must hold no record to send"
+    );
+    let server = spawn(cfg).unwrap();
+    let first = stream_from(restored, epoch, last, &server, |r| {
+        r.starts_with("trouble") || r.starts_with("durable")
     });
+    assert_eq!(first, format!("durable {last}"));
     server.shutdown(true).unwrap();
 }
 
@@ -1985,10 +2035,12 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
 }
 
 /// The same glob from a server of an older epoch than the copy's (a former
-/// primary back, still serving as one) says nothing about the copy: it is
-/// not deposed, and does not take the glob.
+/// primary back, still serving as one) says nothing about the copy at
+/// first: it is not deposed, and does not take the glob. Once that server
+/// has led for 10 s with no member leading in the copy's epoch, the node
+/// lives in the older epoch, and the copy is deposed.
 #[test]
-fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
+fn a_glob_from_a_server_of_an_older_epoch_deposes_only_once_it_leads_for_good() {
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
@@ -2010,6 +2062,19 @@ fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
             assert_eq!(s.commit, base + 1, "the stale glob was not applied");
         }
         other => panic!("{other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin.call(RequestBody::Status).body {
+            ResponseBody::Status(s) if s.role == ServerRole::Deposed => {
+                assert_eq!(s.commit, base + 1);
+                break;
+            }
+            ResponseBody::Status(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => panic!("still not deposed: {other:?}"),
+        }
     }
     server.shutdown(true).unwrap();
 }

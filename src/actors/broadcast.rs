@@ -29,10 +29,10 @@ use actix::prelude::*;
 use log::{debug, info, warn};
 
 use crate::actors::peer_link::{LinkError, PeerLink, PeerPipe, PipeEvent};
-use crate::actors::storage::{ReadRecords, StorageActor};
+use crate::actors::storage::{ReadRecords, RecordHashOf, StorageActor};
 use crate::protocol::{ReplicateAck, RequestBody, ResponseBody, WireError};
 use crate::storage::record::RecordHead;
-use crate::types::{CommitNumber, Epoch, Member};
+use crate::types::{CommitNumber, Epoch, Hash, Member};
 
 /// Records held in memory for one secondary; beyond this many, or this many
 /// bytes, they are read back from the log when the secondary gets to them.
@@ -178,9 +178,12 @@ pub struct BroadcastActor {
     /// own (see `on_reply`); `unchecked` once it proved unreadable here.
     checking: Option<CommitNumber>,
     /// A record this primary cannot read back (a primary started from a
-    /// backup holds no records up to its snapshot): not asked again on
-    /// this connection; the next batch's chain check tells instead.
+    /// backup holds no records up to its snapshot): its hash is compared
+    /// instead (`record_hash`), once per connection.
     unchecked: Option<CommitNumber>,
+    /// What the secondary last said it holds durably (credited only up to
+    /// `verified`; a hash check that passes credits it).
+    claimed_durable: CommitNumber,
     /// The secondary answered at least once: until then `acked` is only
     /// where the stream starts, not what it holds (status must not show a
     /// lagging secondary level with us after a promotion).
@@ -221,6 +224,8 @@ struct Sent {
     primary_last: CommitNumber,
     /// The last record it carried; `None` for a heartbeat.
     last_record: Option<CommitNumber>,
+    /// A `record_hash` request: the record asked about and our hash of it.
+    hash_check: Option<(CommitNumber, Hash)>,
 }
 
 /// Records held in memory for one secondary, bounded by count and by bytes
@@ -318,6 +323,7 @@ impl BroadcastActor {
             verified: 0,
             checking: None,
             unchecked: None,
+            claimed_durable: 0,
             heard: false,
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
@@ -382,10 +388,12 @@ impl BroadcastActor {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) if act.checking == Some(from) => {
                             debug!(
-                                "replication to {}: cannot read record {from} to check it: {e}",
+                                "replication to {}: cannot read record {from} to check it ({e}): \
+                                 comparing its hash",
                                 act.peer.addr
                             );
                             act.skip_check(from);
+                            act.check_hash(from, ctx);
                             act.pump(ctx);
                         }
                         Ok(Err(e)) => {
@@ -469,6 +477,7 @@ impl BroadcastActor {
                     at: self.last_send,
                     primary_last: self.primary_last,
                     last_record,
+                    hash_check: None,
                 });
                 // Records that came meanwhile may go as the next batch.
                 self.pump(ctx);
@@ -487,12 +496,17 @@ impl BroadcastActor {
             return;
         };
         let sent = self.in_flight.remove(pos).expect("found above");
+        if let Some((number, ours)) = sent.hash_check {
+            self.on_hash_checked(number, ours, body);
+            return;
+        }
         match body {
             Ok(ResponseBody::Replicated { applied, durable }) => {
                 // Clamped to what we held when the request went: a record
                 // applied here since (a new n) was not in it, and the
                 // secondary's n may be an older one.
                 let (held, held_durable) = credited(applied, durable, sent.primary_last);
+                self.claimed_durable = held_durable;
                 if let Some(last) = sent.last_record {
                     // It took our records: its chain check passed.
                     self.verified = self.verified.max(last.min(held));
@@ -681,17 +695,94 @@ impl BroadcastActor {
         self.verified = 0;
         self.checking = None;
         self.unchecked = None;
+        self.claimed_durable = 0;
         self.next = self.acked + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
 
     /// The record `from`, sent only for the secondary to compare, cannot be
-    /// read here: the first record after it will be checked instead, by
-    /// its chain, once there is one. Not asked again on this connection.
+    /// read here: not sent (the first record after it is chained onto it,
+    /// once there is one), and not tried again on this connection.
     fn skip_check(&mut self, from: CommitNumber) {
         self.checking = None;
         self.unchecked = Some(from);
         self.next = from + 1;
+    }
+
+    /// Compare our hash of record `number` with the secondary's
+    /// (`record_hash`): for a record we hold only as our last commit's hash
+    /// (a primary started from a backup), and a quiet node where no next
+    /// record comes to be chained.
+    fn check_hash(&mut self, number: CommitNumber, ctx: &mut Context<Self>) {
+        let generation = self.generation;
+        self.storage
+            .send(RecordHashOf { number })
+            .into_actor(self)
+            .map(move |res, act, _| {
+                let Ok(Ok(ours)) = res else {
+                    // Not even its hash: only the next record's chain
+                    // check will tell.
+                    return;
+                };
+                if act.generation != generation {
+                    return;
+                }
+                let Some(pipe) = act.pipe.as_mut() else {
+                    return;
+                };
+                match pipe.send(RequestBody::RecordHash { number }) {
+                    Ok(id) => act.in_flight.push_back(Sent {
+                        id,
+                        at: Instant::now(),
+                        primary_last: act.primary_last,
+                        last_record: None,
+                        hash_check: Some((number, ours)),
+                    }),
+                    Err(e) => act.on_link_error(e),
+                }
+            })
+            .spawn(ctx);
+    }
+
+    /// The secondary's answer to a hash check of record `number`.
+    fn on_hash_checked(
+        &mut self,
+        number: CommitNumber,
+        ours: Hash,
+        answer: Result<ResponseBody, LinkError>,
+    ) {
+        match answer {
+            Ok(ResponseBody::RecordHash { number: n, hash }) if n == number => {
+                if hash.as_slice() == ours.as_slice() {
+                    self.verified = self.verified.max(number);
+                    let durable = self.claimed_durable.min(self.verified);
+                    if durable > self.durable {
+                        self.durable = durable;
+                        self.acks.do_send(ReplicaAck {
+                            server_id: self.peer.server_id,
+                            durable,
+                        });
+                    }
+                } else {
+                    warn!(
+                        "replication to {}: it holds another record {number} than ours",
+                        self.peer.addr
+                    );
+                    self.trouble.do_send(ReplicaTrouble {
+                        server_id: self.peer.server_id,
+                        addr: self.peer.addr.clone(),
+                        reason: format!("it holds other records than ours at commit {number}"),
+                        newer_epoch: None,
+                        diverged: Some(number),
+                    });
+                    self.break_link();
+                }
+            }
+            // It cannot tell (it no longer holds the record, or a version
+            // without the request): the next record's chain check will.
+            Ok(_) | Err(LinkError::Server { .. }) => {}
+            Err(e) => self.on_link_error(e),
+        }
     }
 
     /// Outstanding records not acknowledged: since when?
@@ -749,8 +840,14 @@ impl BroadcastActor {
     }
 
     fn stats(&self) -> ReplicaStats {
-        // Before its first answer, only what it holds durably is known.
-        let applied = if self.heard { self.acked } else { self.durable };
+        // Before its first answer, only what it holds durably is known;
+        // after, what this connection has shown it holds as ours (the
+        // supervisor chooses a successor by it).
+        let applied = if self.heard {
+            self.acked.min(self.verified.max(self.durable))
+        } else {
+            self.durable
+        };
         let lag_ms = self
             .handed
             .front()
@@ -957,9 +1054,12 @@ mod tests {
         let mut b = broadcaster(tmp.path(), 101, 100, 1);
         let s = b.stats();
         assert_eq!((s.applied, s.lag_commits), (0, 100));
-        // Its first answer tells.
+        // Its first answer tells, once shown to be ours.
         b.heard = true;
         b.acked = 90;
+        let s = b.stats();
+        assert_eq!((s.applied, s.lag_commits), (0, 100), "not shown yet");
+        b.verified = 90;
         let s = b.stats();
         assert_eq!((s.applied, s.lag_commits), (90, 10));
     }
@@ -994,6 +1094,7 @@ mod tests {
             at: Instant::now(),
             primary_last,
             last_record,
+            hash_check: None,
         }
     }
 
@@ -1070,9 +1171,10 @@ mod tests {
 
     /// A primary started from a backup holds no record up to its snapshot:
     /// its secondary's last one cannot be sent to compare. The check is
-    /// skipped, not retried for ever; the next record's chain check tells.
+    /// not retried for ever; the record's hash is compared instead, and
+    /// failing that, the next record's chain check tells.
     #[actix::test]
-    async fn a_record_that_cannot_be_read_to_check_is_left_to_the_next_batch() {
+    async fn a_record_that_cannot_be_read_to_check_is_compared_by_hash() {
         let tmp = tempfile::tempdir().unwrap();
         let mut b = broadcaster(tmp.path(), 101, 100, 4);
         b.in_flight.push_back(sent(1, 100, None));
@@ -1084,7 +1186,43 @@ mod tests {
         b.in_flight.push_back(sent(2, 100, None));
         answer(&mut b, 2, 100, 100);
         assert_eq!((b.next, b.checking, b.durable), (101, None, 0));
-        // The next commit goes as a batch; once taken, all is credited.
+        // The hash of its record 100 is ours: what it holds is credited.
+        let ours = [7u8; 32];
+        let hash_check = |id, number| Sent {
+            hash_check: Some((number, ours)),
+            ..sent(id, 100, None)
+        };
+        b.in_flight.push_back(hash_check(3, 100));
+        b.on_reply(
+            3,
+            Ok(ResponseBody::RecordHash {
+                number: 100,
+                hash: ours.to_vec(),
+            }),
+        );
+        assert_eq!((b.durable, b.verified), (100, 100));
+
+        // Another hash: it diverged, and the link is dropped.
+        let mut b = broadcaster(tmp.path().join("2").as_path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        b.skip_check(100);
+        b.in_flight.push_back(hash_check(2, 100));
+        b.on_reply(
+            2,
+            Ok(ResponseBody::RecordHash {
+                number: 100,
+                hash: vec![8u8; 32],
+            }),
+        );
+        assert_eq!((b.durable, b.verified, b.generation), (0, 0, 1));
+
+        // No hash either (it cannot tell): the next commit's batch, once
+        // taken, credits everything.
+        let mut b = broadcaster(tmp.path().join("3").as_path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        b.skip_check(100);
         b.primary_last = 101;
         b.in_flight.push_back(sent(3, 101, Some(101)));
         answer(&mut b, 3, 101, 101);

@@ -32,6 +32,11 @@ const GLOB_BYTES: u64 = 8 << 20;
 /// The primary followed while catching up could not be reached for this
 /// long: ask the node who leads now (and again as often while it lasts).
 const PRIMARY_LOST_AFTER: Duration = Duration::from_secs(2);
+/// The server followed serves an older epoch than this copy's, and no
+/// member leads in a newer one, for this long: the node never adopted the
+/// copy's epoch (its records came from a primary that died before
+/// replicating them), and the copy holds records the node does not.
+const STALE_DEPOSES_AFTER: Duration = Duration::from_secs(10);
 /// The smallest glob asked for after timeouts.
 const MIN_GLOB_BYTES: u64 = 64 << 10;
 
@@ -128,6 +133,8 @@ pub struct FollowerActor {
     unreachable_since: Option<Instant>,
     /// When the supervisor was last told so.
     told_lost_at: Option<Instant>,
+    /// Since when the server followed serves an older epoch than ours.
+    stale_since: Option<Instant>,
 }
 
 impl FollowerActor {
@@ -167,6 +174,7 @@ impl FollowerActor {
             glob_bytes: GLOB_BYTES,
             unreachable_since: None,
             told_lost_at: None,
+            stale_since: None,
         }
     }
 
@@ -391,6 +399,7 @@ impl FollowerActor {
             match res {
                 Ok((last, node_changed)) => {
                     act.applied = last;
+                    act.stale_since = None;
                     if let Some(node) = node_changed {
                         act.supervisor
                             .do_send(crate::actors::supervisor::NodeLearned { node, at: last });
@@ -425,6 +434,29 @@ impl FollowerActor {
                     });
                 }
                 Err(GlobFailed::Stale { theirs, ours }) => {
+                    let since = *act.stale_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= STALE_DEPOSES_AFTER {
+                        // Still the only one leading: the node lives in its
+                        // epoch, and ours was never the node's.
+                        error!(
+                            "catch-up: {} has served epoch {theirs} for {:?} and no member \
+                             leads in this copy's {ours}: the copy holds records of an epoch \
+                             the node never adopted",
+                            act.primary,
+                            since.elapsed()
+                        );
+                        act.supervisor
+                            .do_send(crate::actors::supervisor::StreamDiverged {
+                                number: act.applied,
+                            });
+                        act.set_state(FollowState::Stopped {
+                            reason: format!(
+                                "the node's primary serves epoch {theirs}, older than this \
+                                 copy's {ours}"
+                            ),
+                        });
+                        return;
+                    }
                     warn!(
                         "catch-up: {} serves epoch {theirs}, older than this copy's {ours}: \
                          it is not the node's primary; looking for the primary",

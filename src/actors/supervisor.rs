@@ -1237,6 +1237,11 @@ impl NodeSupervisor {
                 reason: "this server is the primary; a primary cannot follow another".into(),
             })));
         }
+        if let Some(note) = &self.diverged {
+            return Box::pin(fut::ready(refused(WireError::Unavailable {
+                reason: format!("this server is deposed: {note}"),
+            })));
+        }
         let timeout = self.parts.settings.call_timeout;
         let target = primary.clone();
         let storage = self.parts.storage.clone();

@@ -2035,12 +2035,11 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
 }
 
 /// The same glob from a server of an older epoch than the copy's (a former
-/// primary back, still serving as one) says nothing about the copy at
-/// first: it is not deposed, and does not take the glob. Once that server
-/// has led for 10 s with no member leading in the copy's epoch, the node
-/// lives in the older epoch, and the copy is deposed.
+/// primary back, still serving as one) says nothing about the copy: it is
+/// not deposed, does not take the glob, and goes on looking for the
+/// primary.
 #[test]
-fn a_glob_from_a_server_of_an_older_epoch_deposes_only_once_it_leads_for_good() {
+fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
@@ -2062,19 +2061,6 @@ fn a_glob_from_a_server_of_an_older_epoch_deposes_only_once_it_leads_for_good() 
             assert_eq!(s.commit, base + 1, "the stale glob was not applied");
         }
         other => panic!("{other:?}"),
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match admin.call(RequestBody::Status).body {
-            ResponseBody::Status(s) if s.role == ServerRole::Deposed => {
-                assert_eq!(s.commit, base + 1);
-                break;
-            }
-            ResponseBody::Status(_) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            other => panic!("still not deposed: {other:?}"),
-        }
     }
     server.shutdown(true).unwrap();
 }

@@ -778,9 +778,24 @@ impl BroadcastActor {
                     self.break_link();
                 }
             }
-            // It cannot tell (it no longer holds the record, or a version
-            // without the request): the next record's chain check will.
-            Ok(_) | Err(LinkError::Server { .. }) => {}
+            Ok(other) => {
+                warn!(
+                    "replication to {}: a `{}` response to record_hash {number}; reconnecting",
+                    self.peer.addr,
+                    crate::client::response_type(&other)
+                );
+                self.break_link();
+            }
+            // It cannot tell now (busy, or it no longer holds the record):
+            // asked again at the next answer that claims the record, and
+            // the next record's chain check tells meanwhile.
+            Err(LinkError::Server { error, .. }) => {
+                debug!(
+                    "replication to {}: record_hash {number} refused: {error}",
+                    self.peer.addr
+                );
+                self.unchecked = None;
+            }
             Err(e) => self.on_link_error(e),
         }
     }
@@ -1216,6 +1231,30 @@ mod tests {
             }),
         );
         assert_eq!((b.durable, b.verified, b.generation), (0, 0, 1));
+
+        // It cannot tell now: asked again at the next answer.
+        let mut b = broadcaster(tmp.path().join("4").as_path(), 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        b.skip_check(100);
+        b.in_flight.push_back(hash_check(2, 100));
+        b.on_reply(
+            2,
+            Err(LinkError::Server {
+                addr: "s".into(),
+                error: WireError::Unavailable {
+                    reason: "busy".into(),
+                },
+            }),
+        );
+        assert_eq!(
+            (b.unchecked, b.generation),
+            (None, 0),
+            "link kept, check re-armed"
+        );
+        b.in_flight.push_back(sent(3, 100, None));
+        answer(&mut b, 3, 100, 100);
+        assert_eq!(b.checking, Some(100));
 
         // No hash either (it cannot tell): the next commit's batch, once
         // taken, credits everything.

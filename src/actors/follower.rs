@@ -32,11 +32,11 @@ const GLOB_BYTES: u64 = 8 << 20;
 /// The primary followed while catching up could not be reached for this
 /// long: ask the node who leads now (and again as often while it lasts).
 const PRIMARY_LOST_AFTER: Duration = Duration::from_secs(2);
-/// The server followed serves an older epoch than this copy's, and no
-/// member leads in a newer one, for this long: the node never adopted the
-/// copy's epoch (its records came from a primary that died before
-/// replicating them), and the copy holds records the node does not.
-const STALE_DEPOSES_AFTER: Duration = Duration::from_secs(10);
+/// The server followed has served an older epoch than this copy's for this
+/// long, and no other primary was found: say what it may mean, once. The
+/// copy is never deposed for it: the node's primary of the copy's epoch
+/// may only be slow to come back.
+const STALE_TOLD_AFTER: Duration = Duration::from_secs(10);
 /// The smallest glob asked for after timeouts.
 const MIN_GLOB_BYTES: u64 = 64 << 10;
 
@@ -133,8 +133,10 @@ pub struct FollowerActor {
     unreachable_since: Option<Instant>,
     /// When the supervisor was last told so.
     told_lost_at: Option<Instant>,
-    /// Since when the server followed serves an older epoch than ours.
+    /// Since when the server followed serves an older epoch than ours, and
+    /// whether the operator was told what it may mean.
     stale_since: Option<Instant>,
+    stale_told: bool,
 }
 
 impl FollowerActor {
@@ -175,6 +177,7 @@ impl FollowerActor {
             unreachable_since: None,
             told_lost_at: None,
             stale_since: None,
+            stale_told: false,
         }
     }
 
@@ -400,6 +403,7 @@ impl FollowerActor {
                 Ok((last, node_changed)) => {
                     act.applied = last;
                     act.stale_since = None;
+                    act.stale_told = false;
                     if let Some(node) = node_changed {
                         act.supervisor
                             .do_send(crate::actors::supervisor::NodeLearned { node, at: last });
@@ -435,33 +439,24 @@ impl FollowerActor {
                 }
                 Err(GlobFailed::Stale { theirs, ours }) => {
                     let since = *act.stale_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= STALE_DEPOSES_AFTER {
-                        // Still the only one leading: the node lives in its
-                        // epoch, and ours was never the node's.
+                    if since.elapsed() >= STALE_TOLD_AFTER && !act.stale_told {
+                        act.stale_told = true;
                         error!(
-                            "catch-up: {} has served epoch {theirs} for {:?} and no member \
-                             leads in this copy's {ours}: the copy holds records of an epoch \
-                             the node never adopted",
+                            "catch-up: {} has served epoch {theirs}, older than this copy's \
+                             {ours}, for {:?}, and no other primary was found. If the node \
+                             now lives in epoch {theirs}, this copy holds records the node \
+                             abandoned: start this server from a new backup. It goes on \
+                             looking for a primary of epoch {ours} or newer meanwhile.",
                             act.primary,
                             since.elapsed()
                         );
-                        act.supervisor
-                            .do_send(crate::actors::supervisor::StreamDiverged {
-                                number: act.applied,
-                            });
-                        act.set_state(FollowState::Stopped {
-                            reason: format!(
-                                "the node's primary serves epoch {theirs}, older than this \
-                                 copy's {ours}"
-                            ),
-                        });
-                        return;
+                    } else if since.elapsed() < Duration::from_secs(1) {
+                        warn!(
+                            "catch-up: {} serves epoch {theirs}, older than this copy's \
+                             {ours}: it is not the node's primary; looking for the primary",
+                            act.primary
+                        );
                     }
-                    warn!(
-                        "catch-up: {} serves epoch {theirs}, older than this copy's {ours}: \
-                         it is not the node's primary; looking for the primary",
-                        act.primary
-                    );
                     act.retry(Duration::from_secs(1));
                     act.supervisor
                         .do_send(crate::actors::supervisor::PrimaryUnreachable {

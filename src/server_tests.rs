@@ -1613,34 +1613,14 @@ fn a_client_sending_a_whole_oversized_frame_reads_the_refusal() {
 #[test]
 fn a_secondary_whose_log_diverged_from_the_stream_is_deposed() {
     use crate::protocol::ReplicateAck;
-    use crate::storage::{CommitRequest, Repository};
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
     // The node's later primary: the same history up to here, then its own.
-    let fork_dir = tmp.path().join("fork");
-    old.snapshot(&tmp.path().join("scratch2"))
-        .unwrap()
-        .copy_to(&fork_dir)
-        .unwrap();
-    let mut new = Repository::open(&fork_dir).unwrap();
-    new.set_restore_mode(false).unwrap();
-    let base = old.info().last_commit;
-    let meta = |v: u8| CommitRequest {
-        meta: vec![("k".into(), Some(vec![v]))],
-        ..Default::default()
-    };
-    old.commit(meta(1)).unwrap();
-    new.commit(meta(2)).unwrap();
-    new.commit(meta(3)).unwrap();
-    let record = |repo: &mut Repository, n| {
-        vec![serde_bytes::ByteBuf::from(
-            repo.read_records(n, 1, 1 << 20).unwrap().remove(0),
-        )]
-    };
-    let (lost, next) = (record(&mut old, base + 1), record(&mut new, base + 2));
-    let epoch = old.info().epoch;
+    let mut fork = forked_backup(tmp.path(), &cfg.dir, 2);
+    let (epoch, base) = (fork.epoch, fork.base);
+    let next = vec![serde_bytes::ByteBuf::from(fork.new_record(base + 2))];
+    let lost = vec![serde_bytes::ByteBuf::from(fork.lost.clone())];
 
     let server = spawn(cfg).unwrap();
     let mut peer = Conn::raw(server.local_addr());
@@ -1723,45 +1703,14 @@ impl actix::Handler<crate::actors::broadcast::ReplicaTrouble> for Reports {
 /// broadcaster reports the divergence without ever crediting it.
 #[test]
 fn a_secondary_holding_another_record_under_our_number_is_never_credited_with_it() {
-    use crate::protocol::ReplicateAck;
-    use crate::storage::{CommitRequest, Repository};
-
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let mut old = primary_with_backup_at(tmp.path(), &cfg.dir);
-    let fork_dir = tmp.path().join("fork");
-    old.snapshot(&tmp.path().join("scratch2"))
-        .unwrap()
-        .copy_to(&fork_dir)
-        .unwrap();
-    let mut new = Repository::open(&fork_dir).unwrap();
-    new.set_restore_mode(false).unwrap();
-    let base = old.info().last_commit;
-    let meta = |v: u8| CommitRequest {
-        meta: vec![("k".into(), Some(vec![v]))],
-        ..Default::default()
-    };
-    old.commit(meta(1)).unwrap();
-    new.commit(meta(2)).unwrap();
-    let lost = old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0);
-    let epoch = old.info().epoch;
-
+    let fork = forked_backup(tmp.path(), &cfg.dir, 1);
+    let (epoch, base) = (fork.epoch, fork.base);
     let server = spawn(cfg).unwrap();
-    let mut peer = Conn::raw(server.local_addr());
-    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
-    let took = peer.call(RequestBody::Replicate {
-        epoch,
-        primary_id: 7,
-        records: vec![serde_bytes::ByteBuf::from(lost)],
-        primary_last: base + 1,
-        ack: ReplicateAck::Durable,
-    });
-    assert!(
-        matches!(took.body, ResponseBody::Replicated { applied, .. } if applied == base + 1),
-        "{took:?}"
-    );
+    take_replicated(&server, epoch, fork.lost, base);
 
-    let first = stream_from(new, epoch, base + 1, &server, |r| {
+    let first = stream_from(fork.new, epoch, base + 1, &server, |r| {
         r.starts_with("trouble") || r.starts_with("durable")
     });
     assert!(
@@ -1867,14 +1816,18 @@ fn a_primary_started_from_a_backup_credits_its_secondary_by_hash() {
 }
 
 /// Two copies of one repository that part after its first commits: the
-/// node's backup at `dir` (restore mode), holding the old primary's next
-/// record, and what the new primary holds instead (its next two records).
-/// Returns (epoch, repository id, the old record, the new primary's second
-/// record, the number before them).
-fn forked_backup(
-    tmp: &std::path::Path,
-    dir: &std::path::Path,
-) -> (crate::types::Epoch, String, Vec<u8>, Vec<u8>, u64) {
+/// node's backup at `dir` (restore mode), the old primary's next record
+/// (`lost`, number `base + 1`), and a new primary holding `new_records`
+/// records of its own instead.
+struct Fork {
+    epoch: crate::types::Epoch,
+    repository_id: String,
+    lost: Vec<u8>,
+    new: crate::storage::Repository,
+    base: u64,
+}
+
+fn forked_backup(tmp: &std::path::Path, dir: &std::path::Path, new_records: u8) -> Fork {
     use crate::storage::{CommitRequest, Repository};
     let mut old = primary_with_backup_at(tmp, dir);
     let fork_dir = tmp.join("fork");
@@ -1890,12 +1843,42 @@ fn forked_backup(
         ..Default::default()
     };
     old.commit(meta(1)).unwrap();
-    new.commit(meta(2)).unwrap();
-    new.commit(meta(3)).unwrap();
-    let lost = old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0);
-    let next = new.read_records(base + 2, 1, 1 << 20).unwrap().remove(0);
+    for v in 0..new_records {
+        new.commit(meta(2 + v)).unwrap();
+    }
     let info = old.info();
-    (info.epoch, info.repository_id.to_string(), lost, next, base)
+    Fork {
+        epoch: info.epoch,
+        repository_id: info.repository_id.to_string(),
+        lost: old.read_records(base + 1, 1, 1 << 20).unwrap().remove(0),
+        new,
+        base,
+    }
+}
+
+impl Fork {
+    /// The new primary's record `n`.
+    fn new_record(&mut self, n: u64) -> Vec<u8> {
+        self.new.read_records(n, 1, 1 << 20).unwrap().remove(0)
+    }
+}
+
+/// `server` takes `record` (number `base + 1`) from a primary in `epoch`.
+fn take_replicated(server: &ServerThread, epoch: crate::types::Epoch, record: Vec<u8>, base: u64) {
+    use crate::protocol::ReplicateAck;
+    let mut peer = Conn::raw(server.local_addr());
+    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
+    let took = peer.call(RequestBody::Replicate {
+        epoch,
+        primary_id: 7,
+        records: vec![serde_bytes::ByteBuf::from(record)],
+        primary_last: base + 1,
+        ack: ReplicateAck::Durable,
+    });
+    assert!(
+        matches!(took.body, ResponseBody::Replicated { applied, .. } if applied == base + 1),
+        "{took:?}"
+    );
 }
 
 /// A fake primary of `repository_id` in `epoch`: answers hello, and serves
@@ -1978,21 +1961,8 @@ fn follower_holding(
     base: u64,
     primary: String,
 ) -> (ServerThread, Conn) {
-    use crate::protocol::ReplicateAck;
     let server = spawn(cfg).unwrap();
-    let mut peer = Conn::raw(server.local_addr());
-    peer.call(hello(SessionRole::Peer, PROTOCOL_VERSION));
-    let took = peer.call(RequestBody::Replicate {
-        epoch,
-        primary_id: 7,
-        records: vec![serde_bytes::ByteBuf::from(record)],
-        primary_last: base + 1,
-        ack: ReplicateAck::Durable,
-    });
-    assert!(
-        matches!(took.body, ResponseBody::Replicated { applied, .. } if applied == base + 1),
-        "{took:?}"
-    );
+    take_replicated(&server, epoch, record, base);
     let mut admin = Conn::raw(server.local_addr());
     admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
     let followed = admin.call(RequestBody::Follow { primary });
@@ -2008,9 +1978,11 @@ fn follower_holding(
 fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let (epoch, repository_id, lost, next, base) = forked_backup(tmp.path(), &cfg.dir);
-    let (fake, _) = fake_primary(epoch, repository_id, next, base);
-    let (server, mut admin) = follower_holding(cfg, epoch, lost, base, fake);
+    let mut fork = forked_backup(tmp.path(), &cfg.dir, 2);
+    let (epoch, base) = (fork.epoch, fork.base);
+    let next = fork.new_record(base + 2);
+    let (fake, _) = fake_primary(epoch, fork.repository_id, next, base);
+    let (server, mut admin) = follower_holding(cfg, epoch, fork.lost, base, fake);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match admin.call(RequestBody::Status).body {
@@ -2043,13 +2015,15 @@ fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
-    let (epoch, repository_id, lost, next, base) = forked_backup(tmp.path(), &cfg.dir);
+    let mut fork = forked_backup(tmp.path(), &cfg.dir, 2);
+    let (epoch, base) = (fork.epoch, fork.base);
+    let next = fork.new_record(base + 2);
     let older = crate::types::Epoch {
         term: epoch.term - 1,
         server: epoch.server,
     };
-    let (fake, asked) = fake_primary(older, repository_id, next, base);
-    let (server, mut admin) = follower_holding(cfg, epoch, lost, base, fake);
+    let (fake, asked) = fake_primary(older, fork.repository_id, next, base);
+    let (server, mut admin) = follower_holding(cfg, epoch, fork.lost, base, fake);
     let deadline = Instant::now() + Duration::from_secs(10);
     while asked.load(Ordering::SeqCst) < 2 {
         assert!(Instant::now() < deadline, "not asked again");

@@ -522,13 +522,7 @@ impl BroadcastActor {
                     self.stalled_since = None;
                     self.reported_at = None;
                 }
-                if durable > self.durable {
-                    self.durable = durable;
-                    self.acks.do_send(ReplicaAck {
-                        server_id: self.peer.server_id,
-                        durable,
-                    });
-                }
+                self.credit_durable(durable);
                 if held > self.verified {
                     // It holds records no batch of this connection has
                     // shown to be ours (a heartbeat answered first, after a
@@ -624,20 +618,7 @@ impl BroadcastActor {
             Err(LinkError::Server {
                 error: WireError::Diverged { number },
                 ..
-            }) => {
-                warn!(
-                    "replication to {}: it holds other records than ours at commit {number}",
-                    self.peer.addr
-                );
-                self.trouble.do_send(ReplicaTrouble {
-                    server_id: self.peer.server_id,
-                    addr: self.peer.addr.clone(),
-                    reason: format!("it holds other records than ours at commit {number}"),
-                    newer_epoch: None,
-                    diverged: Some(number),
-                });
-                self.break_link();
-            }
+            }) => self.diverged_at(number),
             Err(e) => self.on_link_error(e),
         }
     }
@@ -744,6 +725,35 @@ impl BroadcastActor {
             .spawn(ctx);
     }
 
+    /// The secondary holds `durable` records of ours durably: tell the
+    /// coordinator when that is news.
+    fn credit_durable(&mut self, durable: CommitNumber) {
+        if durable > self.durable {
+            self.durable = durable;
+            self.acks.do_send(ReplicaAck {
+                server_id: self.peer.server_id,
+                durable,
+            });
+        }
+    }
+
+    /// The secondary holds another record than ours under `number`: it can
+    /// never acknowledge ours, and no check would change that.
+    fn diverged_at(&mut self, number: CommitNumber) {
+        warn!(
+            "replication to {}: it holds other records than ours at commit {number}",
+            self.peer.addr
+        );
+        self.trouble.do_send(ReplicaTrouble {
+            server_id: self.peer.server_id,
+            addr: self.peer.addr.clone(),
+            reason: format!("it holds other records than ours at commit {number}"),
+            newer_epoch: None,
+            diverged: Some(number),
+        });
+        self.break_link();
+    }
+
     /// The secondary's answer to a hash check of record `number`.
     fn on_hash_checked(
         &mut self,
@@ -755,27 +765,9 @@ impl BroadcastActor {
             Ok(ResponseBody::RecordHash { number: n, hash }) if n == number => {
                 if hash.as_slice() == ours.as_slice() {
                     self.verified = self.verified.max(number);
-                    let durable = self.claimed_durable.min(self.verified);
-                    if durable > self.durable {
-                        self.durable = durable;
-                        self.acks.do_send(ReplicaAck {
-                            server_id: self.peer.server_id,
-                            durable,
-                        });
-                    }
+                    self.credit_durable(self.claimed_durable.min(self.verified));
                 } else {
-                    warn!(
-                        "replication to {}: it holds another record {number} than ours",
-                        self.peer.addr
-                    );
-                    self.trouble.do_send(ReplicaTrouble {
-                        server_id: self.peer.server_id,
-                        addr: self.peer.addr.clone(),
-                        reason: format!("it holds other records than ours at commit {number}"),
-                        newer_epoch: None,
-                        diverged: Some(number),
-                    });
-                    self.break_link();
+                    self.diverged_at(number);
                 }
             }
             Ok(other) => {

@@ -208,13 +208,7 @@ impl Handler<StartBackup> for BackupActor {
             );
             let report = job.report();
             act.local = Some(job);
-            let waiters = std::mem::take(&mut act.abort_on_start);
-            if act.stopping || !waiters.is_empty() {
-                let reason = if act.stopping {
-                    "the server shut down"
-                } else {
-                    "aborted by an operator"
-                };
+            if let Some((reason, waiters)) = act.abort_at_start() {
                 act.abort_local(reason, ctx);
                 for waiter in waiters {
                     if let Some(done) = act.abort_local(reason, ctx) {

@@ -326,6 +326,9 @@ pub struct Pacing {
     pub applied: watch::Receiver<CommitNumber>,
 }
 
+/// An abort (or a shutdown) waiting for a job still starting.
+type AbortWaiter = oneshot::Sender<Result<BackupReport, BackupError>>;
+
 /// Runs backup jobs; see the module doc.
 pub struct BackupActor {
     storage: Recipient<TakeSnapshot>,
@@ -344,7 +347,7 @@ pub struct BackupActor {
     /// A job being set up (target checked, snapshot taken): its target.
     starting: Option<String>,
     /// Aborts asked while a job was starting: answered once it is one.
-    abort_on_start: Vec<oneshot::Sender<Result<BackupReport, BackupError>>>,
+    abort_on_start: Vec<AbortWaiter>,
     local: Option<LocalJob>,
     pull: Option<PullJob>,
     last: Option<BackupReport>,
@@ -414,6 +417,19 @@ impl BackupActor {
         match &self.starting {
             Some(what) => Err(BackupError::Starting { what: what.clone() }),
             None => Ok(()),
+        }
+    }
+
+    /// A job that has just started, asked to stop meanwhile (a shutdown or
+    /// an abort): why, and the aborts waiting for it.
+    fn abort_at_start(&mut self) -> Option<(&'static str, Vec<AbortWaiter>)> {
+        let waiters = std::mem::take(&mut self.abort_on_start);
+        if self.stopping {
+            Some(("the server shut down", waiters))
+        } else if !waiters.is_empty() {
+            Some(("aborted by an operator", waiters))
+        } else {
+            None
         }
     }
 

@@ -264,13 +264,7 @@ impl Handler<StartPull> for BackupActor {
                 job.report().bytes_total
             );
             act.pull = Some(job);
-            let waiters = std::mem::take(&mut act.abort_on_start);
-            if act.stopping || !waiters.is_empty() {
-                let reason = if act.stopping {
-                    "the server shut down"
-                } else {
-                    "aborted by an operator"
-                };
+            if let Some((reason, waiters)) = act.abort_at_start() {
                 let report = act.end_pull(BackupState::Aborted, reason, ctx);
                 for waiter in waiters {
                     let _ = waiter.send(Ok(report.clone()));

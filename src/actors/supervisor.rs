@@ -1612,18 +1612,7 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
                 return;
             }
             let Some(info) = info else { return };
-            let ours = info.repository_id.to_string();
-            // What `magma follow` checks, and the newest epoch first.
-            let leader = peers
-                .into_iter()
-                .filter(|(_, h)| {
-                    h.role == ServerRole::Primary
-                        && h.epoch >= info.epoch
-                        && h.repository_id == ours
-                        && h.commit >= info.last_commit
-                })
-                .max_by_key(|(_, h)| h.epoch);
-            match leader {
+            match leader_for(&info, peers) {
                 Some((addr, h)) => {
                     warn!(
                         "the primary {} cannot be reached for {:?}; {addr} leads in epoch {}: \
@@ -1641,6 +1630,25 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
         })
         .spawn(ctx);
     }
+}
+
+/// Of the members' hellos, the primary a copy (`info`) may follow: what
+/// `magma follow` checks (this repository, a primary, not behind the
+/// copy), in an epoch at least the copy's; the newest epoch first.
+fn leader_for(
+    info: &crate::storage::RepoInfo,
+    peers: Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>,
+) -> Option<(NodeAddr, crate::actors::peer_link::PeerHello)> {
+    let ours = info.repository_id.to_string();
+    peers
+        .into_iter()
+        .filter(|(_, h)| {
+            h.role == ServerRole::Primary
+                && h.epoch >= info.epoch
+                && h.repository_id == ours
+                && h.commit >= info.last_commit
+        })
+        .max_by_key(|(_, h)| h.epoch)
 }
 
 /// Every member with its role, commit and lag, for status. Sender: sessions.

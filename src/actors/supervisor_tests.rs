@@ -108,3 +108,67 @@ async fn a_record_the_peer_trimmed_is_unknown_not_different() {
     }
     peer.shutdown(true).unwrap();
 }
+
+/// A catching-up copy whose primary is gone follows only a primary of its
+/// repository, in its epoch or a newer one, not behind it; the newest.
+#[test]
+fn a_copy_follows_only_a_primary_it_could_follow_and_the_newest() {
+    use crate::actors::peer_link::PeerHello;
+    use crate::protocol::ServerRole;
+    use crate::types::Epoch;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::create(&tmp.path().join("r"), 1, "127.0.0.1:1").unwrap();
+    let info = repo.info();
+    let epoch = |term| Epoch { term, server: 5 };
+    let hello = |role, term, repository: &str, commit| PeerHello {
+        server_id: 5,
+        repository_id: repository.to_string(),
+        role,
+        node: Default::default(),
+        epoch: epoch(term),
+        commit,
+    };
+    let ours = info.repository_id.to_string();
+    let (now, last) = (info.epoch.term, info.last_commit);
+    let peer = |name: &str, h| (name.to_string(), h);
+    let pick = |peers| leader_for(&info, peers).map(|(a, _)| a);
+
+    // Each one refused for one reason.
+    assert_eq!(
+        pick(vec![
+            peer(
+                "secondary",
+                hello(ServerRole::Secondary, now + 1, &ours, last)
+            ),
+            peer(
+                "older",
+                hello(ServerRole::Primary, now - 1, &ours, last + 5)
+            ),
+            peer(
+                "other",
+                hello(ServerRole::Primary, now + 1, "elsewhere", last)
+            ),
+            peer(
+                "behind",
+                hello(ServerRole::Primary, now + 1, &ours, last - 1)
+            ),
+        ]),
+        None
+    );
+    // The newest of those that qualify.
+    assert_eq!(
+        pick(vec![
+            peer("same", hello(ServerRole::Primary, now, &ours, last)),
+            peer(
+                "newer",
+                hello(ServerRole::Primary, now + 2, &ours, last + 1)
+            ),
+            peer(
+                "behind",
+                hello(ServerRole::Primary, now + 3, &ours, last - 1)
+            ),
+        ]),
+        Some("newer".to_string())
+    );
+}

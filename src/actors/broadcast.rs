@@ -41,6 +41,9 @@ const MAX_QUEUE_BYTES: usize = 64 << 20;
 const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// A hash check the secondary refused (busy, or the record gone) is asked
+/// again after this long, not at every heartbeat.
+const HASH_CHECK_RETRY: Duration = Duration::from_secs(1);
 /// Batches in flight under synchronous replication: while the secondary applies
 /// and fsyncs one, the next is already on its way (it reads on while a
 /// `replicate` is being made durable), so a round trip no longer sits
@@ -181,6 +184,8 @@ pub struct BroadcastActor {
     /// backup holds no records up to its snapshot): its hash is compared
     /// instead (`record_hash`), once per connection.
     unchecked: Option<CommitNumber>,
+    /// A refused hash check is asked again from then on.
+    check_again_at: Option<Instant>,
     /// What the secondary last said it holds durably (credited only up to
     /// `verified`; a hash check that passes credits it).
     claimed_durable: CommitNumber,
@@ -324,6 +329,7 @@ impl BroadcastActor {
             checking: None,
             unchecked: None,
             claimed_durable: 0,
+            check_again_at: None,
             heard: false,
             // Known only once the secondary says (see `AddReplica`).
             durable: 0,
@@ -533,6 +539,10 @@ impl BroadcastActor {
                     // A secondary holding other records refuses either
                     // (`diverged`) before anything counts on it.
                     if self.in_flight.is_empty() {
+                        if self.check_again_at.is_some_and(|t| Instant::now() >= t) {
+                            self.check_again_at = None;
+                            self.unchecked = None;
+                        }
                         let check = held >= self.primary_last && self.unchecked != Some(held);
                         self.next = if check { held } else { held + 1 };
                         self.checking = check.then_some(held);
@@ -677,6 +687,7 @@ impl BroadcastActor {
         self.checking = None;
         self.unchecked = None;
         self.claimed_durable = 0;
+        self.check_again_at = None;
         self.next = self.acked + 1;
         self.retry_at = Instant::now() + Duration::from_millis(100);
     }
@@ -786,7 +797,7 @@ impl BroadcastActor {
                     "replication to {}: record_hash {number} refused: {error}",
                     self.peer.addr
                 );
-                self.unchecked = None;
+                self.check_again_at = Some(Instant::now() + HASH_CHECK_RETRY);
             }
             Err(e) => self.on_link_error(e),
         }
@@ -1072,9 +1083,10 @@ mod tests {
     }
 
     /// An answer is clamped to what the primary held when its request
-    /// went, not when the answer comes: a heartbeat sent at 95, answered
-    /// (100, 100) by a secondary holding an older 96..100, must not credit
-    /// it with the primary's new 96, applied meanwhile and still on its way.
+    /// went, not when the answer comes: a batch up to 95 and then a
+    /// heartbeat sent at 96, answered (100, 100) by a secondary holding an
+    /// older 96..100, must not credit it with the primary's new 96,
+    /// applied meanwhile and still on its way.
     #[actix::test]
     async fn an_answer_is_credited_with_what_its_request_carried() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1090,6 +1102,12 @@ mod tests {
                 durable: 100,
             }),
         );
+        assert_eq!((b.acked, b.durable), (95, 95));
+        // The heartbeat sent at 95, answered after 96 was applied here:
+        // still 95, even were 96 shown to be ours.
+        b.in_flight.push_back(sent(3, 95, None));
+        b.verified = 96;
+        answer(&mut b, 3, 100, 100);
         assert_eq!((b.acked, b.durable), (95, 95));
     }
 
@@ -1239,13 +1257,15 @@ mod tests {
                 },
             }),
         );
-        assert_eq!(
-            (b.unchecked, b.generation),
-            (None, 0),
-            "link kept, check re-armed"
-        );
+        assert_eq!(b.generation, 0, "link kept");
+        assert!(b.check_again_at.is_some(), "check re-armed");
+        // Not at the next heartbeat: after a second.
         b.in_flight.push_back(sent(3, 100, None));
         answer(&mut b, 3, 100, 100);
+        assert_eq!(b.checking, None);
+        b.check_again_at = Some(Instant::now());
+        b.in_flight.push_back(sent(4, 100, None));
+        answer(&mut b, 4, 100, 100);
         assert_eq!(b.checking, Some(100));
 
         // No hash either (it cannot tell): the next commit's batch, once

@@ -286,6 +286,11 @@ impl FollowerActor {
                     self.primary
                 );
                 self.primary = p.clone();
+                // What was measured of the former one says nothing of it.
+                self.unreachable_since = None;
+                self.told_lost_at = None;
+                self.stale_since = None;
+                self.stale_told = false;
                 self.set_state(FollowState::CatchingUp { primary: p });
                 self.retry(Duration::ZERO);
             }
@@ -329,7 +334,7 @@ impl FollowerActor {
             self.supervisor
                 .do_send(crate::actors::supervisor::PrimaryUnreachable {
                     primary: self.primary.clone(),
-                    since: since.elapsed(),
+                    unreachable_for: Some(since.elapsed()),
                 });
         }
     }
@@ -461,7 +466,7 @@ impl FollowerActor {
                     act.supervisor
                         .do_send(crate::actors::supervisor::PrimaryUnreachable {
                             primary: act.primary.clone(),
-                            since: Duration::ZERO,
+                            unreachable_for: None,
                         });
                 }
                 Err(GlobFailed::Other(e)) => {

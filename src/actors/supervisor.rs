@@ -617,8 +617,8 @@ impl NodeSupervisor {
         self.probe_members_except("")
     }
 
-    /// [`Self::probe_members`] but `skip`, all at once: a dead member costs
-    /// one timeout (1 s), not one each.
+    /// [`Self::probe_members`] but `skip`, all at once: dead members cost
+    /// one connect and hello timeout together (at most 2 s), not one each.
     fn probe_members_except(
         &self,
         skip: &str,
@@ -1271,9 +1271,16 @@ impl NodeSupervisor {
                     Err(e) => return refused(mailbox_error("the storage actor", e)),
                 }
                 let link = res.map_err(|e| {
-                    FollowRefused::Unreachable(WireError::Unavailable {
+                    let error = WireError::Unavailable {
                         reason: format!("cannot reach {}: {e}", clipped(&primary, MAX_ECHO)),
-                    })
+                    };
+                    // Not there (yet), or there and not a Magma server of a
+                    // protocol we speak.
+                    if e.is_unreachable() {
+                        FollowRefused::Unreachable(error)
+                    } else {
+                        FollowRefused::Refused(error)
+                    }
                 })?;
                 let h = &link.hello;
                 if h.repository_id != act.repository_id {
@@ -1319,10 +1326,11 @@ impl NodeSupervisor {
         self.follow_checked(primary.clone(), true)
             .map(move |res, act, ctx| match res {
                 Ok(()) => {}
+                // Following another (an operator's `magma follow`), promoted
+                // or deposed meanwhile: that state stands.
+                Err(_)
+                    if act.follow_state.is_some() || act.is_primary || act.diverged.is_some() => {}
                 Err(FollowRefused::Unreachable(e)) => {
-                    if act.follow_state.is_some() || act.is_primary {
-                        return;
-                    }
                     act.publish(
                         ServerRole::Restore,
                         None,
@@ -1574,7 +1582,9 @@ impl Handler<StreamDiverged> for NodeSupervisor {
 #[rtype(result = "()")]
 pub struct PrimaryUnreachable {
     pub primary: NodeAddr,
-    pub since: Duration,
+    /// Why it is not followed: unreachable for this long, or (`None`) it
+    /// serves an older epoch than the copy's.
+    pub unreachable_for: Option<Duration>,
 }
 
 impl NodeSupervisor {
@@ -1591,6 +1601,7 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
         if self.is_primary
             || self.changing_role
             || self.looking_for_primary
+            || self.diverged.is_some()
             || !self.catching_up_from(&msg.primary)
         {
             return;
@@ -1608,23 +1619,31 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
         .into_actor(self)
         .map(move |(info, peers), act, ctx| {
             act.looking_for_primary = false;
-            if act.is_primary || act.changing_role || !act.catching_up_from(&msg.primary) {
+            if act.is_primary
+                || act.changing_role
+                || act.diverged.is_some()
+                || !act.catching_up_from(&msg.primary)
+            {
                 return;
             }
             let Some(info) = info else { return };
+            let why = match msg.unreachable_for {
+                Some(t) => format!("cannot be reached for {t:?}"),
+                None => format!("serves an epoch older than this copy's {}", info.epoch),
+            };
             match leader_for(&info, peers) {
                 Some((addr, h)) => {
                     warn!(
-                        "the primary {} cannot be reached for {:?}; {addr} leads in epoch {}: \
-                             following it",
-                        msg.primary, msg.since, h.epoch
+                        "the primary {} {why}; {addr} leads in epoch {}: following it",
+                        msg.primary, h.epoch
                     );
                     act.start_following(addr, ctx);
                 }
-                None => info!(
-                    "the primary {} cannot be reached for {:?}, and no other member leads; \
-                         retrying",
-                    msg.primary, msg.since
+                // Asked again every second or two while it lasts: the
+                // follower logs the trouble itself.
+                None => debug!(
+                    "the primary {} {why}, and no other member leads; asking again",
+                    msg.primary
                 ),
             }
         })

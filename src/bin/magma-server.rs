@@ -77,7 +77,8 @@ struct Args {
     /// primary, or one behind this copy is refused (the log says why, and
     /// the server stays a backup); one not reachable yet is asked again
     /// every second, for as long as it takes (`magma follow` points the
-    /// server elsewhere meanwhile).
+    /// server elsewhere meanwhile); one that answers but is no Magma server
+    /// speaking this protocol is refused.
     #[arg(long, value_name = "ADDR")]
     primary: Option<String>,
 

@@ -860,8 +860,12 @@ mod tests {
             rate: None,
         }));
         let stop = actix_rt::spawn(backup.send(StopBackups));
-        // The stop waits for the snapshot.
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        // The stop waits for the snapshot: once a later message was handled
+        // and the spawned tasks had their turns, it is still pending.
+        backup.send(GetBackupReport).await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         assert!(!stop.is_finished(), "the shutdown did not wait");
         gate.notify_one();
         stop.await.unwrap().unwrap();

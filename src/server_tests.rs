@@ -1648,6 +1648,12 @@ fn a_secondary_whose_log_diverged_from_the_stream_is_deposed() {
     }
     let mut admin = Conn::raw(server.local_addr());
     admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
+    assert_deposed_and_refusing_reads(server, &mut admin);
+}
+
+/// Wait (10 s at most) until `server` says it is deposed; then it must
+/// refuse an application's read. Shuts it down.
+fn assert_deposed_and_refusing_reads(server: ServerThread, admin: &mut Conn) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match admin.call(RequestBody::Status).body {
@@ -1983,27 +1989,7 @@ fn a_secondary_whose_log_a_caught_up_glob_does_not_continue_is_deposed() {
     let next = fork.new_record(base + 2);
     let (fake, _) = fake_primary(epoch, fork.repository_id, next, base);
     let (server, mut admin) = follower_holding(cfg, epoch, fork.lost, base, fake);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match admin.call(RequestBody::Status).body {
-            ResponseBody::Status(s) if s.role == ServerRole::Deposed => break,
-            ResponseBody::Status(s) if Instant::now() < deadline => {
-                let _ = s;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => panic!("still not deposed: {other:?}"),
-        }
-    }
-    let mut app = Conn::raw(server.local_addr());
-    app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
-    match app.error(RequestBody::ReadRoot {
-        depth: 0,
-        required_progress: None,
-    }) {
-        WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
-        other => panic!("a deposed server must refuse reads: {other:?}"),
-    }
-    server.shutdown(true).unwrap();
+    assert_deposed_and_refusing_reads(server, &mut admin);
 }
 
 /// The same glob from a server of an older epoch than the copy's (a former

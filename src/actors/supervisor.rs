@@ -142,6 +142,8 @@ pub struct NodeSupervisor {
     changing_role: bool,
     /// Asking the members who leads (see [`PrimaryUnreachable`]).
     looking_for_primary: bool,
+    /// A primary of an older epoch than the copy's, already reported.
+    told_older_leader: Option<NodeAddr>,
     /// The server this one handed the node over to, until this one leads
     /// again (see [`NamedAsPrimary`]).
     handed_over_to: Option<u64>,
@@ -171,6 +173,7 @@ impl NodeSupervisor {
             removal_gen: 0,
             changing_role: false,
             looking_for_primary: false,
+            told_older_leader: None,
             handed_over_to: None,
             diverged: None,
         }
@@ -1631,6 +1634,7 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
                 Some(t) => format!("cannot be reached for {t:?}"),
                 None => format!("serves an epoch older than this copy's {}", info.epoch),
             };
+            let older = older_leader(&info, &peers);
             match leader_for(&info, peers) {
                 Some((addr, h)) => {
                     warn!(
@@ -1638,6 +1642,23 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
                         msg.primary, h.epoch
                     );
                     act.start_following(addr, ctx);
+                }
+                // A primary of this repository in an older epoch: the node
+                // may live there, and this copy hold records it abandoned.
+                // Said once per such primary; only the operator can tell.
+                None if older
+                    .as_ref()
+                    .is_some_and(|o| act.told_older_leader.as_ref() != Some(&o.0)) =>
+                {
+                    let (addr, epoch) = older.expect("checked above");
+                    warn!(
+                        "the primary {} {why}; {addr} leads this repository in epoch {epoch}, \
+                         older than this copy's {}: if the node lives there now, this copy \
+                         holds records it abandoned; start this server from a new backup. \
+                         Looking for a primary of epoch {} or newer meanwhile.",
+                        msg.primary, info.epoch, info.epoch
+                    );
+                    act.told_older_leader = Some(addr);
                 }
                 // Asked again every second or two while it lasts: the
                 // follower logs the trouble itself.
@@ -1649,6 +1670,22 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
         })
         .spawn(ctx);
     }
+}
+
+/// A primary of the copy's repository answering in an older epoch than the
+/// copy's (the newest such), which the copy may not follow.
+fn older_leader(
+    info: &crate::storage::RepoInfo,
+    peers: &[(NodeAddr, crate::actors::peer_link::PeerHello)],
+) -> Option<(NodeAddr, Epoch)> {
+    let ours = info.repository_id.to_string();
+    peers
+        .iter()
+        .filter(|(_, h)| {
+            h.role == ServerRole::Primary && h.epoch < info.epoch && h.repository_id == ours
+        })
+        .max_by_key(|(_, h)| h.epoch)
+        .map(|(a, h)| (a.clone(), h.epoch))
 }
 
 /// Of the members' hellos, the primary a copy (`info`) may follow: what

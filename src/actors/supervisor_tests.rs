@@ -135,27 +135,35 @@ fn a_copy_follows_only_a_primary_it_could_follow_and_the_newest() {
     let pick = |peers| leader_for(&info, peers).map(|(a, _)| a);
 
     // Each one refused for one reason.
+    let refused = vec![
+        peer(
+            "secondary",
+            hello(ServerRole::Secondary, now + 1, &ours, last),
+        ),
+        peer(
+            "older",
+            hello(ServerRole::Primary, now - 1, &ours, last + 5),
+        ),
+        peer(
+            "other",
+            hello(ServerRole::Primary, now + 1, "elsewhere", last),
+        ),
+        peer(
+            "behind",
+            hello(ServerRole::Primary, now + 1, &ours, last - 1),
+        ),
+    ];
+    // The one of an older epoch is what the operator is told about.
     assert_eq!(
-        pick(vec![
-            peer(
-                "secondary",
-                hello(ServerRole::Secondary, now + 1, &ours, last)
-            ),
-            peer(
-                "older",
-                hello(ServerRole::Primary, now - 1, &ours, last + 5)
-            ),
-            peer(
-                "other",
-                hello(ServerRole::Primary, now + 1, "elsewhere", last)
-            ),
-            peer(
-                "behind",
-                hello(ServerRole::Primary, now + 1, &ours, last - 1)
-            ),
-        ]),
-        None
+        older_leader(&info, &refused),
+        Some(("older".to_string(), epoch(now - 1)))
     );
+    assert_eq!(pick(refused), None);
+    let elsewhere = [peer(
+        "other",
+        hello(ServerRole::Primary, now - 1, "elsewhere", last),
+    )];
+    assert_eq!(older_leader(&info, &elsewhere), None);
     // The newest of those that qualify.
     assert_eq!(
         pick(vec![

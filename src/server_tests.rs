@@ -1652,7 +1652,7 @@ fn a_secondary_whose_log_diverged_from_the_stream_is_deposed() {
 }
 
 /// Wait (10 s at most) until `server` says it is deposed; then it must
-/// refuse an application's read. Shuts it down.
+/// refuse an application's read and an operator's follow. Shuts it down.
 fn assert_deposed_and_refusing_reads(server: ServerThread, admin: &mut Conn) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1673,6 +1673,17 @@ fn assert_deposed_and_refusing_reads(server: ServerThread, admin: &mut Conn) {
     }) {
         WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
         other => panic!("a deposed server must refuse reads: {other:?}"),
+    }
+    // Nor is it pointed at a primary again: it says why, and stays deposed.
+    match admin.error(RequestBody::Follow {
+        primary: "127.0.0.1:1".into(),
+    }) {
+        WireError::Unavailable { reason } => assert!(reason.contains("deposed"), "{reason}"),
+        other => panic!("a deposed server must refuse to follow: {other:?}"),
+    }
+    match admin.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Deposed),
+        other => panic!("{other:?}"),
     }
     server.shutdown(true).unwrap();
 }

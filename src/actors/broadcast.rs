@@ -1194,6 +1194,16 @@ mod tests {
         assert_eq!((b.acked, b.durable, b.next), (102, 102, 103));
     }
 
+    /// A broadcaster streaming from 101 whose secondary said it holds 100,
+    /// which could not be read back to check it.
+    fn unreadable_check(dir: &std::path::Path) -> BroadcastActor {
+        let mut b = broadcaster(dir, 101, 100, 4);
+        b.in_flight.push_back(sent(1, 100, None));
+        answer(&mut b, 1, 100, 100);
+        b.skip_check(100);
+        b
+    }
+
     /// A primary started from a backup holds no record up to its snapshot:
     /// its secondary's last one cannot be sent to compare. The check is
     /// not retried for ever; the record's hash is compared instead, and
@@ -1228,10 +1238,7 @@ mod tests {
         assert_eq!((b.durable, b.verified), (100, 100));
 
         // Another hash: it diverged, and the link is dropped.
-        let mut b = broadcaster(tmp.path().join("2").as_path(), 101, 100, 4);
-        b.in_flight.push_back(sent(1, 100, None));
-        answer(&mut b, 1, 100, 100);
-        b.skip_check(100);
+        let mut b = unreadable_check(&tmp.path().join("2"));
         b.in_flight.push_back(hash_check(2, 100));
         b.on_reply(
             2,
@@ -1243,10 +1250,7 @@ mod tests {
         assert_eq!((b.durable, b.verified, b.generation), (0, 0, 1));
 
         // It cannot tell now: asked again at the next answer.
-        let mut b = broadcaster(tmp.path().join("4").as_path(), 101, 100, 4);
-        b.in_flight.push_back(sent(1, 100, None));
-        answer(&mut b, 1, 100, 100);
-        b.skip_check(100);
+        let mut b = unreadable_check(&tmp.path().join("4"));
         b.in_flight.push_back(hash_check(2, 100));
         b.on_reply(
             2,
@@ -1270,10 +1274,7 @@ mod tests {
 
         // No hash either (it cannot tell): the next commit's batch, once
         // taken, credits everything.
-        let mut b = broadcaster(tmp.path().join("3").as_path(), 101, 100, 4);
-        b.in_flight.push_back(sent(1, 100, None));
-        answer(&mut b, 1, 100, 100);
-        b.skip_check(100);
+        let mut b = unreadable_check(&tmp.path().join("3"));
         b.primary_last = 101;
         b.in_flight.push_back(sent(3, 101, Some(101)));
         answer(&mut b, 3, 101, 101);

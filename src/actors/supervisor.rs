@@ -192,6 +192,12 @@ impl NodeSupervisor {
     }
 
     fn publish(&self, role: ServerRole, primary: Option<NodeAddr>, note: Option<String>) {
+        if self.diverged.is_some() && role != ServerRole::Deposed {
+            // Deposed for good in this process: its reads stay refused,
+            // whatever a late completion (a follow check, a follower's
+            // report) would publish.
+            return;
+        }
         self.parts.state.send_if_modified(|s| {
             let new = ServerState {
                 role,

@@ -9,7 +9,7 @@ use magma::protocol::{RequestBody, ServerRole, SessionRole};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::{
-    backup, dump, pair, pair_with, status, stop_floods_and_verify, verify_flood,
+    backup, dump, pair, pair_with, status, stop_floods_and_verify, stop_or_move_on, verify_flood,
     wait_for_equal_digests, wait_for_members, wait_for_more_acks, wait_for_role, wait_until,
     Cluster, Flood,
 };
@@ -508,8 +508,10 @@ fn t30_with_sync_replicas_an_acknowledged_commit_survives_the_primary_killed() {
 
     phase!("kill -9 the primary right after acknowledgements");
     c.servers[s1].kill();
-    let end = f.wait(Duration::from_secs(60));
-    assert!(!end.status.success());
+    // A commit in flight at the kill stops the flood (outcome unknown); a
+    // kill between two commits lets the next one go to server2, which
+    // takes over, and the flood goes on there until stopped.
+    stop_or_move_on(std::slice::from_mut(&mut f), Duration::from_secs(60));
     // Every acknowledged append is on the secondary.
     verify_flood(&dump(&a2, "s"), "s", &f.acked(), 1);
 }

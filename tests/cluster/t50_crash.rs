@@ -20,8 +20,8 @@ fn t50_kill9_under_flood_loses_no_acknowledged_commit() {
 
     phase!("two flooders commit as fast as they can");
     let mut floods = vec![
-        Flood::start(&dir, &[addr.as_str()], "k1", &["--duration", "120"]),
-        Flood::start(&dir, &[addr.as_str()], "k2", &["--duration", "120"]),
+        Flood::start(&dir, &[addr.as_str()], "k1", &["--duration", "600"]),
+        Flood::start(&dir, &[addr.as_str()], "k2", &["--duration", "600"]),
     ];
     wait_until(
         Duration::from_secs(60),
@@ -134,16 +134,18 @@ fn t50_kill9_of_an_asynchronous_secondary_keeps_what_it_acknowledged_as_applied(
     ];
     let (s1, s2, a1, a2) = pair(&mut c, &args);
     let dir = c.root.path().to_path_buf();
-    let mut f = Flood::start(&dir, &[a1.as_str()], "a", &["--duration", "120"]);
+    let mut f = Flood::start(&dir, &[a1.as_str()], "a", &["--duration", "600"]);
 
     phase!("the secondary acknowledges records it has not made durable");
     let acknowledged = wait_until(
         Duration::from_secs(60),
-        "300 commits acknowledged by the secondary beyond what it fsynced",
+        "50 commits acknowledged by the secondary beyond what it fsynced",
         || {
+            // Any pause of 100 ms (a loaded machine) brings a heartbeat and
+            // an fsync: ask for a margin a short burst builds.
             let st = status(&a1);
             let m = st.members.iter().find(|m| m.addr == a2)?;
-            (m.commit > m.durable + 300).then_some(m.commit)
+            (m.commit > m.durable + 50).then_some(m.commit)
         },
     );
 

@@ -223,10 +223,14 @@ fn t70_conductor_runs_the_seeds_ha_use_cases_1_to_6() {
     ]);
     c.servers[s2].admin().shutdown(true).unwrap();
     assert!(c.servers[s2].wait_exit(Duration::from_secs(30)).success());
+    // The compacted server takes server2's address: wait until the primary
+    // dropped the old entry, or the next wait would see it.
+    wait_for_members(&a1, &[&a1], Duration::from_secs(30));
     let s2c = c.add_server_on("server2-compacted", &compacted, &[]);
     c.servers[s2c].addr = a2.clone();
     c.servers[s2c].start();
     wait_for_members(&a1, &[&a1, &a2], JOIN);
+    wait_for_role(&a2, ServerRole::Secondary, JOIN);
     verify_structures(&a2);
     wait_for_more_acks(
         &floods,

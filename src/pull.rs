@@ -389,7 +389,16 @@ fn finish(
     entries: Vec<crate::storage::backup::ManifestFile>,
 ) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, PullError> {
     let server = &state.server;
-    let server_files = match link.call(|s| s.backup_pull_finish(state.snapshot.id)) {
+    let held: Vec<PullFile> = entries
+        .iter()
+        .map(|e| PullFile {
+            path: e.path.clone(),
+            size: e.size,
+            blake3: Some(e.blake3.clone()),
+        })
+        .collect();
+    let finished = link.call(|s| s.backup_pull_finish(state.snapshot.id, Some(held.clone())));
+    let server_files = match finished {
         Ok(files) => files,
         Err(e) if is_lost_job(&e) => {
             log::warn!("pull from {server}: {e}; the copy cannot be checked against it");
@@ -772,6 +781,47 @@ mod tests {
         server.shutdown(true).unwrap();
     }
 
+    /// The server counts a pull as a completed backup (the one it keeps
+    /// its log for) only if the client stored what it sent: a copy the
+    /// client refuses to seal ends the job aborted, naming the file.
+    #[test]
+    fn a_pull_the_client_stored_wrongly_is_no_completed_backup_on_the_server() {
+        use crate::protocol::BackupState;
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        let (mut link, state) = begin(&opts);
+        let bar = indicatif::ProgressBar::hidden();
+        let mut fetched = 0;
+        let mut entries = fetch_all(&mut link, &opts.to, &state, &bar, &mut fetched)
+            .unwrap()
+            .unwrap();
+        // What the client hashed while writing is not what the server sent
+        // (a byte flipped on its way to the disk).
+        let damaged = entries.iter_mut().max_by_key(|e| e.size).unwrap();
+        damaged.blake3 = "00".repeat(32);
+        let path = damaged.path.clone();
+        let err = finish(&mut link, &opts.to, &state, entries).unwrap_err();
+        assert!(err.to_string().contains(&path), "{err}");
+        let report = || {
+            AdminSession::connect(&opts.server)
+                .unwrap()
+                .backup_status()
+                .unwrap()
+        };
+        let ended = report();
+        assert_eq!(ended.state, BackupState::Aborted, "{ended:?}");
+        let why = ended.error.unwrap_or_default();
+        assert!(
+            why.contains("not what was sent") && why.contains(&path),
+            "{why}"
+        );
+
+        // Pulled again, correctly: now it is the server's completed backup.
+        run(&opts).unwrap();
+        assert_eq!(report().state, BackupState::Completed);
+        server.shutdown(true).unwrap();
+    }
+
     #[test]
     fn a_pull_whose_finish_went_unseen_is_pulled_again_not_trusted() {
         let tmp = tempfile::tempdir().unwrap();
@@ -784,7 +834,7 @@ mod tests {
         assert!(fetch_all(&mut link, &opts.to, &state, &bar, &mut fetched)
             .unwrap()
             .is_some());
-        link.call(|s| s.backup_pull_finish(state.snapshot.id))
+        link.call(|s| s.backup_pull_finish(state.snapshot.id, None))
             .unwrap();
         drop(link);
 

@@ -173,9 +173,15 @@ impl AdminSession {
     }
 
     /// Release a pull job; returns the checksums the server computed over
-    /// what it served.
-    pub fn backup_pull_finish(&mut self, id: u64) -> Result<Vec<PullFile>> {
-        match self.call(RequestBody::BackupPullFinish { id })? {
+    /// what it served. `held`: what the client stored (path, size, BLAKE3
+    /// of each file); the server then counts the job a completed backup
+    /// only if it matches what it sent.
+    pub fn backup_pull_finish(
+        &mut self,
+        id: u64,
+        held: Option<Vec<PullFile>>,
+    ) -> Result<Vec<PullFile>> {
+        match self.call(RequestBody::BackupPullFinish { id, files: held })? {
             ResponseBody::BackupPullDone { files, .. } => Ok(files),
             other => Err(unexpected(self.addr(), "backup_pull_done", &other)),
         }

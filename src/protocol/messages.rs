@@ -116,9 +116,14 @@ pub enum RequestBody {
         offset: u64,
         len: u64,
     },
-    /// The client has every file: release the pull job.
+    /// The client has every file: release the pull job. `files`: what the
+    /// client stored (BLAKE3 of each whole file); the job counts as a
+    /// completed backup only if they match what the server sent. Without
+    /// them (older clients), every file fully served is enough.
     BackupPullFinish {
         id: u64,
+        #[serde(default)]
+        files: Option<Vec<PullFile>>,
     },
     /// serverSave:andExit:
     Shutdown {

@@ -536,11 +536,14 @@ pub struct PullChunk {
 }
 
 /// Release a pull job; replies with the checksums of the files served in
-/// one sequential pass. Sender: admin sessions.
+/// one sequential pass. The job ends completed only if every file was
+/// served and, when the client says what it stored (`held`), that matches
+/// them; otherwise aborted. Sender: admin sessions.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<PullFile>, BackupError>")]
 pub struct FinishPull {
     pub id: u64,
+    pub held: Option<Vec<PullFile>>,
 }
 
 /// Shutdown: abort any job (the target is marked incomplete) and refuse new

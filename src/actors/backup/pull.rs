@@ -10,7 +10,9 @@
 //! size told to the client is fixed at the start, so yielding only spaces
 //! replies out.
 //! While a file is served in one sequential pass, its BLAKE3 is computed on
-//! the way, so the client can check what it stored against what was sent.
+//! the way, so the client can check what it stored against what was sent;
+//! the client's own checksums, sent with `FinishPull`, decide whether the
+//! job ends as a completed backup (the one the commit log is kept for).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -374,6 +376,31 @@ impl Handler<PullChunk> for BackupActor {
     }
 }
 
+/// The files of `served` that `held` (what the client stored) does not
+/// confirm: missing, of another size or checksum, or without a checksum
+/// on either side (a file not served in one sequential pass).
+fn unconfirmed(served: &[PullFile], held: &[PullFile]) -> Vec<String> {
+    served
+        .iter()
+        .filter_map(|s| {
+            let Some(h) = held.iter().find(|h| h.path == s.path) else {
+                return Some(format!("{}: not stored", s.path));
+            };
+            if h.size != s.size {
+                return Some(format!(
+                    "{}: {} bytes stored, {} sent",
+                    s.path, h.size, s.size
+                ));
+            }
+            match (&s.blake3, &h.blake3) {
+                (Some(a), Some(b)) if a == b => None,
+                (Some(_), Some(_)) => Some(format!("{}: checksums differ", s.path)),
+                _ => Some(format!("{}: no checksum to compare", s.path)),
+            }
+        })
+        .collect()
+}
+
 impl Handler<FinishPull> for BackupActor {
     type Result = Result<Vec<PullFile>, BackupError>;
 
@@ -386,14 +413,27 @@ impl Handler<FinishPull> for BackupActor {
             .filter(|f| f.served_to < f.size)
             .map(|f| f.path.as_str())
             .collect();
-        if short.is_empty() {
-            self.end_pull(BackupState::Completed, "", ctx);
-        } else {
+        let unconfirmed = msg
+            .held
+            .as_deref()
+            .map(|held| unconfirmed(&files, held))
+            .unwrap_or_default();
+        if !short.is_empty() {
             let why = format!(
                 "the client finished without fetching all of {}",
                 short.join(", ")
             );
             self.end_pull(BackupState::Aborted, &why, ctx);
+        } else if !unconfirmed.is_empty() {
+            // The client will not seal this copy: it is no backup the log
+            // may be kept for.
+            let why = format!(
+                "the client's copy is not what was sent: {}",
+                unconfirmed.join("; ")
+            );
+            self.end_pull(BackupState::Aborted, &why, ctx);
+        } else {
+            self.end_pull(BackupState::Completed, "", ctx);
         }
         Ok(files)
     }

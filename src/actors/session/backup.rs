@@ -83,9 +83,9 @@ pub(super) async fn answer(env: Arc<SessionEnv>, body: RequestBody) -> Answer {
                 data,
             }
         }
-        RequestBody::BackupPullFinish { id } => ResponseBody::BackupPullDone {
+        RequestBody::BackupPullFinish { id, files } => ResponseBody::BackupPullDone {
             id,
-            files: ask(env, FinishPull { id }).await?,
+            files: ask(env, FinishPull { id, held: files }).await?,
         },
         other => {
             return Err(WireError::Internal {

@@ -397,7 +397,23 @@ fn finish(
             blake3: Some(e.blake3.clone()),
         })
         .collect();
-    let finished = link.call(|s| s.backup_pull_finish(state.snapshot.id, Some(held.clone())));
+    let mut held = Some(held);
+    let finished = loop {
+        match link.call(|s| s.backup_pull_finish(state.snapshot.id, held.clone())) {
+            // A server with a low --max-frame (a very large repository)
+            // refuses the list and closes the connection: finish without
+            // it, as older clients do; the server then trusts that every
+            // file was served.
+            Err(ClientError::Server(
+                e @ (WireError::FrameTooLarge { .. } | WireError::BadRequest { .. }),
+            )) if held.is_some() => {
+                log::warn!("pull from {server}: the list of files stored was refused ({e}); finishing without it");
+                held = None;
+                link.session = None;
+            }
+            other => break other,
+        }
+    };
     let server_files = match finished {
         Ok(files) => files,
         Err(e) if is_lost_job(&e) => {
@@ -819,6 +835,36 @@ mod tests {
         // Pulled again, correctly: now it is the server's completed backup.
         run(&opts).unwrap();
         assert_eq!(report().state, BackupState::Completed);
+        server.shutdown(true).unwrap();
+    }
+
+    /// A server whose --max-frame refuses the list of stored files closes
+    /// the connection; the pull finishes without the list, as an older
+    /// client would, instead of failing.
+    #[test]
+    fn a_list_of_stored_files_too_large_for_the_server_is_left_out() {
+        use crate::protocol::BackupState;
+        let tmp = tempfile::tempdir().unwrap();
+        let server = crate::server::spawn(crate::server::Config {
+            dir: tmp.path().join("repo"),
+            listen: "127.0.0.1:0".into(),
+            // Every other request of a pull fits; the list does not.
+            max_frame: 160,
+            ..crate::server::Config::default()
+        })
+        .unwrap();
+        let opts = PullOptions {
+            server: server.local_addr().to_string(),
+            to: tmp.path().join("copy"),
+            rate: None,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        run(&opts).unwrap();
+        let report = AdminSession::connect(&opts.server)
+            .unwrap()
+            .backup_status()
+            .unwrap();
+        assert_eq!(report.state, BackupState::Completed, "{report:?}");
         server.shutdown(true).unwrap();
     }
 

@@ -2304,33 +2304,85 @@ struct PullAsk {
     repository_id: String,
 }
 
+/// How long a promotion waits for another secondary that is alive (it
+/// accepts connections) but does not answer: it may hold the only copy of
+/// commits the dead primary acknowledged (with two secondaries, one
+/// durable copy was enough), and promoting without them would lose them.
+/// A peer that refuses connections, or cannot be connected to, is dead and
+/// waited for only a few short tries.
+const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Why one attempt to pull from a peer before promoting stopped short.
+enum PullStop {
+    /// This copy cannot take records that exist elsewhere: fatal.
+    Fatal(String),
+    /// The peer did not answer (connect, hello or catch-up).
+    Unanswered(String),
+}
+
 /// Before promoting: if `peer` holds records beyond ours that continue our
-/// log, pull and apply them (durably). A peer that cannot be reached, is
-/// not ahead, or diverged is left alone (logged). An error only when
-/// applying them failed fatally: this copy must then not be promoted.
+/// log, pull and apply them (durably). A peer that is not ahead or
+/// diverged is left alone (logged); one that does not answer is waited
+/// for as [`SILENT_PEER_PATIENCE`] says. An error only when applying them
+/// failed fatally: this copy must then not be promoted.
 async fn pull_from_peer(
     storage: &Addr<StorageActor>,
     flusher: &Addr<CommitLogActor>,
     peer: &str,
     ask: &PullAsk,
 ) -> Result<(), String> {
-    // A peer that holds the only copy of acknowledged commits may be
-    // briefly stalled: a few tries before going on without it.
-    let mut tries = 0;
-    let mut link = loop {
-        match PeerLink::connect(peer, Duration::from_millis(500)).await {
-            Ok(link) => break link,
-            Err(e) if tries < 2 => {
-                tries += 1;
-                log::debug!("before promoting: {peer} not reached ({e}); trying again");
-                actix_rt::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut dead_tries = 0;
+    let mut said_silent = false;
+    loop {
+        let why = match pull_once(storage, flusher, peer, ask).await {
+            Ok(()) => return Ok(()),
+            Err(PullStop::Fatal(e)) => return Err(e),
+            Err(PullStop::Unanswered(why)) => why,
+        };
+        let alive = accepts_connections(peer, Duration::from_millis(500)).await;
+        if alive && started.elapsed() < SILENT_PEER_PATIENCE {
+            if !said_silent {
+                said_silent = true;
+                warn!(
+                    "before promoting: {peer} accepts connections but does not answer ({why}); \
+                     waiting up to {} s: it may hold acknowledged commits this server lacks",
+                    SILENT_PEER_PATIENCE.as_secs()
+                );
             }
-            Err(e) => {
-                warn!("before promoting: {peer} not reached ({e}); promoting without its records");
-                return Ok(());
-            }
+            actix_rt::time::sleep(Duration::from_millis(200)).await;
+        } else if !alive && dead_tries < 2 {
+            dead_tries += 1;
+            log::debug!("before promoting: {peer} not reached ({why}); trying again");
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        } else {
+            warn!("before promoting: {peer} not reached ({why}); promoting without its records");
+            return Ok(());
         }
-    };
+    }
+}
+
+/// Does something accept TCP connections at `addr` within `timeout`? A
+/// stopped or overloaded server still does (its kernel completes the
+/// handshake); a dead one refuses them.
+async fn accepts_connections(addr: &str, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// One attempt of [`pull_from_peer`]: connect, then pull and apply globs
+/// until level with `peer`.
+async fn pull_once(
+    storage: &Addr<StorageActor>,
+    flusher: &Addr<CommitLogActor>,
+    peer: &str,
+    ask: &PullAsk,
+) -> Result<(), PullStop> {
+    let mut link = PeerLink::connect(peer, Duration::from_millis(500))
+        .await
+        .map_err(|e| PullStop::Unanswered(e.to_string()))?;
     let Ok(Ok(info)) = storage.send(GetInfo).await else {
         return Ok(());
     };
@@ -2362,10 +2414,7 @@ async fn pull_from_peer(
                 );
                 return Ok(());
             }
-            Err(e) => {
-                warn!("pulling from {peer} before promoting failed: {e}");
-                return Ok(());
-            }
+            Err(e) => return Err(PullStop::Unanswered(format!("catch-up failed: {e}"))),
         };
         if records.is_empty() {
             return Ok(());
@@ -2374,7 +2423,9 @@ async fn pull_from_peer(
         let applied = match storage.send(ApplyRecords::plain(bodies)).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) if e.is_fatal() && !crate::actors::storage::is_closed(&e) => {
-                return Err(format!("applying records pulled from {peer} failed: {e}"));
+                return Err(PullStop::Fatal(format!(
+                    "applying records pulled from {peer} failed: {e}"
+                )));
             }
             Ok(Err(e)) => {
                 warn!("records from {peer} do not continue our log ({e}); promoting without them");
@@ -2389,7 +2440,9 @@ async fn pull_from_peer(
             match flusher.send(Flush { sync }).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    return Err(format!("fsync of records pulled from {peer} failed: {e}"));
+                    return Err(PullStop::Fatal(format!(
+                        "fsync of records pulled from {peer} failed: {e}"
+                    )));
                 }
                 Err(e) => {
                     warn!("flushing records pulled from {peer}: {e}");

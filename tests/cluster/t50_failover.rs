@@ -13,6 +13,7 @@ use crate::harness::{
     Cluster, Flood,
 };
 use crate::phase;
+use crate::proxy::Proxy;
 
 const JOIN: Duration = Duration::from_secs(90);
 
@@ -580,4 +581,83 @@ fn t50_a_deposed_primary_acknowledges_only_what_the_new_primary_holds() {
             "record {LAST} was acknowledged, but the new primary does not hold it"
         );
     }
+}
+
+/// With two secondaries and `--sync-replicas 1`, a commit the primary
+/// acknowledged may be durable on one secondary only. When the primary
+/// dies, the successor must take it from that secondary before it
+/// promotes, even if that one is stopped for a while (a stopped process
+/// still accepts connections): promoting without it loses the commit.
+#[test]
+fn t50_a_successor_waits_for_a_stopped_secondary_holding_an_acknowledged_commit() {
+    let mut c = Cluster::new();
+    let args = ["--sync-replicas", "1", "--replica-timeout-ms", "60000"];
+    let s1 = c.add_server("s1", &args);
+    c.servers[s1].start();
+    let a1 = c.servers[s1].addr.clone();
+    let (b2, b3) = (c.root.path().join("b2"), c.root.path().join("b3"));
+    backup(&a1, &b2);
+    backup(&a1, &b3);
+    // Server2, the successor, is reached only through a proxy, so that a
+    // cut keeps the next commit from reaching it.
+    let s2 = c.add_server_on("s2", &b2, &args);
+    let a2 = c.servers[s2].addr.clone();
+    let proxy = Proxy::start(&a2);
+    c.servers[s2]
+        .args
+        .extend(["--advertise".into(), proxy.addr.clone()]);
+    c.servers[s2].start();
+    wait_for_members(&a1, &[&a1, &proxy.addr], JOIN);
+    let s3 = c.add_server_on("s3", &b3, &args);
+    c.servers[s3].start();
+    let a3 = c.servers[s3].addr.clone();
+    wait_for_members(&a1, &[&a1, &proxy.addr, &a3], JOIN);
+    wait_for_role(&a2, ServerRole::Secondary, JOIN);
+    wait_for_role(&a3, ServerRole::Secondary, JOIN);
+    wait_for_equal_digests(&[&a1, &a2, &a3], Duration::from_secs(30));
+
+    phase!("server2 stopped and cut off; a commit acknowledged through server3 alone");
+    c.servers[s2].freeze();
+    proxy.cut();
+    let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    s.commit(|tx| {
+        tx.set_meta("acked", Some(&"held by server3 only"));
+    })
+    .unwrap();
+
+    phase!("server3 stops, the primary dies, server2 comes back");
+    c.servers[s3].freeze();
+    c.servers[s1].kill();
+    proxy.heal();
+    c.servers[s2].thaw();
+
+    phase!("a commit through server2 makes it promote; server3 answers later");
+    let through = a2.clone();
+    let committing = std::thread::spawn(move || {
+        let mut s = Session::connect(&[through.as_str()])?;
+        s.commit(|tx| {
+            tx.set_meta("after", Some(&"the primary died"));
+        })
+    });
+    // Server3 is woken once server2 says it waits for it (or, had it not
+    // waited, once it promoted without it).
+    wait_until(JOIN, "server2 to wait for server3, or to promote", || {
+        (c.servers[s2].log_contains("accepts connections but does not answer")
+            || c.servers[s2].log_contains("promoted to primary"))
+        .then_some(())
+    });
+    c.servers[s3].thaw();
+    committing
+        .join()
+        .unwrap()
+        .expect("the commit that promotes server2");
+    assert_eq!(role(&a2), ServerRole::Primary);
+    let held = Session::connect(&[a2.as_str()])
+        .unwrap()
+        .meta("acked")
+        .unwrap();
+    assert!(
+        held.is_some(),
+        "the new primary lost a commit server3 acknowledged"
+    );
 }

@@ -488,7 +488,11 @@ impl NodeSupervisor {
 
     /// Become primary of `new_node` under a new epoch: leave restore mode,
     /// stream to the other secondaries, commit the node with the epoch.
-    fn promote(&mut self, new_node: Node, why: &'static str) -> RoleFuture {
+    /// `patience`: how long to wait, in all, for other secondaries that are
+    /// alive but silent before promoting without their records (see
+    /// [`SILENT_PEER_PATIENCE`]); zero after a drained hand-over, which
+    /// left nothing acknowledged that this server lacks.
+    fn promote(&mut self, new_node: Node, why: &'static str, patience: Duration) -> RoleFuture {
         self.set_changing_role(true);
         self.handed_over_to = None;
         if let Some(f) = self.follower.take() {
@@ -509,12 +513,14 @@ impl NodeSupervisor {
             repository_id: self.repository_id.clone(),
         };
         let fatal = self.parts.fatal.clone();
+        let deadline = Instant::now() + patience;
         Box::pin(
             async move {
                 // A commit the old primary acknowledged may be held by another
                 // secondary and not by us: take it before we number anything.
                 for peer in others {
-                    if let Err(e) = pull_from_peer(&storage, &flusher, &peer, &ask).await {
+                    if let Err(e) = pull_from_peer(&storage, &flusher, &peer, &ask, deadline).await
+                    {
                         // Those records exist elsewhere and we cannot hold
                         // them: promoting would lose them.
                         fatal.do_send(crate::actors::controller::Fatal { reason: e.clone() });
@@ -1402,6 +1408,7 @@ impl Handler<NamedAsPrimary> for NodeSupervisor {
             .promote(
                 node,
                 "the server handed over to restarted before it took the node",
+                Duration::ZERO,
             )
             .map(|res, _, _| {
                 if let Err(e) = res {
@@ -1938,6 +1945,7 @@ impl NodeSupervisor {
                             act.promote(
                                 node,
                                 "the primary is unreachable and this server is its successor",
+                                SILENT_PEER_PATIENCE,
                             )
                         }
                         CommitOnSecondary::AskSuccessor { successor } if !asked => {
@@ -2176,7 +2184,7 @@ impl Handler<TakeOverNow> for NodeSupervisor {
                             std::process::exit(137);
                         }
                         let node = swapped_node(&act.node, act.server_id);
-                        act.promote(node, "take-over requested by the operator")
+                        act.promote(node, "take-over requested by the operator", Duration::ZERO)
                     }
                 };
                 out
@@ -2304,50 +2312,73 @@ struct PullAsk {
     repository_id: String,
 }
 
-/// How long a promotion waits for another secondary that is alive (it
-/// accepts connections) but does not answer: it may hold the only copy of
-/// commits the dead primary acknowledged (with two secondaries, one
-/// durable copy was enough), and promoting without them would lose them.
-/// A peer that refuses connections, or cannot be connected to, is dead and
-/// waited for only a few short tries.
-const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(10);
+/// How long, in all, a successor taking over from a dead primary waits
+/// for other secondaries that are alive (they accept connections) but do
+/// not answer: one may hold the only copy of commits the dead primary
+/// acknowledged (with two secondaries, one durable copy was enough), and
+/// promoting without it would lose them. Kept under the client's 10 s
+/// re-routing bound, which commits sent meanwhile (answered `unavailable`)
+/// are retried within. A peer that refuses connections, or cannot be
+/// connected to, is dead and tried only a few times, briefly.
+const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(6);
 
 /// Why one attempt to pull from a peer before promoting stopped short.
 enum PullStop {
     /// This copy cannot take records that exist elsewhere: fatal.
     Fatal(String),
-    /// The peer did not answer (connect, hello or catch-up).
+    /// The peer did not answer (connect, hello or catch-up): no answer in
+    /// time or a broken connection.
     Unanswered(String),
+    /// The peer answered with a refusal or something unexpected: it is
+    /// left alone.
+    Refused(String),
+}
+
+impl From<LinkError> for PullStop {
+    fn from(e: LinkError) -> Self {
+        if e.is_unreachable() {
+            PullStop::Unanswered(e.to_string())
+        } else {
+            PullStop::Refused(e.to_string())
+        }
+    }
 }
 
 /// Before promoting: if `peer` holds records beyond ours that continue our
-/// log, pull and apply them (durably). A peer that is not ahead or
-/// diverged is left alone (logged); one that does not answer is waited
-/// for as [`SILENT_PEER_PATIENCE`] says. An error only when applying them
-/// failed fatally: this copy must then not be promoted.
+/// log, pull and apply them (durably). A peer that is not ahead, diverged
+/// or refuses is left alone (logged); one that is alive but does not
+/// answer is asked again until `deadline` (see [`SILENT_PEER_PATIENCE`]).
+/// An error only when applying them failed fatally: this copy must then
+/// not be promoted.
 async fn pull_from_peer(
     storage: &Addr<StorageActor>,
     flusher: &Addr<CommitLogActor>,
     peer: &str,
     ask: &PullAsk,
+    deadline: Instant,
 ) -> Result<(), String> {
-    let started = Instant::now();
     let mut dead_tries = 0;
     let mut said_silent = false;
     loop {
         let why = match pull_once(storage, flusher, peer, ask).await {
             Ok(()) => return Ok(()),
             Err(PullStop::Fatal(e)) => return Err(e),
+            Err(PullStop::Refused(why)) => {
+                warn!("before promoting: {peer} refused ({why}); promoting without its records");
+                return Ok(());
+            }
             Err(PullStop::Unanswered(why)) => why,
         };
         let alive = accepts_connections(peer, Duration::from_millis(500)).await;
-        if alive && started.elapsed() < SILENT_PEER_PATIENCE {
+        if alive && Instant::now() < deadline {
             if !said_silent {
                 said_silent = true;
                 warn!(
                     "before promoting: {peer} accepts connections but does not answer ({why}); \
-                     waiting up to {} s: it may hold acknowledged commits this server lacks",
-                    SILENT_PEER_PATIENCE.as_secs()
+                     waiting up to {} ms more: it may hold acknowledged commits this server lacks",
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis()
                 );
             }
             actix_rt::time::sleep(Duration::from_millis(200)).await;
@@ -2380,9 +2411,7 @@ async fn pull_once(
     peer: &str,
     ask: &PullAsk,
 ) -> Result<(), PullStop> {
-    let mut link = PeerLink::connect(peer, Duration::from_millis(500))
-        .await
-        .map_err(|e| PullStop::Unanswered(e.to_string()))?;
+    let mut link = PeerLink::connect(peer, Duration::from_millis(500)).await?;
     let Ok(Ok(info)) = storage.send(GetInfo).await else {
         return Ok(());
     };
@@ -2414,7 +2443,7 @@ async fn pull_once(
                 );
                 return Ok(());
             }
-            Err(e) => return Err(PullStop::Unanswered(format!("catch-up failed: {e}"))),
+            Err(e) => return Err(e.into()),
         };
         if records.is_empty() {
             return Ok(());

@@ -13,7 +13,6 @@ use crate::harness::{
     Cluster, Flood,
 };
 use crate::phase;
-use crate::proxy::Proxy;
 
 const JOIN: Duration = Duration::from_secs(90);
 
@@ -598,28 +597,31 @@ fn t50_a_successor_waits_for_a_stopped_secondary_holding_an_acknowledged_commit(
     let (b2, b3) = (c.root.path().join("b2"), c.root.path().join("b3"));
     backup(&a1, &b2);
     backup(&a1, &b3);
-    // Server2, the successor, is reached only through a proxy, so that a
-    // cut keeps the next commit from reaching it.
+    // One at a time: server2 joins first, so it is the successor.
     let s2 = c.add_server_on("s2", &b2, &args);
-    let a2 = c.servers[s2].addr.clone();
-    let proxy = Proxy::start(&a2);
-    c.servers[s2]
-        .args
-        .extend(["--advertise".into(), proxy.addr.clone()]);
     c.servers[s2].start();
-    wait_for_members(&a1, &[&a1, &proxy.addr], JOIN);
+    let a2 = c.servers[s2].addr.clone();
+    wait_for_members(&a1, &[&a1, &a2], JOIN);
     let s3 = c.add_server_on("s3", &b3, &args);
     c.servers[s3].start();
     let a3 = c.servers[s3].addr.clone();
-    wait_for_members(&a1, &[&a1, &proxy.addr, &a3], JOIN);
+    wait_for_members(&a1, &[&a1, &a2, &a3], JOIN);
     wait_for_role(&a2, ServerRole::Secondary, JOIN);
     wait_for_role(&a3, ServerRole::Secondary, JOIN);
     wait_for_equal_digests(&[&a1, &a2, &a3], Duration::from_secs(30));
 
-    phase!("server2 stopped and cut off; a commit acknowledged through server3 alone");
+    phase!("server2 stops; commits are acknowledged through server3 alone");
     c.servers[s2].freeze();
-    proxy.cut();
     let mut s = Session::connect(&[a1.as_str()]).unwrap();
+    // The primary sends a stopped secondary at most 4 unanswered batches
+    // (the replica timeout, 60 s, keeps it a member meanwhile): after 20
+    // more commits, the last one never left the primary for server2.
+    for i in 0..20 {
+        s.commit(|tx| {
+            tx.set_meta("filler", Some(&i));
+        })
+        .unwrap();
+    }
     s.commit(|tx| {
         tx.set_meta("acked", Some(&"held by server3 only"));
     })
@@ -628,7 +630,6 @@ fn t50_a_successor_waits_for_a_stopped_secondary_holding_an_acknowledged_commit(
     phase!("server3 stops, the primary dies, server2 comes back");
     c.servers[s3].freeze();
     c.servers[s1].kill();
-    proxy.heal();
     c.servers[s2].thaw();
 
     phase!("a commit through server2 makes it promote; server3 answers later");

@@ -315,6 +315,17 @@ impl Server {
                 );
             }
         }
+        if let Some(why) = crate::storage::backup::read_marker(&config.dir) {
+            // A backup that was aborted, failed its verification or was cut
+            // by a crash may hold a header and still be damaged or partial.
+            bail!(
+                "{} is an incomplete or failed backup copy, not a repository to serve; \
+                 remove it and take the backup again. Its {} says: {}",
+                config.dir.display(),
+                crate::storage::backup::INCOMPLETE_FILE,
+                why.trim()
+            );
+        }
         let dir = config.dir.clone();
         let addr = advertise.clone();
         let opts = RepoOptions {

@@ -408,6 +408,26 @@ fn primary_on_a_directory_without_a_repository_is_refused_not_created() {
     assert!(!tmp.path().join("repo").exists(), "nothing was created");
 }
 
+/// A copy marked incomplete (an aborted backup, a pull that failed its
+/// verification) may hold a header and still be partial: never served.
+#[test]
+fn a_directory_marked_as_an_incomplete_backup_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    {
+        let mut repo = crate::storage::Repository::create(&cfg.dir, 7, "127.0.0.1:1").unwrap();
+        repo.set_restore_mode(true).unwrap();
+    }
+    std::fs::write(
+        cfg.dir.join(crate::storage::backup::INCOMPLETE_FILE),
+        "This directory is an INCOMPLETE Magma backup.\nstate: failed\nreason: FAILED verification\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", spawn(cfg).err().unwrap());
+    assert!(err.contains("incomplete or failed backup copy"), "{err}");
+    assert!(err.contains("FAILED verification"), "{err}");
+}
+
 #[test]
 fn a_repository_in_restore_mode_serves_reads_and_refuses_commits() {
     let tmp = tempfile::tempdir().unwrap();

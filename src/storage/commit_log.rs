@@ -341,6 +341,11 @@ impl CommitLog {
             let mut offset = SEGMENT_HEAD_LEN.min(file_len);
             if file_len < SEGMENT_HEAD_LEN {
                 // A segment whose head was torn: it held no complete record.
+                log::warn!(
+                    "{}: {file_len} bytes, a segment head cut short by a crash; \
+                     rewriting the head (it held no record)",
+                    path.display()
+                );
                 file.set_len(0).map_err(|e| io_at(&path, "cutting", e))?;
                 self.write_segment_head(&file, &path, first)?;
                 offset = SEGMENT_HEAD_LEN;

@@ -624,6 +624,18 @@ impl Collections {
                 dat_path(&dir, coll).display()
             )));
         }
+        if len > 0 {
+            // An offset damaged to a smaller value would cut elements still
+            // there, for good: the last element kept must read back whole
+            // (its checksum) before anything is cut.
+            ElementFiles {
+                dir: &dir,
+                coll,
+                idx: &f.idx,
+                dat: &f.dat,
+            }
+            .range(len, len - 1, 1, u64::MAX)?;
+        }
         f.idx
             .set_len(len * 8)
             .map_err(|e| io_at(&idx_path(&dir, coll), "cutting", e))?;
@@ -758,5 +770,32 @@ mod tests {
             assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
             assert!(err.to_string().contains("7.idx"), "{err}");
         }
+    }
+
+    /// An offset damaged to a smaller value would make recovery cut the
+    /// elements after it out of `.dat` for good: refused, nothing cut.
+    #[test]
+    fn recovery_never_cuts_at_an_offset_damaged_to_a_smaller_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Collections::open(dir.path()).unwrap();
+        for i in 0..4u64 {
+            c.write(7, i, format!("value {i}").as_bytes()).unwrap();
+        }
+        c.sync_dirty().unwrap();
+        drop(c);
+        let coll = dir.path().join(COLL_DIR);
+        let dat_before = std::fs::read(dat_path(&coll, 7)).unwrap();
+        let idx = idx_path(&coll, 7);
+        let mut bytes = std::fs::read(&idx).unwrap();
+        // Element 2 "ends" 3 bytes early.
+        let end2 = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        bytes[16..24].copy_from_slice(&(end2 - 3).to_le_bytes());
+        std::fs::write(&idx, &bytes).unwrap();
+        let mut c = Collections::open(dir.path()).unwrap();
+        let err = c.truncate(7, 3).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
+        assert!(err.to_string().contains("element 2"), "{err}");
+        drop(c);
+        assert_eq!(std::fs::read(dat_path(&coll, 7)).unwrap(), dat_before);
     }
 }

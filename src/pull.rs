@@ -262,8 +262,24 @@ impl Link {
     }
 }
 
-/// Remove what a lost job left, keeping the directory and its marker.
+/// What `BACKUP-INCOMPLETE` says while a pull runs.
+const PULLING: &str =
+    "This directory is an INCOMPLETE Magma backup: a pull (`magma backup --pull` \
+     or `magma-server --join`) is in progress.\nstate: pulling\nreason: run the same command \
+     again to continue\n";
+
+/// Remove what a lost job left, keeping the directory, marked incomplete.
 fn wipe(dir: &Path, state: &PullState) -> Result<(), PullError> {
+    // A crash during a seal can leave the header without the marker: mark
+    // the directory again before anything else, so that a start on it is
+    // refused until a pull seals it.
+    write_marker(dir, PULLING).map_err(|e| PullError::Backup(e.to_string()))?;
+    let header = dir.join(crate::storage::HEADER_FILE);
+    match fs::remove_file(&header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&header)(e)),
+    }
     for f in &state.snapshot.files {
         if let Some(rel) = safe_relative_path(&f.path) {
             let p = dir.join(rel);
@@ -474,13 +490,7 @@ pub fn run(opts: &PullOptions) -> Result<PullSummary, PullError> {
         Some(s) => s,
         None => {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
-            write_marker(
-                dir,
-                "This directory is an INCOMPLETE Magma backup: a pull (`magma backup --pull` or \
-                 `magma-server --join`) is in progress.\n\
-                 state: pulling\nreason: run the same command again to continue\n",
-            )
-            .map_err(|e| PullError::Backup(e.to_string()))?;
+            write_marker(dir, PULLING).map_err(|e| PullError::Backup(e.to_string()))?;
             start_job(&mut link, opts)?
         }
     };
@@ -743,6 +753,30 @@ mod tests {
         let again = run(&opts).unwrap();
         assert!(again.restarted, "{again}");
         assert_eq!(fs::read(&path).unwrap()[0], first[0]);
+        server.shutdown(true).unwrap();
+    }
+
+    /// A crash during a seal can leave the header without the marker; a
+    /// resumed pull whose job is lost wipes the copy: it is marked
+    /// incomplete again and loses its header, so no start opens it.
+    #[test]
+    fn a_wiped_copy_is_marked_incomplete_again_and_loses_its_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (server, opts) = serving(tmp.path());
+        let (_, state) = begin(&opts);
+        fs::remove_file(opts.to.join(INCOMPLETE_FILE)).unwrap();
+        fs::write(opts.to.join(crate::storage::HEADER_FILE), b"sealed").unwrap();
+        for f in &state.snapshot.files {
+            let p = opts.to.join(&f.path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"data").unwrap();
+        }
+        wipe(&opts.to, &state).unwrap();
+        assert!(read_marker(&opts.to).unwrap().contains("state: pulling"));
+        assert!(!opts.to.join(crate::storage::HEADER_FILE).exists());
+        for f in &state.snapshot.files {
+            assert!(!opts.to.join(&f.path).exists(), "{}", f.path);
+        }
         server.shutdown(true).unwrap();
     }
 

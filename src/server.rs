@@ -315,15 +315,24 @@ impl Server {
                 );
             }
         }
-        if let Some(why) = crate::storage::backup::read_marker(&config.dir) {
+        let marker = config.dir.join(crate::storage::backup::INCOMPLETE_FILE);
+        if marker.exists() {
             // A backup that was aborted, failed its verification or was cut
             // by a crash may hold a header and still be damaged or partial.
+            let says = crate::storage::backup::read_marker(&config.dir)
+                .unwrap_or_else(|| "(unreadable)".into());
+            let what_to_do = if config.dir.join(crate::pull::STATE_FILE).exists() {
+                "it is an interrupted pull: run the same `magma backup --pull` (or \
+                 `magma-server --join`) again to finish it"
+            } else {
+                "remove it and take the backup again"
+            };
             bail!(
                 "{} is an incomplete or failed backup copy, not a repository to serve; \
-                 remove it and take the backup again. Its {} says: {}",
+                 {what_to_do}. Its {} says: {}",
                 config.dir.display(),
                 crate::storage::backup::INCOMPLETE_FILE,
-                why.trim()
+                says.trim()
             );
         }
         let dir = config.dir.clone();

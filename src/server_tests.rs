@@ -423,9 +423,14 @@ fn a_directory_marked_as_an_incomplete_backup_is_refused() {
         "This directory is an INCOMPLETE Magma backup.\nstate: failed\nreason: FAILED verification\n",
     )
     .unwrap();
-    let err = format!("{:#}", spawn(cfg).err().unwrap());
+    let err = format!("{:#}", spawn(cfg.clone()).err().unwrap());
     assert!(err.contains("incomplete or failed backup copy"), "{err}");
     assert!(err.contains("FAILED verification"), "{err}");
+    assert!(err.contains("take the backup again"), "{err}");
+    // With a pull's state beside it: an interrupted pull, to continue.
+    std::fs::write(cfg.dir.join(crate::pull::STATE_FILE), "{}").unwrap();
+    let err = format!("{:#}", spawn(cfg).err().unwrap());
+    assert!(err.contains("run the same `magma backup --pull`"), "{err}");
 }
 
 #[test]

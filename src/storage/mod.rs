@@ -37,7 +37,7 @@ mod sync;
 pub use commit_log::LogSync;
 pub use digest::DigestView;
 pub use error::StorageError;
-pub use header::Header;
+pub use header::{Header, HEADER_FILE};
 pub use object::StoredObject;
 pub use record::{CommitRecord, Op, Payload};
 pub use repository::{

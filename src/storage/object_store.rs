@@ -624,17 +624,25 @@ impl Collections {
                 dat_path(&dir, coll).display()
             )));
         }
-        if len > 0 {
-            // An offset damaged to a smaller value would cut elements still
-            // there, for good: the last element kept must read back whole
-            // (its checksum) before anything is cut.
+        if len > 0 && (on_disk > dat_len || f.len > len) {
+            // Something is to be cut. An offset damaged to a smaller value
+            // would cut elements still there, for good: the last element
+            // kept must read back whole (its checksum) first.
             ElementFiles {
                 dir: &dir,
                 coll,
                 idx: &f.idx,
                 dat: &f.dat,
             }
-            .range(len, len - 1, 1, u64::MAX)?;
+            .range(len, len - 1, 1, u64::MAX)
+            .map_err(|e| {
+                StorageError::Corrupted(format!(
+                    "{}: element {} does not read back whole, so its offset or its data \
+                     is damaged; nothing was cut ({e})",
+                    idx_path(&dir, coll).display(),
+                    len - 1
+                ))
+            })?;
         }
         f.idx
             .set_len(len * 8)
@@ -794,8 +802,10 @@ mod tests {
         let mut c = Collections::open(dir.path()).unwrap();
         let err = c.truncate(7, 3).unwrap_err();
         assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
-        assert!(err.to_string().contains("element 2"), "{err}");
+        assert!(err.to_string().contains("7.idx: element 2"), "{err}");
+        assert!(err.to_string().contains("nothing was cut"), "{err}");
         drop(c);
         assert_eq!(std::fs::read(dat_path(&coll, 7)).unwrap(), dat_before);
+        assert_eq!(std::fs::read(&idx).unwrap(), bytes);
     }
 }

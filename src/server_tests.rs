@@ -2060,3 +2060,109 @@ fn a_glob_from_a_server_of_an_older_epoch_deposes_nothing() {
     }
     server.shutdown(true).unwrap();
 }
+
+/// The ping rule's bound: a commit at a secondary whose primary answers
+/// its hello only after a second (loaded, not dead) is redirected to it;
+/// the secondary does not take the node over.
+#[test]
+fn a_commit_at_a_secondary_whose_primary_is_slow_but_alive_is_redirected() {
+    use crate::storage::{CommitRequest, Repository};
+    use crate::types::{Member, MemberRole, Node};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let primary = listener.local_addr().unwrap().to_string();
+    let node = Node {
+        members: vec![
+            Member {
+                server_id: 9,
+                addr: primary.clone(),
+                role: MemberRole::Primary,
+            },
+            Member {
+                server_id: 5,
+                addr: "127.0.0.1:1".into(),
+                role: MemberRole::Secondary,
+            },
+        ],
+    };
+    let (repository_id, epoch, last) = {
+        let mut repo = Repository::create(&cfg.dir, 5, "127.0.0.1:1").unwrap();
+        repo.commit(CommitRequest {
+            set_node: Some(node.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        repo.set_restore_mode(true).unwrap();
+        repo.checkpoint().unwrap();
+        let info = repo.info();
+        (info.repository_id.to_string(), info.epoch, info.last_commit)
+    };
+    // The primary: level with the copy, answering every hello after 1 s.
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let (node, repository_id) = (node.clone(), repository_id.clone());
+            std::thread::spawn(move || {
+                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
+                    let req: Request = codec::decode(&frame).unwrap();
+                    let body = match req.body {
+                        RequestBody::Hello { .. } => {
+                            std::thread::sleep(Duration::from_secs(1));
+                            ResponseBody::Hello {
+                                protocol_version: PROTOCOL_VERSION,
+                                server_id: 9,
+                                repository_id: repository_id.clone(),
+                                role: ServerRole::Primary,
+                                node: node.clone(),
+                                epoch,
+                            }
+                        }
+                        RequestBody::CatchUp { .. } => ResponseBody::Records {
+                            records: vec![],
+                            last,
+                            epoch,
+                            level: true,
+                        },
+                        _ => ResponseBody::Ok,
+                    };
+                    let resp = Response {
+                        id: req.id,
+                        commit: last,
+                        body,
+                    };
+                    if write_frame(&mut s, &resp).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let server = spawn(cfg).unwrap();
+    let mut app = Conn::raw(server.local_addr());
+    app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.call(RequestBody::Status).body {
+            ResponseBody::Status(s) if s.role == ServerRole::Secondary => break,
+            ResponseBody::Status(s) => {
+                assert!(Instant::now() < deadline, "never a secondary: {s:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let body = CommitBody {
+        meta: vec![("k".into(), Some(Value::from(1)))],
+        ..Default::default()
+    };
+    match app.error(RequestBody::Commit(body)) {
+        WireError::WrongServer { primary: to } => assert_eq!(to, Some(primary)),
+        other => panic!("expected a redirect to the slow primary, got {other:?}"),
+    }
+    match app.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Secondary),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}

@@ -1921,7 +1921,7 @@ impl NodeSupervisor {
         let Some(primary) = self.node.primary().cloned() else {
             return Box::pin(fut::ready(Err(WireError::WrongServer { primary: None })));
         };
-        let timeout = Duration::from_millis(500);
+        let timeout = PRIMARY_PING_TIMEOUT;
         let addr = primary.addr.clone();
         // One check at a time: commits arriving meanwhile are told to retry,
         // so two of them can never promote this server twice.
@@ -2311,6 +2311,13 @@ struct PullAsk {
     addr: NodeAddr,
     repository_id: String,
 }
+
+/// How long a secondary that received a commit gives the primary to answer
+/// (connect and hello) before it takes it for dead: the ping rule. A dead
+/// process refuses at once; this bounds a hung or unreachable one. Half a
+/// second made a primary that was only slow (a loaded machine) look dead
+/// and be replaced: a needless failover and a deposed server.
+const PRIMARY_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long, in all, a successor taking over from a dead primary waits
 /// for other secondaries that are alive (they accept connections) but do

@@ -1265,13 +1265,11 @@ fn a_client_reading_slowly_but_steadily_gets_a_reply_longer_than_the_timeout() {
 
 #[test]
 fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
-    use crate::storage::{CommitRequest, Repository};
-    use crate::types::{Member, MemberRole, Node};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let tmp = tempfile::tempdir().unwrap();
     // A member that takes the restarting primary's probe and never answers
-    // it: the primary decides its role only when its 1 s probe gives up.
+    // it: the primary decides its role only when its 2 s probe gives up.
     let member = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let member_addr = member.local_addr().unwrap().to_string();
     let probe_over = std::sync::Arc::new(AtomicBool::new(false));
@@ -1283,28 +1281,7 @@ fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
             over.store(true, Ordering::SeqCst);
         }
     });
-    {
-        let mut repo = Repository::create(&tmp.path().join("repo"), 5, "127.0.0.1:1").unwrap();
-        repo.commit(CommitRequest {
-            set_node: Some(Node {
-                members: vec![
-                    Member {
-                        server_id: 5,
-                        addr: "127.0.0.1:1".into(),
-                        role: MemberRole::Primary,
-                    },
-                    Member {
-                        server_id: 6,
-                        addr: member_addr,
-                        role: MemberRole::Secondary,
-                    },
-                ],
-            }),
-            ..Default::default()
-        })
-        .unwrap();
-        repo.checkpoint().unwrap();
-    }
+    former_primary(&tmp.path().join("repo"), 6, &member_addr);
     let server = spawn(config(tmp.path())).unwrap();
     // Another former primary restarting at the same time asks this one: it
     // must hear the epoch now, not after this server's own probe.
@@ -2099,6 +2076,53 @@ fn a_commit_at_a_secondary_whose_primary_is_slow_but_alive_is_redirected() {
         (info.repository_id.to_string(), info.epoch, info.last_commit)
     };
     // The primary: level with the copy, answering every hello after 1 s.
+    slow_primary(
+        listener,
+        node,
+        repository_id,
+        epoch,
+        last,
+        Duration::from_secs(1),
+    );
+    let server = spawn(cfg).unwrap();
+    let mut app = Conn::raw(server.local_addr());
+    app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.call(RequestBody::Status).body {
+            ResponseBody::Status(s) if s.role == ServerRole::Secondary => break,
+            ResponseBody::Status(s) => {
+                assert!(Instant::now() < deadline, "never a secondary: {s:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let body = CommitBody {
+        meta: vec![("k".into(), Some(Value::from(1)))],
+        ..Default::default()
+    };
+    match app.error(RequestBody::Commit(body)) {
+        WireError::WrongServer { primary: to } => assert_eq!(to, Some(primary)),
+        other => panic!("expected a redirect to the slow primary, got {other:?}"),
+    }
+    match app.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Secondary),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}
+
+/// A fake primary on `listener` that answers every hello (as primary of
+/// `node` in `epoch`) only after `delay`, and catch-ups as level at `last`.
+fn slow_primary(
+    listener: std::net::TcpListener,
+    node: crate::types::Node,
+    repository_id: String,
+    epoch: crate::types::Epoch,
+    last: u64,
+    delay: Duration,
+) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
@@ -2108,7 +2132,7 @@ fn a_commit_at_a_secondary_whose_primary_is_slow_but_alive_is_redirected() {
                     let req: Request = codec::decode(&frame).unwrap();
                     let body = match req.body {
                         RequestBody::Hello { .. } => {
-                            std::thread::sleep(Duration::from_secs(1));
+                            std::thread::sleep(delay);
                             ResponseBody::Hello {
                                 protocol_version: PROTOCOL_VERSION,
                                 server_id: 9,
@@ -2138,31 +2162,77 @@ fn a_commit_at_a_secondary_whose_primary_is_slow_but_alive_is_redirected() {
             });
         }
     });
-    let server = spawn(cfg).unwrap();
+}
+
+/// A former primary restarting asks its members who leads: one that is
+/// the primary of a newer epoch but answers only after 1.5 s (slow, not
+/// absent) still keeps it from serving as a second primary.
+#[test]
+fn a_restarting_former_primary_waits_for_a_slow_member_leading_a_newer_epoch() {
+    use crate::types::{Epoch, Member, MemberRole, Node};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.local_addr().unwrap().to_string();
+    let (repository_id, last) = former_primary(&cfg.dir, 9, &other);
+    // Server 9 took over (epoch 2) and leads a node without server 5.
+    let node = Node {
+        members: vec![Member {
+            server_id: 9,
+            addr: other,
+            role: MemberRole::Primary,
+        }],
+    };
+    let newer = Epoch::initial(5).next(9);
+    slow_primary(
+        listener,
+        node,
+        repository_id,
+        newer,
+        last,
+        Duration::from_millis(1500),
+    );
+    let server = spawn(config(tmp.path())).unwrap();
+    // An application's hello waits for the role decision.
     let mut app = Conn::raw(server.local_addr());
     app.call(hello(SessionRole::Application, PROTOCOL_VERSION));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match app.call(RequestBody::Status).body {
-            ResponseBody::Status(s) if s.role == ServerRole::Secondary => break,
-            ResponseBody::Status(s) => {
-                assert!(Instant::now() < deadline, "never a secondary: {s:?}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-    let body = CommitBody {
-        meta: vec![("k".into(), Some(Value::from(1)))],
-        ..Default::default()
-    };
-    match app.error(RequestBody::Commit(body)) {
-        WireError::WrongServer { primary: to } => assert_eq!(to, Some(primary)),
-        other => panic!("expected a redirect to the slow primary, got {other:?}"),
-    }
     match app.call(RequestBody::Status).body {
-        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Secondary),
+        ResponseBody::Status(s) => assert_ne!(
+            s.role,
+            ServerRole::Primary,
+            "served as primary beside the newer epoch's: {s:?}"
+        ),
         other => panic!("{other:?}"),
     }
     server.shutdown(true).unwrap();
+}
+
+/// A repository in `dir` whose server 5 was the primary of a node with one
+/// secondary, `member` at `addr`, as a primary left it when it stopped.
+/// Returns its repository id and last commit.
+fn former_primary(dir: &std::path::Path, member: u64, addr: &str) -> (String, u64) {
+    use crate::storage::{CommitRequest, Repository};
+    use crate::types::{Member, MemberRole, Node};
+    let mut repo = Repository::create(dir, 5, "127.0.0.1:1").unwrap();
+    repo.commit(CommitRequest {
+        set_node: Some(Node {
+            members: vec![
+                Member {
+                    server_id: 5,
+                    addr: "127.0.0.1:1".into(),
+                    role: MemberRole::Primary,
+                },
+                Member {
+                    server_id: member,
+                    addr: addr.into(),
+                    role: MemberRole::Secondary,
+                },
+            ],
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    repo.checkpoint().unwrap();
+    let info = repo.info();
+    (info.repository_id.to_string(), info.last_commit)
 }

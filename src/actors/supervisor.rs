@@ -633,7 +633,8 @@ impl NodeSupervisor {
     }
 
     /// [`Self::probe_members`] but `skip`, all at once: dead members cost
-    /// one connect and hello timeout together (at most 2 s), not one each.
+    /// one connect and hello timeout together ([`PEER_PROBE_TIMEOUT`]), not
+    /// one each.
     fn probe_members_except(
         &self,
         skip: &str,
@@ -646,7 +647,7 @@ impl NodeSupervisor {
             .filter(|m| m.server_id != self.server_id && m.addr != skip)
             .map(|m| m.addr.clone())
             .collect();
-        let timeout = Duration::from_millis(1000);
+        let timeout = PEER_PROBE_TIMEOUT;
         async move {
             let asks: Vec<_> = addrs
                 .into_iter()
@@ -2311,6 +2312,12 @@ struct PullAsk {
     addr: NodeAddr,
     repository_id: String,
 }
+
+/// How long a member asked who leads (a former primary restarting, a copy
+/// whose primary is unreachable) has to answer, connect and hello. As for
+/// the ping rule: a member that is only slow must not be taken for absent
+/// (a restarted former primary would serve beside the node's primary).
+const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a secondary that received a commit gives the primary to answer
 /// (connect and hello) before it takes it for dead: the ping rule. A dead

@@ -633,8 +633,8 @@ impl NodeSupervisor {
     }
 
     /// [`Self::probe_members`] but `skip`, all at once: dead members cost
-    /// one connect and hello timeout together ([`PEER_PROBE_TIMEOUT`]), not
-    /// one each.
+    /// one connect and hello timeout together (at most twice
+    /// [`PEER_PROBE_TIMEOUT`]), not one each.
     fn probe_members_except(
         &self,
         skip: &str,
@@ -2314,13 +2314,15 @@ struct PullAsk {
 }
 
 /// How long a member asked who leads (a former primary restarting, a copy
-/// whose primary is unreachable) has to answer, connect and hello. As for
+/// whose primary is unreachable) has to answer: connect, then hello, each
+/// within this. As for
 /// the ping rule: a member that is only slow must not be taken for absent
 /// (a restarted former primary would serve beside the node's primary).
-const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a secondary that received a commit gives the primary to answer
-/// (connect and hello) before it takes it for dead: the ping rule. A dead
+/// (connect, then hello, each within this) before it takes it for dead:
+/// the ping rule. A dead
 /// process refuses at once; this bounds a hung or unreachable one. Half a
 /// second made a primary that was only slow (a loaded machine) look dead
 /// and be replaced: a needless failover and a deposed server.
@@ -2330,11 +2332,16 @@ const PRIMARY_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// for other secondaries that are alive (they accept connections) but do
 /// not answer: one may hold the only copy of commits the dead primary
 /// acknowledged (with two secondaries, one durable copy was enough), and
-/// promoting without it would lose them. Kept under the client's 10 s
-/// re-routing bound, which commits sent meanwhile (answered `unavailable`)
-/// are retried within. A peer that refuses connections, or cannot be
-/// connected to, is dead and tried only a few times, briefly.
-const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(6);
+/// promoting without it would lose them. With the ping before it, kept
+/// well under the client's re-routing bound, within which commits sent
+/// meanwhile (answered `unavailable`) are retried. A peer that refuses
+/// connections, or cannot be connected to, is dead and tried only a few
+/// times, briefly.
+const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(5);
+const _: () = assert!(
+    PRIMARY_PING_TIMEOUT.as_secs() * 2 + SILENT_PEER_PATIENCE.as_secs()
+        < crate::client::DEFAULT_REROUTE_TIMEOUT.as_secs()
+);
 
 /// Why one attempt to pull from a peer before promoting stopped short.
 enum PullStop {

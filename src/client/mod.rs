@@ -55,7 +55,7 @@ mod wire_tests;
 pub use admin::AdminSession;
 pub use connection::{ConnectOptions, Connection, ServerHello};
 pub use error::{wire_code, Attempt, ClientError, Result};
-pub use session::{Session, SessionOptions};
+pub use session::{Session, SessionOptions, DEFAULT_REROUTE_TIMEOUT};
 pub use transaction::{CommitOutcome, Transaction};
 pub use value::{
     from_value, references, to_value, NewRef, Object, Ref, COLLECTION_CLASS, NEW_REF_EXT, REF_EXT,

@@ -58,6 +58,11 @@ use crate::protocol::{
 };
 use crate::types::{CommitNumber, Epoch, Node, Oid};
 
+/// How long a commit keeps being re-routed by default (see
+/// [`SessionOptions::reroute_timeout`]). A server promoting itself keeps its
+/// own waits under it (`actors::supervisor`).
+pub const DEFAULT_REROUTE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of an application session.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
@@ -80,7 +85,7 @@ impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             connect: ConnectOptions::default(),
-            reroute_timeout: Duration::from_secs(10),
+            reroute_timeout: DEFAULT_REROUTE_TIMEOUT,
             read_failover_timeout: Some(Duration::from_secs(5)),
         }
     }

@@ -1928,50 +1928,22 @@ fn fake_primary(
         }],
     };
     let counter = asked.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let (node, record, repository_id) =
-                (node.clone(), record.clone(), repository_id.clone());
-            let counter = counter.clone();
-            std::thread::spawn(move || {
-                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
-                    let req: Request = codec::decode(&frame).unwrap();
-                    let body = match req.body {
-                        RequestBody::Hello { .. } => ResponseBody::Hello {
-                            protocol_version: PROTOCOL_VERSION,
-                            server_id: 9,
-                            repository_id: repository_id.clone(),
-                            role: ServerRole::Primary,
-                            node: node.clone(),
-                            epoch,
-                        },
-                        RequestBody::CatchUp { from, .. } => {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            ResponseBody::Records {
-                                records: if from == base + 2 {
-                                    vec![serde_bytes::ByteBuf::from(record.clone())]
-                                } else {
-                                    vec![]
-                                },
-                                last: base + 2,
-                                epoch,
-                                level: true,
-                            }
-                        }
-                        _ => ResponseBody::Ok,
-                    };
-                    let resp = Response {
-                        id: req.id,
-                        commit: base + 2,
-                        body,
-                    };
-                    if write_frame(&mut s, &resp).is_err() {
-                        break;
-                    }
-                }
-            });
+    fake_peer(listener, base + 2, move |req| match req {
+        RequestBody::Hello { .. } => primary_hello(&repository_id, &node, epoch),
+        RequestBody::CatchUp { from, .. } => {
+            counter.fetch_add(1, Ordering::SeqCst);
+            ResponseBody::Records {
+                records: if *from == base + 2 {
+                    vec![serde_bytes::ByteBuf::from(record.clone())]
+                } else {
+                    vec![]
+                },
+                last: base + 2,
+                epoch,
+                level: true,
+            }
         }
+        _ => ResponseBody::Ok,
     });
     (addr, asked)
 }
@@ -2129,44 +2101,18 @@ fn slow_primary(
     last: u64,
     delay: Duration,
 ) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let (node, repository_id) = (node.clone(), repository_id.clone());
-            std::thread::spawn(move || {
-                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
-                    let req: Request = codec::decode(&frame).unwrap();
-                    let body = match req.body {
-                        RequestBody::Hello { .. } => {
-                            std::thread::sleep(delay);
-                            ResponseBody::Hello {
-                                protocol_version: PROTOCOL_VERSION,
-                                server_id: 9,
-                                repository_id: repository_id.clone(),
-                                role: ServerRole::Primary,
-                                node: node.clone(),
-                                epoch,
-                            }
-                        }
-                        RequestBody::CatchUp { .. } => ResponseBody::Records {
-                            records: vec![],
-                            last,
-                            epoch,
-                            level: true,
-                        },
-                        _ => ResponseBody::Ok,
-                    };
-                    let resp = Response {
-                        id: req.id,
-                        commit: last,
-                        body,
-                    };
-                    if write_frame(&mut s, &resp).is_err() {
-                        break;
-                    }
-                }
-            });
+    fake_peer(listener, last, move |req| match req {
+        RequestBody::Hello { .. } => {
+            std::thread::sleep(delay);
+            primary_hello(&repository_id, &node, epoch)
         }
+        RequestBody::CatchUp { .. } => ResponseBody::Records {
+            records: vec![],
+            last,
+            epoch,
+            level: true,
+        },
+        _ => ResponseBody::Ok,
     });
 }
 
@@ -2241,4 +2187,47 @@ fn former_primary(dir: &std::path::Path, member: u64, addr: &str) -> (String, u6
     repo.checkpoint().unwrap();
     let info = repo.info();
     (info.repository_id.to_string(), info.last_commit)
+}
+
+/// Serve every connection to `listener` on its own thread: each request is
+/// answered with `answer(request)`, every response carrying `commit`.
+fn fake_peer<F>(listener: std::net::TcpListener, commit: u64, answer: F)
+where
+    F: Fn(&RequestBody) -> ResponseBody + Clone + Send + 'static,
+{
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
+                    let req: Request = codec::decode(&frame).unwrap();
+                    let resp = Response {
+                        id: req.id,
+                        commit,
+                        body: answer(&req.body),
+                    };
+                    if write_frame(&mut s, &resp).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The hello of a fake primary, server 9, of `node` in `epoch`.
+fn primary_hello(
+    repository_id: &str,
+    node: &crate::types::Node,
+    epoch: crate::types::Epoch,
+) -> ResponseBody {
+    ResponseBody::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        server_id: 9,
+        repository_id: repository_id.to_string(),
+        role: ServerRole::Primary,
+        node: node.clone(),
+        epoch,
+    }
 }

@@ -316,12 +316,20 @@ impl Server {
             }
         }
         let marker = config.dir.join(crate::storage::backup::INCOMPLETE_FILE);
-        if marker.exists() {
+        let pulling = config.dir.join(crate::pull::STATE_FILE).exists();
+        // A pull that crashed while sealing has no marker any more, but still
+        // its state and no MANIFEST: as unfinished as one with the marker.
+        if marker.exists() || pulling {
             // A backup that was aborted, failed its verification or was cut
             // by a crash may hold a header and still be damaged or partial.
-            let says = crate::storage::backup::read_marker(&config.dir)
-                .unwrap_or_else(|| "(unreadable)".into());
-            let what_to_do = if config.dir.join(crate::pull::STATE_FILE).exists() {
+            let says = crate::storage::backup::read_marker(&config.dir).unwrap_or_else(|| {
+                if marker.exists() {
+                    "(unreadable)".into()
+                } else {
+                    format!("(nothing; {} is there)", crate::pull::STATE_FILE)
+                }
+            });
+            let what_to_do = if pulling {
                 "it is an interrupted pull: run the same `magma backup --pull` (or \
                  `magma-server --join`) again to finish it"
             } else {

@@ -429,6 +429,10 @@ fn a_directory_marked_as_an_incomplete_backup_is_refused() {
     assert!(err.contains("take the backup again"), "{err}");
     // With a pull's state beside it: an interrupted pull, to continue.
     std::fs::write(cfg.dir.join(crate::pull::STATE_FILE), "{}").unwrap();
+    let err = format!("{:#}", spawn(cfg.clone()).err().unwrap());
+    assert!(err.contains("run the same `magma backup --pull`"), "{err}");
+    // A pull that crashed while sealing: the marker gone, its state there.
+    std::fs::remove_file(cfg.dir.join(crate::storage::backup::INCOMPLETE_FILE)).unwrap();
     let err = format!("{:#}", spawn(cfg).err().unwrap());
     assert!(err.contains("run the same `magma backup --pull`"), "{err}");
 }
@@ -811,10 +815,11 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
     // node the same way.
     for role in [SessionRole::Peer, SessionRole::Application] {
         let mut c = Conn::raw(server.local_addr());
-        // Well within a secondary's patience, and below the 10 s a hello
-        // waits at start-up for a role: the answer must not come from that.
+        // Within a secondary's ping bound (it would promote itself past
+        // it), and below the 10 s a hello waits at start-up for a role:
+        // the answer must not come from that.
         c.stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(crate::actors::supervisor::PRIMARY_PING_TIMEOUT))
             .unwrap();
         match c.call(hello(role, PROTOCOL_VERSION)).body {
             ResponseBody::Hello {
@@ -1468,48 +1473,29 @@ fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
     let refused = std::sync::Arc::new(AtomicUsize::new(0));
     let count = refused.clone();
     let rid = repository_id.clone();
-    std::thread::spawn(move || {
-        for stream in fake.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let (count, rid) = (count.clone(), rid.clone());
-            std::thread::spawn(move || {
-                while let Ok(frame) = read_frame(&mut s, codec::DEFAULT_MAX_FRAME) {
-                    let req: Request = codec::decode(&frame).unwrap();
-                    let body = match req.body {
-                        RequestBody::Hello { .. } => ResponseBody::Hello {
-                            protocol_version: PROTOCOL_VERSION,
-                            server_id: 42,
-                            repository_id: rid.clone(),
-                            role: ServerRole::CatchingUp,
-                            node: Default::default(),
-                            epoch: Default::default(),
-                        },
-                        RequestBody::Replicate { records, .. } if !records.is_empty() => {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            ResponseBody::Error {
-                                message: "cannot read this record".into(),
-                                error: WireError::BadRequest {
-                                    reason: "cannot read this record".into(),
-                                },
-                            }
-                        }
-                        RequestBody::Replicate { .. } => ResponseBody::Replicated {
-                            applied: 0,
-                            durable: 0,
-                        },
-                        _ => ResponseBody::Ok,
-                    };
-                    let resp = Response {
-                        id: req.id,
-                        commit: 0,
-                        body,
-                    };
-                    if write_frame(&mut s, &resp).is_err() {
-                        break;
-                    }
-                }
-            });
+    fake_peer(fake, 0, move |req| match req {
+        RequestBody::Hello { .. } => ResponseBody::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: 42,
+            repository_id: rid.clone(),
+            role: ServerRole::CatchingUp,
+            node: Default::default(),
+            epoch: Default::default(),
+        },
+        RequestBody::Replicate { records, .. } if !records.is_empty() => {
+            count.fetch_add(1, Ordering::SeqCst);
+            ResponseBody::Error {
+                message: "cannot read this record".into(),
+                error: WireError::BadRequest {
+                    reason: "cannot read this record".into(),
+                },
+            }
         }
+        RequestBody::Replicate { .. } => ResponseBody::Replicated {
+            applied: 0,
+            durable: 0,
+        },
+        _ => ResponseBody::Ok,
     });
     // It catches up (nothing to pull) and is added to the node.
     let mut peer = Conn::open_expecting(addr, SessionRole::Peer, ServerRole::Primary);
@@ -2200,7 +2186,7 @@ where
             let Ok(mut s) = stream else { continue };
             let answer = answer.clone();
             std::thread::spawn(move || {
-                while let Ok(frame) = read_frame(&mut s, 1 << 20) {
+                while let Ok(frame) = read_frame(&mut s, codec::DEFAULT_MAX_FRAME) {
                     let req: Request = codec::decode(&frame).unwrap();
                     let resp = Response {
                         id: req.id,

@@ -1674,8 +1674,8 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
                     );
                     act.told_older_leader = Some(addr);
                 }
-                // Asked again every second or two while it lasts: the
-                // follower logs the trouble itself.
+                // Asked again every 2 to 4 s while it lasts: the follower
+                // logs the trouble itself.
                 None => debug!(
                     "the primary {} {why}, and no other member leads; asking again",
                     msg.primary
@@ -1955,7 +1955,7 @@ impl NodeSupervisor {
                                 match PeerLink::connect(&to, Duration::from_secs(2)).await {
                                     Ok(mut link) => {
                                         if let Err(e) = link
-                                            .call(RequestBody::Promote, Duration::from_secs(10))
+                                            .call(RequestBody::Promote, PROMOTE_CALL_TIMEOUT)
                                             .await
                                         {
                                             warn!("asking {to} to take over failed: {e}");
@@ -2326,22 +2326,31 @@ pub(crate) const PEER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// process refuses at once; this bounds a hung or unreachable one. Half a
 /// second made a primary that was only slow (a loaded machine) look dead
 /// and be replaced: a needless failover and a deposed server.
-const PRIMARY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PRIMARY_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long, in all, a successor taking over from a dead primary waits
 /// for other secondaries that are alive (they accept connections) but do
 /// not answer: one may hold the only copy of commits the dead primary
 /// acknowledged (with two secondaries, one durable copy was enough), and
-/// promoting without it would lose them. With the ping before it, kept
-/// well under the client's re-routing bound, within which commits sent
-/// meanwhile (answered `unavailable`) are retried. A peer that refuses
-/// connections, or cannot be connected to, is dead and tried only a few
-/// times, briefly.
+/// promoting without it would lose them. A peer that refuses connections,
+/// or cannot be connected to, is dead and tried only a few times, briefly.
+///
+/// Commits sent meanwhile are answered `unavailable` and retried by the
+/// client within its re-routing bound: the ping and this wait are kept
+/// under it. They are not all of it: the attempt under way at the deadline
+/// (about 1 s), each further silent peer's one attempt, a dead peer's three
+/// tries and a peer that stalls in the middle of a catch-up (5 s) come on
+/// top, so with several slow peers a client may see `unavailable`.
 const SILENT_PEER_PATIENCE: Duration = Duration::from_secs(5);
 const _: () = assert!(
     PRIMARY_PING_TIMEOUT.as_secs() * 2 + SILENT_PEER_PATIENCE.as_secs()
         < crate::client::DEFAULT_REROUTE_TIMEOUT.as_secs()
 );
+
+/// How long a secondary asking the successor to take over waits for the
+/// answer: the successor pings the primary again and may wait for silent
+/// peers first.
+const PROMOTE_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why one attempt to pull from a peer before promoting stopped short.
 enum PullStop {

@@ -355,32 +355,24 @@ fn fetch_all(
     Ok(Some(entries))
 }
 
+/// What the client stored, as the protocol lists files.
+fn held_files(local: &[crate::storage::backup::ManifestFile]) -> Vec<PullFile> {
+    local
+        .iter()
+        .map(|e| PullFile {
+            path: e.path.clone(),
+            size: e.size,
+            blake3: Some(e.blake3.clone()),
+        })
+        .collect()
+}
+
 /// Compare the server's checksums with ours; every mismatch is named.
 fn compare(
     local: &[crate::storage::backup::ManifestFile],
     server: &[PullFile],
 ) -> Result<(), PullError> {
-    let mut bad = Vec::new();
-    for s in server {
-        let Some(l) = local.iter().find(|l| l.path == s.path) else {
-            bad.push(format!("{}: sent by the server but not received", s.path));
-            continue;
-        };
-        if l.size != s.size {
-            bad.push(format!(
-                "{}: {} bytes received, server has {}",
-                s.path, l.size, s.size
-            ));
-        }
-        match &s.blake3 {
-            Some(h) if *h != l.blake3 => bad.push(format!(
-                "{}: BLAKE3 {} stored, server sent {h}",
-                s.path, l.blake3
-            )),
-            Some(_) => {}
-            None => bad.push(format!("{}: the server sent no checksum", s.path)),
-        }
-    }
+    let bad = PullFile::unconfirmed(server, &held_files(local));
     if bad.is_empty() {
         Ok(())
     } else {
@@ -405,15 +397,7 @@ fn finish(
     entries: Vec<crate::storage::backup::ManifestFile>,
 ) -> Result<Option<Vec<crate::storage::backup::ManifestFile>>, PullError> {
     let server = &state.server;
-    let held: Vec<PullFile> = entries
-        .iter()
-        .map(|e| PullFile {
-            path: e.path.clone(),
-            size: e.size,
-            blake3: Some(e.blake3.clone()),
-        })
-        .collect();
-    let mut held = Some(held);
+    let mut held = Some(held_files(&entries));
     let finished = loop {
         match link.call(|s| s.backup_pull_finish(state.snapshot.id, held.clone())) {
             // A server with a low --max-frame (a very large repository)

@@ -493,6 +493,40 @@ pub struct PullFile {
     pub blake3: Option<String>,
 }
 
+impl PullFile {
+    /// The files of `sent` (what a server served, with its checksums) that
+    /// `held` (what a client stored) does not confirm, one line each: not
+    /// stored, of another size or checksum, or without a checksum on
+    /// either side (a file not served in one sequential pass). Files only
+    /// the client holds do not count; order does not matter.
+    pub fn unconfirmed(sent: &[PullFile], held: &[PullFile]) -> Vec<String> {
+        let held: std::collections::HashMap<&str, &PullFile> =
+            held.iter().map(|h| (h.path.as_str(), h)).collect();
+        let mut bad = Vec::new();
+        for s in sent {
+            let Some(h) = held.get(s.path.as_str()) else {
+                bad.push(format!("{}: sent by the server but not received", s.path));
+                continue;
+            };
+            if h.size != s.size {
+                bad.push(format!(
+                    "{}: {} bytes received, server has {}",
+                    s.path, h.size, s.size
+                ));
+            }
+            match (&s.blake3, &h.blake3) {
+                (Some(a), Some(b)) if a == b => {}
+                (Some(a), Some(b)) => {
+                    bad.push(format!("{}: BLAKE3 {b} stored, server sent {a}", s.path))
+                }
+                (None, _) => bad.push(format!("{}: the server sent no checksum", s.path)),
+                (_, None) => bad.push(format!("{}: no checksum of the stored file", s.path)),
+            }
+        }
+        bad
+    }
+}
+
 /// The answer to `backup_pull_start`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PullSnapshot {
@@ -512,3 +546,55 @@ pub struct PullSnapshot {
 
 /// Keep `Member` reachable from protocol users without importing types.
 pub type NodeMember = Member;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64, blake3: Option<&str>) -> PullFile {
+        PullFile {
+            path: path.into(),
+            size,
+            blake3: blake3.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_pulled_copy_is_confirmed_only_file_by_file_with_checksums_on_both_sides() {
+        let served = vec![
+            file("objects.dat", 10, Some("aa")),
+            file("index.map", 20, Some("bb")),
+        ];
+        // In another order, with a file the server did not list: confirmed.
+        let held = vec![
+            file("index.map", 20, Some("bb")),
+            file("extra", 1, Some("cc")),
+            file("objects.dat", 10, Some("aa")),
+        ];
+        assert!(PullFile::unconfirmed(&served, &held).is_empty());
+
+        let held = vec![file("index.map", 20, Some("bb"))];
+        assert_eq!(
+            PullFile::unconfirmed(&served, &held),
+            ["objects.dat: sent by the server but not received".to_string()]
+        );
+        let held = vec![
+            file("objects.dat", 9, Some("aa")),
+            file("index.map", 20, Some("b0")),
+        ];
+        assert_eq!(
+            PullFile::unconfirmed(&served, &held),
+            [
+                "objects.dat: 9 bytes received, server has 10".to_string(),
+                "index.map: BLAKE3 b0 stored, server sent bb".to_string()
+            ]
+        );
+        // Not served in one pass: nothing to compare, so not confirmed.
+        let served = vec![file("objects.dat", 10, None)];
+        let held = vec![file("objects.dat", 10, Some("aa"))];
+        assert_eq!(
+            PullFile::unconfirmed(&served, &held),
+            ["objects.dat: the server sent no checksum".to_string()]
+        );
+    }
+}

@@ -376,33 +376,6 @@ impl Handler<PullChunk> for BackupActor {
     }
 }
 
-/// The files of `served` that `held` (what the client stored) does not
-/// confirm: missing, of another size or checksum, or without a checksum
-/// on either side (a file not served in one sequential pass).
-fn unconfirmed(served: &[PullFile], held: &[PullFile]) -> Vec<String> {
-    let held: std::collections::HashMap<&str, &PullFile> =
-        held.iter().map(|h| (h.path.as_str(), h)).collect();
-    served
-        .iter()
-        .filter_map(|s| {
-            let Some(h) = held.get(s.path.as_str()) else {
-                return Some(format!("{}: not stored", s.path));
-            };
-            if h.size != s.size {
-                return Some(format!(
-                    "{}: {} bytes stored, {} sent",
-                    s.path, h.size, s.size
-                ));
-            }
-            match (&s.blake3, &h.blake3) {
-                (Some(a), Some(b)) if a == b => None,
-                (Some(_), Some(_)) => Some(format!("{}: checksums differ", s.path)),
-                _ => Some(format!("{}: no checksum to compare", s.path)),
-            }
-        })
-        .collect()
-}
-
 impl Handler<FinishPull> for BackupActor {
     type Result = Result<Vec<PullFile>, BackupError>;
 
@@ -418,7 +391,7 @@ impl Handler<FinishPull> for BackupActor {
         let unconfirmed = msg
             .held
             .as_deref()
-            .map(|held| unconfirmed(&files, held))
+            .map(|held| PullFile::unconfirmed(&files, held))
             .unwrap_or_default();
         if !short.is_empty() {
             let why = format!(
@@ -438,57 +411,5 @@ impl Handler<FinishPull> for BackupActor {
             self.end_pull(BackupState::Completed, "", ctx);
         }
         Ok(files)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(path: &str, size: u64, blake3: Option<&str>) -> PullFile {
-        PullFile {
-            path: path.into(),
-            size,
-            blake3: blake3.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn a_copy_is_confirmed_only_file_by_file_with_checksums_on_both_sides() {
-        let served = vec![
-            file("objects.dat", 10, Some("aa")),
-            file("index.map", 20, Some("bb")),
-        ];
-        // In another order, with a file the server did not list: confirmed.
-        let held = vec![
-            file("index.map", 20, Some("bb")),
-            file("extra", 1, Some("cc")),
-            file("objects.dat", 10, Some("aa")),
-        ];
-        assert!(unconfirmed(&served, &held).is_empty());
-
-        let held = vec![file("index.map", 20, Some("bb"))];
-        assert_eq!(
-            unconfirmed(&served, &held),
-            ["objects.dat: not stored".to_string()]
-        );
-        let held = vec![
-            file("objects.dat", 9, Some("aa")),
-            file("index.map", 20, Some("b0")),
-        ];
-        assert_eq!(
-            unconfirmed(&served, &held),
-            [
-                "objects.dat: 9 bytes stored, 10 sent".to_string(),
-                "index.map: checksums differ".to_string()
-            ]
-        );
-        // Not served in one pass: nothing to compare, so not confirmed.
-        let served = vec![file("objects.dat", 10, None)];
-        let held = vec![file("objects.dat", 10, Some("aa"))];
-        assert_eq!(
-            unconfirmed(&served, &held),
-            ["objects.dat: no checksum to compare".to_string()]
-        );
     }
 }

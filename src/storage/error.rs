@@ -27,7 +27,7 @@ pub enum StorageError {
     },
     #[error("repository {0} is locked by another process")]
     Locked(PathBuf),
-    #[error("{0} is not a Magma repository (no header)")]
+    #[error("{0} is not a Magma repository (no Magma header)")]
     NotARepository(PathBuf),
     #[error("{}: repository format version {found} is not supported (this build reads {supported})", .path.display())]
     UnsupportedFormat {

@@ -64,6 +64,14 @@ impl ObjectFile {
     /// length: anything after it is replayed from the log).
     pub fn open(dir: &Path, valid_len: u64) -> Result<ObjectFile> {
         let path = dir.join(OBJECTS_FILE);
+        if valid_len > 0 && !path.exists() {
+            // Created afresh it would be reported as cut short: say what
+            // is wrong instead.
+            return Err(StorageError::Corrupted(format!(
+                "{} is missing, but the header's checkpoint says it holds {valid_len} bytes",
+                path.display()
+            )));
+        }
         let file = open_rw(&path)?;
         if Self::checked_len(&file, &path, valid_len)? > valid_len {
             file.set_len(valid_len)
@@ -778,6 +786,18 @@ mod tests {
             assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
             assert!(err.to_string().contains("7.idx"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_missing_object_file_is_named_missing_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ObjectFile::open(dir.path(), 465).err().unwrap();
+        assert!(matches!(err, StorageError::Corrupted(_)), "{err}");
+        assert!(err.to_string().contains("is missing"), "{err}");
+        assert!(!dir.path().join(OBJECTS_FILE).exists());
+        // A new repository's is created.
+        ObjectFile::open(dir.path(), 0).unwrap();
+        assert!(dir.path().join(OBJECTS_FILE).exists());
     }
 
     /// An offset damaged to a smaller value would make recovery cut the

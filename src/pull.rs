@@ -668,9 +668,15 @@ mod tests {
 
     /// A server on a fresh repository and the options of a pull from it.
     fn serving(tmp: &Path) -> (crate::server::ServerThread, PullOptions) {
+        serving_with(tmp, crate::server::Config::default().max_frame)
+    }
+
+    /// [`serving`] with the server's `--max-frame`.
+    fn serving_with(tmp: &Path, max_frame: u64) -> (crate::server::ServerThread, PullOptions) {
         let server = crate::server::spawn(crate::server::Config {
             dir: tmp.join("repo"),
             listen: "127.0.0.1:0".into(),
+            max_frame,
             ..crate::server::Config::default()
         })
         .unwrap();
@@ -836,13 +842,7 @@ mod tests {
         let path = damaged.path.clone();
         let err = finish(&mut link, &opts.to, &state, entries).unwrap_err();
         assert!(err.to_string().contains(&path), "{err}");
-        let report = || {
-            AdminSession::connect(&opts.server)
-                .unwrap()
-                .backup_status()
-                .unwrap()
-        };
-        let ended = report();
+        let ended = backup_report(&opts);
         assert_eq!(ended.state, BackupState::Aborted, "{ended:?}");
         let why = ended.error.unwrap_or_default();
         assert!(
@@ -852,8 +852,16 @@ mod tests {
 
         // Pulled again, correctly: now it is the server's completed backup.
         run(&opts).unwrap();
-        assert_eq!(report().state, BackupState::Completed);
+        assert_eq!(backup_report(&opts).state, BackupState::Completed);
         server.shutdown(true).unwrap();
+    }
+
+    /// The server's report of its last backup job.
+    fn backup_report(opts: &PullOptions) -> crate::protocol::BackupReport {
+        AdminSession::connect(&opts.server)
+            .unwrap()
+            .backup_status()
+            .unwrap()
     }
 
     /// A server whose --max-frame refuses the list of stored files closes
@@ -863,25 +871,10 @@ mod tests {
     fn a_list_of_stored_files_too_large_for_the_server_is_left_out() {
         use crate::protocol::BackupState;
         let tmp = tempfile::tempdir().unwrap();
-        let server = crate::server::spawn(crate::server::Config {
-            dir: tmp.path().join("repo"),
-            listen: "127.0.0.1:0".into(),
-            // Every other request of a pull fits; the list does not.
-            max_frame: 160,
-            ..crate::server::Config::default()
-        })
-        .unwrap();
-        let opts = PullOptions {
-            server: server.local_addr().to_string(),
-            to: tmp.path().join("copy"),
-            rate: None,
-            progress: indicatif::ProgressBar::hidden(),
-        };
+        // Every other request of a pull fits; the list does not.
+        let (server, opts) = serving_with(tmp.path(), 160);
         run(&opts).unwrap();
-        let report = AdminSession::connect(&opts.server)
-            .unwrap()
-            .backup_status()
-            .unwrap();
+        let report = backup_report(&opts);
         assert_eq!(report.state, BackupState::Completed, "{report:?}");
         server.shutdown(true).unwrap();
     }

@@ -132,7 +132,7 @@ pub struct CommitLog {
     segment_bytes: u64,
 }
 
-fn segment_name(first: CommitNumber) -> String {
+pub(crate) fn segment_name(first: CommitNumber) -> String {
     format!("{first:020}.log")
 }
 
@@ -199,6 +199,9 @@ pub struct Start {
     pub checkpoint: CommitNumber,
     pub checkpoint_hash: Hash,
     pub history_from: CommitNumber,
+    /// The segment the header names as current at the checkpoint
+    /// (`Header::log_segment`; 0: none named). Its file must exist.
+    pub segment: CommitNumber,
 }
 
 impl CommitLog {
@@ -218,6 +221,7 @@ impl CommitLog {
             checkpoint,
             checkpoint_hash,
             history_from: checkpoint + 1,
+            segment: 0,
         };
         CommitLog::open_with_history(repo_dir, start, segment_bytes, |_| Ok(()), replay)
     }
@@ -237,6 +241,7 @@ impl CommitLog {
             checkpoint,
             checkpoint_hash,
             history_from,
+            segment,
         } = start;
         let dir = repo_dir.join(LOG_DIR);
         fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
@@ -266,6 +271,22 @@ impl CommitLog {
             });
         }
         segments.sort_by_key(|s| s.first);
+        if segment != 0 && !segments.iter().any(|s| s.first == segment) {
+            // The log never deletes its current segment, and the header
+            // names the one that was current at the checkpoint: its file
+            // was deleted or moved by hand. Going on would silently drop
+            // every commit it held after the checkpoint.
+            return Err(StorageError::Corrupted(format!(
+                "commit-log segment {} is missing: the header written at checkpoint \
+                 {checkpoint} names it as the log's current segment, and the log never \
+                 deletes that one. The log directory was deleted, moved or cut by hand; \
+                 the commits after {checkpoint} that it held are not in this copy. \
+                 Put the segment back; otherwise move this directory aside and start \
+                 this server from a new backup of the node (magma-server --dir NEW \
+                 --join PRIMARY), or from your last backup if it served alone",
+                dir.join(segment_name(segment)).display()
+            )));
+        }
         let mut log = CommitLog {
             dir,
             segments,
@@ -780,6 +801,12 @@ impl CommitLog {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// First record number of the current (newest) segment, if any: the
+    /// one segment the log never deletes.
+    pub fn current_segment(&self) -> Option<CommitNumber> {
+        self.segments.last().map(|s| s.first)
     }
 
     /// First number of the second-oldest segment: removing the oldest

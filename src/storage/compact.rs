@@ -511,6 +511,8 @@ impl<'a> Copier<'a> {
         let header = Header {
             objects_len: self.objects.len(),
             tombstones: tombstones > 0,
+            // A copy holds no log (its source, a backup, has none either).
+            log_segment: 0,
             ..self.src.header.clone()
         };
         let coll_dir = Path::new(COLL_DIR);

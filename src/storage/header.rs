@@ -51,6 +51,14 @@ pub struct Header {
     pub objects_len: u64,
     /// Next oid to assign, as of the checkpoint.
     pub next_oid: Oid,
+    /// First record number of the commit-log segment that was current
+    /// when this header was written; 0 when the log had no segment (a
+    /// backup, a new copy) or the header predates this field. The log
+    /// never deletes its current segment, so while this header stands
+    /// that segment's file must exist: opening checks it, so a deleted
+    /// `log/` is refused instead of silently losing the commits after the
+    /// checkpoint.
+    pub log_segment: CommitNumber,
 }
 
 impl Header {
@@ -83,6 +91,7 @@ impl Header {
         b[64..96].copy_from_slice(&self.checkpoint_hash);
         b[96..104].copy_from_slice(&self.objects_len.to_le_bytes());
         b[104..112].copy_from_slice(&self.next_oid.to_le_bytes());
+        b[112..120].copy_from_slice(&self.log_segment.to_le_bytes());
         let crc = crc32fast::hash(&b[0..120]);
         b[120..124].copy_from_slice(&crc.to_le_bytes());
         b
@@ -145,6 +154,7 @@ impl Header {
             checkpoint_hash: hash,
             objects_len: u(96),
             next_oid: u(104),
+            log_segment: u(112),
         })
     }
 
@@ -205,6 +215,7 @@ mod tests {
             checkpoint_hash: [5; 32],
             objects_len: 123456,
             next_oid: 77,
+            log_segment: 901,
         }
     }
 

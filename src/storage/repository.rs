@@ -346,6 +346,7 @@ impl Repository {
             checkpoint_hash: GENESIS_HASH,
             objects_len: 0,
             next_oid: 1,
+            log_segment: 0,
         }
         .write(dir)?;
         let mut repo = Self::open_locked(dir, lock, opts)?;
@@ -422,6 +423,7 @@ impl Repository {
             checkpoint: header.checkpoint,
             checkpoint_hash: header.checkpoint_hash,
             history_from: token_history_from(header.checkpoint, opts.max_tokens),
+            segment: header.log_segment,
         };
         let log = CommitLog::open_with_history(
             dir,
@@ -1140,6 +1142,7 @@ impl Repository {
         h.checkpoint_hash = self.log.last_hash();
         h.objects_len = self.objects.len();
         h.next_oid = self.next_oid;
+        h.log_segment = self.log.current_segment().unwrap_or(0);
         h.write(&self.dir)?;
         self.index.checkpointed()?;
         self.header = h;
@@ -1225,6 +1228,8 @@ impl Repository {
         let mut header = self.header.clone();
         header.restore_mode = true;
         header.server_id = 0;
+        // The copy holds no log: it continues at `checkpoint + 1`.
+        header.log_segment = 0;
         let mut files = vec![
             SnapshotFile {
                 relative: PathBuf::from(OBJECTS_FILE),

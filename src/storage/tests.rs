@@ -489,6 +489,7 @@ fn a_creation_cut_short_before_the_first_commit_is_refused_plainly() {
         checkpoint_hash: record::GENESIS_HASH,
         objects_len: 0,
         next_oid: 1,
+        log_segment: 0,
     }
     .write(&path)
     .unwrap();
@@ -1175,4 +1176,67 @@ fn the_log_on_disk_is_counted_whole_after_a_restart() {
         "{} counted; {before} before the restart, {on_disk} on disk",
         repo.log_disk_bytes()
     );
+}
+
+/// The log never deletes its current segment, and the header names the
+/// one current at the checkpoint: a `log/` deleted or cut by hand is
+/// refused at open, never taken for the empty log of a fresh backup
+/// (which would drop every commit after the checkpoint without a word).
+#[test]
+fn a_deleted_log_is_refused_not_taken_for_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let opts = || RepoOptions {
+        segment_bytes: 2048,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&path, 1, "a:1", opts()).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    for i in 0..100 {
+        append(&mut repo, coll, &format!("{i:040}"));
+    }
+    repo.checkpoint().unwrap();
+    let snap = repo.snapshot(&dir.path().join("scratch")).unwrap();
+    // Commits after the checkpoint live only in the log, over a roll.
+    for i in 0..40 {
+        append(&mut repo, coll, &format!("after the checkpoint {i:040}"));
+    }
+    repo.sync().unwrap();
+    let last = repo.info().last_commit;
+    drop(repo);
+
+    let header = header::Header::read(&path).unwrap();
+    assert!(header.log_segment > 1, "several segments: {header:?}");
+    let named = path
+        .join(commit_log::LOG_DIR)
+        .join(commit_log::segment_name(header.log_segment));
+    assert_ne!(named, last_segment(&path), "a segment rolled since");
+    // A backup holds no log and names none.
+    let copy = header::Header::decode(&snap.header, &path).unwrap();
+    assert_eq!(copy.log_segment, 0);
+
+    let refused = |what: &str| {
+        let err = Repository::open_with(&path, opts())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: opened"))
+            .to_string();
+        assert!(
+            err.contains(&named.display().to_string()) && err.contains("is missing"),
+            "{what}: {err}"
+        );
+    };
+    // The segment the header names, moved away.
+    let aside = dir.path().join("aside.log");
+    fs::rename(&named, &aside).unwrap();
+    refused("the named segment moved away");
+    fs::rename(&aside, &named).unwrap();
+    let repo = Repository::open_with(&path, opts()).unwrap();
+    assert_eq!(repo.info().last_commit, last, "put back, nothing is lost");
+    drop(repo);
+    // The whole log directory.
+    fs::rename(path.join(commit_log::LOG_DIR), dir.path().join("log-aside")).unwrap();
+    refused("log/ moved away");
+    fs::rename(dir.path().join("log-aside"), path.join(commit_log::LOG_DIR)).unwrap();
+    let repo = Repository::open_with(&path, opts()).unwrap();
+    assert_eq!(repo.info().last_commit, last);
 }

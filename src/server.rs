@@ -115,6 +115,9 @@ pub struct Config {
     pub max_log_bytes: u64,
     /// Size at which a new commit-log segment starts.
     pub log_segment_bytes: u64,
+    /// Start even if the header's commit-log segment is missing (see
+    /// `RepoOptions::accept_missing_log`).
+    pub accept_missing_log: bool,
     /// Application connections served at once; more are told `unavailable`
     /// at their hello (admin and peer sessions have a reserve beyond it).
     /// Lowered at start to what the file-descriptor limit allows.
@@ -144,6 +147,7 @@ impl Default for Config {
             replica_timeout: DEFAULT_REPLICA_TIMEOUT,
             max_log_bytes: RepoOptions::default().max_log_bytes,
             log_segment_bytes: RepoOptions::default().segment_bytes,
+            accept_missing_log: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             hello_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
@@ -348,6 +352,7 @@ impl Server {
         let opts = RepoOptions {
             max_log_bytes: config.max_log_bytes,
             segment_bytes: config.log_segment_bytes,
+            accept_missing_log: config.accept_missing_log,
             ..RepoOptions::default()
         };
         let (repo, identity) = actix_rt::task::spawn_blocking(move || {

@@ -134,6 +134,16 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     log_segment_bytes: u64,
 
+    /// Start even though the commit-log segment the header names is
+    /// missing (log/ deleted, moved or lost), from the last checkpoint.
+    /// Whatever that segment held after the checkpoint is lost (nothing,
+    /// if the server had been stopped cleanly), and a client resending a
+    /// commit from before the loss may have it applied again. Without
+    /// this flag such a directory is refused. Use it once, knowingly; in
+    /// a node, starting from a new backup (--join) loses nothing.
+    #[arg(long)]
+    accept_missing_log: bool,
+
     /// Application sessions served at once. Beyond it a client's hello is
     /// answered `unavailable`. Admin and peer sessions have 64 places of
     /// their own, connections without a hello yet 64 more (a new one
@@ -163,6 +173,7 @@ fn main() {
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         max_log_bytes: args.max_log_bytes,
         log_segment_bytes: args.log_segment_bytes,
+        accept_missing_log: args.accept_missing_log,
         max_connections: args.max_connections,
         ..Config::default()
     };

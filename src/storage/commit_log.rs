@@ -200,8 +200,10 @@ pub struct Start {
     pub checkpoint_hash: Hash,
     pub history_from: CommitNumber,
     /// The segment the header names as current at the checkpoint
-    /// (`Header::log_segment`; 0: none named). Its file must exist.
+    /// (`Header::log_segment`; 0: none named). Its file must exist...
     pub segment: CommitNumber,
+    /// ... unless the operator accepted its loss (`--accept-missing-log`).
+    pub accept_missing: bool,
 }
 
 impl CommitLog {
@@ -222,6 +224,7 @@ impl CommitLog {
             checkpoint_hash,
             history_from: checkpoint + 1,
             segment: 0,
+            accept_missing: false,
         };
         CommitLog::open_with_history(repo_dir, start, segment_bytes, |_| Ok(()), replay)
     }
@@ -242,11 +245,18 @@ impl CommitLog {
             checkpoint_hash,
             history_from,
             segment,
+            accept_missing,
         } = start;
         let dir = repo_dir.join(LOG_DIR);
-        fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
         let mut segments = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| io_at(&dir, "listing", e))? {
+        // Listed before it is created: a refused open (below) must not
+        // leave an empty `log/` where the operator is to put the old one.
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => Some(listing),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_at(&dir, "listing", e)),
+        };
+        for entry in listing.into_iter().flatten() {
             let entry = entry.map_err(|e| io_at(&dir, "listing", e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(stem) = name.strip_suffix(".log") else {
@@ -274,19 +284,30 @@ impl CommitLog {
         if segment != 0 && !segments.iter().any(|s| s.first == segment) {
             // The log never deletes its current segment, and the header
             // names the one that was current at the checkpoint: its file
-            // was deleted or moved by hand. Going on would silently drop
+            // was deleted, moved or lost. Going on would silently drop
             // every commit it held after the checkpoint.
-            return Err(StorageError::Corrupted(format!(
-                "commit-log segment {} is missing: the header written at checkpoint \
-                 {checkpoint} names it as the log's current segment, and the log never \
-                 deletes that one. The log directory was deleted, moved or cut by hand; \
-                 the commits after {checkpoint} that it held are not in this copy. \
-                 Put the segment back; otherwise move this directory aside and start \
-                 this server from a new backup of the node (magma-server --dir NEW \
-                 --join PRIMARY), or from your last backup if it served alone",
-                dir.join(segment_name(segment)).display()
-            )));
+            let missing = dir.join(segment_name(segment));
+            if !accept_missing {
+                return Err(StorageError::Corrupted(format!(
+                    "commit-log segment {} is missing (deleted, moved or lost): the \
+                     header written at checkpoint {checkpoint} names it as the log's \
+                     current segment, which the log never deletes. It may have held \
+                     commits after {checkpoint} (none if the server was stopped cleanly) \
+                     and holds the idempotency history of recent commits. Put it back; \
+                     otherwise move this directory aside and start this server from a \
+                     new backup of the node (magma-server --dir NEW --join PRIMARY), or \
+                     accept the loss and start once with --accept-missing-log",
+                    missing.display()
+                )));
+            }
+            log::warn!(
+                "--accept-missing-log: commit-log segment {} is missing; starting from \
+                 checkpoint {checkpoint}. Any commits after it are lost, and a client \
+                 resending a commit from before the loss may have it applied again",
+                missing.display()
+            );
         }
+        fs::create_dir_all(&dir).map_err(|e| io_at(&dir, "creating", e))?;
         let mut log = CommitLog {
             dir,
             segments,

@@ -182,6 +182,10 @@ pub struct RepoOptions {
     pub max_log_bytes: u64,
     /// How many recent idempotency tokens are remembered.
     pub max_tokens: usize,
+    /// Open even if the commit-log segment the header names is missing
+    /// (deleted or lost), starting from the checkpoint: the operator
+    /// accepts losing whatever it held (`--accept-missing-log`).
+    pub accept_missing_log: bool,
 }
 
 impl Default for RepoOptions {
@@ -192,6 +196,7 @@ impl Default for RepoOptions {
             checkpoint_interval: Duration::from_secs(5),
             max_log_bytes: 1024 * 1024 * 1024,
             max_tokens: 100_000,
+            accept_missing_log: false,
         }
     }
 }
@@ -424,6 +429,7 @@ impl Repository {
             checkpoint_hash: header.checkpoint_hash,
             history_from: token_history_from(header.checkpoint, opts.max_tokens),
             segment: header.log_segment,
+            accept_missing: opts.accept_missing_log,
         };
         let log = CommitLog::open_with_history(
             dir,

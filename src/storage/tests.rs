@@ -1233,10 +1233,59 @@ fn a_deleted_log_is_refused_not_taken_for_an_empty_one() {
     let repo = Repository::open_with(&path, opts()).unwrap();
     assert_eq!(repo.info().last_commit, last, "put back, nothing is lost");
     drop(repo);
-    // The whole log directory.
-    fs::rename(path.join(commit_log::LOG_DIR), dir.path().join("log-aside")).unwrap();
+    // The whole log directory. The refused open leaves no empty `log/`
+    // in the way of the one the operator puts back.
+    let log_dir = path.join(commit_log::LOG_DIR);
+    fs::rename(&log_dir, dir.path().join("log-aside")).unwrap();
     refused("log/ moved away");
-    fs::rename(dir.path().join("log-aside"), path.join(commit_log::LOG_DIR)).unwrap();
+    assert!(!log_dir.exists(), "a refused open created log/");
+    // The operator may accept the loss: the copy starts at its checkpoint.
+    let accept = RepoOptions {
+        accept_missing_log: true,
+        ..opts()
+    };
+    let repo = Repository::open_with(&path, accept).unwrap();
+    assert_eq!(repo.info().last_commit, header.checkpoint);
+    assert!(header.checkpoint < last);
+    drop(repo);
+    fs::remove_dir_all(&log_dir).unwrap();
+    fs::rename(dir.path().join("log-aside"), &log_dir).unwrap();
+    let repo = Repository::open_with(&path, opts()).unwrap();
+    assert_eq!(repo.info().last_commit, last);
+}
+
+/// The other direction: the log's own deletions (old segments past the
+/// bound, after checkpoints that named newer ones) never make a good
+/// directory look cut, whether it was closed after a checkpoint or not.
+#[test]
+fn a_log_trimmed_by_checkpoints_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let opts = || RepoOptions {
+        segment_bytes: 2048,
+        max_log_bytes: 8 * 1024,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let mut repo = Repository::create_with(&path, 1, "a:1", opts()).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    repo.retain_from(u64::MAX).unwrap();
+    for round in 0..5 {
+        for i in 0..60 {
+            append(&mut repo, coll, &format!("{round} {i:040}"));
+        }
+        repo.checkpoint().unwrap();
+        drop(repo);
+        repo = Repository::open_with(&path, opts()).unwrap();
+    }
+    assert!(repo.info().log_start > 100, "old segments went");
+    // Commits after the last checkpoint, over a roll, then a crash.
+    for i in 0..40 {
+        append(&mut repo, coll, &format!("tail {i:040}"));
+    }
+    repo.sync().unwrap();
+    let last = repo.info().last_commit;
+    drop(repo);
     let repo = Repository::open_with(&path, opts()).unwrap();
     assert_eq!(repo.info().last_commit, last);
 }

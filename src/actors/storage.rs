@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use crate::actors::commit_log::Flush;
 use crate::storage::object::references_in;
 use crate::storage::{
-    Anchor, CommitRequest, Committed, DigestView, LogSync, RepoInfo, Repository, StorageError,
-    StoredObject, Unwritten,
+    Anchor, CommitRequest, Committed, DigestView, LogSync, PendingSnapshot, RepoInfo, Repository,
+    StorageError, StoredObject, Unwritten,
 };
 use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
 
@@ -714,9 +714,9 @@ impl Handler<Hold> for StorageActor {
 }
 
 /// A view that computes the content digest as of the last commit on any
-/// thread (`storage::digest`): this thread only checkpoints and copies the
-/// index, so a digest of a large repository holds up commits and reads no
-/// longer than a backup's snapshot does. Sender: sessions.
+/// thread (`storage::digest`): this thread only checkpoints and pins the
+/// index (the view copies it), so a digest of a large repository holds up
+/// commits and reads no longer than a checkpoint does. Sender: sessions.
 #[derive(Message)]
 #[rtype(result = "Result<DigestView, StorageError>")]
 pub struct Digest;
@@ -729,7 +729,7 @@ impl Handler<Digest> for StorageActor {
         let view = self.repo_mut()?.digest_view()?;
         // Commits and reads wait meanwhile, as for a checkpoint.
         info!(
-            "digest of commit {} prepared (checkpoint and index copy) in {:.1} ms",
+            "digest of commit {} prepared (checkpoint) in {:.1} ms",
             view.commit(),
             started.elapsed().as_secs_f64() * 1e3
         );
@@ -762,22 +762,29 @@ impl Handler<Checkpoint> for StorageActor {
     }
 }
 
-/// Checkpoint and capture a point-in-time snapshot for a backup; the index
-/// copy goes into `scratch`. The other files are prefixes commits never
-/// rewrite, so the copy runs while commits go on. Sender: the
-/// `BackupActor`; never dropped.
+/// Checkpoint and capture a point-in-time snapshot for a backup. The index
+/// is only pinned here: the sender completes the snapshot
+/// ([`PendingSnapshot::complete`], the index copy into `scratch`) on a
+/// blocking thread, so commits and reads never wait for that copy. The
+/// other files are prefixes commits never rewrite, so their copy runs
+/// while commits go on. Sender: the `BackupActor`; never dropped.
 #[derive(Message)]
-#[rtype(result = "Result<crate::storage::Snapshot, StorageError>")]
+#[rtype(result = "Result<PendingSnapshot, StorageError>")]
 pub struct TakeSnapshot {
     pub scratch: std::path::PathBuf,
 }
 
 impl Handler<TakeSnapshot> for StorageActor {
-    type Result = Result<crate::storage::Snapshot, StorageError>;
+    type Result = Result<PendingSnapshot, StorageError>;
 
     fn handle(&mut self, msg: TakeSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
-        let snapshot = self.repo_mut()?.snapshot(&msg.scratch)?;
-        info!("snapshot taken at commit {} for a backup", snapshot.commit);
+        let started = std::time::Instant::now();
+        let snapshot = self.repo_mut()?.snapshot_deferred(&msg.scratch)?;
+        info!(
+            "snapshot taken at commit {} for a backup in {:.1} ms (the index is copied apart)",
+            snapshot.commit(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(snapshot)
     }
 }

@@ -8,10 +8,11 @@
 //! reference as "absent". `Repository::digest` runs it on the repository
 //! itself; a server runs it on a [`DigestView`] instead, so a digest of a
 //! large repository never holds up commits and reads: the storage thread
-//! only checkpoints and copies `index.map` (a sequential write of 32 bytes
-//! per oid), and the traversal reads files that later commits never
-//! rewrite (`objects.dat` and the collection files below the checkpointed
-//! lengths) through their own file handles.
+//! only checkpoints and pins `index.map` (`index_copy`); the view copies
+//! it on its own thread (a sequential write of 32 bytes per oid) before it
+//! traverses, and reads files that later commits never rewrite
+//! (`objects.dat` and the collection files below the checkpointed lengths)
+//! through their own file handles.
 //!
 //! The index copy is an unnamed file in the repository directory
 //! (`O_TMPFILE`, or a name removed at once where the file system has no
@@ -23,7 +24,8 @@ use std::fs::File;
 use std::path::Path;
 
 use crate::storage::error::{Result, StorageError};
-use crate::storage::index_map::{IndexMap, IndexReader};
+use crate::storage::index_copy::IndexCopy;
+use crate::storage::index_map::IndexReader;
 use crate::storage::object::{references_in, StoredObject};
 use crate::storage::object_store::{CollectionReader, ObjectFile};
 use crate::types::{CommitNumber, Hash, Oid, ROOT_ANCHOR};
@@ -95,36 +97,34 @@ pub(crate) fn digest_graph(src: &mut impl GraphSource) -> Result<Hash> {
 pub struct DigestView {
     commit: CommitNumber,
     dir: std::path::PathBuf,
+    /// The live index, pinned as of `commit`: copied first by `digest`.
+    index: IndexCopy,
+    objects: ObjectFile,
+}
+
+/// What a [`DigestView`] reads once its index is copied.
+struct ViewReader {
+    dir: std::path::PathBuf,
     index: IndexReader,
     objects: ObjectFile,
     colls: HashMap<Oid, CollectionReader>,
 }
 
 impl DigestView {
-    /// `index` is the live index, as checkpointed at `commit`; `objects`
-    /// reads `objects.dat` up to its checkpointed length.
+    /// `index` is the live index, pinned as checkpointed at `commit`;
+    /// `objects` reads `objects.dat` up to its checkpointed length.
     pub(crate) fn new(
         dir: &Path,
         commit: CommitNumber,
-        index: &IndexMap,
+        index: IndexCopy,
         objects: ObjectFile,
-    ) -> Result<DigestView> {
-        // A failure here harms nothing but the digest (not fatal).
-        let scratch =
-            |e| StorageError::backup_io(format!("copying the index in {}", dir.display()), e);
-        let mut copy = unnamed_file_in(dir).map_err(scratch)?;
-        index.copy_into(&mut copy).map_err(|e| match e {
-            StorageError::Io { context, source } => StorageError::BackupIo { context, source },
-            other => other,
-        })?;
-        let index = IndexReader::from_file(copy, &dir.join("(index copy for a digest)"))?;
-        Ok(DigestView {
+    ) -> DigestView {
+        DigestView {
             commit,
             dir: dir.to_path_buf(),
             index,
             objects,
-            colls: HashMap::new(),
-        })
+        }
     }
 
     /// The commit the view shows.
@@ -133,14 +133,33 @@ impl DigestView {
     }
 
     /// The repository's digest as of [`DigestView::commit`]: the same as
-    /// `Repository::digest` then.
-    pub fn digest(mut self) -> Result<(CommitNumber, Hash)> {
-        let hash = digest_graph(&mut self)?;
-        Ok((self.commit, hash))
+    /// `Repository::digest` then. Copies the index first (which releases
+    /// the repository's next checkpoint), then traverses.
+    pub fn digest(self) -> Result<(CommitNumber, Hash)> {
+        let DigestView {
+            commit,
+            dir,
+            index,
+            objects,
+        } = self;
+        // A failure here harms nothing but the digest (not fatal).
+        let mut copy = unnamed_file_in(&dir).map_err(|e| {
+            StorageError::backup_io(format!("copying the index in {}", dir.display()), e)
+        })?;
+        index.write_into(&mut copy)?;
+        let index = IndexReader::from_file(copy, &dir.join("(index copy for a digest)"))?;
+        let mut reader = ViewReader {
+            dir,
+            index,
+            objects,
+            colls: HashMap::new(),
+        };
+        let hash = digest_graph(&mut reader)?;
+        Ok((commit, hash))
     }
 }
 
-impl GraphSource for DigestView {
+impl GraphSource for ViewReader {
     fn object(&mut self, oid: Oid) -> Result<Option<StoredObject>> {
         match self.index.get(oid)? {
             Some(e) => self.objects.stored(oid, &e).map(Some),
@@ -248,6 +267,10 @@ mod tests {
         let before = repo.digest().unwrap();
         let view = repo.digest_view().unwrap();
         assert_eq!(view.commit(), before.0);
+        // The view copies the pinned index on its thread; the checkpoint
+        // below waits for that copy, then the traversal and the repository
+        // go on side by side.
+        let on_another_thread = std::thread::spawn(move || view.digest());
 
         let version = repo.get(note).unwrap().unwrap().version;
         repo.commit(CommitRequest {
@@ -265,8 +288,7 @@ mod tests {
         let after = repo.digest().unwrap();
         assert_ne!(after, before);
 
-        let on_another_thread = std::thread::spawn(move || view.digest()).join().unwrap();
-        assert_eq!(on_another_thread.unwrap(), before);
+        assert_eq!(on_another_thread.join().unwrap().unwrap(), before);
         // Nothing is left in the directory by the view's index copy.
         let names: Vec<_> = std::fs::read_dir(dir.path().join("r"))
             .unwrap()

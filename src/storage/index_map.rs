@@ -382,18 +382,10 @@ impl IndexMap {
             .map_err(|e| StorageError::io(format!("flushing {}", self.path.display()), e))
     }
 
-    /// Write the whole index, as it is now, to `path` (for snapshots).
-    pub fn copy_to(&self, path: &Path) -> Result<u64> {
-        std::fs::write(path, &self.map[..])
-            .map_err(|e| StorageError::backup_io(format!("writing {}", path.display()), e))?;
-        Ok(self.map.len() as u64)
-    }
-
-    /// Write the whole index, as it is now, to `file` (for digests).
-    pub fn copy_into(&self, file: &mut File) -> Result<()> {
-        use std::io::Write;
-        file.write_all(&self.map[..])
-            .map_err(|e| StorageError::io("writing a copy of the index", e))
+    /// The file and its length, to pin for a copy made on another thread
+    /// (`index_copy`).
+    pub fn file(&self) -> (&Path, u64) {
+        (&self.path, self.map.len() as u64)
     }
 
     /// Every oid below `limit` that has an entry, in order.

@@ -27,6 +27,7 @@ pub mod compact;
 mod digest;
 pub mod error;
 mod header;
+mod index_copy;
 mod index_map;
 pub mod object;
 mod object_store;
@@ -41,8 +42,8 @@ pub use header::{Header, HEADER_FILE};
 pub use object::StoredObject;
 pub use record::{CommitRecord, Op, Payload};
 pub use repository::{
-    Anchor, AppendRequest, CommitRequest, Committed, NewRequest, ObjRef, PutRequest, RepoInfo,
-    RepoOptions, Repository, Snapshot, SnapshotFile, Unwritten,
+    Anchor, AppendRequest, CommitRequest, Committed, NewRequest, ObjRef, PendingSnapshot,
+    PutRequest, RepoInfo, RepoOptions, Repository, Snapshot, SnapshotFile, Unwritten,
 };
 
 #[cfg(test)]

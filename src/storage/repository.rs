@@ -21,6 +21,7 @@ use crate::storage::commit_log::{CommitLog, LogSync, Start, DEFAULT_SEGMENT_BYTE
 use crate::storage::digest::{digest_graph, DigestView, GraphSource, PAGE_BYTES, PAGE_ELEMENTS};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::header::{Header, HEADER_FILE};
+use crate::storage::index_copy::{IndexCopy, Pin, PIN_PATIENCE};
 use crate::storage::index_map::{IndexEntry, IndexMap, FLAG_COLLECTION, INDEX_FILE};
 use crate::storage::object::{
     checked_value, decode_value, encode_value, ref_value, references_in, StoredObject,
@@ -168,6 +169,30 @@ pub struct Snapshot {
     pub files: Vec<SnapshotFile>,
 }
 
+/// A [`Snapshot`] whose copy of the index is still to be made
+/// ([`Repository::snapshot_deferred`]).
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    snapshot: Snapshot,
+    index: IndexCopy,
+    index_dest: PathBuf,
+}
+
+impl PendingSnapshot {
+    /// The commit the snapshot shows.
+    pub fn commit(&self) -> CommitNumber {
+        self.snapshot.commit
+    }
+
+    /// Copy the index into the snapshot's scratch directory (blocking; any
+    /// thread but the storage thread) and release the pin. Dropped
+    /// instead, the pin is released and the snapshot is not made.
+    pub fn complete(self) -> Result<Snapshot> {
+        self.index.write_to(&self.index_dest)?;
+        Ok(self.snapshot)
+    }
+}
+
 /// Tunables of an open repository.
 #[derive(Clone, Debug)]
 pub struct RepoOptions {
@@ -232,6 +257,10 @@ pub struct Repository {
     anchor: Option<Anchor>,
     log_bytes_since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Copies of `index.map` being made on other threads (snapshots,
+    /// digests): checkpoints, its only writers, wait for them or are put
+    /// off (`index_copy`).
+    index_pins: Vec<Pin>,
     retain_from: CommitNumber,
     /// The first record a server started from this process's newest
     /// *completed* backup will pull (its snapshot commit + 1): kept, within
@@ -491,6 +520,7 @@ impl Repository {
             anchor: None,
             log_bytes_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            index_pins: Vec::new(),
             retain_from: 1,
             backup_from: CommitNumber::MAX,
             backup_running_from: None,
@@ -1125,6 +1155,18 @@ impl Repository {
     }
 
     fn write_checkpoint(&mut self) -> Result<()> {
+        // Checkpoints are the only writers of `index.map`: no copy of it
+        // under way may see this one's entries.
+        for pin in std::mem::take(&mut self.index_pins) {
+            if !pin.wait_or_break(PIN_PATIENCE) {
+                log::warn!(
+                    "{}: a copy of the index for a backup or digest was not made within {} s; \
+                     the checkpoint goes ahead and that copy will be refused",
+                    self.dir.display(),
+                    PIN_PATIENCE.as_secs()
+                );
+            }
+        }
         // Everything the index and header will describe is durable before
         // either is written; the files are synced together (see `sync`).
         let mut targets = self.colls.dirty_sync_targets()?;
@@ -1192,10 +1234,29 @@ impl Repository {
         let due = self.log_bytes_since_checkpoint >= self.opts.checkpoint_bytes
             || (self.log_bytes_since_checkpoint > 0
                 && self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval);
-        if due {
-            self.checkpoint()?;
+        if !due {
+            return Ok(false);
         }
-        Ok(due)
+        self.index_pins.retain(Pin::holds);
+        if !self.index_pins.is_empty()
+            && self.log_bytes_since_checkpoint < 2 * self.opts.checkpoint_bytes
+        {
+            // A copy of the index is being made: put the checkpoint off
+            // rather than wait for it here (its writes would hold up
+            // commits and reads as long as the copy takes).
+            return Ok(false);
+        }
+        self.checkpoint()?;
+        Ok(true)
+    }
+
+    /// Pin `index.map` as of the last checkpoint, for a copy made on the
+    /// caller's thread (see `index_copy`).
+    fn pin_index(&mut self) -> Result<IndexCopy> {
+        let (path, len) = self.index.file();
+        let (copy, pin) = IndexCopy::pin(path, len)?;
+        self.index_pins.push(pin);
+        Ok(copy)
     }
 
     /// (last commit, BLAKE3 over every object reachable from the anchor, in
@@ -1211,12 +1272,14 @@ impl Repository {
 
     /// Checkpoint and return a view of the repository as of its last
     /// commit that computes the same digest on any thread, while this
-    /// repository goes on (`storage::digest`). Costs a checkpoint and a
-    /// copy of `index.map` (into a file without a name).
+    /// repository goes on (`storage::digest`). Costs a checkpoint here;
+    /// the view copies the pinned `index.map` (into a file without a name)
+    /// on its own thread, and checkpoints wait for that copy.
     pub fn digest_view(&mut self) -> Result<DigestView> {
         self.checkpoint()?;
         let objects = ObjectFile::open_read_only(&self.dir, self.objects.len())?;
-        DigestView::new(&self.dir, self.log.last(), &self.index, objects)
+        let index = self.pin_index()?;
+        Ok(DigestView::new(&self.dir, self.log.last(), index, objects))
     }
 
     /// Checkpoint and capture a consistent view; `scratch` receives a copy of
@@ -1226,11 +1289,21 @@ impl Repository {
     /// commit on (within `max_log_bytes`), whatever secondaries need, so a
     /// server started from the backup can catch up.
     pub fn snapshot(&mut self, scratch: &Path) -> Result<Snapshot> {
+        self.snapshot_deferred(scratch)?.complete()
+    }
+
+    /// [`Repository::snapshot`], but the index copy is left to
+    /// [`PendingSnapshot::complete`] on the caller's thread: the
+    /// repository only checkpoints and pins the index (a server's storage
+    /// thread must not copy it, see `index_copy`). Until the copy is made
+    /// the next checkpoint is put off, or waits for it.
+    pub fn snapshot_deferred(&mut self, scratch: &Path) -> Result<PendingSnapshot> {
         self.checkpoint()?;
         fs::create_dir_all(scratch)
             .map_err(|e| StorageError::backup_io(format!("creating {}", scratch.display()), e))?;
         let index_copy = scratch.join(INDEX_FILE);
-        let index_len = self.index.copy_to(&index_copy)?;
+        let index = self.pin_index()?;
+        let (_, index_len) = self.index.file();
         let mut header = self.header.clone();
         header.restore_mode = true;
         header.server_id = 0;
@@ -1244,7 +1317,7 @@ impl Repository {
             },
             SnapshotFile {
                 relative: PathBuf::from(INDEX_FILE),
-                source: index_copy,
+                source: index_copy.clone(),
                 len: index_len,
             },
         ];
@@ -1265,11 +1338,16 @@ impl Repository {
             }
         }
         self.backup_running_from = Some(self.header.checkpoint + 1);
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             commit: self.header.checkpoint,
             repository_id: self.header.repository_id,
             header: header.encode().to_vec(),
             files,
+        };
+        Ok(PendingSnapshot {
+            snapshot,
+            index,
+            index_dest: index_copy,
         })
     }
 

@@ -1289,3 +1289,57 @@ fn a_log_trimmed_by_checkpoints_opens() {
     let repo = Repository::open_with(&path, opts()).unwrap();
     assert_eq!(repo.info().last_commit, last);
 }
+
+/// A snapshot only pins the index: the copy is made on another thread,
+/// the next checkpoint due is put off meanwhile, a required one waits for
+/// the copy, and the copy holds the index as of the snapshot, not the
+/// entries the later checkpoint wrote.
+#[test]
+fn a_snapshot_copies_its_index_apart_and_checkpoints_wait_for_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RepoOptions {
+        checkpoint_interval: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    let path = dir.path().join("r");
+    let mut repo = Repository::create_with(&path, 1, "a:1", opts).unwrap();
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    append(&mut repo, coll, "before");
+    let scratch = dir.path().join("scratch");
+    let pending = repo.snapshot_deferred(&scratch).unwrap();
+    let pinned = fs::read(path.join(index_map::INDEX_FILE)).unwrap();
+    assert!(
+        !scratch.join(index_map::INDEX_FILE).exists(),
+        "the storage thread made no copy"
+    );
+
+    // New objects: the next checkpoint writes their entries.
+    let (_, other) = setup_root_with_collection(&mut repo);
+    append(&mut repo, other, "after");
+    assert!(
+        !repo.maybe_checkpoint().unwrap(),
+        "a checkpoint due is put off while the copy is pending"
+    );
+    let copier = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        pending.complete()
+    });
+    let started = std::time::Instant::now();
+    repo.checkpoint().unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(100),
+        "a required checkpoint waited for the copy"
+    );
+    let snapshot = copier.join().unwrap().unwrap();
+    let copy = fs::read(scratch.join(index_map::INDEX_FILE)).unwrap();
+    assert_eq!(copy, pinned, "the copy is the index as of the snapshot");
+    assert_ne!(
+        fs::read(path.join(index_map::INDEX_FILE)).unwrap(),
+        pinned,
+        "the later checkpoint wrote new entries"
+    );
+    assert_eq!(snapshot.files[1].len, pinned.len() as u64);
+    // With the copy made, checkpoints go on as due.
+    append(&mut repo, other, "later");
+    assert!(repo.maybe_checkpoint().unwrap());
+}

@@ -132,7 +132,13 @@ async fn set_up(
         })
         .await
     {
-        Ok(Ok(snapshot)) => return Ok(snapshot),
+        // The index copy, on a blocking thread (the storage thread only
+        // pinned the index).
+        Ok(Ok(pending)) => match blocking(move || pending.complete()).await {
+            Ok(Ok(snapshot)) => return Ok(snapshot),
+            Ok(Err(e)) => snapshot_failure(&fatal, e),
+            Err(e) => e,
+        },
         Ok(Err(e)) => snapshot_failure(&fatal, e),
         Err(e) => BackupError::Snapshot(format!("the storage actor is gone ({e})")),
     };

@@ -15,8 +15,9 @@
 //!   timeout.
 //!
 //! Both start from [`TakeSnapshot`] on the `StorageActor`: a checkpoint, a
-//! copy of the index made at that instant, and the lengths of files that
-//! later commits only extend. Commits therefore go on during the whole copy
+//! copy of the index as of that instant (made on a blocking thread of the
+//! job's: the storage thread only pins the index), and the lengths of
+//! files that later commits only extend. Commits therefore go on during the whole copy
 //! and nothing is buffered (the seed held commits in memory until its copy
 //! ended). An optional rate limit (bytes/s: the server's `--backup-rate`,
 //! and the request's own, the lower wins) paces chunks so a backup does not
@@ -605,7 +606,7 @@ mod tests {
     use super::*;
     use crate::actors::storage::BackupEnded;
     use crate::protocol::BackupState;
-    use crate::storage::{Repository, Snapshot, StorageError};
+    use crate::storage::{PendingSnapshot, Repository, StorageError};
     use std::sync::{Arc, Mutex};
 
     /// Takes real snapshots, each once the test opens the gate.
@@ -619,12 +620,12 @@ mod tests {
     }
 
     impl Handler<TakeSnapshot> for GatedStorage {
-        type Result = ResponseFuture<Result<Snapshot, StorageError>>;
+        type Result = ResponseFuture<Result<PendingSnapshot, StorageError>>;
         fn handle(&mut self, m: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
             let (repo, gate) = (self.repo.clone(), self.gate.clone());
             Box::pin(async move {
                 gate.notified().await;
-                let snapshot = repo.lock().unwrap().snapshot(&m.scratch);
+                let snapshot = repo.lock().unwrap().snapshot_deferred(&m.scratch);
                 snapshot
             })
         }

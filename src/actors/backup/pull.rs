@@ -217,7 +217,10 @@ impl Handler<StartPull> for BackupActor {
         let s = scratch.clone();
         let work = async move {
             match storage.send(TakeSnapshot { scratch: s }).await {
-                Ok(Ok(snapshot)) => Ok(snapshot),
+                Ok(Ok(pending)) => match blocking(move || pending.complete()).await? {
+                    Ok(snapshot) => Ok(snapshot),
+                    Err(e) => Err(snapshot_failure(&fatal, e)),
+                },
                 Ok(Err(e)) => Err(snapshot_failure(&fatal, e)),
                 Err(e) => Err(BackupError::Snapshot(format!(
                     "the storage actor is gone ({e})"

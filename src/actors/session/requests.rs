@@ -298,8 +298,9 @@ pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
 }
 
 pub(super) async fn digest(env: Arc<SessionEnv>) -> Answer {
-    // The storage thread only checkpoints and copies the index; the graph
-    // is read on a blocking-pool thread, so commits and reads go on.
+    // The storage thread only checkpoints and pins the index; the index
+    // copy and the graph are read on a blocking-pool thread, so commits
+    // and reads go on.
     let view = ask(&env, Digest).await?;
     let (commit, digest) = actix_rt::task::spawn_blocking(move || view.digest())
         .await

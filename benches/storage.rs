@@ -93,30 +93,34 @@ fn apply_rate(n: u64) -> f64 {
     rate
 }
 
+/// A repository at `path` holding `n` small objects, checkpointed.
+fn with_objects(path: &std::path::Path, n: u64) -> Repository {
+    let mut repo = Repository::create(path, 1, "127.0.0.1:1").unwrap();
+    let batch = 1000;
+    for b in 0..(n / batch) {
+        repo.commit(CommitRequest {
+            news: (0..batch)
+                .map(|i| NewRequest {
+                    temp_id: i,
+                    class: "Item".into(),
+                    value: encode_value(&Value::from(format!("object {}", b * batch + i))),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        repo.maybe_checkpoint().unwrap();
+    }
+    repo.checkpoint().unwrap();
+    repo
+}
+
 /// Build a repository of `n` objects, then time opening it: once after a
 /// clean checkpoint, once with the last `replay` commits to replay.
 fn open_times(n: u64, replay: u64) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
-    {
-        let mut repo = Repository::create(&path, 1, "127.0.0.1:1").unwrap();
-        let batch = 1000;
-        for b in 0..(n / batch) {
-            repo.commit(CommitRequest {
-                news: (0..batch)
-                    .map(|i| NewRequest {
-                        temp_id: i,
-                        class: "Item".into(),
-                        value: encode_value(&Value::from(format!("object {}", b * batch + i))),
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .unwrap();
-            repo.maybe_checkpoint().unwrap();
-        }
-        repo.checkpoint().unwrap();
-    }
+    drop(with_objects(&path, n));
     let t = Instant::now();
     let repo = Repository::open(&path).unwrap();
     let clean = t.elapsed().as_secs_f64();
@@ -210,6 +214,25 @@ fn big_collection(n: u64) -> (f64, f64, f64) {
     (secs, bytes, read_ms)
 }
 
+/// A backup's snapshot of `n` objects, `runs` times: the median ms the
+/// repository's thread is held (checkpoint, pin of the index) and the
+/// median ms of the index copy made apart (`PendingSnapshot::complete`).
+fn snapshot_times(n: u64, runs: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = with_objects(&dir.path().join("r"), n);
+    let (mut held, mut apart) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        let pending = repo.snapshot_deferred(&dir.path().join("scratch")).unwrap();
+        held.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        pending.complete().unwrap();
+        apart.push(t.elapsed().as_secs_f64() * 1e3);
+        repo.backup_ended(None, false);
+    }
+    (median(held), median(apart))
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let runs = if quick { 1 } else { 3 };
@@ -254,6 +277,12 @@ fn main() {
         clean,
         replay,
         50_000 / scale
+    );
+    let (held, apart) = snapshot_times(1_000_000 / scale, 5);
+    println!(
+        "backup snapshot of {} objects: the repository's thread held {held:.1} ms \
+         (checkpoint, index pinned); the index copy made apart {apart:.1} ms (medians of 5)",
+        1_000_000 / scale
     );
     let big = 10_000_000 / scale;
     let (secs, bytes, read_ms) = big_collection(big);

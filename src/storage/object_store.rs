@@ -498,16 +498,34 @@ impl Collections {
         Ok(out)
     }
 
-    /// The collection's files with nothing buffered.
-    fn files_written(&mut self, coll: Oid) -> Result<&mut CollFiles> {
+    /// The collection's files with nothing buffered (see `files`).
+    fn files_written(&mut self, coll: Oid, holds: u64) -> Result<&mut CollFiles> {
         let dir = self.dir.clone();
-        let f = self.files(coll)?;
+        let f = self.files(coll, holds)?;
         f.write_pending(&dir, coll)?;
         Ok(f)
     }
 
-    fn files(&mut self, coll: Oid) -> Result<&mut CollFiles> {
+    /// The collection's open files; `holds` is how many elements the
+    /// caller knows it has. Files are created for a collection that may
+    /// be new (`holds` 0), never in place of the files of one that holds
+    /// elements: that is an error naming the missing file (a missing
+    /// collection is found at its first use, not at open: finding it
+    /// there would mean reading the whole index).
+    fn files(&mut self, coll: Oid, holds: u64) -> Result<&mut CollFiles> {
         if !self.open.contains_key(&coll) {
+            let missing: Vec<String> = [idx_path(&self.dir, coll), dat_path(&self.dir, coll)]
+                .into_iter()
+                .filter(|p| !p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            if holds > 0 && !missing.is_empty() {
+                return Err(StorageError::Corrupted(format!(
+                    "collection {coll} holds {holds} element(s), but {} is missing \
+                     (deleted, moved or lost); nothing was created in its place",
+                    missing.join(" and ")
+                )));
+            }
             if self.open.len() >= MAX_OPEN_COLLECTIONS {
                 // Closing files drops their buffers: everything buffered
                 // is written and synced first (every collection with
@@ -515,7 +533,7 @@ impl Collections {
                 self.sync_dirty()?;
                 self.open.clear();
             }
-            if !idx_path(&self.dir, coll).exists() {
+            if !missing.is_empty() {
                 self.created = true;
             }
             let files = CollFiles::open(&self.dir, coll)?;
@@ -532,9 +550,9 @@ impl Collections {
         // takes their dirty marks; this one's must outlive that, or its
         // buffered element would be neither written at the checkpoint nor
         // kept when its files are closed.
-        self.files(coll)?;
+        self.files(coll, index)?;
         self.dirty.insert(coll);
-        let f = self.files(coll)?;
+        let f = self.files(coll, index)?;
         if index == f.len {
             f.end += (4 + value.len()) as u64;
             f.len += 1;
@@ -558,7 +576,7 @@ impl Collections {
         }
         // Rewriting an existing element (replay after a crash): in place.
         let dir = self.dir.clone();
-        let f = self.files_written(coll)?;
+        let f = self.files_written(coll, index)?;
         let start = if index == 0 {
             0
         } else {
@@ -594,7 +612,7 @@ impl Collections {
             return Ok(Vec::new());
         }
         let dir = self.dir.clone();
-        let files = self.files_written(coll)?;
+        let files = self.files_written(coll, len)?;
         ElementFiles {
             dir: &dir,
             coll,
@@ -607,7 +625,7 @@ impl Collections {
     /// Cut a collection's files to `len` elements (recovery).
     pub fn truncate(&mut self, coll: Oid, len: u64) -> Result<()> {
         let dir = self.dir.clone();
-        let f = self.files_written(coll)?;
+        let f = self.files_written(coll, len)?;
         if f.len < len {
             // Fewer elements than checkpointed: cutting .dat to match would
             // destroy elements still there.
@@ -669,7 +687,7 @@ impl Collections {
             return Ok((0, 0));
         }
         let dir = self.dir.clone();
-        let f = self.files_written(coll)?;
+        let f = self.files_written(coll, len)?;
         Ok((len * 8, f.end_on_disk(&dir, coll, len - 1)?))
     }
 

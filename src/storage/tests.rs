@@ -1343,3 +1343,63 @@ fn a_snapshot_copies_its_index_apart_and_checkpoints_wait_for_the_copy() {
     append(&mut repo, other, "later");
     assert!(repo.maybe_checkpoint().unwrap());
 }
+
+/// A checkpointed collection whose files are gone is an error naming the
+/// missing file, at open when the other file is still there (recovery
+/// cuts each collection with files), else at its first read or append;
+/// empty files are never created in place of its elements.
+#[test]
+fn a_collection_whose_files_are_gone_is_named_never_recreated_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("repo");
+    let mut repo = new_repo(dir.path());
+    let (_, coll) = setup_root_with_collection(&mut repo);
+    for i in 0..5 {
+        append(&mut repo, coll, &format!("e{i}"));
+    }
+    repo.checkpoint().unwrap();
+    drop(repo);
+    let idx = path.join("coll").join(format!("{coll}.idx"));
+    let dat = path.join("coll").join(format!("{coll}.dat"));
+
+    // Only the data file gone: refused at open.
+    fs::rename(&dat, dir.path().join("dat-aside")).unwrap();
+    let err = Repository::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains(&dat.display().to_string()) && err.contains("is missing"),
+        "{err}"
+    );
+    assert!(!dat.exists(), "created in its place");
+    fs::rename(dir.path().join("dat-aside"), &dat).unwrap();
+
+    // Both gone: found at the first read and at an append.
+    fs::rename(&idx, dir.path().join("idx-aside")).unwrap();
+    fs::rename(&dat, dir.path().join("dat-aside")).unwrap();
+    let mut repo = Repository::open(&path).unwrap();
+    let err = repo.collection_range(coll, 0, 5).unwrap_err().to_string();
+    assert!(
+        err.contains(&idx.display().to_string()) && err.contains("holds 5 element"),
+        "{err}"
+    );
+    let err = repo
+        .commit(CommitRequest {
+            appends: vec![AppendRequest {
+                coll: ObjRef::Oid(coll),
+                value: s("more"),
+            }],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is missing"), "{err}");
+    assert!(!idx.exists() && !dat.exists(), "created in their place");
+    drop(repo);
+    fs::rename(dir.path().join("idx-aside"), &idx).unwrap();
+    fs::rename(dir.path().join("dat-aside"), &dat).unwrap();
+    // The append was logged before its element could be written: put
+    // back, the files get it at the replay.
+    let mut repo = Repository::open(&path).unwrap();
+    let got = repo.collection_range(coll, 0, 10).unwrap();
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[5], s("more"));
+}

@@ -716,7 +716,9 @@ impl Handler<Hold> for StorageActor {
 /// A view that computes the content digest as of the last commit on any
 /// thread (`storage::digest`): this thread only checkpoints and pins the
 /// index (the view copies it), so a digest of a large repository holds up
-/// commits and reads no longer than a checkpoint does. Sender: sessions.
+/// commits and reads no longer than a checkpoint does (which may wait for
+/// an earlier snapshot's or digest's copy, `storage::index_copy`). Sender:
+/// sessions.
 #[derive(Message)]
 #[rtype(result = "Result<DigestView, StorageError>")]
 pub struct Digest;
@@ -765,7 +767,8 @@ impl Handler<Checkpoint> for StorageActor {
 /// Checkpoint and capture a point-in-time snapshot for a backup. The index
 /// is only pinned here: the sender completes the snapshot
 /// ([`PendingSnapshot::complete`], the index copy into `scratch`) on a
-/// blocking thread, so commits and reads never wait for that copy. The
+/// blocking thread, so commits and reads do not wait for that copy (only
+/// a checkpoint that cannot be put off does: see `storage::index_copy`). The
 /// other files are prefixes commits never rewrite, so their copy runs
 /// while commits go on. Sender: the `BackupActor`; never dropped.
 #[derive(Message)]

@@ -824,6 +824,11 @@ impl CommitLog {
         Ok(removed)
     }
 
+    /// Whether a segment starting at record `first` is in the log.
+    pub fn has_segment(&self, first: CommitNumber) -> bool {
+        self.segments.iter().any(|s| s.first == first)
+    }
+
     /// First record number of the current (newest) segment, if any: the
     /// one segment the log never deletes.
     pub fn current_segment(&self) -> Option<CommitNumber> {

@@ -147,7 +147,21 @@ impl DigestView {
             StorageError::backup_io(format!("copying the index in {}", dir.display()), e)
         })?;
         index.write_into(&mut copy)?;
-        let index = IndexReader::from_file(copy, &dir.join("(index copy for a digest)"))?;
+        // A copy that cannot be mapped harms nothing but the digest: never
+        // an error the server would take for its own files'.
+        let index =
+            IndexReader::from_file(copy, &dir.join("(index copy for a digest)")).map_err(|e| {
+                match e {
+                    StorageError::Io { context, source } => {
+                        StorageError::BackupIo { context, source }
+                    }
+                    StorageError::Corrupted(what) => StorageError::backup_io(
+                        what,
+                        std::io::Error::other("a bad copy of the index"),
+                    ),
+                    other => other,
+                }
+            })?;
         let mut reader = ViewReader {
             dir,
             index,

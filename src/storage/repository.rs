@@ -476,6 +476,13 @@ impl Repository {
                 Ok(())
             },
         )?;
+        if header.log_segment != 0 && !log.has_segment(header.log_segment) {
+            // Opened with `accept_missing_log`: the header names the lost
+            // segment no more, so a restart before the next checkpoint
+            // does not need the flag again.
+            header.log_segment = 0;
+            header.write(dir)?;
+        }
         // Only now, the log read and found whole (up to a torn tail), are
         // the data files cut back to the checkpoint: an open refused for a
         // damaged log leaves them as they were (they hold the other copy
@@ -1156,8 +1163,14 @@ impl Repository {
 
     fn write_checkpoint(&mut self) -> Result<()> {
         // Checkpoints are the only writers of `index.map`: no copy of it
-        // under way may see this one's entries.
-        for pin in std::mem::take(&mut self.index_pins) {
+        // under way may see this one's entries. (Without entries to write,
+        // the file is not touched and nothing waits.)
+        let pins = if self.overlay.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.index_pins)
+        };
+        for pin in pins {
             if !pin.wait_or_break(PIN_PATIENCE) {
                 log::warn!(
                     "{}: a copy of the index for a backup or digest was not made within {} s; \
@@ -1239,7 +1252,7 @@ impl Repository {
         }
         self.index_pins.retain(Pin::holds);
         if !self.index_pins.is_empty()
-            && self.log_bytes_since_checkpoint < 2 * self.opts.checkpoint_bytes
+            && self.log_bytes_since_checkpoint < self.opts.checkpoint_bytes.saturating_mul(2)
         {
             // A copy of the index is being made: put the checkpoint off
             // rather than wait for it here (its writes would hold up

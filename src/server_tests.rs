@@ -834,6 +834,20 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
             other => panic!("node: {other:?}"),
         }
     }
+    // Nor does an operator's status wait for that thread.
+    let mut admin = Conn::raw(server.local_addr());
+    admin
+        .stream
+        .set_read_timeout(Some(crate::actors::supervisor::PRIMARY_PING_TIMEOUT))
+        .unwrap();
+    admin.call(hello(SessionRole::Admin, PROTOCOL_VERSION));
+    match admin.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => {
+            assert_eq!(s.role, ServerRole::Primary);
+            assert!(s.commit >= 1, "{s:?}");
+        }
+        other => panic!("status: {other:?}"),
+    }
     drop(release);
     server.shutdown(true).unwrap();
 }

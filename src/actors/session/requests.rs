@@ -16,7 +16,7 @@ use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_obj
 use crate::actors::coordinator::{AwaitAcknowledgeable, NoteReplicated, SubmitCommit};
 use crate::actors::session::connection::{clipped, SessionEnv, MAX_ECHO};
 use crate::actors::storage::{
-    is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetInfo, GetMeta,
+    is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetMeta,
     ReadObject, ReadRecords, ReadRoot, RecordHashOf, StorageActor, TokenCommit,
 };
 use crate::actors::supervisor::{
@@ -267,8 +267,12 @@ pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
 }
 
 pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
-    let info = ask(&env, GetInfo).await?;
-    let role = server_role(&env, info.restore_mode);
+    // From what the storage actor publishes, not a request to its thread:
+    // status answers while that thread is busy (a checkpoint, a long
+    // read), and a monitor polling it often takes no turn from commits.
+    let identity = env.identity.borrow().clone();
+    let last_commit = *env.applied.borrow();
+    let role = server_role(&env, identity.restore_mode);
     let mut members: Vec<MemberStatus> = env
         .node
         .send(GetMembers)
@@ -277,16 +281,16 @@ pub(super) async fn status(env: Arc<SessionEnv>) -> Answer {
     for m in &mut members {
         if m.addr == env.settings.advertise {
             m.role = role;
-            m.commit = info.last_commit;
+            m.commit = last_commit;
         }
     }
     let s = &env.settings;
     Ok(ResponseBody::Status(StatusReport {
         role,
-        commit: info.last_commit,
-        epoch: info.epoch,
-        repository: info.repository_id.to_string(),
-        server_id: info.server_id,
+        commit: last_commit,
+        epoch: identity.epoch,
+        repository: identity.repository_id.to_string(),
+        server_id: identity.server_id,
         addr: s.advertise.clone(),
         // Promotion by majority (witnesses) is not in this release.
         partition_safe: false,
@@ -347,8 +351,12 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
             primary: env.state.borrow().primary.clone(),
         });
     }
-    let info = ask(&env, GetInfo).await?;
-    let ours = info.repository_id.to_string();
+    // What the storage actor publishes, as of before the records are read
+    // (as the request to its thread this replaces was).
+    let (ours, epoch) = {
+        let identity = env.identity.borrow();
+        (identity.repository_id.to_string(), identity.epoch)
+    };
     if ask_.repository_id != ours {
         return Err(WireError::RepositoryMismatch {
             expected: ours,
@@ -388,7 +396,7 @@ pub(super) async fn catch_up(env: Arc<SessionEnv>, ask_: CatchUpAsk) -> Answer {
             .map(serde_bytes::ByteBuf::from)
             .collect(),
         last,
-        epoch: info.epoch,
+        epoch,
         level,
     })
 }

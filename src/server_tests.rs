@@ -1289,12 +1289,16 @@ fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
     let tmp = tempfile::tempdir().unwrap();
     // A member that takes the restarting primary's probe and never answers
     // it: the primary decides its role only when its 2 s probe gives up.
+    // It takes no connection after that one (it is gone, not hung), so
+    // the primary then serves.
     let member = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let member_addr = member.local_addr().unwrap().to_string();
     let probe_over = std::sync::Arc::new(AtomicBool::new(false));
     let over = probe_over.clone();
     std::thread::spawn(move || {
-        if let Ok((mut probe, _)) = member.accept() {
+        let accepted = member.accept();
+        drop(member);
+        if let Ok((mut probe, _)) = accepted {
             let mut buf = [0u8; 4096];
             while matches!(std::io::Read::read(&mut probe, &mut buf), Ok(n) if n > 0) {}
             over.store(true, Ordering::SeqCst);
@@ -1322,6 +1326,95 @@ fn a_restarting_primary_answers_peers_at_once_while_it_asks_its_members() {
         started.elapsed() >= crate::actors::supervisor::PEER_PROBE_TIMEOUT,
         "the application's hello did not wait for the role decision"
     );
+    server.shutdown(true).unwrap();
+}
+
+/// A member that takes connections but never answers may be a server that
+/// took over while this one was down: a restarted former primary serves
+/// nothing until it answers or stops taking connections.
+#[test]
+fn a_restarting_primary_does_not_serve_beside_a_member_that_takes_connections_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let member = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let member_addr = member.local_addr().unwrap().to_string();
+    // Connections are taken and never answered, as by a stopped process
+    // (whose kernel completes the handshakes); counted.
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = taken.clone();
+    member.set_nonblocking(true).unwrap();
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while stopped.try_recv().is_err() && Instant::now() < until {
+            match member.accept() {
+                Ok((s, _)) => {
+                    held.push(s);
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        // Gone: the listener and every connection close.
+    });
+    former_primary(&tmp.path().join("repo"), 6, &member_addr);
+    let server = spawn(config(tmp.path())).unwrap();
+    // The first probe gives up after 2 s; the answer is then "not yet".
+    let mut app = Conn::raw(server.local_addr());
+    match app
+        .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+        .body
+    {
+        ResponseBody::Hello { role, .. } => assert_eq!(role, ServerRole::Deposed),
+        other => panic!("hello: {other:?}"),
+    }
+    match app.call(RequestBody::Commit(CommitBody::default())).body {
+        ResponseBody::Error {
+            error: WireError::WrongServer { .. },
+            ..
+        } => {}
+        other => panic!("a commit while held: {other:?}"),
+    }
+    let mut admin =
+        Conn::open_expecting(server.local_addr(), SessionRole::Admin, ServerRole::Deposed);
+    match admin.call(RequestBody::Status).body {
+        ResponseBody::Status(s) => assert_eq!(s.role, ServerRole::Deposed),
+        other => panic!("status: {other:?}"),
+    }
+    // Still held a round later. A held round takes two connections (the
+    // probe's, then a bare one to see whether they are taken), and a next
+    // round starts only after a held one: a fifth connection shows the
+    // second round held too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while taken.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+        assert!(Instant::now() < deadline, "no second probe round");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Deposed,
+    );
+    // Gone for good: the next round finds nobody and serves.
+    stop.send(()).unwrap();
+    holder.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = Conn::raw(server.local_addr());
+        match c
+            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body
+        {
+            ResponseBody::Hello {
+                role: ServerRole::Primary,
+                ..
+            } => break,
+            ResponseBody::Hello { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("hello once the member is gone: {other:?}"),
+        }
+    }
     server.shutdown(true).unwrap();
 }
 

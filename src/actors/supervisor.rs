@@ -142,6 +142,8 @@ pub struct NodeSupervisor {
     changing_role: bool,
     /// Asking the members who leads (see [`PrimaryUnreachable`]).
     looking_for_primary: bool,
+    /// A restart as former primary is held by a silent member (logged once).
+    restart_held: bool,
     /// A primary of an older epoch than the copy's, already reported.
     told_older_leader: Option<NodeAddr>,
     /// The server this one handed the node over to, until this one leads
@@ -173,6 +175,7 @@ impl NodeSupervisor {
             removal_gen: 0,
             changing_role: false,
             looking_for_primary: false,
+            restart_held: false,
             told_older_leader: None,
             handed_over_to: None,
             diverged: None,
@@ -629,17 +632,15 @@ impl NodeSupervisor {
         &self,
     ) -> impl std::future::Future<Output = Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>>
     {
-        self.probe_members_except("")
+        let probe = self.probe_members_except("");
+        async move { probe.await.answers }
     }
 
     /// [`Self::probe_members`] but `skip`, all at once: dead members cost
     /// one connect and hello timeout together (at most twice
-    /// [`PEER_PROBE_TIMEOUT`]), not one each.
-    fn probe_members_except(
-        &self,
-        skip: &str,
-    ) -> impl std::future::Future<Output = Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>>
-    {
+    /// [`PEER_PROBE_TIMEOUT`], and half a second more for a member that
+    /// gave no hello), not one each.
+    fn probe_members_except(&self, skip: &str) -> impl std::future::Future<Output = Probe> {
         let addrs: Vec<NodeAddr> = self
             .node
             .members
@@ -653,15 +654,26 @@ impl NodeSupervisor {
                 .into_iter()
                 .map(|a| {
                     actix_rt::spawn(async move {
-                        let link = PeerLink::connect(&a, timeout).await.ok()?;
-                        Some((a, link.hello))
+                        match PeerLink::connect(&a, timeout).await {
+                            Ok(link) => Heard::Answer(a, link.hello),
+                            // No hello in time: stopped or hung if its
+                            // kernel still takes connections, else gone.
+                            Err(LinkError::Timeout { .. })
+                                if accepts_connections(&a, SILENT_CHECK).await =>
+                            {
+                                Heard::Silent(a)
+                            }
+                            Err(_) => Heard::Nothing,
+                        }
                     })
                 })
                 .collect();
-            let mut out = Vec::new();
+            let mut out = Probe::default();
             for ask in asks {
-                if let Ok(Some(answer)) = ask.await {
-                    out.push(answer);
+                match ask.await {
+                    Ok(Heard::Answer(a, hello)) => out.answers.push((a, hello)),
+                    Ok(Heard::Silent(a)) => out.silent.push(a),
+                    Ok(Heard::Nothing) | Err(_) => {}
                 }
             }
             out
@@ -669,11 +681,44 @@ impl NodeSupervisor {
     }
 
     /// A restarted former primary: serve, or rejoin a newer primary.
+    ///
+    /// With no member answering, it serves, unless one of them takes
+    /// connections but says nothing (stopped, hung, overloaded): that one
+    /// may have taken over while this server was down and hold
+    /// acknowledged commits; serving beside it would make two primaries.
+    /// It then asks again every second, serving nothing, until a member
+    /// answers or the silent ones stop taking connections.
     fn check_restart(&mut self, ctx: &mut Context<Self>) {
         let my_epoch = self.epoch;
-        self.probe_members()
+        self.probe_members_except("")
             .into_actor(self)
-            .map(move |peers, act, ctx| {
+            .map(move |probe, act, ctx| {
+                if probe.answers.is_empty() && !probe.silent.is_empty() {
+                    let note = format!(
+                        "not serving yet: {} {} connections but {} not answer, and may have \
+                         taken over while this server was down; serving once a member answers \
+                         or stops taking connections (stop a hung server to go on without it)",
+                        probe.silent.join(", "),
+                        if probe.silent.len() == 1 {
+                            "takes"
+                        } else {
+                            "take"
+                        },
+                        if probe.silent.len() == 1 {
+                            "does"
+                        } else {
+                            "do"
+                        },
+                    );
+                    if !act.restart_held {
+                        act.restart_held = true;
+                        warn!("restarted former primary {note}");
+                    }
+                    act.publish(ServerRole::Deposed, None, Some(note));
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+                    return;
+                }
+                let peers = probe.answers;
                 let views: Vec<PeerView> = peers
                     .iter()
                     .map(|(addr, h)| PeerView {
@@ -1631,7 +1676,7 @@ impl Handler<PrimaryUnreachable> for NodeSupervisor {
             // start and on promotion): a server that followed through
             // failovers must not take an older primary back for the node's.
             let info = storage.send(GetInfo).await.ok().and_then(|r| r.ok());
-            (info, asking.await)
+            (info, asking.await.answers)
         }
         .into_actor(self)
         .map(move |(info, peers), act, ctx| {
@@ -2422,6 +2467,24 @@ async fn pull_from_peer(
         }
     }
 }
+
+/// What asking the other members found (see `probe_members_except`).
+#[derive(Default)]
+struct Probe {
+    /// Members that answered the hello.
+    answers: Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>,
+    /// Members that took the connection but gave no hello in time.
+    silent: Vec<NodeAddr>,
+}
+
+enum Heard {
+    Answer(NodeAddr, crate::actors::peer_link::PeerHello),
+    Silent(NodeAddr),
+    Nothing,
+}
+
+/// How long a member that gave no hello gets to take a bare connection.
+const SILENT_CHECK: Duration = Duration::from_millis(500);
 
 /// Does something accept TCP connections at `addr` within `timeout`? A
 /// stopped or overloaded server still does (its kernel completes the

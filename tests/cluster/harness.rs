@@ -519,6 +519,29 @@ pub fn pair_with(
     (s1, s2, a1, a2)
 }
 
+/// One more secondary, `name`, started with `args` on a backup of
+/// `primary`; returns its index and address once the primary lists it
+/// among `members` (the whole node after it joined) and it knows itself
+/// a secondary.
+pub fn add_secondary(
+    c: &mut Cluster,
+    name: &str,
+    primary: &str,
+    members: &[&str],
+    args: &[&str],
+) -> (usize, String) {
+    let b = c.root.path().join(format!("backup-of-{name}"));
+    backup(primary, &b);
+    let s = c.add_server_on(name, &b, args);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let mut all: Vec<&str> = members.to_vec();
+    all.push(&addr);
+    wait_for_members(primary, &all, Duration::from_secs(90));
+    wait_for_role(&addr, ServerRole::Secondary, Duration::from_secs(30));
+    (s, addr)
+}
+
 /// Wait until the server at `addr` reports `role` itself (its status;
 /// a server that does not answer yet is asked again).
 pub fn wait_for_role(addr: &str, role: ServerRole, timeout: Duration) {
@@ -593,6 +616,15 @@ impl ServerProc {
     pub fn log_contains(&self, text: &str) -> bool {
         fs::read_to_string(&self.log)
             .map(|t| t.contains(text))
+            .unwrap_or(false)
+    }
+
+    /// Does the log of the server's last start mention `text`? (One log
+    /// file gets every start of a server, each after a marker line.)
+    pub fn last_run_log_contains(&self, text: &str) -> bool {
+        let marker = format!("===== starting {} =====", self.name);
+        fs::read_to_string(&self.log)
+            .map(|t| t.rsplit(&marker).next().unwrap_or("").contains(text))
             .unwrap_or(false)
     }
 }

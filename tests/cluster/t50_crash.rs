@@ -7,7 +7,7 @@ use std::time::Duration;
 use magma::client::{Ref, Session, SessionOptions};
 use magma::protocol::{CommitBody, WireAppend, WireRef};
 
-use crate::harness::{dump, pair, status, verify_flood, wait_until, Cluster, Flood};
+use crate::harness::{add_secondary, dump, pair, status, verify_flood, wait_until, Cluster, Flood};
 use crate::phase;
 
 #[test]
@@ -172,10 +172,13 @@ fn impatient_session(addrs: &[&str], secs: u64) -> Session {
 #[test]
 fn t50_a_restarted_primary_acknowledges_a_resent_commit_only_once_its_secondary_holds_it() {
     // A long replica timeout: the frozen secondary stays a member, so
-    // every commit here must wait for it.
-    let args = ["--sync-replicas", "1", "--replica-timeout-ms", "60000"];
+    // every commit here must wait for it. Two secondaries, both needed:
+    // the restarted primary hears server3 and serves (with server2 alone
+    // stopped and silent it would not serve at all, see t50_failover).
+    let args = ["--sync-replicas", "2", "--replica-timeout-ms", "60000"];
     let mut c = Cluster::new();
     let (s1, s2, a1, a2) = pair(&mut c, &args);
+    let (_, a3) = add_secondary(&mut c, "s3", &a1, &[&a1, &a2], &args);
     let mut s = Session::connect(&[a1.as_str()]).unwrap();
     let coll = s
         .commit(|tx| {
@@ -194,18 +197,18 @@ fn t50_a_restarted_primary_acknowledges_a_resent_commit_only_once_its_secondary_
         ..Default::default()
     };
 
-    phase!("the secondary hangs; a commit is applied on the primary alone, unacknowledged");
+    phase!("server2 hangs; a commit is applied on the primary and server3, unacknowledged");
     c.servers[s2].freeze();
     let err = impatient_session(&[&a1], 2)
         .commit_body(body.clone())
         .unwrap_err();
     assert!(err.is_outcome_unknown(), "{err}");
 
-    phase!("kill -9 the primary and restart it while the secondary still hangs");
+    phase!("kill -9 the primary and restart it while server2 still hangs");
     c.servers[s1].kill();
     c.servers[s1].start();
 
-    phase!("the resent commit is a duplicate on the primary: it must still wait for the secondary");
+    phase!("the resent commit is a duplicate on the primary: it must still wait for server2");
     match impatient_session(&[&a1], 3).commit_body(body.clone()) {
         Err(e) if e.is_outcome_unknown() => {}
         other => panic!(
@@ -213,7 +216,7 @@ fn t50_a_restarted_primary_acknowledges_a_resent_commit_only_once_its_secondary_
         ),
     }
 
-    phase!("the secondary wakes up, gets the record, and the resend is acknowledged once");
+    phase!("server2 wakes up, gets the record, and the resend is acknowledged once");
     c.servers[s2].thaw();
     let number = Session::connect(&[a1.as_str()])
         .unwrap()
@@ -236,7 +239,7 @@ fn t50_a_restarted_primary_acknowledges_a_resent_commit_only_once_its_secondary_
         .commit_body(body)
         .unwrap();
     assert_eq!(again.number, number);
-    for addr in [&a1, &a2] {
+    for addr in [&a1, &a2, &a3] {
         let mut r = Session::connect(&[addr.as_str()]).unwrap();
         r.require_last_seen();
         assert_eq!(r.collection_len(Ref(coll)).unwrap(), 1, "on {addr}");

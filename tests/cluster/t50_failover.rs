@@ -662,3 +662,56 @@ fn t50_a_successor_waits_for_a_stopped_secondary_holding_an_acknowledged_commit(
         "the new primary lost a commit server3 acknowledged"
     );
 }
+
+/// A former primary restarting while the server that took over from it is
+/// stopped (its kernel takes connections, it answers nothing) does not
+/// serve beside it: it holds off, and rejoins it once it answers. Before,
+/// it served as a second primary once its 2 s probe gave up, beside one
+/// holding a commit it lacked.
+#[test]
+fn t50_a_restarted_former_primary_waits_for_a_stopped_successor_instead_of_serving_beside_it() {
+    let mut c = Cluster::new();
+    let (s1, s2, a1, a2) = pair(&mut c, &["--sync-replicas", "1"]);
+
+    phase!("the primary dies; server2 takes over and acknowledges a commit");
+    c.servers[s1].kill();
+    probe_commit(&[&a1, &a2]);
+    assert_eq!(role(&a2), ServerRole::Primary);
+    Session::connect(&[a2.as_str()])
+        .unwrap()
+        .commit(|tx| {
+            tx.set_meta("taken over", Some(&"acknowledged by server2"));
+        })
+        .unwrap();
+
+    phase!("server2 stops; the former primary restarts and holds off");
+    c.servers[s2].freeze();
+    c.servers[s1].start();
+    wait_until(JOIN, "server1 to hold off for server2, or to serve", || {
+        let log = |text| c.servers[s1].last_run_log_contains(text);
+        (log("not serving yet") || log("role: Primary")).then_some(())
+    });
+    assert!(
+        !c.servers[s1].last_run_log_contains("role: Primary"),
+        "server1 serves as a primary beside server2"
+    );
+    assert_ne!(role(&a1), ServerRole::Primary);
+
+    phase!("server2 answers again; server1 rejoins it");
+    c.servers[s2].thaw();
+    wait_for_role(&a1, ServerRole::Secondary, JOIN);
+    assert_eq!(role(&a2), ServerRole::Primary);
+    assert!(
+        !c.servers[s1].last_run_log_contains("role: Primary"),
+        "server1 served as a primary beside server2"
+    );
+    wait_for_equal_digests(&[&a1, &a2], Duration::from_secs(30));
+    let held = Session::connect(&[a1.as_str()])
+        .unwrap()
+        .meta("taken over")
+        .unwrap();
+    assert!(
+        held.is_some(),
+        "server2's acknowledged commit is not on server1"
+    );
+}

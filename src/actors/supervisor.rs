@@ -715,9 +715,18 @@ impl NodeSupervisor {
                         warn!("restarted former primary {note}");
                     }
                     act.publish(ServerRole::Deposed, None, Some(note));
-                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+                    // Not probed again on a timer: each probe leaves a
+                    // connection in a stopped process's accept queue, and
+                    // once that is full new ones time out, which would
+                    // read as "gone". One connection each is held until
+                    // something happens to it; then everyone is asked again.
+                    until_one_speaks(probe.silent)
+                        .into_actor(act)
+                        .map(|(), act, ctx| act.check_restart(ctx))
+                        .spawn(ctx);
                     return;
                 }
+                act.restart_held = false;
                 let peers = probe.answers;
                 let views: Vec<PeerView> = peers
                     .iter()
@@ -2485,6 +2494,34 @@ enum Heard {
 
 /// How long a member that gave no hello gets to take a bare connection.
 const SILENT_CHECK: Duration = Duration::from_millis(500);
+
+/// How long a held restart waits on one silent member's connection before
+/// asking everyone again (long: each round adds connections to a stopped
+/// process's accept queue).
+const SILENT_WAIT: Duration = Duration::from_secs(3600);
+
+/// Wait until one of `silent` answers a hello, refuses it or drops the
+/// connection (a process that woke up, or died), or [`SILENT_WAIT`]
+/// passed: one connection to each, held open meanwhile.
+async fn until_one_speaks(silent: Vec<NodeAddr>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(silent.len().max(1));
+    for addr in silent {
+        let tx = tx.clone();
+        actix_rt::spawn(async move {
+            let outcome = PeerLink::connect(&addr, SILENT_WAIT).await;
+            log::debug!(
+                "held restart: {addr} {}",
+                match &outcome {
+                    Ok(_) => "answered".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            );
+            let _ = tx.send(()).await;
+        });
+    }
+    drop(tx);
+    let _ = rx.recv().await;
+}
 
 /// Does something accept TCP connections at `addr` within `timeout`? A
 /// stopped or overloaded server still does (its kernel completes the

@@ -70,15 +70,21 @@ fn storage_refused(env: &SessionEnv, e: StorageError) -> WireError {
     wire_error(&e)
 }
 
-/// May this server answer a read: not while deposed (it holds commits the
-/// node does not); then wait (bounded by `progress_wait`) until it applied
+/// May this server answer a read: not while deposed (its data may not be
+/// the node's: it may hold commits the node does not, or lack the newest
+/// ones); then wait (bounded by `progress_wait`) until it applied
 /// `required`.
 async fn reach(env: &SessionEnv, required: Option<CommitNumber>) -> Result<(), WireError> {
-    if env.state.borrow().role == ServerRole::Deposed {
+    let state = env.state.borrow().clone();
+    if state.role == ServerRole::Deposed {
         return Err(WireError::Unavailable {
-            reason: "this server is deposed: it holds commits the node does not, and serves \
-                     no reads until the operator rejoins it"
-                .into(),
+            reason: format!(
+                "this server is deposed and serves no reads ({}); read from another member",
+                state
+                    .note
+                    .as_deref()
+                    .unwrap_or("its data may not be the node's")
+            ),
         });
     }
     let Some(required) = required else {

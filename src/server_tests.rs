@@ -1425,6 +1425,133 @@ fn a_restarting_primary_does_not_serve_beside_a_member_that_takes_connections_si
     server.shutdown(true).unwrap();
 }
 
+/// A stopped process's kernel queues connections until its accept queue
+/// is full, then drops new ones, which time out like a dead host's (as
+/// clients retrying that server fill it): the hold must outlast that.
+#[test]
+fn a_held_restart_outlasts_a_full_accept_queue_of_a_stopped_member() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Never accepted: room for five connections (backlog 4, plus one).
+    let member = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    member.bind(&any.into()).unwrap();
+    member.listen(4).unwrap();
+    let member_addr = member.local_addr().unwrap().as_socket().unwrap();
+    former_primary(&tmp.path().join("repo"), 6, &member_addr.to_string());
+    let server = spawn(config(tmp.path())).unwrap();
+    Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Deposed,
+    );
+    // The probe, the bare check and the held connection are queued; fill
+    // the rest, as clients retrying the stopped server would.
+    let fillers: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&member_addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    // Past a few rounds of a probe on a timer (about 3.5 s each), whose
+    // connections would now time out as if the member were gone.
+    std::thread::sleep(Duration::from_secs(8));
+    Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Deposed,
+    );
+    // Gone: its queued connections are reset, and the server serves.
+    drop(fillers);
+    drop(member);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = Conn::raw(server.local_addr());
+        match c
+            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body
+        {
+            ResponseBody::Hello {
+                role: ServerRole::Primary,
+                ..
+            } => break,
+            ResponseBody::Hello { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("hello once the member is gone: {other:?}"),
+        }
+    }
+    server.shutdown(true).unwrap();
+}
+
+/// A held restart also listens for the members it could not reach: one
+/// that comes back and answers ends the hold, as at the first probe.
+#[test]
+fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    silent.bind(&any.into()).unwrap();
+    silent.listen(16).unwrap();
+    let silent_addr = silent
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .unwrap()
+        .to_string();
+    // Nothing listens there yet (a port just freed).
+    let later = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let later_addr = later.local_addr().unwrap();
+    drop(later);
+    let (repository_id, last) = former_primary_of(
+        &tmp.path().join("repo"),
+        &[(6, &silent_addr), (7, &later_addr.to_string())],
+    );
+    // The fake member never acknowledges replication: with a synchronous
+    // secondary the node change the new primary commits would never finish.
+    let server = spawn(Config {
+        sync_replicas: 0,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let mut admin =
+        Conn::open_expecting(server.local_addr(), SessionRole::Admin, ServerRole::Deposed);
+    let node = match admin.call(RequestBody::GetNode).body {
+        ResponseBody::Node { node, .. } => node,
+        other => panic!("node: {other:?}"),
+    };
+    // Member 7 comes up: a secondary of this server's epoch.
+    let listener = std::net::TcpListener::bind(later_addr).unwrap();
+    fake_peer(listener, last, move |req| match req {
+        RequestBody::Hello { .. } => ResponseBody::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: 7,
+            repository_id: repository_id.clone(),
+            role: ServerRole::Secondary,
+            node: node.clone(),
+            epoch: crate::types::Epoch::initial(5),
+        },
+        _ => ResponseBody::Ok,
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = Conn::raw(server.local_addr());
+        match c
+            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body
+        {
+            ResponseBody::Hello {
+                role: ServerRole::Primary,
+                ..
+            } => break,
+            ResponseBody::Hello { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("hello once member 7 answers: {other:?}"),
+        }
+    }
+    drop(silent);
+    server.shutdown(true).unwrap();
+}
+
 #[test]
 fn a_secondary_that_cannot_apply_a_logged_record_stops() {
     use crate::protocol::ReplicateAck;
@@ -2263,24 +2390,26 @@ fn a_restarting_former_primary_waits_for_a_slow_member_leading_a_newer_epoch() {
 /// secondary, `member` at `addr`, as a primary left it when it stopped.
 /// Returns its repository id and last commit.
 fn former_primary(dir: &std::path::Path, member: u64, addr: &str) -> (String, u64) {
+    former_primary_of(dir, &[(member, addr)])
+}
+
+/// [`former_primary`] with several secondaries.
+fn former_primary_of(dir: &std::path::Path, secondaries: &[(u64, &str)]) -> (String, u64) {
     use crate::storage::{CommitRequest, Repository};
     use crate::types::{Member, MemberRole, Node};
     let mut repo = Repository::create(dir, 5, "127.0.0.1:1").unwrap();
+    let mut members = vec![Member {
+        server_id: 5,
+        addr: "127.0.0.1:1".into(),
+        role: MemberRole::Primary,
+    }];
+    members.extend(secondaries.iter().map(|(id, addr)| Member {
+        server_id: *id,
+        addr: (*addr).into(),
+        role: MemberRole::Secondary,
+    }));
     repo.commit(CommitRequest {
-        set_node: Some(Node {
-            members: vec![
-                Member {
-                    server_id: 5,
-                    addr: "127.0.0.1:1".into(),
-                    role: MemberRole::Primary,
-                },
-                Member {
-                    server_id: member,
-                    addr: addr.into(),
-                    role: MemberRole::Secondary,
-                },
-            ],
-        }),
+        set_node: Some(Node { members }),
         ..Default::default()
     })
     .unwrap();

@@ -663,7 +663,7 @@ impl NodeSupervisor {
                             {
                                 Heard::Silent(a)
                             }
-                            Err(_) => Heard::Nothing,
+                            Err(_) => Heard::Nothing(a),
                         }
                     })
                 })
@@ -673,7 +673,8 @@ impl NodeSupervisor {
                 match ask.await {
                     Ok(Heard::Answer(a, hello)) => out.answers.push((a, hello)),
                     Ok(Heard::Silent(a)) => out.silent.push(a),
-                    Ok(Heard::Nothing) | Err(_) => {}
+                    Ok(Heard::Nothing(a)) => out.gone.push(a),
+                    Err(_) => {}
                 }
             }
             out
@@ -686,8 +687,9 @@ impl NodeSupervisor {
     /// connections but says nothing (stopped, hung, overloaded): that one
     /// may have taken over while this server was down and hold
     /// acknowledged commits; serving beside it would make two primaries.
-    /// It then asks again every second, serving nothing, until a member
-    /// answers or the silent ones stop taking connections.
+    /// It then serves nothing and asks again once something changes: a
+    /// silent member answers, refuses or closes the connection held to it,
+    /// or a member that was not reached answers (`until_one_speaks`).
     fn check_restart(&mut self, ctx: &mut Context<Self>) {
         let my_epoch = self.epoch;
         self.probe_members_except("")
@@ -720,7 +722,7 @@ impl NodeSupervisor {
                     // once that is full new ones time out, which would
                     // read as "gone". One connection each is held until
                     // something happens to it; then everyone is asked again.
-                    until_one_speaks(probe.silent)
+                    until_one_speaks(probe.silent, probe.gone)
                         .into_actor(act)
                         .map(|(), act, ctx| act.check_restart(ctx))
                         .spawn(ctx);
@@ -2484,43 +2486,111 @@ struct Probe {
     answers: Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>,
     /// Members that took the connection but gave no hello in time.
     silent: Vec<NodeAddr>,
+    /// Members that refused it, or could not be reached at all.
+    gone: Vec<NodeAddr>,
 }
 
 enum Heard {
     Answer(NodeAddr, crate::actors::peer_link::PeerHello),
     Silent(NodeAddr),
-    Nothing,
+    Nothing(NodeAddr),
 }
 
 /// How long a member that gave no hello gets to take a bare connection.
 const SILENT_CHECK: Duration = Duration::from_millis(500);
 
-/// How long a held restart waits on one silent member's connection before
-/// asking everyone again (long: each round adds connections to a stopped
-/// process's accept queue).
-const SILENT_WAIT: Duration = Duration::from_secs(3600);
+/// How often a held restart asks again the members it did not reach.
+const GONE_RETRY: Duration = Duration::from_secs(2);
 
-/// Wait until one of `silent` answers a hello, refuses it or drops the
-/// connection (a process that woke up, or died), or [`SILENT_WAIT`]
-/// passed: one connection to each, held open meanwhile.
-async fn until_one_speaks(silent: Vec<NodeAddr>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(silent.len().max(1));
+/// Wait, with no bound, until something changes for a held restart: a
+/// `silent` member answers, refuses or closes the one connection held to
+/// it (it woke up, died or stopped taking connections), or a `gone` one
+/// answers a hello (asked every [`GONE_RETRY`]). The silent members get no
+/// other connection meanwhile. Every task ends with the returned future.
+async fn until_one_speaks(silent: Vec<NodeAddr>, gone: Vec<NodeAddr>) {
+    let (changed, mut heard) = tokio::sync::mpsc::channel::<NodeAddr>(1);
+    let (cancel, cancelled) = watch::channel(());
     for addr in silent {
-        let tx = tx.clone();
+        let (changed, mut cancelled) = (changed.clone(), cancelled.clone());
         actix_rt::spawn(async move {
-            let outcome = PeerLink::connect(&addr, SILENT_WAIT).await;
-            log::debug!(
-                "held restart: {addr} {}",
-                match &outcome {
-                    Ok(_) => "answered".to_string(),
-                    Err(e) => e.to_string(),
+            loop {
+                tokio::select! {
+                    _ = cancelled.changed() => return,
+                    held = hold_on(&addr) => match held {
+                        Held::Spoke => {
+                            let _ = changed.send(addr).await;
+                            return;
+                        }
+                        // Not in a tight loop, whatever the kernel does.
+                        Held::StillSilent => actix_rt::time::sleep(GONE_RETRY).await,
+                    },
                 }
-            );
-            let _ = tx.send(()).await;
+            }
         });
     }
-    drop(tx);
-    let _ = rx.recv().await;
+    for addr in gone {
+        let (changed, mut cancelled) = (changed.clone(), cancelled.clone());
+        actix_rt::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancelled.changed() => return,
+                    answered = async {
+                        actix_rt::time::sleep(GONE_RETRY).await;
+                        PeerLink::connect(&addr, PEER_PROBE_TIMEOUT).await.is_ok()
+                    } => if answered {
+                        let _ = changed.send(addr).await;
+                        return;
+                    },
+                }
+            }
+        });
+    }
+    drop(changed);
+    if let Some(addr) = heard.recv().await {
+        debug!("held restart: {addr} changed; asking the members again");
+    }
+    // Dropped: every task's `changed()` wakes up and it ends.
+    drop(cancel);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// An answer, a refusal, or the connection closed or reset.
+    Spoke,
+    /// The kernel gave up (a connect or read timed out): the member's
+    /// accept queue may be full. Not a sign that it is gone.
+    StillSilent,
+}
+
+/// Connect to `addr`, say a peer hello and wait, with no bound of our own,
+/// for any byte of an answer, a refusal or the connection's end.
+async fn hold_on(addr: &str) -> Held {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let outcome = |e: &std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut => Held::StillSilent,
+        _ => Held::Spoke,
+    };
+    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return outcome(&e),
+    };
+    let hello = crate::protocol::codec::encode(&crate::protocol::Request {
+        id: 1,
+        body: RequestBody::Hello {
+            protocol_version: crate::protocol::PROTOCOL_VERSION,
+            role: crate::protocol::SessionRole::Peer,
+            client_name: "magma-server restart check".into(),
+        },
+    });
+    if let Err(e) = stream.write_all(&hello).await {
+        return outcome(&e);
+    }
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte).await {
+        Err(e) => outcome(&e),
+        // Any byte (an answer) or none (closed): something changed.
+        Ok(_) => Held::Spoke,
+    }
 }
 
 /// Does something accept TCP connections at `addr` within `timeout`? A

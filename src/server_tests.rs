@@ -1482,6 +1482,94 @@ fn a_held_restart_outlasts_a_full_accept_queue_of_a_stopped_member() {
     server.shutdown(true).unwrap();
 }
 
+/// A listener that never accepts: a stopped process's port, with room
+/// for about `backlog + 1` connections in its accept queue.
+fn stopped_listener(backlog: i32) -> (socket2::Socket, String) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    socket.listen(backlog).unwrap();
+    let addr = socket
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .unwrap()
+        .to_string();
+    (socket, addr)
+}
+
+/// When one of two silent members changes, a held restart asks everyone
+/// again; the other, whose accept queue has filled up by then (partly
+/// with the hold's own connections), only times out, and must still hold
+/// it rather than read as gone.
+#[test]
+fn a_held_restart_still_holds_for_a_silent_member_whose_queue_filled() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Room for the first probe's two connections.
+    let (stopped, stopped_addr) = stopped_listener(1);
+    let (closing, closing_addr) = stopped_listener(16);
+    former_primary_of(
+        &tmp.path().join("repo"),
+        &[(6, &stopped_addr), (7, &closing_addr)],
+    );
+    let server = spawn(config(tmp.path())).unwrap();
+    Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Deposed,
+    );
+    // Whatever room is left, clients retrying the stopped server take.
+    let addr: SocketAddr = stopped_addr.parse().unwrap();
+    let fillers: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()
+        })
+        .collect();
+    // Member 7 goes away: its connections are reset, the hold on it ends
+    // and everyone is asked again. Reads name who holds the restart up.
+    drop(closing);
+    let held_by = |app: &mut Conn| {
+        let refused = app.error(RequestBody::Read {
+            oid: 1,
+            depth: 0,
+            required_progress: Default::default(),
+        });
+        format!("{refused:?}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut app = Conn::open_expecting(
+            server.local_addr(),
+            SessionRole::Application,
+            ServerRole::Deposed,
+        );
+        let why = held_by(&mut app);
+        assert!(
+            why.contains(&stopped_addr),
+            "held, but not for {stopped_addr}: {why}"
+        );
+        if !why.contains(&closing_addr) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still held for {closing_addr}: {why}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Asked again, and still held: a few seconds more change nothing.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut app = Conn::open_expecting(
+        server.local_addr(),
+        SessionRole::Application,
+        ServerRole::Deposed,
+    );
+    assert!(held_by(&mut app).contains(&stopped_addr));
+    drop(fillers);
+    drop(stopped);
+    server.shutdown(true).unwrap();
+}
+
 /// A held restart also listens for the members it could not reach: one
 /// that comes back and answers ends the hold, as at the first probe.
 #[test]
@@ -1497,10 +1585,11 @@ fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
         .as_socket()
         .unwrap()
         .to_string();
-    // Nothing listens there yet (a port just freed).
-    let later = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let later_addr = later.local_addr().unwrap();
-    drop(later);
+    // Bound, so nobody else takes the port, but not listening yet:
+    // connections to it are refused.
+    let later = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    later.bind(&any.into()).unwrap();
+    let later_addr = later.local_addr().unwrap().as_socket().unwrap();
     let (repository_id, last) = former_primary_of(
         &tmp.path().join("repo"),
         &[(6, &silent_addr), (7, &later_addr.to_string())],
@@ -1519,7 +1608,8 @@ fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
         other => panic!("node: {other:?}"),
     };
     // Member 7 comes up: a secondary of this server's epoch.
-    let listener = std::net::TcpListener::bind(later_addr).unwrap();
+    later.listen(16).unwrap();
+    let listener: std::net::TcpListener = later.into();
     fake_peer(listener, last, move |req| match req {
         RequestBody::Hello { .. } => ResponseBody::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -1549,6 +1639,70 @@ fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
         }
     }
     drop(silent);
+    server.shutdown(true).unwrap();
+}
+
+/// A member slower to answer than a probe waits still ends the hold: the
+/// answer the held connection got counts.
+#[test]
+fn a_held_restart_goes_on_once_a_slow_member_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let member_addr = listener.local_addr().unwrap().to_string();
+    let (repository_id, last) = former_primary(&tmp.path().join("repo"), 7, &member_addr);
+    let node = crate::types::Node {
+        members: vec![
+            crate::types::Member {
+                server_id: 5,
+                addr: "127.0.0.1:1".into(),
+                role: crate::types::MemberRole::Primary,
+            },
+            crate::types::Member {
+                server_id: 7,
+                addr: member_addr.clone(),
+                role: crate::types::MemberRole::Secondary,
+            },
+        ],
+    };
+    // A secondary of this server's epoch that takes 3 s over each hello
+    // (a probe waits 2 s).
+    fake_peer(listener, last, move |req| match req {
+        RequestBody::Hello { .. } => {
+            std::thread::sleep(Duration::from_secs(3));
+            ResponseBody::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                server_id: 7,
+                repository_id: repository_id.clone(),
+                role: ServerRole::Secondary,
+                node: node.clone(),
+                epoch: crate::types::Epoch::initial(5),
+            }
+        }
+        _ => ResponseBody::Ok,
+    });
+    // It never acknowledges replication: see the test above.
+    let server = spawn(Config {
+        sync_replicas: 0,
+        ..config(tmp.path())
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = Conn::raw(server.local_addr());
+        match c
+            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
+            .body
+        {
+            ResponseBody::Hello {
+                role: ServerRole::Primary,
+                ..
+            } => break,
+            ResponseBody::Hello { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("hello once the slow member answered: {other:?}"),
+        }
+    }
     server.shutdown(true).unwrap();
 }
 

@@ -50,6 +50,34 @@ pub struct PeerHello {
     pub commit: CommitNumber,
 }
 
+impl PeerHello {
+    /// The hello in the answer `body` (carrying `commit`); any other
+    /// answer is given back.
+    pub fn from_answer(
+        commit: CommitNumber,
+        body: ResponseBody,
+    ) -> Result<Self, Box<ResponseBody>> {
+        match body {
+            ResponseBody::Hello {
+                server_id,
+                repository_id,
+                role,
+                node,
+                epoch,
+                ..
+            } => Ok(PeerHello {
+                server_id,
+                repository_id,
+                role,
+                node,
+                epoch,
+                commit,
+            }),
+            other => Err(Box::new(other)),
+        }
+    }
+}
+
 pub struct PeerLink {
     addr: String,
     /// Buffered for reading: a reply's length prefix and body come in with
@@ -108,26 +136,12 @@ impl PeerLink {
                 timeout,
             )
             .await?;
-        match body {
-            ResponseBody::Hello {
-                server_id,
-                repository_id,
-                role,
-                node,
-                epoch,
-                ..
-            } => {
-                link.hello = PeerHello {
-                    server_id,
-                    repository_id,
-                    role,
-                    node,
-                    epoch,
-                    commit,
-                };
+        match PeerHello::from_answer(commit, body) {
+            Ok(hello) => {
+                link.hello = hello;
                 Ok(link)
             }
-            other => Err(link.unexpected("hello", &other)),
+            Err(other) => Err(link.unexpected("hello", &other)),
         }
     }
 

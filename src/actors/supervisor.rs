@@ -49,7 +49,7 @@ use crate::actors::failover::{
 use crate::actors::follower::{
     FollowState, FollowerActor, FollowerReport, PrimaryHeard, Resync, StopFollowing,
 };
-use crate::actors::peer_link::{reachable, LinkError, PeerLink};
+use crate::actors::peer_link::{reachable, LinkError, PeerHello, PeerLink};
 use crate::actors::session::{clipped, MAX_ECHO};
 use crate::actors::storage::{
     ApplyRecords, GetAnchor, GetInfo, ReadRecords, RecordHashOf, RetainFrom, SetRestoreMode,
@@ -663,7 +663,10 @@ impl NodeSupervisor {
                             {
                                 Heard::Silent(a)
                             }
-                            Err(_) => Heard::Nothing(a),
+                            Err(e) => Heard::Nothing {
+                                timed_out: matches!(e, LinkError::Timeout { .. }),
+                                addr: a,
+                            },
                         }
                     })
                 })
@@ -673,7 +676,12 @@ impl NodeSupervisor {
                 match ask.await {
                     Ok(Heard::Answer(a, hello)) => out.answers.push((a, hello)),
                     Ok(Heard::Silent(a)) => out.silent.push(a),
-                    Ok(Heard::Nothing(a)) => out.gone.push(a),
+                    Ok(Heard::Nothing { addr, timed_out }) => {
+                        if timed_out {
+                            out.timed_out.push(addr.clone());
+                        }
+                        out.gone.push(addr);
+                    }
                     Err(_) => {}
                 }
             }
@@ -689,12 +697,14 @@ impl NodeSupervisor {
     /// acknowledged commits; serving beside it would make two primaries.
     /// It then serves nothing and asks again once something changes: a
     /// silent member answers, refuses or closes the connection held to it,
-    /// or a member that was not reached answers (`until_one_speaks`).
-    fn check_restart(&mut self, ctx: &mut Context<Self>) {
+    /// or a member that was not reached takes one (`until_one_speaks`);
+    /// `hold` is what that wait learnt.
+    fn check_restart(&mut self, hold: HoldOutcome, ctx: &mut Context<Self>) {
         let my_epoch = self.epoch;
         self.probe_members_except("")
             .into_actor(self)
             .map(move |probe, act, ctx| {
+                let probe = probe.after_hold(hold);
                 if probe.answers.is_empty() && !probe.silent.is_empty() {
                     let note = format!(
                         "not serving yet: {} {} connections but {} not answer, and may have \
@@ -724,7 +734,7 @@ impl NodeSupervisor {
                     // something happens to it; then everyone is asked again.
                     until_one_speaks(probe.silent, probe.gone)
                         .into_actor(act)
-                        .map(|(), act, ctx| act.check_restart(ctx))
+                        .map(|hold, act, ctx| act.check_restart(hold, ctx))
                         .spawn(ctx);
                     return;
                 }
@@ -753,7 +763,9 @@ impl NodeSupervisor {
                                 "epoch {epoch} is newer than ours; waiting for its primary"
                             )),
                         );
-                        ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+                        ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                            act.check_restart(HoldOutcome::default(), ctx)
+                        });
                     }
                 }
             })
@@ -852,7 +864,9 @@ impl NodeSupervisor {
             }
             Err(e) => {
                 warn!("cannot compare logs with {primary}: {e}; retrying");
-                ctx.run_later(Duration::from_secs(1), |act, ctx| act.check_restart(ctx));
+                ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                    act.check_restart(HoldOutcome::default(), ctx)
+                });
             }
         })
         .spawn(ctx);
@@ -980,7 +994,7 @@ impl Actor for NodeSupervisor {
                     act.serve_as_primary(ctx);
                 } else {
                     // A restarted former primary asks first (rejoin).
-                    act.check_restart(ctx);
+                    act.check_restart(HoldOutcome::default(), ctx);
                 }
             } else {
                 if let Some(p) = act.parts.follow.clone() {
@@ -2483,17 +2497,47 @@ async fn pull_from_peer(
 #[derive(Default)]
 struct Probe {
     /// Members that answered the hello.
-    answers: Vec<(NodeAddr, crate::actors::peer_link::PeerHello)>,
+    answers: Vec<(NodeAddr, PeerHello)>,
     /// Members that took the connection but gave no hello in time.
     silent: Vec<NodeAddr>,
     /// Members that refused it, or could not be reached at all.
     gone: Vec<NodeAddr>,
+    /// Of `gone`, those whose connect or hello timed out (rather than
+    /// being refused): a stopped process whose accept queue is full looks
+    /// like that too.
+    timed_out: Vec<NodeAddr>,
+}
+
+impl Probe {
+    /// Fold in what a held restart learnt since its last probe: members
+    /// still `silent` then that only time out now have not changed (their
+    /// accept queue filled up, partly with our own probes), and an answer
+    /// the hold got stands if this probe heard nothing newer from it (a
+    /// member slower than the probe's patience).
+    fn after_hold(mut self, hold: HoldOutcome) -> Probe {
+        for addr in hold.still_silent {
+            if self.timed_out.contains(&addr) {
+                self.gone.retain(|a| *a != addr);
+                self.timed_out.retain(|a| *a != addr);
+                self.silent.push(addr);
+            }
+        }
+        if let Some((addr, hello)) = hold.answer {
+            if !self.answers.iter().any(|(a, _)| *a == addr) {
+                self.silent.retain(|a| *a != addr);
+                self.gone.retain(|a| *a != addr);
+                self.timed_out.retain(|a| *a != addr);
+                self.answers.push((addr, hello));
+            }
+        }
+        self
+    }
 }
 
 enum Heard {
-    Answer(NodeAddr, crate::actors::peer_link::PeerHello),
+    Answer(NodeAddr, PeerHello),
     Silent(NodeAddr),
-    Nothing(NodeAddr),
+    Nothing { addr: NodeAddr, timed_out: bool },
 }
 
 /// How long a member that gave no hello gets to take a bare connection.
@@ -2502,27 +2546,43 @@ const SILENT_CHECK: Duration = Duration::from_millis(500);
 /// How often a held restart asks again the members it did not reach.
 const GONE_RETRY: Duration = Duration::from_secs(2);
 
+/// TCP keepalive on a held connection: a stopped process's kernel still
+/// answers it; a host that is gone, or a port blocked with DROP, ends the
+/// hold on it within about half a minute.
+const HOLD_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(10), Duration::from_secs(5), 3);
+
+/// What ended a held restart's wait, for the next probe.
+#[derive(Default)]
+struct HoldOutcome {
+    /// Silent members whose held connection is still as it was.
+    still_silent: Vec<NodeAddr>,
+    /// A member that answered the hello meanwhile.
+    answer: Option<(NodeAddr, PeerHello)>,
+}
+
 /// Wait, with no bound, until something changes for a held restart: a
-/// `silent` member answers, refuses or closes the one connection held to
-/// it (it woke up, died or stopped taking connections), or a `gone` one
-/// answers a hello (asked every [`GONE_RETRY`]). The silent members get no
-/// other connection meanwhile. Every task ends with the returned future.
-async fn until_one_speaks(silent: Vec<NodeAddr>, gone: Vec<NodeAddr>) {
-    let (changed, mut heard) = tokio::sync::mpsc::channel::<NodeAddr>(1);
+/// `silent` member answers, refuses, closes or resets the one connection
+/// held to it, or stops answering TCP keepalives on it; or a `gone` one
+/// takes a connection (asked every [`GONE_RETRY`]). The silent members
+/// get no other connection meanwhile (one more only when the kernel timed
+/// the last one out). Every task ends with the returned future.
+async fn until_one_speaks(silent: Vec<NodeAddr>, gone: Vec<NodeAddr>) -> HoldOutcome {
+    let (changed, mut heard) = tokio::sync::mpsc::channel::<(NodeAddr, Held)>(1);
     let (cancel, cancelled) = watch::channel(());
-    for addr in silent {
+    for addr in silent.iter().cloned() {
         let (changed, mut cancelled) = (changed.clone(), cancelled.clone());
         actix_rt::spawn(async move {
             loop {
                 tokio::select! {
                     _ = cancelled.changed() => return,
                     held = hold_on(&addr) => match held {
-                        Held::Spoke => {
-                            let _ = changed.send(addr).await;
-                            return;
-                        }
                         // Not in a tight loop, whatever the kernel does.
                         Held::StillSilent => actix_rt::time::sleep(GONE_RETRY).await,
+                        held => {
+                            let _ = changed.send((addr, held)).await;
+                            return;
+                        }
                     },
                 }
             }
@@ -2534,11 +2594,11 @@ async fn until_one_speaks(silent: Vec<NodeAddr>, gone: Vec<NodeAddr>) {
             loop {
                 tokio::select! {
                     _ = cancelled.changed() => return,
-                    answered = async {
+                    asked = async {
                         actix_rt::time::sleep(GONE_RETRY).await;
-                        PeerLink::connect(&addr, PEER_PROBE_TIMEOUT).await.is_ok()
-                    } => if answered {
-                        let _ = changed.send(addr).await;
+                        ask_gone(&addr).await
+                    } => if let Some(held) = asked {
+                        let _ = changed.send((addr, held)).await;
                         return;
                     },
                 }
@@ -2546,34 +2606,82 @@ async fn until_one_speaks(silent: Vec<NodeAddr>, gone: Vec<NodeAddr>) {
         });
     }
     drop(changed);
-    if let Some(addr) = heard.recv().await {
-        debug!("held restart: {addr} changed; asking the members again");
+    let mut outcome = HoldOutcome {
+        still_silent: silent,
+        answer: None,
+    };
+    if let Some((addr, held)) = heard.recv().await {
+        debug!("held restart: {addr} {held:?}; asking the members again");
+        outcome.still_silent.retain(|a| *a != addr);
+        if let Held::Answered(hello) = held {
+            outcome.answer = Some((addr, hello));
+        }
     }
     // Dropped: every task's `changed()` wakes up and it ends.
     drop(cancel);
+    outcome
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Held {
-    /// An answer, a refusal, or the connection closed or reset.
-    Spoke,
-    /// The kernel gave up (a connect or read timed out): the member's
-    /// accept queue may be full. Not a sign that it is gone.
+    /// It answered the hello.
+    Answered(PeerHello),
+    /// It refused, closed or reset the connection, answered something
+    /// else, or stopped answering keepalives: it woke up, died, or can no
+    /// longer be reached.
+    Ended,
+    /// The connect timed out: a stopped process's accept queue may be
+    /// full. Not a sign that it is gone.
     StillSilent,
 }
 
-/// Connect to `addr`, say a peer hello and wait, with no bound of our own,
-/// for any byte of an answer, a refusal or the connection's end.
+/// Connect to `addr`, say a peer hello and wait, with no bound of our own
+/// (TCP keepalive watches the path), for the answer or the connection's
+/// end.
 async fn hold_on(addr: &str) -> Held {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let outcome = |e: &std::io::Error| match e.kind() {
-        std::io::ErrorKind::TimedOut => Held::StillSilent,
-        _ => Held::Spoke,
-    };
-    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+    let stream = match tokio::net::TcpStream::connect(addr).await {
         Ok(s) => s,
-        Err(e) => return outcome(&e),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Held::StillSilent,
+        Err(_) => return Held::Ended,
     };
+    let (idle, interval, retries) = HOLD_KEEPALIVE;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(retries);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        warn!("held restart: no TCP keepalive on the connection to {addr}: {e}");
+    }
+    match hello_on(stream).await {
+        Ok(hello) => Held::Answered(hello),
+        Err(_) => Held::Ended,
+    }
+}
+
+/// A member a held restart could not reach: `None` while it still cannot
+/// be, else what it said (a member that takes the connection but gives no
+/// hello in time is news too: the next probe finds it silent).
+async fn ask_gone(addr: &str) -> Option<Held> {
+    let stream = match tokio::time::timeout(
+        PEER_PROBE_TIMEOUT,
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        _ => return None,
+    };
+    Some(
+        match tokio::time::timeout(PEER_PROBE_TIMEOUT, hello_on(stream)).await {
+            Ok(Ok(hello)) => Held::Answered(hello),
+            _ => Held::Ended,
+        },
+    )
+}
+
+/// Say a peer hello on `stream` and read the answer, however long it takes.
+async fn hello_on(mut stream: tokio::net::TcpStream) -> Result<PeerHello, String> {
+    use tokio::io::AsyncWriteExt;
     let hello = crate::protocol::codec::encode(&crate::protocol::Request {
         id: 1,
         body: RequestBody::Hello {
@@ -2582,15 +2690,17 @@ async fn hold_on(addr: &str) -> Held {
             client_name: "magma-server restart check".into(),
         },
     });
-    if let Err(e) = stream.write_all(&hello).await {
-        return outcome(&e);
-    }
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte).await {
-        Err(e) => outcome(&e),
-        // Any byte (an answer) or none (closed): something changed.
-        Ok(_) => Held::Spoke,
-    }
+    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let frame = crate::protocol::codec::read_frame_async(
+        &mut stream,
+        crate::protocol::codec::DEFAULT_MAX_FRAME,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let answer: crate::protocol::Response =
+        crate::protocol::codec::decode(&frame).map_err(|e| e.to_string())?;
+    PeerHello::from_answer(answer.commit, answer.body)
+        .map_err(|other| format!("answered a hello with {}", response_type(&other)))
 }
 
 /// Does something accept TCP connections at `addr` within `timeout`? A

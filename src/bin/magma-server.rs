@@ -134,13 +134,15 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     log_segment_bytes: u64,
 
-    /// Start even though the commit-log segment the header names is
-    /// missing (log/ deleted, moved or lost), from the last checkpoint.
-    /// Whatever that segment held after the checkpoint is lost (nothing,
-    /// if the server had been stopped cleanly), and a client resending a
-    /// commit from before the loss may have it applied again. Without
-    /// this flag such a directory is refused. Use it once, knowingly; in
-    /// a node, starting from a new backup (--join) loses nothing.
+    /// Start even though commit-log segments are missing (log/ or its
+    /// newest files deleted, moved or lost): from the last checkpoint if
+    /// the segment the header names is gone, else from the end of the
+    /// segments left. Whatever the lost segments held is lost (nothing
+    /// after the checkpoint, if the server had been stopped cleanly), and
+    /// a client resending a commit from before the loss may have it
+    /// applied again. Without this flag such a directory is refused. Use
+    /// it once, knowingly; in a node, starting from a new backup (--join)
+    /// loses nothing.
     #[arg(long)]
     accept_missing_log: bool,
 

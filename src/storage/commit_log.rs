@@ -3,8 +3,9 @@
 //! Owns `DIR/log/`. Each segment is named by the number of its first record
 //! (`00000000000000000001.log`), starts with a 16-byte head (magic +
 //! first number) and holds records `u32 len | u32 crc32(body) | body`.
-//! Appends go to the last segment only; earlier segments are immutable and
-//! synced before a new one starts. On open, a torn tail of the last segment
+//! Appends go to the last segment only; earlier segments are immutable,
+//! marked finished in their head and synced once the next one exists, so
+//! a finished segment that is last at open means newer ones were lost. On open, a torn tail of the last segment
 //! is cut; any other bad record is an error naming the file and offset.
 //! This module never interprets payloads: it checks numbers and the hash
 //! chain only.
@@ -23,6 +24,9 @@ use crate::types::{CommitNumber, Hash};
 
 pub const LOG_DIR: &str = "log";
 const SEGMENT_MAGIC: &[u8; 8] = b"MAGLOG01";
+/// The head magic of a finished segment: the log moved on to the next one
+/// (whose file existed, durably, before this was written).
+const FINISHED_MAGIC: &[u8; 8] = b"MAGLOGF1";
 const SEGMENT_HEAD_LEN: u64 = 16;
 const RECORD_PREFIX: u64 = 8;
 /// A record larger than this is not a record but garbage (a torn length);
@@ -321,7 +325,18 @@ impl CommitLog {
             last_hash: checkpoint_hash,
             segment_bytes,
         };
-        log.scan_from_checkpoint(checkpoint, history_from, &mut history, &mut replay)?;
+        let lost_tail = log.scan_from_checkpoint(
+            checkpoint,
+            history_from,
+            accept_missing,
+            &mut history,
+            &mut replay,
+        )?;
+        if lost_tail {
+            // The last segment left is finished: appends go to a new one,
+            // which also keeps the loss from being asked about again.
+            log.start_segment(log.last + 1)?;
+        }
         // After a kill -9 the tail may still be only in the page cache, yet
         // from now on it counts as durable (a resent token is answered as
         // `Duplicate` without waiting for an fsync, `durable` starts at the
@@ -331,13 +346,17 @@ impl CommitLog {
         Ok(log)
     }
 
+    /// Returns whether the last segment is a finished one whose successor
+    /// is gone and the operator accepted the loss (`accept_missing`).
     fn scan_from_checkpoint(
         &mut self,
         checkpoint: CommitNumber,
         history_from: CommitNumber,
+        accept_missing: bool,
         history: &mut impl FnMut(&[u8]) -> Result<()>,
         replay: &mut impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut lost_tail = false;
         // Segments wholly before the checkpoint (and before the history
         // asked for) are not read at open.
         let holds_next = self
@@ -378,7 +397,7 @@ impl CommitLog {
                 .metadata()
                 .map_err(|e| io_at(&path, "inspecting", e))?
                 .len();
-            self.check_segment_head(&file, &path, first, file_len, is_last)?;
+            let finished = self.check_segment_head(&file, &path, first, file_len, is_last)?;
             let mut offsets = Vec::new();
             let mut offset = SEGMENT_HEAD_LEN.min(file_len);
             if file_len < SEGMENT_HEAD_LEN {
@@ -469,7 +488,35 @@ impl CommitLog {
             }
             let next = self.segments.get(i + 1).map(|s| s.first);
             check_segment_end(&path, offset, first, number, next)?;
-            if is_last && first <= checkpoint && number <= checkpoint {
+            if is_last && finished {
+                // The log wrote the next segment's file before marking
+                // this one finished: it was deleted, moved or lost, with
+                // every record it and any later segment held.
+                let missing = self.dir.join(segment_name(number));
+                if !accept_missing {
+                    return Err(StorageError::Corrupted(format!(
+                        "commit-log segment {} is missing (deleted, moved or lost): {} is \
+                         marked finished, so the log went on in that file from record \
+                         {number}. It held any commits after {} (acknowledged ones \
+                         included) and the idempotency history of recent commits. Put it \
+                         back, with any later segments; otherwise move this directory aside \
+                         and start this server from a new backup of the node (magma-server \
+                         --dir NEW --join PRIMARY), or accept the loss and start once with \
+                         --accept-missing-log",
+                        missing.display(),
+                        path.display(),
+                        number - 1
+                    )));
+                }
+                log::warn!(
+                    "--accept-missing-log: commit-log segment {} is missing; the log ends \
+                     at record {}. Any commits after it are lost, and a client resending a \
+                     commit from before the loss may have it applied again",
+                    missing.display(),
+                    (number - 1).max(checkpoint)
+                );
+                lost_tail = true;
+            } else if is_last && first <= checkpoint && number <= checkpoint {
                 // This server logged every record up to its checkpoint
                 // before taking it (a backup's log starts after it).
                 return Err(StorageError::CorruptRecord {
@@ -493,9 +540,11 @@ impl CommitLog {
                 self.current = Some(Arc::new(file));
             }
         }
-        Ok(())
+        Ok(lost_tail)
     }
 
+    /// Checks the head of the segment of records from `first`; returns
+    /// whether it is marked finished.
     fn check_segment_head(
         &self,
         file: &File,
@@ -503,10 +552,10 @@ impl CommitLog {
         first: CommitNumber,
         file_len: u64,
         is_last: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if file_len < SEGMENT_HEAD_LEN {
             if is_last {
-                return Ok(());
+                return Ok(false);
             }
             return Err(StorageError::CorruptRecord {
                 file: path.to_path_buf(),
@@ -518,14 +567,15 @@ impl CommitLog {
         file.read_exact_at(&mut head, 0)
             .map_err(|e| io_at(path, "reading", e))?;
         let stored_first = u64::from_le_bytes(head[8..16].try_into().unwrap());
-        if &head[0..8] != SEGMENT_MAGIC || stored_first != first {
+        let finished = &head[0..8] == FINISHED_MAGIC;
+        if (!finished && &head[0..8] != SEGMENT_MAGIC) || stored_first != first {
             return Err(StorageError::CorruptRecord {
                 file: path.to_path_buf(),
                 offset: 0,
                 reason: "bad segment head".into(),
             });
         }
-        Ok(())
+        Ok(finished)
     }
 
     fn write_segment_head(&self, file: &File, path: &Path, first: CommitNumber) -> Result<()> {
@@ -630,13 +680,6 @@ impl CommitLog {
 
     fn start_segment(&mut self, first: CommitNumber) -> Result<()> {
         self.write_pending()?;
-        if let (Some(cur), Some(seg)) = (&self.current, self.segments.last_mut()) {
-            // A finished segment ends at its last record.
-            cur.set_len(seg.len)
-                .and_then(|_| cur.sync_all())
-                .map_err(|e| io_at(&seg.path, "finishing segment", e))?;
-            seg.allocated = seg.len;
-        }
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new()
             .read(true)
@@ -647,6 +690,17 @@ impl CommitLog {
             .map_err(|e| io_at(&path, "creating", e))?;
         self.write_segment_head(&file, &path, first)?;
         crate::storage::header::sync_dir(&self.dir)?;
+        // Only now, with the new file durably in the directory, is the
+        // previous one marked finished: a finished segment that is last at
+        // open then always means a lost one, never a crash in between.
+        if let (Some(cur), Some(seg)) = (&self.current, self.segments.last_mut()) {
+            // A finished segment ends at its last record.
+            cur.set_len(seg.len)
+                .and_then(|_| cur.write_all_at(FINISHED_MAGIC, 0))
+                .and_then(|_| cur.sync_all())
+                .map_err(|e| io_at(&seg.path, "finishing segment", e))?;
+            seg.allocated = seg.len;
+        }
         self.segments.push(Segment {
             first,
             path,
@@ -1207,6 +1261,102 @@ mod tests {
             .unwrap_or_else(|e| panic!("{damage} above the checkpoint: {e}"));
             assert_eq!(log.last(), 9, "{damage}");
         }
+    }
+
+    /// The segment files of `dir`'s log, oldest first.
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut segs: Vec<_> = fs::read_dir(dir.join(LOG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segs.sort();
+        segs
+    }
+
+    #[test]
+    fn a_lost_newest_segment_is_refused_unless_the_loss_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bodies, _) = write_n(dir.path(), 50, 400);
+        let segs = segment_files(dir.path());
+        assert!(segs.len() > 3, "{segs:?}");
+        let newest = segs.last().unwrap().clone();
+        let newest_first: u64 = newest
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(newest_first > 11, "{segs:?}");
+        let open = |accept_missing| {
+            let start = Start {
+                checkpoint: 10,
+                checkpoint_hash: record_hash(&bodies[9]),
+                history_from: 11,
+                segment: 0,
+                accept_missing,
+            };
+            CommitLog::open_with_history(dir.path(), start, 400, |_| Ok(()), |_| Ok(()))
+        };
+        // Every segment but the newest is marked finished.
+        for seg in &segs {
+            let head = fs::read(seg).unwrap();
+            let magic = if *seg == newest {
+                SEGMENT_MAGIC
+            } else {
+                FINISHED_MAGIC
+            };
+            assert_eq!(&head[..8], magic, "{}", seg.display());
+        }
+        let saved = fs::read(&newest).unwrap();
+        fs::remove_file(&newest).unwrap();
+        match open(false) {
+            Err(StorageError::Corrupted(m)) => assert!(
+                m.contains(&newest.display().to_string()) && m.contains("is missing"),
+                "{m}"
+            ),
+            other => panic!(
+                "expected a missing segment, got {:?}",
+                other.map(|l| l.last())
+            ),
+        }
+        fs::write(&newest, &saved).unwrap();
+        assert_eq!(open(false).unwrap().last(), 50, "put back, nothing lost");
+        // Segments an older build wrote carry no mark: nothing is refused.
+        for seg in &segs {
+            let mut head = fs::read(seg).unwrap();
+            head[..8].copy_from_slice(SEGMENT_MAGIC);
+            fs::write(seg, &head).unwrap();
+        }
+        assert_eq!(open(false).unwrap().last(), 50);
+        // Lost again with the marks back, and accepted: the log ends
+        // before it, goes on in a new segment, and asks nothing again.
+        let mut log = open(false).unwrap();
+        for i in 51..=60 {
+            let b = body(i, log.last_hash());
+            log.append(i, &b).unwrap();
+        }
+        log.sync().unwrap();
+        drop(log);
+        let segs = segment_files(dir.path());
+        let newest = segs.last().unwrap().clone();
+        let newest_first: u64 = newest
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(newest_first > 50, "rolled since: {segs:?}");
+        fs::remove_file(&newest).unwrap();
+        assert!(open(false).is_err());
+        let mut log = open(true).unwrap();
+        assert_eq!(log.last(), newest_first - 1);
+        let b = body(newest_first, log.last_hash());
+        log.append(newest_first, &b).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        assert_eq!(open(false).unwrap().last(), newest_first);
     }
 
     #[test]

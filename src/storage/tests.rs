@@ -1233,6 +1233,19 @@ fn a_deleted_log_is_refused_not_taken_for_an_empty_one() {
     let repo = Repository::open_with(&path, opts()).unwrap();
     assert_eq!(repo.info().last_commit, last, "put back, nothing is lost");
     drop(repo);
+    // The newest segment, which no header names, moved away: the one
+    // before it is marked finished, so the log is known to go on.
+    let newest = last_segment(&path);
+    fs::rename(&newest, &aside).unwrap();
+    let err = Repository::open_with(&path, opts())
+        .err()
+        .expect("opened without its newest segment")
+        .to_string();
+    assert!(
+        err.contains(&newest.display().to_string()) && err.contains("is missing"),
+        "{err}"
+    );
+    fs::rename(&aside, &newest).unwrap();
     // The whole log directory. The refused open leaves no empty `log/`
     // in the way of the one the operator puts back.
     let log_dir = path.join(commit_log::LOG_DIR);

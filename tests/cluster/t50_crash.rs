@@ -116,6 +116,43 @@ fn t50_damaged_files_on_start_up_are_reported_clearly() {
 }
 
 #[test]
+fn t50_a_lost_newest_log_segment_is_refused_not_taken_for_the_end_of_the_log() {
+    let mut c = Cluster::new();
+    // Small segments: the flood's commits span several.
+    let s = c.add_server("s1", &["--log-segment-bytes", "4096"]);
+    c.servers[s].start();
+    let addr = c.servers[s].addr.clone();
+    let dir = c.root.path().to_path_buf();
+    let mut f = Flood::start(&dir, &[addr.as_str()], "d", &["--count", "300"]);
+    assert!(f.wait(Duration::from_secs(60)).status.success());
+    c.servers[s].kill();
+    let log_dir = c.servers[s].dir.join("log");
+    let mut segments: Vec<_> = fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() > 1, "several segments: {segments:?}");
+    let newest = segments.pop().unwrap();
+
+    phase!("the newest segment moved away: refused, naming it");
+    let aside = dir.join("aside.log");
+    fs::rename(&newest, &aside).unwrap();
+    let (status, output) = c.servers[s].run_to_exit(Duration::from_secs(30));
+    assert!(!status.success(), "started without its newest segment");
+    let name = newest.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        output.contains(&name) && output.contains("is missing"),
+        "the error should name {name} as missing: {output}"
+    );
+
+    phase!("put back: every acknowledged commit is served");
+    fs::rename(&aside, &newest).unwrap();
+    c.servers[s].start();
+    verify_flood(&dump(&addr, "d"), "d", &f.acked(), 0);
+}
+
+#[test]
 fn t50_kill9_of_an_asynchronous_secondary_keeps_what_it_acknowledged_as_applied() {
     // With --sync-replicas 0 a secondary answers once a batch is applied
     // and written to its log, before any fsync. With a 10-minute flush

@@ -463,7 +463,10 @@ impl CommitLog {
                     Read::Bad(reason) => {
                         // A checkpointed record was complete once: damage
                         // to it is never a torn tail.
+                        // Nor is damage to a finished segment: it was
+                        // synced whole before it was marked.
                         let torn = is_last
+                            && !finished
                             && number > checkpoint
                             && !valid_record_after(&file, offset, file_len, number)
                                 .map_err(|e| io_at(&path, "reading", e))?;
@@ -488,6 +491,20 @@ impl CommitLog {
             }
             let next = self.segments.get(i + 1).map(|s| s.first);
             check_segment_end(&path, offset, first, number, next)?;
+            if is_last && first <= checkpoint && number <= checkpoint {
+                // This server logged every record up to its checkpoint
+                // before taking it (a backup's log starts after it). Also
+                // with --accept-missing-log: a new segment after this one
+                // would leave a gap below the checkpoint.
+                return Err(StorageError::CorruptRecord {
+                    file: path,
+                    offset,
+                    reason: format!(
+                        "the log ends at record {}, before the checkpoint {checkpoint}",
+                        number - 1
+                    ),
+                });
+            }
             if is_last && finished {
                 // The log wrote the next segment's file before marking
                 // this one finished: it was deleted, moved or lost, with
@@ -513,20 +530,9 @@ impl CommitLog {
                      at record {}. Any commits after it are lost, and a client resending a \
                      commit from before the loss may have it applied again",
                     missing.display(),
-                    (number - 1).max(checkpoint)
+                    number - 1
                 );
                 lost_tail = true;
-            } else if is_last && first <= checkpoint && number <= checkpoint {
-                // This server logged every record up to its checkpoint
-                // before taking it (a backup's log starts after it).
-                return Err(StorageError::CorruptRecord {
-                    file: path,
-                    offset,
-                    reason: format!(
-                        "the log ends at record {}, before the checkpoint {checkpoint}",
-                        number - 1
-                    ),
-                });
             }
             let allocated = file
                 .metadata()
@@ -680,6 +686,16 @@ impl CommitLog {
 
     fn start_segment(&mut self, first: CommitNumber) -> Result<()> {
         self.write_pending()?;
+        // 1. The finished segment ends at its last record, all durable: a
+        //    crash later in the roll can leave no torn tail in it, which
+        //    (no longer last) could not be cut.
+        if let (Some(cur), Some(seg)) = (&self.current, self.segments.last_mut()) {
+            cur.set_len(seg.len)
+                .and_then(|_| cur.sync_all())
+                .map_err(|e| io_at(&seg.path, "finishing segment", e))?;
+            seg.allocated = seg.len;
+        }
+        // 2. The next segment, its head and its directory entry durable.
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new()
             .read(true)
@@ -689,17 +705,16 @@ impl CommitLog {
             .open(&path)
             .map_err(|e| io_at(&path, "creating", e))?;
         self.write_segment_head(&file, &path, first)?;
+        file.sync_all()
+            .map_err(|e| io_at(&path, "syncing the head of", e))?;
         crate::storage::header::sync_dir(&self.dir)?;
-        // Only now, with the new file durably in the directory, is the
-        // previous one marked finished: a finished segment that is last at
-        // open then always means a lost one, never a crash in between.
-        if let (Some(cur), Some(seg)) = (&self.current, self.segments.last_mut()) {
-            // A finished segment ends at its last record.
-            cur.set_len(seg.len)
-                .and_then(|_| cur.write_all_at(FINISHED_MAGIC, 0))
-                .and_then(|_| cur.sync_all())
-                .map_err(|e| io_at(&seg.path, "finishing segment", e))?;
-            seg.allocated = seg.len;
+        // 3. Only now is the previous one marked finished: a finished
+        //    segment that is last at open always means a lost one, never
+        //    a crash in between.
+        if let (Some(cur), Some(seg)) = (&self.current, self.segments.last()) {
+            cur.write_all_at(FINISHED_MAGIC, 0)
+                .and_then(|_| cur.sync_data())
+                .map_err(|e| io_at(&seg.path, "marking finished", e))?;
         }
         self.segments.push(Segment {
             first,
@@ -1329,8 +1344,9 @@ mod tests {
             fs::write(seg, &head).unwrap();
         }
         assert_eq!(open(false).unwrap().last(), 50);
-        // Lost again with the marks back, and accepted: the log ends
-        // before it, goes on in a new segment, and asks nothing again.
+        // A roll marks the segment it finishes. The newest lost again,
+        // and accepted: the log ends before it, goes on in a new segment,
+        // and asks nothing again.
         let mut log = open(false).unwrap();
         for i in 51..=60 {
             let b = body(i, log.last_hash());
@@ -1350,6 +1366,18 @@ mod tests {
         assert!(newest_first > 50, "rolled since: {segs:?}");
         fs::remove_file(&newest).unwrap();
         assert!(open(false).is_err());
+        // A finished segment was synced whole: damage at its end is not a
+        // torn tail to cut, even when the loss after it is accepted.
+        let last_left = segment_files(dir.path()).pop().unwrap();
+        let good = fs::read(&last_left).unwrap();
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 0xff;
+        fs::write(&last_left, &bad).unwrap();
+        match open(true) {
+            Err(StorageError::CorruptRecord { file, .. }) => assert_eq!(file, last_left),
+            other => panic!("expected corruption, got {:?}", other.map(|l| l.last())),
+        }
+        fs::write(&last_left, &good).unwrap();
         let mut log = open(true).unwrap();
         assert_eq!(log.last(), newest_first - 1);
         let b = body(newest_first, log.last_hash());
@@ -1357,6 +1385,37 @@ mod tests {
         log.sync().unwrap();
         drop(log);
         assert_eq!(open(false).unwrap().last(), newest_first);
+    }
+
+    /// The segment the header names lost with every later one: what is
+    /// left ends before the checkpoint, and a new segment after it would
+    /// leave a gap below the checkpoint, refused at every later start.
+    #[test]
+    fn an_accepted_loss_that_leaves_the_log_short_of_the_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bodies, _) = write_n(dir.path(), 60, 400);
+        let segs = segment_files(dir.path());
+        let first_of =
+            |p: &PathBuf| -> u64 { p.file_stem().unwrap().to_str().unwrap().parse().unwrap() };
+        let named = first_of(&segs[segs.len() - 3]);
+        let checkpoint = named + 1;
+        assert!(first_of(&segs[segs.len() - 2]) > checkpoint, "{segs:?}");
+        for seg in &segs[segs.len() - 3..] {
+            fs::remove_file(seg).unwrap();
+        }
+        let start = Start {
+            checkpoint,
+            checkpoint_hash: record_hash(&bodies[checkpoint as usize - 1]),
+            history_from: checkpoint + 1,
+            segment: named,
+            accept_missing: true,
+        };
+        match CommitLog::open_with_history(dir.path(), start, 400, |_| Ok(()), |_| Ok(())) {
+            Err(StorageError::CorruptRecord { reason, .. }) => {
+                assert!(reason.contains("before the checkpoint"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|l| l.last())),
+        }
     }
 
     #[test]

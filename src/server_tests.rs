@@ -1405,23 +1405,7 @@ fn a_restarting_primary_does_not_serve_beside_a_member_that_takes_connections_si
     // Gone for good: the next round finds nobody and serves.
     stop.send(()).unwrap();
     holder.join().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut c = Conn::raw(server.local_addr());
-        match c
-            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
-            .body
-        {
-            ResponseBody::Hello {
-                role: ServerRole::Primary,
-                ..
-            } => break,
-            ResponseBody::Hello { .. } if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            other => panic!("hello once the member is gone: {other:?}"),
-        }
-    }
+    wait_for_primary(server.local_addr(), "once the member is gone");
     server.shutdown(true).unwrap();
 }
 
@@ -1462,9 +1446,16 @@ fn a_held_restart_outlasts_a_full_accept_queue_of_a_stopped_member() {
     // Gone: its queued connections are reset, and the server serves.
     drop(fillers);
     drop(member);
+    wait_for_primary(server.local_addr(), "once the member is gone");
+    server.shutdown(true).unwrap();
+}
+
+/// Wait (30 s at most) until the server at `addr` greets applications as
+/// the primary; `when` says what the test waits for.
+fn wait_for_primary(addr: SocketAddr, when: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut c = Conn::raw(server.local_addr());
+        let mut c = Conn::raw(addr);
         match c
             .call(hello(SessionRole::Application, PROTOCOL_VERSION))
             .body
@@ -1472,14 +1463,13 @@ fn a_held_restart_outlasts_a_full_accept_queue_of_a_stopped_member() {
             ResponseBody::Hello {
                 role: ServerRole::Primary,
                 ..
-            } => break,
+            } => return,
             ResponseBody::Hello { .. } if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100))
             }
-            other => panic!("hello once the member is gone: {other:?}"),
+            other => panic!("hello {when}: {other:?}"),
         }
     }
-    server.shutdown(true).unwrap();
 }
 
 /// A listener that never accepts: a stopped process's port, with room
@@ -1621,23 +1611,7 @@ fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
         },
         _ => ResponseBody::Ok,
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut c = Conn::raw(server.local_addr());
-        match c
-            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
-            .body
-        {
-            ResponseBody::Hello {
-                role: ServerRole::Primary,
-                ..
-            } => break,
-            ResponseBody::Hello { .. } if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            other => panic!("hello once member 7 answers: {other:?}"),
-        }
-    }
+    wait_for_primary(server.local_addr(), "once member 7 answers");
     drop(silent);
     server.shutdown(true).unwrap();
 }
@@ -1686,23 +1660,7 @@ fn a_held_restart_goes_on_once_a_slow_member_answers() {
         ..config(tmp.path())
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut c = Conn::raw(server.local_addr());
-        match c
-            .call(hello(SessionRole::Application, PROTOCOL_VERSION))
-            .body
-        {
-            ResponseBody::Hello {
-                role: ServerRole::Primary,
-                ..
-            } => break,
-            ResponseBody::Hello { .. } if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            other => panic!("hello once the slow member answered: {other:?}"),
-        }
-    }
+    wait_for_primary(server.local_addr(), "once the slow member answered");
     server.shutdown(true).unwrap();
 }
 

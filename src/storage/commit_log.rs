@@ -1278,6 +1278,11 @@ mod tests {
         }
     }
 
+    /// The first record number a segment file is named by.
+    fn first_of(path: &Path) -> u64 {
+        path.file_stem().unwrap().to_str().unwrap().parse().unwrap()
+    }
+
     /// The segment files of `dir`'s log, oldest first.
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
         let mut segs: Vec<_> = fs::read_dir(dir.join(LOG_DIR))
@@ -1295,13 +1300,7 @@ mod tests {
         let segs = segment_files(dir.path());
         assert!(segs.len() > 3, "{segs:?}");
         let newest = segs.last().unwrap().clone();
-        let newest_first: u64 = newest
-            .file_stem()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let newest_first = first_of(&newest);
         assert!(newest_first > 11, "{segs:?}");
         let open = |accept_missing| {
             let start = Start {
@@ -1356,13 +1355,7 @@ mod tests {
         drop(log);
         let segs = segment_files(dir.path());
         let newest = segs.last().unwrap().clone();
-        let newest_first: u64 = newest
-            .file_stem()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let newest_first = first_of(&newest);
         assert!(newest_first > 50, "rolled since: {segs:?}");
         fs::remove_file(&newest).unwrap();
         assert!(open(false).is_err());
@@ -1395,8 +1388,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (bodies, _) = write_n(dir.path(), 60, 400);
         let segs = segment_files(dir.path());
-        let first_of =
-            |p: &PathBuf| -> u64 { p.file_stem().unwrap().to_str().unwrap().parse().unwrap() };
         let named = first_of(&segs[segs.len() - 3]);
         let checkpoint = named + 1;
         assert!(first_of(&segs[segs.len() - 2]) > checkpoint, "{segs:?}");

@@ -1416,12 +1416,9 @@ fn a_restarting_primary_does_not_serve_beside_a_member_that_takes_connections_si
 fn a_held_restart_outlasts_a_full_accept_queue_of_a_stopped_member() {
     let tmp = tempfile::tempdir().unwrap();
     // Never accepted: room for five connections (backlog 4, plus one).
-    let member = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    member.bind(&any.into()).unwrap();
-    member.listen(4).unwrap();
-    let member_addr = member.local_addr().unwrap().as_socket().unwrap();
-    former_primary(&tmp.path().join("repo"), 6, &member_addr.to_string());
+    let (member, member_addr) = stopped_listener(4);
+    former_primary(&tmp.path().join("repo"), 6, &member_addr);
+    let member_addr: SocketAddr = member_addr.parse().unwrap();
     let server = spawn(config(tmp.path())).unwrap();
     Conn::open_expecting(
         server.local_addr(),
@@ -1565,16 +1562,8 @@ fn a_held_restart_still_holds_for_a_silent_member_whose_queue_filled() {
 #[test]
 fn a_held_restart_goes_on_once_a_member_it_could_not_reach_answers() {
     let tmp = tempfile::tempdir().unwrap();
-    let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (silent, silent_addr) = stopped_listener(16);
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    silent.bind(&any.into()).unwrap();
-    silent.listen(16).unwrap();
-    let silent_addr = silent
-        .local_addr()
-        .unwrap()
-        .as_socket()
-        .unwrap()
-        .to_string();
     // Bound, so nobody else takes the port, but not listening yet:
     // connections to it are refused.
     let later = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

@@ -53,10 +53,7 @@ pub struct PeerHello {
 impl PeerHello {
     /// The hello in the answer `body` (carrying `commit`); any other
     /// answer is given back.
-    pub fn from_answer(
-        commit: CommitNumber,
-        body: ResponseBody,
-    ) -> Result<Self, Box<ResponseBody>> {
+    fn from_answer(commit: CommitNumber, body: ResponseBody) -> Result<Self, Box<ResponseBody>> {
         match body {
             ResponseBody::Hello {
                 server_id,
@@ -112,6 +109,17 @@ impl PeerLink {
                 after: timeout,
             })?
             .map_err(io)?;
+        Self::hello_over(stream, addr, role, timeout).await
+    }
+
+    /// Say hello as `role` on a connection already made to `addr`, and
+    /// wait up to `timeout` for the answer (`Duration::MAX`: no bound).
+    pub async fn hello_over(
+        stream: TcpStream,
+        addr: &str,
+        role: SessionRole,
+        timeout: Duration,
+    ) -> Result<PeerLink, LinkError> {
         let _ = stream.set_nodelay(true);
         let mut link = PeerLink {
             addr: addr.to_string(),

@@ -57,7 +57,7 @@ use crate::actors::storage::{
 };
 use crate::client::response_type;
 use crate::protocol::{
-    MemberStatus, ReplicateAck, RequestBody, ResponseBody, ServerRole, WireError,
+    MemberStatus, ReplicateAck, RequestBody, ResponseBody, ServerRole, SessionRole, WireError,
 };
 use crate::storage::CommitRequest;
 use crate::types::{CommitNumber, Epoch, Hash, Member, MemberRole, Node, NodeAddr};
@@ -2652,8 +2652,9 @@ async fn hold_on(addr: &str) -> Held {
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
         warn!("held restart: no TCP keepalive on the connection to {addr}: {e}");
     }
-    match hello_on(stream).await {
-        Ok(hello) => Held::Answered(hello),
+    // No bound of our own: TCP keepalive watches the path.
+    match PeerLink::hello_over(stream, addr, SessionRole::Peer, Duration::MAX).await {
+        Ok(link) => Held::Answered(link.hello),
         Err(_) => Held::Ended,
     }
 }
@@ -2672,35 +2673,11 @@ async fn ask_gone(addr: &str) -> Option<Held> {
         _ => return None,
     };
     Some(
-        match tokio::time::timeout(PEER_PROBE_TIMEOUT, hello_on(stream)).await {
-            Ok(Ok(hello)) => Held::Answered(hello),
-            _ => Held::Ended,
+        match PeerLink::hello_over(stream, addr, SessionRole::Peer, PEER_PROBE_TIMEOUT).await {
+            Ok(link) => Held::Answered(link.hello),
+            Err(_) => Held::Ended,
         },
     )
-}
-
-/// Say a peer hello on `stream` and read the answer, however long it takes.
-async fn hello_on(mut stream: tokio::net::TcpStream) -> Result<PeerHello, String> {
-    use tokio::io::AsyncWriteExt;
-    let hello = crate::protocol::codec::encode(&crate::protocol::Request {
-        id: 1,
-        body: RequestBody::Hello {
-            protocol_version: crate::protocol::PROTOCOL_VERSION,
-            role: crate::protocol::SessionRole::Peer,
-            client_name: "magma-server restart check".into(),
-        },
-    });
-    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
-    let frame = crate::protocol::codec::read_frame_async(
-        &mut stream,
-        crate::protocol::codec::DEFAULT_MAX_FRAME,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let answer: crate::protocol::Response =
-        crate::protocol::codec::decode(&frame).map_err(|e| e.to_string())?;
-    PeerHello::from_answer(answer.commit, answer.body)
-        .map_err(|other| format!("answered a hello with {}", response_type(&other)))
 }
 
 /// Does something accept TCP connections at `addr` within `timeout`? A

@@ -2,7 +2,9 @@
 //!
 //! `cargo bench --bench replication` (add `-- quick` for a short run, and
 //! `sync`, `async` or `catch-up` to run only those parts; set
-//! `MAGMA_BENCH_BIN_DIR` to run the servers and CLI of another build):
+//! `MAGMA_BENCH_BIN_DIR` to run the servers and CLI of another build,
+//! `MAGMA_BENCH_SERVER_FLAGS` to add flags to every server, e.g.
+//! `--busy-poll-us 0`):
 //! 1. `magma bench` K=8 against a primary with one secondary, both servers
 //!    started with the same flags: `--sync-replicas 1 --flush group`, then
 //!    `--sync-replicas 0 --flush interval:1000`; the secondary's lag (status

@@ -9,7 +9,8 @@
 //! (from `/proc/PID/stat`; the clients share the machine and are not
 //! counted). Add `-- quick` for 3 runs of 2 s, and `group` or `interval`
 //! to run only those rows; `MAGMA_BENCH_BIN_DIR` runs another build's
-//! binaries. The figures depend on the machine: say which when quoting
+//! binaries, `MAGMA_BENCH_SERVER_FLAGS` adds flags to every server (e.g.
+//! `--busy-poll-us 0`). The figures depend on the machine: say which when quoting
 //! them.
 
 mod common;

@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::actors::backup::Pacing;
 use crate::actors::broadcast::{LinkSettings, SYNC_IN_FLIGHT};
+use crate::actors::busy_poll;
 use crate::actors::supervisor::{NodeSupervisor, ServerState, SupervisorParts};
 use crate::actors::{
     BackupActor, CommitCoordinator, CommitLogActor, Controlled, Controller, Identity, Listener,
@@ -37,6 +38,9 @@ use crate::types::{CommitNumber, RepositoryId};
 
 pub use crate::actors::backup::DEFAULT_BUSY_RATE as DEFAULT_BACKUP_BUSY_RATE;
 pub use crate::actors::broadcast::ASYNC_COALESCE as DEFAULT_ASYNC_BATCH_DELAY;
+pub use crate::actors::busy_poll::DEFAULT_WINDOW as DEFAULT_BUSY_POLL;
+/// Longest `busy_poll` accepted, in microseconds.
+pub const MAX_BUSY_POLL_US: u64 = 10_000;
 
 /// Longest `async_batch_delay` accepted, in microseconds: beyond it the lag
 /// it adds would rival the replica timeout.
@@ -127,6 +131,9 @@ pub struct Config {
     /// A client that takes no reply bytes for this long is disconnected
     /// (its queued replies are dropped).
     pub reply_timeout: Duration,
+    /// After activity, the event loop keeps polling for this long instead
+    /// of sleeping (zero: never); see [`crate::actors::busy_poll`].
+    pub busy_poll: Duration,
 }
 
 impl Default for Config {
@@ -151,6 +158,7 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             hello_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -167,6 +175,12 @@ impl Config {
             bail!(
                 "--async-batch-delay-us {}: at most {MAX_ASYNC_BATCH_DELAY_US}",
                 self.async_batch_delay.as_micros()
+            );
+        }
+        if self.busy_poll > Duration::from_micros(MAX_BUSY_POLL_US) {
+            bail!(
+                "--busy-poll-us {}: at most {MAX_BUSY_POLL_US}",
+                self.busy_poll.as_micros()
             );
         }
         if self.max_frame == 0 || self.max_frame > u32::MAX as u64 {
@@ -379,11 +393,11 @@ impl Server {
         let (applied_tx, applied_rx) = watch::channel(info.last_commit);
         let (state_tx, state_rx) = watch::channel(ServerState::starting());
         let (identity_tx, identity_rx) = watch::channel(identity);
-        let storage = StorageActor::start(repo, applied_tx, identity_tx);
+        let storage = StorageActor::start(repo, applied_tx, identity_tx, config.busy_poll);
         #[cfg(test)]
         let storage_for_tests = storage.clone();
         let (durable_tx, durable_rx) = watch::channel(info.last_commit);
-        let log = CommitLogActor::start(durable_tx);
+        let log = CommitLogActor::start(durable_tx, config.busy_poll);
         let link_settings = LinkSettings {
             replica_timeout: config.replica_timeout,
             call_timeout: config.replica_timeout.max(Duration::from_secs(2)),
@@ -411,6 +425,8 @@ impl Server {
             sync_replicas: config.sync_replicas,
             progress_wait: PROGRESS_WAIT,
         };
+        // This event loop runs the sessions and the commit coordinator.
+        busy_poll::start(config.busy_poll);
         let (outcome_tx, outcome) = oneshot::channel();
         let controller = Controller::create(move |ctx| {
             let me = ctx.address();

@@ -2096,6 +2096,7 @@ fn stream_from(
             primary,
             tokio::sync::watch::channel(0).0,
             tokio::sync::watch::channel(identity).0,
+            Duration::ZERO,
         );
         let reports = Reports(tx).start();
         let settings = LinkSettings {

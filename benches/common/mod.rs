@@ -36,12 +36,22 @@ pub fn port() -> String {
     format!("127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
+/// Flags every benchmark server gets besides its own (from
+/// `MAGMA_BENCH_SERVER_FLAGS`, split at whitespace), e.g.
+/// `--busy-poll-us 0` to measure the servers without busy polling.
+fn extra_server_flags() -> Vec<String> {
+    std::env::var("MAGMA_BENCH_SERVER_FLAGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 pub fn server(dir: &Path, addr: &str, args: &[&str]) -> Proc {
     let child = Command::new(binary(SERVER))
         .arg("--dir")
         .arg(dir)
         .args(["--listen", addr])
         .args(args)
+        .args(extra_server_flags())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -1037,6 +1037,7 @@ mod tests {
             repo,
             tokio::sync::watch::channel(0).0,
             tokio::sync::watch::channel(identity).0,
+            Duration::ZERO,
         );
         let sink = Sink.start();
         let settings = LinkSettings {

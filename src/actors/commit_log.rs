@@ -28,6 +28,7 @@ use actix::prelude::*;
 use log::trace;
 use tokio::sync::watch;
 
+use crate::actors::busy_poll;
 use crate::storage::LogSync;
 use crate::types::CommitNumber;
 
@@ -54,9 +55,15 @@ pub struct CommitLogActor {
 impl CommitLogActor {
     /// Start the flushing thread (stopped with the actix system),
     /// publishing on `durable` (which starts at the last commit on disk
-    /// when the repository was opened).
-    pub fn start(durable: watch::Sender<CommitNumber>) -> Addr<CommitLogActor> {
+    /// when the repository was opened). Between flushes its loop polls for
+    /// `busy_poll` instead of sleeping (see [`busy_poll`]): the next flush
+    /// of a busy pipeline is then picked up without a wake-up.
+    pub fn start(
+        durable: watch::Sender<CommitNumber>,
+        busy_poll: std::time::Duration,
+    ) -> Addr<CommitLogActor> {
         let thread = Arbiter::new();
+        thread.spawn_fn(move || busy_poll::start(busy_poll));
         let hang_from = std::env::var("MAGMA_FAULT_HANG_FSYNC_FROM")
             .ok()
             .and_then(|v| v.parse().ok());
@@ -125,6 +132,7 @@ impl Handler<Flush> for CommitLogActor {
     type Result = std::io::Result<CommitNumber>;
 
     fn handle(&mut self, msg: Flush, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         if self.hang_from.is_some_and(|n| msg.sync.upto() >= n) {
             log::error!("MAGMA_FAULT_HANG_FSYNC_FROM: the fsync hangs");
             loop {

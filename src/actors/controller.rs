@@ -2,7 +2,8 @@
 //! shutdown and fatal stops.
 //!
 //! An async actor. It sends [`Checkpoint`] to the `StorageActor` on a timer
-//! (a sync actor has no timers of its own), at most one in flight.
+//! (its handlers block its thread, so it keeps no timers of its own), at
+//! most one in flight.
 //!
 //! Shutdown ([`RequestShutdown`] from a signal, an admin session or a test,
 //! or [`Fatal`] from whoever met a fatal error) runs these steps in order,

@@ -46,6 +46,7 @@ use log::{debug, error, info};
 use tokio::sync::oneshot;
 
 use crate::actors::broadcast::{Broadcast, ReplicaAck};
+use crate::actors::busy_poll;
 use crate::actors::commit_log::Flush;
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{mailbox_error, wire_error};
@@ -308,6 +309,7 @@ impl CommitCoordinator {
         gen: u64,
         ctx: &mut Context<Self>,
     ) {
+        busy_poll::note_activity();
         self.answered.insert(seq, (res, replies, gen));
         while let Some((res, replies, gen)) = self.answered.remove(&self.batches_handled) {
             self.batches_handled += 1;
@@ -480,6 +482,7 @@ impl CommitCoordinator {
         res: Result<std::io::Result<CommitNumber>, MailboxError>,
         ctx: &mut Context<Self>,
     ) {
+        busy_poll::note_activity();
         self.flushing -= 1;
         match res {
             Ok(Ok(n)) => {

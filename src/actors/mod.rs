@@ -3,7 +3,7 @@
 //!
 //! | actor | context | owns | does |
 //! |---|---|---|---|
-//! | [`StorageActor`] | sync thread | the `Repository` | applies commits, serves reads, checkpoints, publishes the applied commit number |
+//! | [`StorageActor`] | own arbiter thread | the `Repository` | applies commits, serves reads, checkpoints, publishes the applied commit number |
 //! | [`CommitLogActor`] | own arbiter thread | what its last fsync covered | fsyncs the commit log (`Flush`); one fsync covers every flush queued behind it |
 //! | [`CommitCoordinator`] | async | the commit pipeline, waiters | batches commits for storage, acknowledges each once durable |
 //! | [`Listener`] | async | the listening socket, session table | accepts connections, closes sessions at shutdown |
@@ -36,6 +36,10 @@
 //! With `interval:MS` the batch carries no flush: the coordinator replies
 //! as soon as `BatchApplied` arrives, and its timer sends `Flush` every MS.
 //!
+//! Each of those three threads runs a [`busy_poll`] poller: after activity
+//! it keeps polling for a short window instead of sleeping, so a hand-off
+//! during a burst of commits does not have to wake a sleeping thread.
+//!
 //! Addresses held across actors are narrow (`Recipient<M>`) wherever a test
 //! may plug in a probe; the only shared values are read-only (`SessionEnv`)
 //! and the single-writer `watch` channels of the applied commit number
@@ -43,6 +47,7 @@
 
 pub mod backup;
 pub mod broadcast;
+pub mod busy_poll;
 pub mod commit_log;
 pub mod controller;
 pub mod convert;

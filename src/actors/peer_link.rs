@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::actors::busy_poll;
 use crate::protocol::codec::{decode, encode, read_frame_async, DEFAULT_MAX_FRAME};
 use crate::protocol::{Request, RequestBody, Response, ResponseBody, SessionRole, WireError};
 use crate::protocol::{ServerRole, PROTOCOL_VERSION};
@@ -227,7 +228,9 @@ impl PeerLink {
             actix_rt::spawn(async move {
                 let mut rd = BufReader::new(rd);
                 loop {
-                    let event = match read_frame_async(&mut rd, DEFAULT_MAX_FRAME).await {
+                    let frame = read_frame_async(&mut rd, DEFAULT_MAX_FRAME).await;
+                    busy_poll::note_activity();
+                    let event = match frame {
                         Ok(bytes) => match decode::<Response>(&bytes) {
                             Ok(r) => PipeEvent::Reply {
                                 id: r.id,

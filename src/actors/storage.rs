@@ -1,7 +1,13 @@
 //! `StorageActor`: the one owner of the open [`Repository`].
 //!
-//! A `SyncContext` actor on its own thread (`SyncArbiter::start(1, ..)`):
-//! every repository call blocks on disk, so none may run on the event loop.
+//! The only actor of its own `Arbiter` (a thread with its own event loop):
+//! every repository call blocks on disk, so none may run on the server's
+//! event loop; blocking in a handler here stalls nothing but this actor's
+//! own mailbox. Not a `SyncArbiter`: a thread of one does not poll, and a
+//! busy commit pipeline would have to wake it for every batch, which on a
+//! virtual machine costs more than applying the batch (see
+//! [`busy_poll`]). Handlers that carry the commit and read paths note
+//! activity, so the thread polls through a burst of them.
 //! It applies commits, serves reads and checkpoints. It never fsyncs the
 //! commit log: each [`Committed`] carries a `LogSync` handle that the
 //! `CommitLogActor` syncs, so reads never wait behind an fsync.
@@ -20,13 +26,14 @@
 //! `Controller` (checkpoints, close).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
+use std::time::Duration;
 
 use actix::dev::RecipientRequest;
 use actix::prelude::*;
 use log::{debug, error, info, warn};
 use tokio::sync::watch;
 
+use crate::actors::busy_poll;
 use crate::actors::commit_log::Flush;
 use crate::storage::object::references_in;
 use crate::storage::{
@@ -34,6 +41,9 @@ use crate::storage::{
     StorageError, StoredObject, Unwritten,
 };
 use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
+
+/// Mailbox capacity: requests waiting behind the one being handled.
+const STORAGE_QUEUE: usize = 4096;
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
 
@@ -73,27 +83,21 @@ impl StorageActor {
     /// Start the actor on its own thread with `repo`, publishing applied
     /// commit numbers on `commits` and changes of its [`Identity`] on
     /// `identity` (which starts as [`Identity::of`] the repository).
+    /// Between messages the thread's loop polls for `busy_poll` instead of
+    /// sleeping (see [`busy_poll`]).
     pub fn start(
         repo: Repository,
         commits: watch::Sender<CommitNumber>,
         identity: watch::Sender<Identity>,
+        busy_poll: Duration,
     ) -> Addr<StorageActor> {
         commits.send_replace(repo.info().last_commit);
-        // The arbiter's factory is `Fn`; the repository can only be handed
-        // over once. A sync actor is never restarted by this server, so the
-        // factory runs exactly once.
-        let slot = Mutex::new(Some((repo, commits, identity)));
-        SyncArbiter::start(1, move || {
-            let (repo, commits, identity) = slot
-                .lock()
-                .expect("storage hand-over lock")
-                .take()
-                .expect("the storage actor is started exactly once");
-            StorageActor {
-                repo: Some(repo),
-                commits,
-                identity,
-            }
+        let thread = Arbiter::new();
+        thread.spawn_fn(move || busy_poll::start(busy_poll));
+        StorageActor::start_in_arbiter(&thread.handle(), move |_| StorageActor {
+            repo: Some(repo),
+            commits,
+            identity,
         })
     }
 
@@ -201,7 +205,14 @@ pub fn is_closed(err: &StorageError) -> bool {
 }
 
 impl Actor for StorageActor {
-    type Context = SyncContext<Self>;
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Reads and commits queue while a checkpoint or a long read runs;
+        // a sender waits for room only beyond this many (actix bounds the
+        // capacity below usize::MAX).
+        ctx.set_mailbox_capacity(STORAGE_QUEUE);
+    }
 }
 
 /// What a [`Commit`] did.
@@ -264,7 +275,8 @@ pub struct BatchApplied {
 impl Handler<CommitBatch> for StorageActor {
     type Result = BatchApplied;
 
-    fn handle(&mut self, msg: CommitBatch, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CommitBatch, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         let unwritten: Vec<_> = msg.commits.into_iter().map(|r| self.commit(r)).collect();
         // One log write for the whole batch; every commit of it is covered
         // by the handle, so nothing leaves this thread unwritten.
@@ -391,7 +403,8 @@ impl std::fmt::Debug for Applied {
 impl Handler<ApplyRecords> for StorageActor {
     type Result = Result<Applied, StorageError>;
 
-    fn handle(&mut self, msg: ApplyRecords, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ApplyRecords, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         let repo = self.repo_mut()?;
         if let Some(epoch) = msg.from_primary {
             let info = repo.info();
@@ -483,7 +496,8 @@ pub struct ReadRecords {
 impl Handler<ReadRecords> for StorageActor {
     type Result = Result<Vec<Vec<u8>>, StorageError>;
 
-    fn handle(&mut self, msg: ReadRecords, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ReadRecords, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         self.repo_mut()?
             .read_records(msg.from, msg.max_count, msg.max_bytes)
     }
@@ -500,7 +514,7 @@ pub struct TokenCommit {
 impl Handler<TokenCommit> for StorageActor {
     type Result = Result<Option<CommitNumber>, StorageError>;
 
-    fn handle(&mut self, msg: TokenCommit, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: TokenCommit, _: &mut Context<Self>) -> Self::Result {
         Ok(self.repo()?.token_commit(&msg.token))
     }
 }
@@ -516,7 +530,7 @@ pub struct RecordHashOf {
 impl Handler<RecordHashOf> for StorageActor {
     type Result = Result<Hash, StorageError>;
 
-    fn handle(&mut self, msg: RecordHashOf, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RecordHashOf, _: &mut Context<Self>) -> Self::Result {
         let repo = self.repo_mut()?;
         let info = repo.info();
         if msg.number == 0 {
@@ -548,7 +562,7 @@ pub struct RetainFrom {
 impl Handler<RetainFrom> for StorageActor {
     type Result = ();
 
-    fn handle(&mut self, msg: RetainFrom, _: &mut SyncContext<Self>) {
+    fn handle(&mut self, msg: RetainFrom, _: &mut Context<Self>) {
         if let Ok(repo) = self.repo_mut() {
             let _ = repo.retain_from(msg.from);
         }
@@ -565,7 +579,7 @@ pub struct SetRestoreMode {
 impl Handler<SetRestoreMode> for StorageActor {
     type Result = Result<(), StorageError>;
 
-    fn handle(&mut self, msg: SetRestoreMode, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: SetRestoreMode, _: &mut Context<Self>) -> Self::Result {
         let done = self.repo_mut()?.set_restore_mode(msg.on);
         self.publish_identity();
         done
@@ -584,7 +598,8 @@ pub struct ReadObject {
 impl Handler<ReadObject> for StorageActor {
     type Result = Result<Vec<StoredObject>, StorageError>;
 
-    fn handle(&mut self, msg: ReadObject, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ReadObject, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         self.read_graph(msg.oid, msg.depth)
     }
 }
@@ -600,7 +615,8 @@ pub struct ReadRoot {
 impl Handler<ReadRoot> for StorageActor {
     type Result = Result<(Option<Oid>, Vec<StoredObject>), StorageError>;
 
-    fn handle(&mut self, msg: ReadRoot, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ReadRoot, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         match self.repo_mut()?.anchor()?.root {
             Some(root) => Ok((Some(root), self.read_graph(root, msg.depth)?)),
             None => Ok((None, Vec::new())),
@@ -623,7 +639,8 @@ pub struct CollectionRange {
 impl Handler<CollectionRange> for StorageActor {
     type Result = Result<(u64, Vec<Vec<u8>>), StorageError>;
 
-    fn handle(&mut self, msg: CollectionRange, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CollectionRange, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         self.repo_mut()?
             .collection_page(msg.coll, msg.start, msg.count, msg.max_bytes)
     }
@@ -639,7 +656,8 @@ pub struct CollectionLength {
 impl Handler<CollectionLength> for StorageActor {
     type Result = Result<u64, StorageError>;
 
-    fn handle(&mut self, msg: CollectionLength, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: CollectionLength, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         self.repo()?.collection_len(msg.coll)
     }
 }
@@ -655,7 +673,8 @@ pub struct GetMeta {
 impl Handler<GetMeta> for StorageActor {
     type Result = Result<Option<Vec<u8>>, StorageError>;
 
-    fn handle(&mut self, msg: GetMeta, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: GetMeta, _: &mut Context<Self>) -> Self::Result {
+        busy_poll::note_activity();
         let anchor = self.repo_mut()?.anchor()?;
         Ok(anchor
             .meta
@@ -673,7 +692,7 @@ pub struct GetInfo;
 impl Handler<GetInfo> for StorageActor {
     type Result = Result<RepoInfo, StorageError>;
 
-    fn handle(&mut self, _: GetInfo, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, _: GetInfo, _: &mut Context<Self>) -> Self::Result {
         Ok(self.repo()?.info())
     }
 }
@@ -687,7 +706,7 @@ pub struct GetAnchor;
 impl Handler<GetAnchor> for StorageActor {
     type Result = Result<Anchor, StorageError>;
 
-    fn handle(&mut self, _: GetAnchor, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, _: GetAnchor, _: &mut Context<Self>) -> Self::Result {
         self.repo_mut()?.anchor()
     }
 }
@@ -707,7 +726,7 @@ pub struct Hold {
 impl Handler<Hold> for StorageActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Hold, _: &mut SyncContext<Self>) {
+    fn handle(&mut self, msg: Hold, _: &mut Context<Self>) {
         let _ = msg.holding.send(());
         let _ = msg.release.recv_timeout(std::time::Duration::from_secs(60));
     }
@@ -726,7 +745,7 @@ pub struct Digest;
 impl Handler<Digest> for StorageActor {
     type Result = Result<DigestView, StorageError>;
 
-    fn handle(&mut self, _: Digest, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, _: Digest, _: &mut Context<Self>) -> Self::Result {
         let started = std::time::Instant::now();
         let view = self.repo_mut()?.digest_view()?;
         // Commits and reads wait meanwhile, as for a checkpoint.
@@ -748,7 +767,7 @@ pub struct Checkpoint;
 impl Handler<Checkpoint> for StorageActor {
     type Result = Result<bool, StorageError>;
 
-    fn handle(&mut self, _: Checkpoint, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, _: Checkpoint, _: &mut Context<Self>) -> Self::Result {
         let repo = self.repo_mut()?;
         let started = std::time::Instant::now();
         let written = repo.maybe_checkpoint()?;
@@ -780,7 +799,7 @@ pub struct TakeSnapshot {
 impl Handler<TakeSnapshot> for StorageActor {
     type Result = Result<PendingSnapshot, StorageError>;
 
-    fn handle(&mut self, msg: TakeSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
         let started = std::time::Instant::now();
         let snapshot = self.repo_mut()?.snapshot_deferred(&msg.scratch)?;
         info!(
@@ -806,7 +825,7 @@ pub struct BackupEnded {
 impl Handler<BackupEnded> for StorageActor {
     type Result = ();
 
-    fn handle(&mut self, msg: BackupEnded, _: &mut SyncContext<Self>) {
+    fn handle(&mut self, msg: BackupEnded, _: &mut Context<Self>) {
         if let Ok(repo) = self.repo_mut() {
             repo.backup_ended(msg.snapshot_commit, msg.completed);
         }
@@ -825,7 +844,7 @@ pub struct Close {
 impl Handler<Close> for StorageActor {
     type Result = Result<CommitNumber, StorageError>;
 
-    fn handle(&mut self, msg: Close, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Close, _: &mut Context<Self>) -> Self::Result {
         let Some(mut repo) = self.repo.take() else {
             return Err(closed());
         };

@@ -21,7 +21,12 @@ fn storage_with_one_commit(dir: &std::path::Path) -> Addr<StorageActor> {
     })
     .unwrap();
     let identity = crate::actors::storage::Identity::of(&mut repo).unwrap();
-    StorageActor::start(repo, watch::channel(0).0, watch::channel(identity).0)
+    StorageActor::start(
+        repo,
+        watch::channel(0).0,
+        watch::channel(identity).0,
+        Duration::ZERO,
+    )
 }
 
 #[actix_rt::test]

@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::actors::busy_poll;
 use crate::actors::controller::{Fatal, RequestShutdown};
 use crate::actors::coordinator::SubmitCommit;
 use crate::actors::flush_policy::FlushPolicy;
@@ -427,6 +428,7 @@ impl Actor for Session {
                     frame = read_frame_async(&mut rd, limit) => frame,
                     () = tx.closed() => return Ended::Closed("the replies could not be written"),
                 };
+                busy_poll::note_activity();
                 // The client is gone, or reading broke: nothing to drain.
                 let gone = matches!(&frame, Err(ProtocolError::Closed | ProtocolError::Io(_)));
                 let last = frame.is_err();

@@ -1801,6 +1801,57 @@ fn a_read_waiting_at_shutdown_is_answered_shutting_down() {
 }
 
 #[test]
+fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (_, coll) = make_root_with_collection(&mut app);
+    // A read that waits for a commit that will not come, and behind it,
+    // pipelined, a commit: the session reads it only once the read is
+    // done, which is after the shutdown began.
+    let read = app.send(RequestBody::ReadRoot {
+        depth: 0,
+        required_progress: Some(1_000_000),
+    });
+    let commit = app.send(RequestBody::Commit(CommitBody {
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll),
+            value: Value::from("late"),
+        }],
+        ..CommitBody::default()
+    }));
+    let stop = server.shutdown_handle();
+    std::thread::spawn(move || stop.shutdown(false));
+    for expected in [read, commit] {
+        let r = app.recv();
+        assert_eq!(r.id, expected);
+        match r.body {
+            ResponseBody::Error {
+                error: WireError::ShuttingDown,
+                ..
+            } => {}
+            other => panic!("request {expected}: expected shutting_down, got {other:?}"),
+        }
+    }
+    app.assert_closed();
+    server.join().unwrap();
+    // "Not applied" was the truth.
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    match app
+        .call(RequestBody::CollectionLength {
+            coll,
+            required_progress: None,
+        })
+        .body
+    {
+        ResponseBody::Length { len } => assert_eq!(len, 0),
+        other => panic!("length: {other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}
+
+#[test]
 fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -323,6 +323,10 @@ impl Flood {
             .arg("--ack-log")
             .arg(&ack_log)
             .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("MAGMA_TEST_FLOOD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(File::create(&stderr).expect("stderr file")))
@@ -362,6 +366,22 @@ impl Flood {
         if let Some(mut c) = self.child.take() {
             c.kill().ok();
             c.wait().ok();
+        }
+    }
+}
+
+impl Drop for Flood {
+    /// A flood a failing test holds outside the cluster's list still says
+    /// what it saw.
+    fn drop(&mut self) {
+        let running = self.child.is_some();
+        self.kill();
+        if running && std::thread::panicking() {
+            eprintln!(
+                "===== stderr of flood {} (killed by the failing test) =====\n{}",
+                self.name,
+                tail(&self.stderr, 50)
+            );
         }
     }
 }

@@ -23,7 +23,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use log::{debug, info, warn};
@@ -54,6 +54,11 @@ const OUT_QUEUE: usize = 32;
 const QUEUE_BYTES: usize = 8 << 20;
 /// How long a closing session waits for its last replies to be written.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// At shutdown a session answers every request that still reaches it
+/// (`shutting_down`) and closes once it has been free to read for this long
+/// without the client sending anything, or after `CLOSE_GRACE` at the
+/// latest.
+const CLOSE_QUIET: Duration = Duration::from_millis(100);
 /// Longest drain of a client's input after an error reply closes its
 /// session (see `linger`) ...
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -135,6 +140,12 @@ pub struct Session {
     /// and its reply slot, so a shutdown can answer it `shutting_down`
     /// rather than drop it unanswered.
     in_flight: Option<(u64, InFlightSlot)>,
+    /// Set by [`CloseSession`]: when the shutdown began, and since when
+    /// the session has been free to read and heard nothing.
+    shutting_down: Option<(Instant, Instant)>,
+    /// A request is being worked on: the reader waits for it before it
+    /// reads the next.
+    busy: bool,
 }
 
 type InFlightSlot = std::rc::Rc<std::cell::RefCell<Option<Slot>>>;
@@ -161,6 +172,8 @@ impl Session {
             client: String::new(),
             close_reason: None,
             in_flight: None,
+            shutting_down: None,
+            busy: false,
         }
     }
 
@@ -204,6 +217,14 @@ impl Session {
     /// chance to drain the client's input (`linger`).
     fn closing(&mut self, reason: impl Into<String>) {
         self.close_reason.get_or_insert_with(|| reason.into());
+    }
+
+    /// The request being worked on is done: the reader reads again.
+    fn done(&mut self) {
+        self.busy = false;
+        if let Some((_, quiet_since)) = &mut self.shutting_down {
+            *quiet_since = Instant::now();
+        }
     }
 
     fn close(&mut self, reason: impl Into<String>, ctx: &mut Context<Self>) {
@@ -629,6 +650,14 @@ impl Handler<Inbound> for Session {
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
+        if let Some((_, quiet_since)) = &mut self.shutting_down {
+            // Not started, so truly not applied: the client goes elsewhere
+            // with a definite answer instead of a closed connection.
+            *quiet_since = Instant::now();
+            let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+            reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
+            return Box::pin(fut::ready(Flow::Continue));
+        }
         if !direct::items_within(&body, direct::MAX_ITEMS) {
             // Decoding would build a tree of them on this event loop.
             let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
@@ -689,19 +718,25 @@ impl Handler<Inbound> for Session {
                 reply(&self.env, slot, id, *body);
                 Box::pin(fut::ready(self.follow(after)))
             }
-            Routed::LaterThen(work) => Box::pin(fut::wrap_future(work).map(
-                move |(body, after), act: &mut Self, _| {
-                    reply(&act.env, slot, id, body);
-                    act.follow(after)
-                },
-            )),
+            Routed::LaterThen(work) => {
+                self.busy = true;
+                Box::pin(
+                    fut::wrap_future(work).map(move |(body, after), act: &mut Self, _| {
+                        act.done();
+                        reply(&act.env, slot, id, body);
+                        act.follow(after)
+                    }),
+                )
+            }
             Routed::Later(work) => {
                 let env = self.env.clone();
                 let cell: InFlightSlot = std::rc::Rc::new(std::cell::RefCell::new(Some(slot)));
                 if answerable_at_shutdown {
                     self.in_flight = Some((id, cell.clone()));
                 }
+                self.busy = true;
                 Box::pin(fut::wrap_future(work).map(move |body, act: &mut Self, _| {
+                    act.done();
                     act.in_flight = None;
                     // Unless a shutdown answered it already.
                     if let Some(slot) = cell.borrow_mut().take() {
@@ -739,6 +774,12 @@ impl Handler<CloseSilent> for Session {
 }
 
 /// Close the connection once its queued replies are written (bounded wait).
+/// Until then every request that arrives is answered `shutting_down`: a
+/// request the client sent just as the server stopped reading would
+/// otherwise meet a closed connection, and a commit's outcome would look
+/// unknown although it was never started. The session closes once the
+/// client has been quiet for `CLOSE_QUIET` while the session was free to
+/// read (or after `CLOSE_GRACE`).
 /// Sender: the `Listener` at shutdown.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -755,11 +796,20 @@ impl Handler<CloseSession> for Session {
                 reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
             }
         }
-        self.close("server shutting down", ctx);
+        let now = Instant::now();
+        self.shutting_down = Some((now, now));
+        ctx.run_interval(CLOSE_QUIET / 5, |act, ctx| {
+            if let Some((since, quiet_since)) = act.shutting_down {
+                let quiet = !act.busy && quiet_since.elapsed() >= CLOSE_QUIET;
+                if quiet || since.elapsed() >= CLOSE_GRACE {
+                    act.close("server shutting down", ctx);
+                }
+            }
+        });
         let writer = self.writer.take();
         Box::pin(async move {
             if let Some(w) = writer {
-                let _ = tokio::time::timeout(CLOSE_GRACE, w).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE * 2, w).await;
             }
         })
     }

@@ -1852,6 +1852,68 @@ fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped
 }
 
 #[test]
+fn a_request_behind_one_stuck_at_shutdown_is_answered_not_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (_, coll) = make_root_with_collection(&mut app);
+    // The storage thread held (as by a long digest): a read waits for it,
+    // for longer than a shutdown waits for a session, and a commit waits
+    // behind the read, unread.
+    let (holding_tx, holding) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    server.storage.do_send(crate::actors::storage::Hold {
+        holding: holding_tx,
+        release: release_rx,
+    });
+    holding
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the storage thread holds");
+    let read = app.send(RequestBody::CollectionLength {
+        coll,
+        required_progress: None,
+    });
+    let commit = app.send(RequestBody::Commit(CommitBody {
+        appends: vec![WireAppend {
+            coll: WireRef::Oid(coll),
+            value: Value::from("late"),
+        }],
+        ..CommitBody::default()
+    }));
+    let stop = server.shutdown_handle();
+    std::thread::spawn(move || stop.shutdown(false));
+    // Both answered while the storage thread is still held: the read's
+    // answer does not wait for its work, nor the commit for the read.
+    for expected in [read, commit] {
+        let r = app.recv();
+        assert_eq!(r.id, expected);
+        match r.body {
+            ResponseBody::Error {
+                error: WireError::ShuttingDown,
+                ..
+            } => {}
+            other => panic!("request {expected}: expected shutting_down, got {other:?}"),
+        }
+    }
+    app.assert_closed();
+    release.send(()).unwrap();
+    server.join().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    match app
+        .call(RequestBody::CollectionLength {
+            coll,
+            required_progress: None,
+        })
+        .body
+    {
+        ResponseBody::Length { len } => assert_eq!(len, 0),
+        other => panic!("length: {other:?}"),
+    }
+    server.shutdown(true).unwrap();
+}
+
+#[test]
 fn a_secondary_that_refuses_our_records_is_removed_and_commits_go_on() {
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -17,8 +17,10 @@
 //! loop over and over — each yield is a zero-timeout poll of the sockets —
 //! until nothing was noted for the window. Each turn also yields the CPU to
 //! any other runnable thread (`sched_yield`), so the spin never starves the
-//! storage thread, the commit-log thread or a client on the same core. An
-//! idle server never spins.
+//! storage thread, the commit-log thread or a client on the same core. A
+//! server with no clients spins only for a window after each heartbeat of
+//! its node (every 100 ms between primary and secondaries), and a lone
+//! idle server not at all.
 //!
 //! The state is per thread and touched only by that thread: the event loop
 //! that runs the sessions and the commit coordinator. It is a scheduling
@@ -40,6 +42,22 @@ struct Poller {
     active: Cell<bool>,
     /// The poller's waker while it sleeps until the next activity.
     parked: RefCell<Option<Waker>>,
+    /// A poller runs on this thread (one is enough; a second would take
+    /// the first one's waker).
+    running: Cell<bool>,
+}
+
+/// Marks the thread's poller as gone when its task is dropped (its event
+/// loop stopped), so a later event loop on the same thread gets one.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        POLLER.with(|p| {
+            p.running.set(false);
+            p.parked.borrow_mut().take();
+        });
+    }
 }
 
 thread_local! {
@@ -52,7 +70,8 @@ thread_local! {
 pub fn note_activity() {
     POLLER.with(|p| {
         p.active.set(true);
-        if let Some(waker) = p.parked.borrow_mut().take() {
+        let parked = p.parked.borrow_mut().take();
+        if let Some(waker) = parked {
             waker.wake();
         }
     });
@@ -65,12 +84,14 @@ fn take_activity() -> bool {
 
 /// Spawn the poller on the current event loop (an actix arbiter or
 /// `System`): after each [`note_activity`], poll without sleeping until
-/// `window` passes with none. A zero window spawns nothing.
+/// `window` passes with none. A zero window spawns nothing, and neither
+/// does a second call while this thread's poller runs.
 pub fn start(window: Duration) {
-    if window.is_zero() {
+    if window.is_zero() || POLLER.with(|p| p.running.replace(true)) {
         return;
     }
     actix_rt::spawn(async move {
+        let _running = Running;
         loop {
             poll_fn(|cx| {
                 if take_activity() {
@@ -126,6 +147,27 @@ mod tests {
             assert!(Instant::now() < deadline, "the poller never parked again");
         }
         assert!(!POLLER.with(|p| p.active.get()));
+    }
+
+    #[test]
+    fn one_poller_per_thread_and_a_new_event_loop_gets_its_own() {
+        for _ in 0..2 {
+            actix_rt::System::new().block_on(async {
+                start(Duration::from_millis(5));
+                // A second start on the same loop does nothing.
+                start(Duration::from_millis(5));
+                tokio::task::yield_now().await;
+                assert!(POLLER.with(|p| p.running.get()));
+                note_activity();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while POLLER.with(|p| p.parked.borrow().is_none()) {
+                    assert!(Instant::now() < deadline, "the poller never parked again");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            // The loop is gone, and with it the poller.
+            assert!(!POLLER.with(|p| p.running.get()));
+        }
     }
 
     #[actix_rt::test]

@@ -116,6 +116,12 @@ impl Actor for CommitLogActor {
         // them. (actix bounds the capacity below usize::MAX.)
         ctx.set_mailbox_capacity(FLUSH_QUEUE);
     }
+
+    /// Once nobody can send to it any more (the server's event loop is
+    /// gone), its thread ends too.
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        Arbiter::current().stop();
+    }
 }
 
 /// fsync the log up to `sync.upto()` (unless already done). Sender: the

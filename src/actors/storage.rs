@@ -42,9 +42,6 @@ use crate::storage::{
 };
 use crate::types::{CommitNumber, Epoch, Hash, Node, Oid, RepositoryId};
 
-/// Mailbox capacity: requests waiting behind the one being handled.
-const STORAGE_QUEUE: usize = 4096;
-
 type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 /// What a hello or a `node` request says about this server; published by
@@ -92,13 +89,22 @@ impl StorageActor {
         busy_poll: Duration,
     ) -> Addr<StorageActor> {
         commits.send_replace(repo.info().last_commit);
+        // An unbounded mailbox: a sender never waits for room, so a
+        // message is queued the moment it is sent and messages from one
+        // sender are handled in the order sent (replicated records rely on
+        // it). `start_in_arbiter` would bound it until the actor starts.
+        let (tx, rx) = actix::dev::channel::channel(0);
         let thread = Arbiter::new();
-        thread.spawn_fn(move || busy_poll::start(busy_poll));
-        StorageActor::start_in_arbiter(&thread.handle(), move |_| StorageActor {
-            repo: Some(repo),
-            commits,
-            identity,
-        })
+        thread.spawn_fn(move || {
+            busy_poll::start(busy_poll);
+            let actor = StorageActor {
+                repo: Some(repo),
+                commits,
+                identity,
+            };
+            actix_rt::spawn(Context::with_receiver(rx).into_future(actor));
+        });
+        Addr::new(tx)
     }
 
     fn repo(&self) -> Result<&Repository> {
@@ -207,11 +213,10 @@ pub fn is_closed(err: &StorageError) -> bool {
 impl Actor for StorageActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // Reads and commits queue while a checkpoint or a long read runs;
-        // a sender waits for room only beyond this many (actix bounds the
-        // capacity below usize::MAX).
-        ctx.set_mailbox_capacity(STORAGE_QUEUE);
+    /// Once nobody can send to it any more (the server's event loop is
+    /// gone), its thread ends too.
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        Arbiter::current().stop();
     }
 }
 

@@ -30,7 +30,7 @@ use log::{debug, info, warn};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::actors::busy_poll;
@@ -139,16 +139,32 @@ pub struct Session {
     /// The request being answered (one at a time outside peer sessions)
     /// and its reply slot, so a shutdown can answer it `shutting_down`
     /// rather than drop it unanswered.
-    in_flight: Option<(u64, InFlightSlot)>,
-    /// Set by [`CloseSession`]: when the shutdown began, and since when
-    /// the session has been free to read and heard nothing.
-    shutting_down: Option<(Instant, Instant)>,
+    in_flight: Option<InFlight>,
+    /// Set by [`CloseSession`].
+    shutting_down: Option<Closing>,
+    /// Tells the reader to stop and hand its read half to `linger`.
+    stop_reading: Option<oneshot::Sender<()>>,
     /// A request is being worked on: the reader waits for it before it
     /// reads the next.
     busy: bool,
 }
 
 type InFlightSlot = std::rc::Rc<std::cell::RefCell<Option<Slot>>>;
+
+/// A request a shutdown may answer for its work: its id, its reply slot,
+/// and the signal that drops the work (the reader waits for it).
+struct InFlight {
+    id: u64,
+    slot: InFlightSlot,
+    abandon: oneshot::Sender<()>,
+}
+
+/// A session being closed by a shutdown.
+struct Closing {
+    since: Instant,
+    /// Since when the session has been free to read and heard nothing.
+    quiet_since: Instant,
+}
 
 impl Session {
     pub fn new(
@@ -173,6 +189,7 @@ impl Session {
             close_reason: None,
             in_flight: None,
             shutting_down: None,
+            stop_reading: None,
             busy: false,
         }
     }
@@ -222,8 +239,8 @@ impl Session {
     /// The request being worked on is done: the reader reads again.
     fn done(&mut self) {
         self.busy = false;
-        if let Some((_, quiet_since)) = &mut self.shutting_down {
-            *quiet_since = Instant::now();
+        if let Some(closing) = &mut self.shutting_down {
+            closing.quiet_since = Instant::now();
         }
     }
 
@@ -431,6 +448,8 @@ impl Actor for Session {
         )));
         let me = ctx.address();
         let limit = self.env.settings.max_frame;
+        let (stop_reading, mut stop) = oneshot::channel();
+        self.stop_reading = Some(stop_reading);
         // A future of this actor: stopping the session (shutdown, hello
         // timeout, eviction) drops it, and with it the queue's sender, so
         // the writer delivers what is queued and ends. Only after an error
@@ -446,8 +465,13 @@ impl Actor for Session {
                 // (or on a broken connection) while we may be waiting for
                 // a request that never comes: its end ends the session.
                 let frame = tokio::select! {
-                    frame = read_frame_async(&mut rd, limit) => frame,
+                    frame = read_frame_async(&mut rd, limit) => Some(frame),
                     () = tx.closed() => return Ended::Closed("the replies could not be written"),
+                    // A shutdown closing the session (see `CloseSession`).
+                    Ok(()) = &mut stop => None,
+                };
+                let Some(frame) = frame else {
+                    return Ended::Linger(rd);
                 };
                 busy_poll::note_activity();
                 // The client is gone, or reading broke: nothing to drain.
@@ -650,10 +674,10 @@ impl Handler<Inbound> for Session {
                 return Box::pin(fut::ready(Flow::Close));
             }
         };
-        if let Some((_, quiet_since)) = &mut self.shutting_down {
+        if let Some(closing) = &mut self.shutting_down {
             // Not started, so truly not applied: the client goes elsewhere
             // with a definite answer instead of a closed connection.
-            *quiet_since = Instant::now();
+            closing.quiet_since = Instant::now();
             let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
             reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
             return Box::pin(fut::ready(Flow::Continue));
@@ -731,15 +755,33 @@ impl Handler<Inbound> for Session {
             Routed::Later(work) => {
                 let env = self.env.clone();
                 let cell: InFlightSlot = std::rc::Rc::new(std::cell::RefCell::new(Some(slot)));
-                if answerable_at_shutdown {
-                    self.in_flight = Some((id, cell.clone()));
-                }
+                let abandoned = answerable_at_shutdown.then(|| {
+                    let (abandon, abandoned) = oneshot::channel();
+                    self.in_flight = Some(InFlight {
+                        id,
+                        slot: cell.clone(),
+                        abandon,
+                    });
+                    abandoned
+                });
+                // Once a shutdown answered it, its work (a read waiting
+                // for a progress, say) is dropped: the reader goes on to
+                // whatever the client sent behind it.
+                let work = async move {
+                    match abandoned {
+                        Some(abandoned) => tokio::select! {
+                            body = work => Some(body),
+                            Ok(()) = abandoned => None,
+                        },
+                        None => Some(work.await),
+                    }
+                };
                 self.busy = true;
                 Box::pin(fut::wrap_future(work).map(move |body, act: &mut Self, _| {
                     act.done();
                     act.in_flight = None;
                     // Unless a shutdown answered it already.
-                    if let Some(slot) = cell.borrow_mut().take() {
+                    if let (Some(body), Some(slot)) = (body, cell.borrow_mut().take()) {
                         reply(&env, slot, id, body);
                     }
                     Flow::Continue
@@ -791,18 +833,36 @@ impl Handler<CloseSession> for Session {
     fn handle(&mut self, _: CloseSession, ctx: &mut Context<Self>) -> Self::Result {
         // A request still being worked on (a read waiting for progress, a
         // status) is dropped with the actor: answer it first.
-        if let Some((id, cell)) = self.in_flight.take() {
-            if let Some(slot) = cell.borrow_mut().take() {
+        if let Some(InFlight { id, slot, abandon }) = self.in_flight.take() {
+            if let Some(slot) = slot.borrow_mut().take() {
                 reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
             }
+            let _ = abandon.send(());
         }
         let now = Instant::now();
-        self.shutting_down = Some((now, now));
+        self.shutting_down = Some(Closing {
+            since: now,
+            quiet_since: now,
+        });
         ctx.run_interval(CLOSE_QUIET / 5, |act, ctx| {
-            if let Some((since, quiet_since)) = act.shutting_down {
-                let quiet = !act.busy && quiet_since.elapsed() >= CLOSE_QUIET;
-                if quiet || since.elapsed() >= CLOSE_GRACE {
-                    act.close("server shutting down", ctx);
+            let Some(closing) = &act.shutting_down else {
+                return;
+            };
+            if closing.since.elapsed() >= CLOSE_GRACE {
+                act.close("server shutting down", ctx);
+            } else if !act.busy && closing.quiet_since.elapsed() >= CLOSE_QUIET {
+                act.close_reason
+                    .get_or_insert_with(|| "server shutting down".into());
+                // The reader hands its read half to `linger`: the writer
+                // sends FIN after the last reply, and what the client
+                // still sends is drained, not met with a reset.
+                match act.stop_reading.take() {
+                    Some(stop) => {
+                        let _ = stop.send(());
+                    }
+                    // Asked already (the grace bounds it), or no reader.
+                    None if act.stream.is_some() => act.close("server shutting down", ctx),
+                    None => {}
                 }
             }
         });

@@ -158,15 +158,19 @@ fn make_root_with_collection(c: &mut Conn) -> (u64, u64) {
     }
 }
 
-fn append(c: &mut Conn, coll: u64, s: &str) -> u64 {
-    let body = CommitBody {
+/// A commit of one append of `s` to `coll`.
+fn append_request(coll: u64, s: &str) -> RequestBody {
+    RequestBody::Commit(CommitBody {
         appends: vec![WireAppend {
             coll: WireRef::Oid(coll),
             value: Value::from(s),
         }],
         ..CommitBody::default()
-    };
-    match c.call(RequestBody::Commit(body)).body {
+    })
+}
+
+fn append(c: &mut Conn, coll: u64, s: &str) -> u64 {
+    match c.call(append_request(coll, s)).body {
         ResponseBody::Committed { number, .. } => number,
         other => panic!("append: {other:?}"),
     }
@@ -801,15 +805,7 @@ fn hellos_are_answered_while_the_storage_thread_is_busy() {
     // Once the server has decided its role (a hello waits for that)...
     Conn::open(server.local_addr(), SessionRole::Application);
     // ...the storage thread held, as by a long digest or snapshot.
-    let (holding_tx, holding) = crossbeam_channel::bounded(1);
-    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
-    server.storage.do_send(crate::actors::storage::Hold {
-        holding: holding_tx,
-        release: release_rx,
-    });
-    holding
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the storage thread holds");
+    let release = hold_storage(&server);
     // A secondary's ping (a peer hello) must come back, or it would take
     // this live primary for dead and promote itself; clients learn the
     // node the same way.
@@ -1800,29 +1796,27 @@ fn a_read_waiting_at_shutdown_is_answered_shutting_down() {
     server.join().unwrap();
 }
 
-#[test]
-fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let server = spawn(config(tmp.path())).unwrap();
-    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
-    let (_, coll) = make_root_with_collection(&mut app);
-    // A read that waits for a commit that will not come, and behind it,
-    // pipelined, a commit: the session reads it only once the read is
-    // done, which is after the shutdown began.
-    let read = app.send(RequestBody::ReadRoot {
-        depth: 0,
-        required_progress: Some(1_000_000),
+/// Hold the server's storage thread, as a long digest or snapshot would,
+/// until the returned sender is used (or for 60 s).
+fn hold_storage(server: &ServerThread) -> crossbeam_channel::Sender<()> {
+    let (holding_tx, holding) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    server.storage.do_send(crate::actors::storage::Hold {
+        holding: holding_tx,
+        release: release_rx,
     });
-    let commit = app.send(RequestBody::Commit(CommitBody {
-        appends: vec![WireAppend {
-            coll: WireRef::Oid(coll),
-            value: Value::from("late"),
-        }],
-        ..CommitBody::default()
-    }));
+    holding
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the storage thread holds");
+    release
+}
+
+/// Stop `server` gracefully while `app` has sent the requests `ids`:
+/// each is answered `shutting_down`, in order, then the connection closes.
+fn stop_answering_shutting_down(server: &ServerThread, app: &mut Conn, ids: &[u64]) {
     let stop = server.shutdown_handle();
     std::thread::spawn(move || stop.shutdown(false));
-    for expected in [read, commit] {
+    for &expected in ids {
         let r = app.recv();
         assert_eq!(r.id, expected);
         match r.body {
@@ -1834,9 +1828,12 @@ fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped
         }
     }
     app.assert_closed();
-    server.join().unwrap();
-    // "Not applied" was the truth.
-    let server = spawn(config(tmp.path())).unwrap();
+}
+
+/// After a restart on `dir`, collection `coll` holds nothing: a commit
+/// answered `shutting_down` was not applied.
+fn assert_empty_after_restart(dir: &std::path::Path, coll: u64) {
+    let server = spawn(config(dir)).unwrap();
     let mut app = Conn::open(server.local_addr(), SessionRole::Application);
     match app
         .call(RequestBody::CollectionLength {
@@ -1852,6 +1849,25 @@ fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped
 }
 
 #[test]
+fn a_commit_that_reaches_a_closing_session_is_answered_shutting_down_not_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = spawn(config(tmp.path())).unwrap();
+    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
+    let (_, coll) = make_root_with_collection(&mut app);
+    // A read that waits for a commit that will not come, and behind it,
+    // pipelined, a commit: the session reads it only once the read is
+    // done, which is after the shutdown began.
+    let read = app.send(RequestBody::ReadRoot {
+        depth: 0,
+        required_progress: Some(1_000_000),
+    });
+    let commit = app.send(append_request(coll, "late"));
+    stop_answering_shutting_down(&server, &mut app, &[read, commit]);
+    server.join().unwrap();
+    assert_empty_after_restart(tmp.path(), coll);
+}
+
+#[test]
 fn a_request_behind_one_stuck_at_shutdown_is_answered_not_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let server = spawn(config(tmp.path())).unwrap();
@@ -1860,57 +1876,18 @@ fn a_request_behind_one_stuck_at_shutdown_is_answered_not_dropped() {
     // The storage thread held (as by a long digest): a read waits for it,
     // for longer than a shutdown waits for a session, and a commit waits
     // behind the read, unread.
-    let (holding_tx, holding) = crossbeam_channel::bounded(1);
-    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
-    server.storage.do_send(crate::actors::storage::Hold {
-        holding: holding_tx,
-        release: release_rx,
-    });
-    holding
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the storage thread holds");
+    let release = hold_storage(&server);
     let read = app.send(RequestBody::CollectionLength {
         coll,
         required_progress: None,
     });
-    let commit = app.send(RequestBody::Commit(CommitBody {
-        appends: vec![WireAppend {
-            coll: WireRef::Oid(coll),
-            value: Value::from("late"),
-        }],
-        ..CommitBody::default()
-    }));
-    let stop = server.shutdown_handle();
-    std::thread::spawn(move || stop.shutdown(false));
+    let commit = app.send(append_request(coll, "late"));
     // Both answered while the storage thread is still held: the read's
     // answer does not wait for its work, nor the commit for the read.
-    for expected in [read, commit] {
-        let r = app.recv();
-        assert_eq!(r.id, expected);
-        match r.body {
-            ResponseBody::Error {
-                error: WireError::ShuttingDown,
-                ..
-            } => {}
-            other => panic!("request {expected}: expected shutting_down, got {other:?}"),
-        }
-    }
-    app.assert_closed();
+    stop_answering_shutting_down(&server, &mut app, &[read, commit]);
     release.send(()).unwrap();
     server.join().unwrap();
-    let server = spawn(config(tmp.path())).unwrap();
-    let mut app = Conn::open(server.local_addr(), SessionRole::Application);
-    match app
-        .call(RequestBody::CollectionLength {
-            coll,
-            required_progress: None,
-        })
-        .body
-    {
-        ResponseBody::Length { len } => assert_eq!(len, 0),
-        other => panic!("length: {other:?}"),
-    }
-    server.shutdown(true).unwrap();
+    assert_empty_after_restart(tmp.path(), coll);
 }
 
 #[test]

@@ -34,6 +34,7 @@ mod object_store;
 pub mod record;
 mod repository;
 mod sync;
+mod tokens;
 
 pub use commit_log::LogSync;
 pub use digest::DigestView;

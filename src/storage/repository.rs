@@ -8,7 +8,7 @@
 //! must never sync on the commit path and never expose file handles other
 //! than `LogSync`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,7 @@ use crate::storage::object_store::{
     dat_path, idx_path, Collections, ObjectFile, COLL_DIR, MAX_CLASS_LEN, OBJECTS_FILE,
 };
 use crate::storage::record::{CommitRecord, Op, Payload, RecordHead, GENESIS_HASH};
+use crate::storage::tokens::TokenTable;
 use crate::types::{
     CommitNumber, Epoch, Hash, Member, MemberRole, Node, Oid, RepositoryId, ROOT_ANCHOR,
 };
@@ -252,8 +253,7 @@ pub struct Repository {
     colls: Collections,
     epoch: Epoch,
     next_oid: Oid,
-    tokens: HashMap<Vec<u8>, CommitNumber>,
-    token_order: VecDeque<Vec<u8>>,
+    tokens: TokenTable,
     anchor: Option<Anchor>,
     log_bytes_since_checkpoint: u64,
     last_checkpoint: Instant,
@@ -522,8 +522,7 @@ impl Repository {
             poisoned: None,
             objects,
             colls,
-            tokens: HashMap::new(),
-            token_order: VecDeque::new(),
+            tokens: TokenTable::new(opts.max_tokens),
             anchor: None,
             log_bytes_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -536,7 +535,7 @@ impl Repository {
             crash_before_header: false,
         };
         for (token, number) in history {
-            repo.remember_token(token, number);
+            repo.tokens.remember(&token, number);
         }
         let replayed = pending.len();
         for body in pending {
@@ -1017,7 +1016,7 @@ impl Repository {
             self.epoch = record.epoch;
         }
         if let Some(t) = &record.payload.token {
-            self.remember_token(t.clone(), number);
+            self.tokens.remember(t, number);
         }
         Ok(())
     }
@@ -1049,17 +1048,6 @@ impl Repository {
             self.next_oid = oid + 1;
         }
         Ok(())
-    }
-
-    fn remember_token(&mut self, token: Vec<u8>, number: CommitNumber) {
-        if self.tokens.insert(token.clone(), number).is_none() {
-            self.token_order.push_back(token);
-            while self.token_order.len() > self.opts.max_tokens {
-                if let Some(old) = self.token_order.pop_front() {
-                    self.tokens.remove(&old);
-                }
-            }
-        }
     }
 
     /// A handle to fsync the log up to everything written so far (None
@@ -1136,7 +1124,7 @@ impl Repository {
 
     /// Commit number of an earlier commit carrying this idempotency token.
     pub fn token_commit(&self, token: &[u8]) -> Option<CommitNumber> {
-        self.tokens.get(token).copied()
+        self.tokens.get(token)
     }
 
     /// Make everything applied so far durable in the data files and index,

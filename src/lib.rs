@@ -19,7 +19,7 @@
 //! A commit (a "PUT") from an application to the disk:
 //!
 //! ```text
-//!  Session (client) --frame--> Session actor --SubmitCommit--> CommitCoordinator
+//!  Session (client) --frame--> Session actor --QueueCommit--> CommitCoordinator
 //!                                                                 | CommitBatch (the commits
 //!                                                                 v  delivered together)
 //!                         StorageActor: validate, number, log write, apply each

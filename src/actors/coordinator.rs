@@ -1,6 +1,6 @@
 //! `CommitCoordinator`: the commit pipeline of the primary.
 //!
-//! An async actor. Commits ([`SubmitCommit`]) that arrive together are
+//! An async actor. Commits ([`QueueCommit`], [`SubmitCommit`]) that arrive together are
 //! queued and sent on as one [`CommitBatch`] once the mailbox is drained
 //! (a self-sent `Dispatch`), so the `StorageActor`'s thread wakes once per
 //! batch, not once per commit; a batch never waits for anything but the
@@ -564,9 +564,10 @@ impl Actor for CommitCoordinator {
     }
 }
 
-/// Commit on the primary. Sender: sessions. Reply: the applied commit, once
-/// it is as durable as the flush policy promises; `ShuttingDown` while
-/// draining; `Internal` after a fatal failure (outcome unknown).
+/// Commit on the primary. Sender: the supervisor (node changes) and
+/// tests. Reply: the applied commit, once it is as durable as the flush
+/// policy promises; `ShuttingDown` while draining; `Internal` after a
+/// fatal failure (outcome unknown).
 #[derive(Message)]
 #[rtype(result = "Result<Acknowledged, WireError>")]
 pub struct SubmitCommit(pub CommitRequest);
@@ -575,40 +576,68 @@ impl Handler<SubmitCommit> for CommitCoordinator {
     type Result = ResponseFuture<Result<Acknowledged, WireError>>;
 
     fn handle(&mut self, msg: SubmitCommit, ctx: &mut Context<Self>) -> Self::Result {
-        if let Some(reason) = &self.failed {
-            let err = WireError::Internal {
-                reason: reason.clone(),
-            };
-            return Box::pin(async move { Err(err) });
-        }
-        if self.draining {
-            return Box::pin(async { Err(WireError::ShuttingDown) });
-        }
-        if self.paused {
-            return Box::pin(async {
-                Err(WireError::Unavailable {
-                    reason: "the primary is handing over to another server; retry".into(),
-                })
-            });
-        }
-        if self.fenced {
-            return Box::pin(async { Err(WireError::WrongServer { primary: None }) });
-        }
         let (tx, rx) = oneshot::channel();
+        self.submit(msg.0, tx, ctx);
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(stopped())) })
+    }
+}
+
+/// [`SubmitCommit`] with the answer sent on `reply`: the sessions' path.
+/// The coordinator answers the oneshot itself, where `SubmitCommit`'s
+/// answer costs a task per commit (actix runs each handler's future as one)
+/// and a second channel. `reply` is dropped unanswered only when the
+/// coordinator is gone (see [`stopped`]). Sender: sessions, with
+/// `do_send`: each has one commit in flight, so the mailbox stays short.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct QueueCommit {
+    pub request: CommitRequest,
+    pub reply: oneshot::Sender<Result<Acknowledged, WireError>>,
+}
+
+impl Handler<QueueCommit> for CommitCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: QueueCommit, ctx: &mut Context<Self>) {
+        self.submit(msg.request, msg.reply, ctx);
+    }
+}
+
+/// What a commit whose coordinator stopped before answering is told.
+pub(crate) fn stopped() -> WireError {
+    WireError::Internal {
+        reason: "the commit coordinator stopped; the outcome of this commit is unknown".into(),
+    }
+}
+
+impl CommitCoordinator {
+    /// Queue one commit for the next batch, or refuse it at once.
+    fn submit(&mut self, request: CommitRequest, reply: Reply, ctx: &mut Context<Self>) {
+        let refusal = if let Some(reason) = &self.failed {
+            Some(WireError::Internal {
+                reason: reason.clone(),
+            })
+        } else if self.draining {
+            Some(WireError::ShuttingDown)
+        } else if self.paused {
+            Some(WireError::Unavailable {
+                reason: "the primary is handing over to another server; retry".into(),
+            })
+        } else if self.fenced {
+            Some(WireError::WrongServer { primary: None })
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            let _ = reply.send(Err(refusal));
+            return;
+        }
         if self.queued.is_empty() {
             // Runs once the mailbox is drained: every commit delivered
             // meanwhile joins the batch.
             ctx.notify(Dispatch);
         }
-        self.queued.push((msg.0, tx));
-        Box::pin(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(WireError::Internal {
-                    reason: "the commit coordinator stopped; the outcome of this commit is unknown"
-                        .into(),
-                })
-            })
-        })
+        self.queued.push((request, reply));
     }
 }
 

@@ -316,6 +316,42 @@ async fn drain_flushes_then_refuses() {
     }
 }
 
+/// The sessions' message: answered on its own channel, in one batch with
+/// `SubmitCommit`s delivered beside it, refused alike once drained.
+#[actix::test]
+async fn queued_commits_are_answered_on_their_channel_and_refused_after_a_drain() {
+    let rig = rig(
+        FlushPolicy::Interval(60_000),
+        Duration::from_millis(5),
+        false,
+    );
+    let queue = |rig: &Rig| {
+        let (reply, answer) = oneshot::channel();
+        rig.coordinator.do_send(QueueCommit {
+            request: CommitRequest::default(),
+            reply,
+        });
+        answer
+    };
+    let first = queue(&rig);
+    let submitted = rig.coordinator.send(append());
+    let second = queue(&rig);
+    let mut numbers = vec![
+        first.await.unwrap().unwrap().number,
+        submitted.await.unwrap().unwrap().number,
+        second.await.unwrap().unwrap().number,
+    ];
+    numbers.sort();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    assert_eq!(*rig.batches.lock().unwrap(), vec![3], "one storage batch");
+    assert_eq!(rig.coordinator.send(Drain).await.unwrap(), Ok(3));
+    // Drained: refused, or dropped unanswered by a stopped coordinator.
+    match queue(&rig).await {
+        Err(_) | Ok(Err(WireError::ShuttingDown)) => {}
+        other => panic!("commit after drain: {other:?}"),
+    }
+}
+
 #[actix::test]
 async fn drain_waits_for_commits_in_flight() {
     let rig = rig(FlushPolicy::Group, Duration::from_millis(30), false);

@@ -20,7 +20,7 @@
 //! ```text
 //!  client        Session          CommitCoordinator       StorageActor        CommitLogActor
 //!    | frame ---->  |                     |                     |                    |
-//!    |              |-- SubmitCommit ---->| queued; the commits |                    |
+//!    |              |-- QueueCommit ----->| queued; the commits |                    |
 //!    |              |                     | delivered together  |                    |
 //!    |              |                     | form one batch      |                    |
 //!    |              |                     |-- CommitBatch ----->| number, log write, |
@@ -64,7 +64,9 @@ pub mod supervisor;
 pub use backup::{BackupActor, StopBackups};
 pub use commit_log::{CommitLogActor, Flush};
 pub use controller::{Controlled, Controller, Fatal, Outcome, RequestShutdown};
-pub use coordinator::{Acknowledged, CommitCoordinator, Drain, NoteReplicated, SubmitCommit};
+pub use coordinator::{
+    Acknowledged, CommitCoordinator, Drain, NoteReplicated, QueueCommit, SubmitCommit,
+};
 pub use flush_policy::{FlushPolicy, FlushPolicyError};
 pub use listener::{Listener, SessionClosed, StopAccepting};
 pub use session::{Session, SessionEnv, SessionSettings};

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::busy_poll;
 use crate::actors::controller::{Fatal, RequestShutdown};
-use crate::actors::coordinator::SubmitCommit;
+use crate::actors::coordinator::QueueCommit;
 use crate::actors::flush_policy::FlushPolicy;
 use crate::actors::listener::{SaidHello, SessionClosed};
 use crate::actors::session::dispatch::{After, Routed};
@@ -88,7 +88,7 @@ pub struct SessionSettings {
 /// What every session talks to. Shared read-only by all sessions.
 pub struct SessionEnv {
     pub storage: Addr<StorageActor>,
-    pub commits: Recipient<SubmitCommit>,
+    pub commits: Recipient<QueueCommit>,
     pub shutdown: Recipient<RequestShutdown>,
     pub fatal: Recipient<Fatal>,
     /// Backup jobs (admin requests, and the job shown in `status`).

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
+use tokio::sync::oneshot;
 
 use crate::actors::controller::Fatal;
 use crate::actors::convert::{commit_request, mailbox_error, wire_error, wire_objects, wire_value};
-use crate::actors::coordinator::{AwaitAcknowledgeable, NoteReplicated, SubmitCommit};
+use crate::actors::coordinator::{self, AwaitAcknowledgeable, NoteReplicated, QueueCommit};
 use crate::actors::session::connection::{clipped, SessionEnv, MAX_ECHO};
 use crate::actors::storage::{
     is_closed, Applied, ApplyRecords, CollectionLength, CollectionRange, Digest, GetMeta,
@@ -258,13 +259,16 @@ pub(super) async fn commit(env: Arc<SessionEnv>, body: CommitBody) -> Answer {
             })
         }
     }
-    let req = commit_request(body)?;
-    let ack = env
-        .commits
-        .send(SubmitCommit(req))
+    let request = commit_request(body)?;
+    // The coordinator stops only once drained for shutdown.
+    if !env.commits.connected() {
+        return Err(WireError::ShuttingDown);
+    }
+    let (reply, answer) = oneshot::channel();
+    env.commits.do_send(QueueCommit { request, reply });
+    let ack = answer
         .await
-        // The coordinator stops only once drained for shutdown.
-        .map_err(|_| WireError::ShuttingDown)??;
+        .unwrap_or_else(|_| Err(coordinator::stopped()))?;
     Ok(ResponseBody::Committed {
         number: ack.number,
         new_oids: ack.new_oids,

@@ -297,12 +297,7 @@ async fn interval_policy_acks_at_once_and_flushes_on_the_timer() {
 
 #[actix::test]
 async fn drain_flushes_then_refuses() {
-    // A long interval: only the drain can make the commits durable in time.
-    let rig = rig(
-        FlushPolicy::Interval(60_000),
-        Duration::from_millis(5),
-        false,
-    );
+    let rig = drain_only_rig();
     for _ in 0..3 {
         rig.coordinator.send(append()).await.unwrap().unwrap();
     }
@@ -310,7 +305,24 @@ async fn drain_flushes_then_refuses() {
     assert_eq!(durable, Ok(3));
     assert_eq!(rig.flushed.lock().unwrap().last(), Some(&3));
     // Drained for good: the coordinator stopped, or refuses.
-    match rig.coordinator.send(append()).await {
+    assert_refused_after_drain(rig.coordinator.send(append()).await);
+}
+
+/// A long interval: only a drain makes the commits durable in time.
+fn drain_only_rig() -> Rig {
+    rig(
+        FlushPolicy::Interval(60_000),
+        Duration::from_millis(5),
+        false,
+    )
+}
+
+/// A commit sent after a drain: refused, or never answered by the
+/// coordinator that stopped.
+fn assert_refused_after_drain<E: std::fmt::Debug>(
+    answer: Result<Result<Acknowledged, WireError>, E>,
+) {
+    match answer {
         Err(_) | Ok(Err(WireError::ShuttingDown)) => {}
         other => panic!("commit after drain: {other:?}"),
     }
@@ -320,11 +332,7 @@ async fn drain_flushes_then_refuses() {
 /// `SubmitCommit`s delivered beside it, refused alike once drained.
 #[actix::test]
 async fn queued_commits_are_answered_on_their_channel_and_refused_after_a_drain() {
-    let rig = rig(
-        FlushPolicy::Interval(60_000),
-        Duration::from_millis(5),
-        false,
-    );
+    let rig = drain_only_rig();
     let queue = |rig: &Rig| {
         let (reply, answer) = oneshot::channel();
         rig.coordinator.do_send(QueueCommit {
@@ -345,11 +353,7 @@ async fn queued_commits_are_answered_on_their_channel_and_refused_after_a_drain(
     assert_eq!(numbers, vec![1, 2, 3]);
     assert_eq!(*rig.batches.lock().unwrap(), vec![3], "one storage batch");
     assert_eq!(rig.coordinator.send(Drain).await.unwrap(), Ok(3));
-    // Drained: refused, or dropped unanswered by a stopped coordinator.
-    match queue(&rig).await {
-        Err(_) | Ok(Err(WireError::ShuttingDown)) => {}
-        other => panic!("commit after drain: {other:?}"),
-    }
+    assert_refused_after_drain(queue(&rig).await);
 }
 
 #[actix::test]

@@ -1781,18 +1781,7 @@ fn a_read_waiting_at_shutdown_is_answered_shutting_down() {
         depth: 0,
         required_progress: Some(1_000_000),
     });
-    let stop = server.shutdown_handle();
-    std::thread::spawn(move || stop.shutdown(false));
-    let r = app.recv();
-    assert_eq!(r.id, id);
-    match r.body {
-        ResponseBody::Error {
-            error: WireError::ShuttingDown,
-            ..
-        } => {}
-        other => panic!("expected shutting_down, got {other:?}"),
-    }
-    app.assert_closed();
+    stop_answering_shutting_down(&server, &mut app, &[id]);
     server.join().unwrap();
 }
 

@@ -5,10 +5,11 @@
 //! It owns memory only, never a file: the tokens come back at open from
 //! the log (see `Repository::open`). Its room is reserved when it is made,
 //! so remembering a token on the commit path never grows a table. A
-//! growing hash table moves every entry at once: with the default 100 000
-//! tokens that held the storage thread for 25–28 ms on the development
-//! machine (with 5 ms stalls at smaller sizes), and every commit, and on a
-//! secondary every replicated record, waited meanwhile.
+//! growing hash table moves every entry at once into new memory: with the
+//! default 100 000 tokens that held the storage thread for 25–28 ms on the
+//! development machine (rehashing, and the kernel zeroing the fresh
+//! memory, then in 2 MiB huge pages), and every commit, and on a secondary
+//! every replicated record, waited meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -7,13 +7,15 @@
 //! `--busy-poll-us 0`):
 //! 1. `magma bench` K=8 against a primary with one secondary, both servers
 //!    started with the same flags: `--sync-replicas 1 --flush group`, then
-//!    `--sync-replicas 0 --flush interval:1000`; the secondary's lag (status
-//!    `lag_ms`) is sampled
-//!    every 2 ms during the run and its p50/p99 printed, with the CPU
-//!    seconds each server used; then the same flags on a primary alone,
-//!    for comparison (on one machine the secondary takes CPU the primary
-//!    and the clients would otherwise have); then the asynchronous pair
-//!    again with `--async-batch-delay-us 2000` (fewer, larger batches);
+//!    `--sync-replicas 0 --flush interval:1000`; 3 runs of 10 s each (3 s
+//!    with `quick`), each on fresh repositories, alternating with runs of
+//!    the same flags on a primary alone, for comparison (on one machine
+//!    the secondary takes CPU the primary and the clients would otherwise
+//!    have). Printed: the median commits/s with its range, the latency of
+//!    the median run, the CPU seconds each server used (medians), and the
+//!    secondary's lag (status `lag_ms`, sampled every 2 ms) at p50/p99
+//!    over the samples of all runs; then the asynchronous pair again with
+//!    `--async-batch-delay-us 2000` (fewer, larger batches);
 //! 2. catch-up: a secondary started on a backup N commits behind; records
 //!    per second until the primary lists it as a member.
 //!
@@ -31,35 +33,31 @@ use std::time::{Duration, Instant};
 use magma::client::AdminSession;
 
 mod common;
-use common::{cpu_seconds, magma, pair, percentile, port, server, wait_members};
+use common::{
+    bench_json, cpu_seconds, magma, median, pair, percentile, port, server, wait_members, BenchOut,
+};
 
-/// `magma bench` K=8 against `addr` for `secs`: its output lines.
-fn bench(addr: &str, secs: u32) -> String {
-    magma(&[
-        "bench",
-        "--node",
-        addr,
-        "--clients",
-        "8",
-        "--duration",
-        &secs.to_string(),
-    ])
+/// One run: what the K=8 bench reported, and the CPU seconds each server
+/// used meanwhile (the secondary's 0 when there is none).
+struct Run {
+    out: BenchOut,
+    primary_cpu: f64,
+    secondary_cpu: f64,
 }
 
 /// The same primary flags without a secondary: what the pair is compared
 /// with (on one machine the secondary competes with the primary for CPU).
-fn alone_run(flags: &[&str], secs: u32) {
+fn alone_once(flags: &[&str], secs: u32) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let a1 = port();
     let p = server(&dir.path().join("p"), &a1, flags);
     let before = cpu_seconds(p.0.id());
-    let out = bench(&a1, secs);
-    let used = cpu_seconds(p.0.id()) - before;
-    println!("{flags:?}, no secondary, K=8:");
-    for line in out.lines() {
-        println!("  {line}");
+    let out = bench_json(&a1, 8, secs);
+    Run {
+        out,
+        primary_cpu: cpu_seconds(p.0.id()) - before,
+        secondary_cpu: 0.0,
     }
-    println!("  CPU used during the run: primary {used:.1} s");
 }
 
 /// A temporary directory under `MAGMA_BENCH_SECONDARY_DIR`, when set: where
@@ -71,8 +69,9 @@ fn secondary_dir() -> Option<tempfile::TempDir> {
     }))
 }
 
-/// Primary + one secondary joined from a backup; K=8 bench; lag sampled.
-fn pair_run(flags: &[&str], secs: u32) {
+/// Primary + one secondary joined from a backup; K=8 bench; the
+/// secondary's lag (status `lag_ms`) sampled every 2 ms, added to `lags`.
+fn pair_once(flags: &[&str], secs: u32, lags: &mut Vec<u64>) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let elsewhere = secondary_dir();
     let b = elsewhere
@@ -100,31 +99,75 @@ fn pair_run(flags: &[&str], secs: u32) {
     };
     let cpu = |p: &common::Proc| cpu_seconds(p.0.id());
     let (p0, s0) = (cpu(&p), cpu(&s));
-    let out = bench(&a1, secs);
+    let out = bench_json(&a1, 8, secs);
     let (p1, s1) = (cpu(&p), cpu(&s));
     stop.store(true, Ordering::Relaxed);
-    let mut lags = sampler.join().unwrap();
+    lags.extend(sampler.join().unwrap());
+    Run {
+        out,
+        primary_cpu: p1 - p0,
+        secondary_cpu: s1 - s0,
+    }
+}
+
+/// Medians over `runs`: commits/s with its range, the latency of the
+/// median run, the CPU each server used.
+fn summary(runs: &[Run]) -> String {
+    let mut by_rate: Vec<&Run> = runs.iter().collect();
+    by_rate.sort_by(|a, b| a.out.commits_per_sec.total_cmp(&b.out.commits_per_sec));
+    let rates: Vec<f64> = by_rate.iter().map(|r| r.out.commits_per_sec).collect();
+    let mid = by_rate[(runs.len() - 1) / 2];
+    let cpu = |f: fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let mut line = format!(
+        "{:.0} commits/s median ({:.0}-{:.0}); latency ms of the median run p50 {:.3} \
+         p99 {:.3} max {:.1}; CPU s per run: primary {:.1}",
+        median(&rates),
+        rates[0],
+        rates[rates.len() - 1],
+        mid.out.p50_ms,
+        mid.out.p99_ms,
+        mid.out.max_ms,
+        cpu(|r| r.primary_cpu),
+    );
+    if runs.iter().any(|r| r.secondary_cpu > 0.0) {
+        line += &format!(", secondary {:.1}", cpu(|r| r.secondary_cpu));
+    }
+    line
+}
+
+/// `runs` runs of the pair and, when `alone`, alternating with them, runs
+/// of the primary alone (so that a change in the host's speed meets both
+/// alike). The lag percentiles pool the samples of every run.
+fn pair_rows(flags: &[&str], runs: usize, secs: u32, alone: bool) {
+    let (mut pairs, mut alones, mut lags) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        pairs.push(pair_once(flags, secs, &mut lags));
+        if alone {
+            alones.push(alone_once(flags, secs));
+        }
+    }
     lags.sort_unstable();
-    println!("{flags:?}, one secondary, K=8:");
-    if let Some(d) = &elsewhere {
-        println!("  secondary's directory under {}", d.path().display());
-    }
-    for line in out.lines() {
-        println!("  {line}");
-    }
     println!(
-        "  secondary lag ms over {} samples: p50 {} p99 {} max {}",
+        "{flags:?}, K=8, {runs} runs of {secs} s ({} cores x {secs} s per run):",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if let Some(base) = std::env::var_os("MAGMA_BENCH_SECONDARY_DIR") {
+        println!(
+            "  the secondaries' directories under {}",
+            base.to_string_lossy()
+        );
+    }
+    println!("  one secondary: {}", summary(&pairs));
+    println!(
+        "    secondary lag ms over {} samples of all runs: p50 {} p99 {} max {}",
         lags.len(),
         percentile(&lags, 50.0),
         percentile(&lags, 99.0),
         lags.last().copied().unwrap_or(0)
     );
-    println!(
-        "  CPU used during the run: primary {:.1} s, secondary {:.1} s (the machine has {} cores x {secs} s)",
-        p1 - p0,
-        s1 - s0,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    if alone {
+        println!("  primary alone: {}", summary(&alones));
+    }
 }
 
 /// A secondary `behind` commits behind: time to catch up and join.
@@ -166,19 +209,17 @@ fn main() {
         .filter(|a| parts.contains(a))
         .collect();
     let run = |part: &str| named.is_empty() || named.contains(&part);
-    let secs = if quick { 3 } else { 10 };
+    let (runs, secs) = if quick { (3, 3) } else { (3, 10) };
     println!("magma replication benchmark (2-core dev machine; clients share it)");
     let sync = ["--sync-replicas", "1", "--flush", "group"];
     let asynchronous = ["--sync-replicas", "0", "--flush", "interval:1000"];
-    for (part, flags) in [("sync", sync), ("async", asynchronous)] {
-        if run(part) {
-            pair_run(&flags, secs);
-            alone_run(&flags, secs);
-        }
+    if run("sync") {
+        pair_rows(&sync, runs, secs, true);
     }
     if run("async") {
+        pair_rows(&asynchronous, runs, secs, true);
         // Fewer, larger batches: less CPU and fewer fsyncs for more lag.
-        pair_run(
+        pair_rows(
             &[
                 "--sync-replicas",
                 "0",
@@ -187,7 +228,9 @@ fn main() {
                 "--async-batch-delay-us",
                 "2000",
             ],
+            runs,
             secs,
+            false,
         );
     }
     if run("catch-up") {

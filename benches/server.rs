@@ -14,7 +14,7 @@
 //! them.
 
 mod common;
-use common::{cpu_seconds, magma, port, server};
+use common::{bench_json, cpu_seconds, median, port, server};
 
 /// One `magma bench` run against a fresh server.
 struct Run {
@@ -30,39 +30,13 @@ fn run_once(flush: &str, clients: u32, secs: u32) -> Run {
     let addr = port();
     let p = server(&dir.path().join("repo"), &addr, &["--flush", flush]);
     let before = cpu_seconds(p.0.id());
-    let out = magma(&[
-        "bench",
-        "--node",
-        &addr,
-        "--clients",
-        &clients.to_string(),
-        "--duration",
-        &secs.to_string(),
-        "--json",
-    ]);
+    let out = bench_json(&addr, clients, secs);
     let used = cpu_seconds(p.0.id()) - before;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("magma bench --json printed {out:?}: {e}"));
-    let number = |x: &serde_json::Value| {
-        x.as_f64()
-            .unwrap_or_else(|| panic!("magma bench --json: not a number in {out}"))
-    };
-    let commits = number(&v["commits"]);
-    assert!(commits > 0.0, "no commit was made: {out}");
     Run {
-        commits_per_sec: number(&v["commits_per_sec"]),
-        p50_ms: number(&v["latency_ms"]["p50"]),
-        p99_ms: number(&v["latency_ms"]["p99"]),
-        server_cpu_us: used / commits * 1e6,
-    }
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        commits_per_sec: out.commits_per_sec,
+        p50_ms: out.p50_ms,
+        p99_ms: out.p99_ms,
+        server_cpu_us: used / out.commits * 1e6,
     }
 }
 
@@ -70,8 +44,7 @@ fn row(flush: &str, clients: u32, runs: usize, secs: u32) {
     let mut all: Vec<Run> = (0..runs).map(|_| run_once(flush, clients, secs)).collect();
     all.sort_by(|a, b| a.commits_per_sec.total_cmp(&b.commits_per_sec));
     let rates: Vec<f64> = all.iter().map(|r| r.commits_per_sec).collect();
-    let mut cpu: Vec<f64> = all.iter().map(|r| r.server_cpu_us).collect();
-    cpu.sort_by(f64::total_cmp);
+    let cpu: Vec<f64> = all.iter().map(|r| r.server_cpu_us).collect();
     // The run whose rate is the median's (the lower middle one when even).
     let mid = &all[(runs - 1) / 2];
     println!(

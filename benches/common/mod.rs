@@ -81,6 +81,56 @@ pub fn magma(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// What one `magma bench --json` run reported.
+pub struct BenchOut {
+    pub commits: f64,
+    pub commits_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// `magma bench --json` with `clients` clients against `addr` for `secs`.
+pub fn bench_json(addr: &str, clients: u32, secs: u32) -> BenchOut {
+    let out = magma(&[
+        "bench",
+        "--node",
+        addr,
+        "--clients",
+        &clients.to_string(),
+        "--duration",
+        &secs.to_string(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("magma bench --json printed {out:?}: {e}"));
+    let number = |x: &serde_json::Value| {
+        x.as_f64()
+            .unwrap_or_else(|| panic!("magma bench --json: not a number in {out}"))
+    };
+    let commits = number(&v["commits"]);
+    assert!(commits > 0.0, "no commit was made: {out}");
+    BenchOut {
+        commits,
+        commits_per_sec: number(&v["commits_per_sec"]),
+        p50_ms: number(&v["latency_ms"]["p50"]),
+        p99_ms: number(&v["latency_ms"]["p99"]),
+        max_ms: number(&v["latency_ms"]["max"]),
+    }
+}
+
+/// The median of `values` (the mean of the middle two when even).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
 pub fn members(addr: &str) -> usize {
     AdminSession::connect(addr)
         .and_then(|mut a| a.status())

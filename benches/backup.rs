@@ -23,9 +23,8 @@
 //! median of five rounds.
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -38,24 +37,12 @@ use magma::storage::object::encode_value;
 use magma::storage::{CommitRequest, NewRequest, RepoOptions, Repository};
 use rmpv::Value;
 
-const SERVER: &str = env!("CARGO_BIN_EXE_magma-server");
+mod common;
+use common::{median, port, server};
+
 const MIB: u64 = 1024 * 1024;
 /// Timed copies of each kind, alternating.
 const ROUNDS: usize = 5;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn du(dir: &Path) -> u64 {
     let mut total = 0;
@@ -99,39 +86,6 @@ fn build(dir: &Path, addr: &str, bytes: u64) {
         repo.maybe_checkpoint().unwrap();
     }
     repo.checkpoint().unwrap();
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(dir: &Path, addr: &str) -> Server {
-    let child = Command::new(SERVER)
-        .arg("--dir")
-        .arg(dir)
-        .args(["--listen", addr])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn magma-server (build it with --release)");
-    let start = Instant::now();
-    while AdminSession::connect(addr)
-        .and_then(|mut a| a.ping())
-        .is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "server not ready"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    Server(child)
 }
 
 /// One server backup into `to`, from request to `completed`: (seconds,
@@ -220,7 +174,7 @@ fn main() {
         .tempdir_in(base)
         .unwrap();
     let live = tmp.path().join("live");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = port();
 
     let t = Instant::now();
     build(&live, &addr, bytes);
@@ -230,7 +184,7 @@ fn main() {
         live.display(),
         t.elapsed().as_secs_f64()
     );
-    let _server = start_server(&live, &addr);
+    let _server = server(&live, &addr, &[]);
     println!("load average at the start: {}", load());
     sync_all();
 

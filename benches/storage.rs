@@ -9,10 +9,8 @@ use magma::storage::object::{encode_value, COLLECTION_CLASS};
 use magma::storage::{AppendRequest, CommitRequest, NewRequest, ObjRef, Repository};
 use rmpv::Value;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+mod common;
+use common::median;
 
 fn new_collection(repo: &mut Repository) -> u64 {
     let c = repo
@@ -230,7 +228,7 @@ fn snapshot_times(n: u64, runs: usize) -> (f64, f64) {
         apart.push(t.elapsed().as_secs_f64() * 1e3);
         repo.backup_ended(None, false);
     }
-    (median(held), median(apart))
+    (median(&held), median(&apart))
 }
 
 fn main() {
@@ -249,26 +247,26 @@ fn main() {
         .collect();
     println!(
         "commits/s, one append each, fsync per commit (group, 1 writer): median {:.0}",
-        median(group1)
+        median(&group1)
     );
     let group8: Vec<f64> = (0..runs)
         .map(|_| commits_per_sec(40_000 / scale, 8, None))
         .collect();
     println!(
         "commits/s, one append each, 8 commits per fsync (group, 8 writers): median {:.0}",
-        median(group8)
+        median(&group8)
     );
     let interval: Vec<f64> = (0..runs)
         .map(|_| commits_per_sec(300_000 / scale, 0, Some(Duration::from_millis(1000))))
         .collect();
     println!(
         "commits/s, one append each, interval:1000 flush: median {:.0}",
-        median(interval)
+        median(&interval)
     );
     let apply: Vec<f64> = (0..runs).map(|_| apply_rate(300_000 / scale)).collect();
     println!(
         "records/s applied as a secondary (no fsync per record): median {:.0}",
-        median(apply)
+        median(&apply)
     );
     let (clean, replay) = open_times(1_000_000 / scale, 50_000 / scale);
     println!(

@@ -8,7 +8,8 @@
 //! vCPU halts, and waking it costs a trip through the hypervisor — tens of
 //! microseconds, more than the work of the commit. Measured on the 2-core
 //! VM this project is built on, the event loop sleeping between the steps
-//! of a commit was what bounded throughput (see docs/PERFORMANCE.md). A
+//! of a commit was what bounded throughput (see the README's performance
+//! section and `--busy-poll-us` in docs/OPERATIONS.md). A
 //! loop that polls for a moment after each burst of work is awake when
 //! the storage thread's answer or the client's next request arrives.
 //!
@@ -22,11 +23,12 @@
 //! its node (every 100 ms between primary and secondaries), and a lone
 //! idle server not at all.
 //!
-//! The state is per thread and touched only by that thread: the event loop
-//! that runs the sessions and the commit coordinator. It is a scheduling
-//! hint, never data any actor depends on. [`note_activity`] on a thread
-//! without a poller (the commit-log thread, a test) does nothing useful
-//! and costs a flag write.
+//! The state is per thread and touched only by that thread. Three threads
+//! of a server run a poller: the event loop (sessions, the commit
+//! coordinator, the links to peers), the storage thread and the
+//! commit-log thread. It is a scheduling hint, never data any actor
+//! depends on. [`note_activity`] on a thread without a poller (a test,
+//! `--busy-poll-us 0`) does nothing useful and costs a flag write.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;

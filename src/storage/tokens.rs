@@ -11,6 +11,7 @@
 //! memory, then in 2 MiB huge pages), and every commit, and on a secondary
 //! every replicated record, waited meanwhile.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -47,12 +48,18 @@ impl TokenTable {
     /// beyond the bound. A token remembered already takes the new number
     /// and keeps its age.
     pub(crate) fn remember(&mut self, token: &[u8], number: CommitNumber) {
-        if let Some(n) = self.by_token.get_mut(token) {
-            *n = number;
-            return;
-        }
+        // One lookup: a token seen again is rare (a client's retry), so
+        // the key is built whether or not it is needed.
         let token: Arc<[u8]> = Arc::from(token);
-        self.by_token.insert(token.clone(), number);
+        match self.by_token.entry(token.clone()) {
+            Entry::Occupied(mut seen) => {
+                seen.insert(number);
+                return;
+            }
+            Entry::Vacant(new) => {
+                new.insert(number);
+            }
+        }
         self.order.push_back(token);
         while self.order.len() > self.max {
             if let Some(old) = self.order.pop_front() {

@@ -626,6 +626,12 @@ struct IdOnly {
     id: u64,
 }
 
+/// The id of a request that is answered without being decoded (refused,
+/// or at shutdown), 0 when even that cannot be read.
+fn request_id(body: &[u8]) -> u64 {
+    rmp_serde::from_slice::<IdOnly>(body).map_or(0, |r| r.id)
+}
+
 pub(super) fn error_body(error: WireError) -> ResponseBody {
     ResponseBody::Error {
         message: error.to_string(),
@@ -678,13 +684,13 @@ impl Handler<Inbound> for Session {
             // Not started, so truly not applied: the client goes elsewhere
             // with a definite answer instead of a closed connection.
             closing.quiet_since = Instant::now();
-            let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+            let id = request_id(&body);
             reply(&self.env, slot, id, error_body(WireError::ShuttingDown));
             return Box::pin(fut::ready(Flow::Continue));
         }
         if !direct::items_within(&body, direct::MAX_ITEMS) {
             // Decoding would build a tree of them on this event loop.
-            let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+            let id = request_id(&body);
             reply(
                 &self.env,
                 slot,
@@ -702,7 +708,7 @@ impl Handler<Inbound> for Session {
         let request: Request = match direct::decode_request(&body) {
             Ok(r) => r,
             Err(e) => {
-                let id = rmp_serde::from_slice::<IdOnly>(&body).map_or(0, |r| r.id);
+                let id = request_id(&body);
                 // The text can quote what the client sent (an unknown
                 // `type` of megabytes): bounded, in the log and the reply.
                 let reason = clipped(&e.to_string(), MAX_ECHO);
